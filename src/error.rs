@@ -1,0 +1,430 @@
+//! The one error type of the executor, and the reports it carries.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// A `Result` whose error is procexec's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong when running a task in a worker process.
+///
+/// Each variant names what happened and to which task. An error affects only the
+/// callers it names: a panic, a crash or a corrupt reply fails the calls involved,
+/// and the executor replaces the worker and keeps serving everyone else.
+///
+/// `Error` is `Clone` (large reports are shared through `Arc`), because one failure
+/// can reach several callers, such as every item of a map chunk.
+///
+/// # Examples
+///
+/// ```
+/// use procexec::Error;
+///
+/// fn describe(err: &Error) -> &'static str {
+///     if err.is_panic() {
+///         "the task panicked; the worker lives on"
+///     } else if err.is_worker_crash() {
+///         "the worker died; it has been replaced"
+///     } else {
+///         "something else"
+///     }
+/// }
+///
+/// let err = Error::UnknownTask { task: "resize".into() };
+/// assert_eq!(describe(&err), "something else");
+/// assert_eq!(err.to_string(), "the worker has no task named `resize`");
+/// ```
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The task panicked. The worker caught the panic and serves on.
+    #[error("{0}")]
+    TaskPanicked(Arc<TaskPanic>),
+
+    /// The worker process died while running the task: it aborted, called `exit`,
+    /// was killed, or crashed. The worker has been replaced.
+    #[error("{0}")]
+    WorkerCrashed(Arc<WorkerCrash>),
+
+    /// The worker binary has no task of this name.
+    #[error("the worker has no task named `{task}`")]
+    UnknownTask {
+        /// The task that was called.
+        task: String,
+    },
+
+    /// The worker has a task of this name, but with other input or output types.
+    #[error("task `{task}` is `{parent}` here but `{worker}` in the worker binary (rebuild the worker?)")]
+    TaskMismatch {
+        /// The task that was called.
+        task: String,
+        /// Its signature in the calling process, as `input -> output`.
+        parent: String,
+        /// Its signature in the worker.
+        worker: String,
+    },
+
+    /// A frame would exceed the executor's `max_frame_len`. A request that is too
+    /// large is refused before anything is sent; a reply that is too large fails its
+    /// call in the worker, which serves on.
+    #[error("task `{task}`: the {direction} is {size} bytes, above the frame limit of {limit} bytes")]
+    FrameTooLarge {
+        /// The task whose input or output was too large.
+        task: String,
+        /// Which way the frame was going.
+        direction: Direction,
+        /// The encoded size.
+        size: u64,
+        /// The limit (`Builder::max_frame_len`).
+        limit: u64,
+    },
+
+    /// A value could not be serialized or deserialized: the caller's input, or the
+    /// task's output. A decode failure means the two sides disagree on a type's
+    /// shape even though its name matches.
+    #[error("task `{task}`: cannot {action} its {direction}: {message}")]
+    Codec {
+        /// The task concerned.
+        task: String,
+        /// Input (request) or output (reply).
+        direction: Direction,
+        /// `"encode"` or `"decode"`.
+        action: &'static str,
+        /// What serde or postcard said.
+        message: String,
+    },
+
+    /// The worker broke the protocol (a corrupt, oversized or unexpected frame). It
+    /// has been killed and replaced; every call it held fails with this error.
+    #[error("{0}")]
+    Protocol(Arc<ProtocolViolation>),
+
+    /// A worker process could not be started, or did not complete the handshake.
+    #[error("{0}")]
+    WorkerStart(Arc<WorkerStartError>),
+
+    /// The executor's configuration is invalid.
+    #[error("invalid executor configuration: {0}")]
+    Config(String),
+
+    /// The executor was shut down or dropped before the task could finish.
+    #[error("the executor has shut down")]
+    Shutdown,
+}
+
+impl Error {
+    /// Whether the task panicked.
+    pub fn is_panic(&self) -> bool {
+        matches!(self, Error::TaskPanicked(_))
+    }
+
+    /// Whether the worker running the task died.
+    pub fn is_worker_crash(&self) -> bool {
+        matches!(self, Error::WorkerCrashed(_))
+    }
+
+    /// Whether a worker broke the protocol.
+    pub fn is_protocol(&self) -> bool {
+        matches!(self, Error::Protocol(_))
+    }
+
+    /// Whether the executor had shut down.
+    pub fn is_shutdown(&self) -> bool {
+        matches!(self, Error::Shutdown)
+    }
+
+    /// The panic, if the task panicked.
+    pub fn panic(&self) -> Option<&TaskPanic> {
+        match self {
+            Error::TaskPanicked(panic) => Some(panic),
+            _ => None,
+        }
+    }
+
+    /// The crash report, if the worker died.
+    pub fn crash(&self) -> Option<&WorkerCrash> {
+        match self {
+            Error::WorkerCrashed(crash) => Some(crash),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn codec(
+        task: &str,
+        direction: Direction,
+        action: &'static str,
+        err: impl fmt::Display,
+    ) -> Error {
+        Error::Codec { task: task.into(), direction, action, message: err.to_string() }
+    }
+}
+
+/// Which way a frame was going.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Direction {
+    /// From the caller to the worker: a task's input.
+    Input,
+    /// From the worker to the caller: a task's output.
+    Output,
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::Input => "input",
+            Direction::Output => "output",
+        })
+    }
+}
+
+/// A panic inside a task, carried back from the worker as data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskPanic {
+    pub(crate) task: String,
+    pub(crate) message: String,
+    pub(crate) location: Option<String>,
+    pub(crate) backtrace: Option<String>,
+}
+
+impl TaskPanic {
+    /// The task that panicked.
+    pub fn task(&self) -> &str {
+        &self.task
+    }
+
+    /// The panic message (`"index out of bounds: ..."`).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Where it panicked, as `file:line:column`.
+    pub fn location(&self) -> Option<&str> {
+        self.location.as_deref()
+    }
+
+    /// The worker's backtrace, captured when `RUST_BACKTRACE` is set.
+    pub fn backtrace(&self) -> Option<&str> {
+        self.backtrace.as_deref()
+    }
+}
+
+impl fmt::Display for TaskPanic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "task `{}` panicked", self.task)?;
+        if let Some(location) = &self.location {
+            write!(f, " at {location}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExitReason {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal killed it.
+    Signal(i32),
+    /// Its exit status could not be collected.
+    Unknown,
+}
+
+impl ExitReason {
+    pub(crate) fn from_status(status: &std::process::ExitStatus) -> Self {
+        match crate::sys::describe_exit(status) {
+            (Some(code), _) => ExitReason::Code(code),
+            (None, Some(signal)) => ExitReason::Signal(signal),
+            (None, None) => ExitReason::Unknown,
+        }
+    }
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ExitReason::Code(code) => write!(f, "exit code {code}"),
+            ExitReason::Signal(signal) => match crate::sys::signal_name(signal) {
+                Some(name) => write!(f, "signal {signal} ({name})"),
+                None => write!(f, "signal {signal}"),
+            },
+            ExitReason::Unknown => f.write_str("an unknown exit status"),
+        }
+    }
+}
+
+/// What is known about a worker that died under a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerCrash {
+    pub(crate) task: String,
+    pub(crate) worker: usize,
+    pub(crate) pid: u32,
+    pub(crate) exit: ExitReason,
+    pub(crate) stderr_tail: String,
+}
+
+impl WorkerCrash {
+    /// The task the worker was running.
+    pub fn task(&self) -> &str {
+        &self.task
+    }
+
+    /// The worker's slot in the executor (`0..processes`).
+    pub fn worker(&self) -> usize {
+        self.worker
+    }
+
+    /// The worker's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// How it ended.
+    pub fn exit(&self) -> ExitReason {
+        self.exit
+    }
+
+    /// The last lines the worker wrote to stderr (up to a few KiB).
+    pub fn stderr_tail(&self) -> &str {
+        &self.stderr_tail
+    }
+}
+
+impl fmt::Display for WorkerCrash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "worker {} (pid {}) died with {} while running task `{}`",
+            self.worker, self.pid, self.exit, self.task
+        )?;
+        write_tail(f, &self.stderr_tail)
+    }
+}
+
+fn write_tail(f: &mut fmt::Formatter<'_>, tail: &str) -> fmt::Result {
+    let tail = tail.trim_end();
+    if tail.is_empty() { Ok(()) } else { write!(f, "; its stderr ended with:\n{tail}") }
+}
+
+/// A worker that broke the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolViolation {
+    pub(crate) worker: usize,
+    pub(crate) pid: u32,
+    pub(crate) message: String,
+}
+
+impl ProtocolViolation {
+    /// The worker's slot in the executor.
+    pub fn worker(&self) -> usize {
+        self.worker
+    }
+
+    /// The worker's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// What was wrong.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for ProtocolViolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "worker {} (pid {}) broke the protocol: {}", self.worker, self.pid, self.message)
+    }
+}
+
+/// Why a worker process could not be started.
+#[derive(Debug)]
+pub struct WorkerStartError {
+    pub(crate) program: PathBuf,
+    pub(crate) message: String,
+    pub(crate) stderr_tail: String,
+    pub(crate) source: Option<std::io::Error>,
+}
+
+impl WorkerStartError {
+    pub(crate) fn new(program: &std::path::Path, message: impl Into<String>) -> Self {
+        WorkerStartError {
+            program: program.to_path_buf(),
+            message: message.into(),
+            stderr_tail: String::new(),
+            source: None,
+        }
+    }
+
+    /// The worker program.
+    pub fn program(&self) -> &std::path::Path {
+        &self.program
+    }
+
+    /// What went wrong.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The last lines the worker wrote to stderr, if it got that far.
+    pub fn stderr_tail(&self) -> &str {
+        &self.stderr_tail
+    }
+}
+
+impl fmt::Display for WorkerStartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cannot start worker `{}`: {}", self.program.display(), self.message)?;
+        if let Some(source) = &self.source {
+            write!(f, ": {source}")?;
+        }
+        write_tail(f, &self.stderr_tail)
+    }
+}
+
+impl std::error::Error for WorkerStartError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_ref().map(|err| err as _)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_crash_names_task_worker_signal_and_stderr() {
+        let crash = WorkerCrash {
+            task: "explode".into(),
+            worker: 1,
+            pid: 4242,
+            exit: ExitReason::Signal(9),
+            stderr_tail: "last words\n".into(),
+        };
+        assert_eq!(
+            Error::WorkerCrashed(Arc::new(crash)).to_string(),
+            "worker 1 (pid 4242) died with signal 9 (SIGKILL) while running task `explode`; \
+             its stderr ended with:\nlast words"
+        );
+    }
+
+    #[test]
+    fn a_panic_names_task_location_and_message() {
+        let panic = TaskPanic {
+            task: "divide".into(),
+            message: "attempt to divide by zero".into(),
+            location: Some("src/lib.rs:3:5".into()),
+            backtrace: None,
+        };
+        let err = Error::TaskPanicked(Arc::new(panic));
+        assert!(err.is_panic());
+        assert_eq!(err.to_string(), "task `divide` panicked at src/lib.rs:3:5: attempt to divide by zero");
+    }
+
+    #[test]
+    fn errors_stay_small() {
+        assert!(std::mem::size_of::<Error>() <= 80, "{}", std::mem::size_of::<Error>());
+    }
+}

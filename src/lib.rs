@@ -1,0 +1,116 @@
+//! Process parallelism for async Rust: typed tasks run in worker processes, and
+//! their results come back as futures and streams.
+//!
+//! procexec is Python's `multiprocessing.Pool` for Tokio code. An [`Executor`]
+//! starts a pool of worker processes (a companion binary, or the current executable
+//! run again) and speaks a small framed protocol with them over pipes. You call
+//! [`Task`]s by value: [`Executor::spawn`] returns a future of the output,
+//! [`Executor::map`] a future of all outputs in input order, and
+//! [`Executor::map_stream`] / [`Executor::map_unordered`] streams. Process
+//! parallelism then composes with the rest of an async program: a web service
+//! offloading CPU work, a pipeline mixing IO and compute, a test that needs real
+//! processes.
+//!
+//! ```rust,standalone_crate
+//! // Tasks are plain functions over serde types, compiled into parent and worker.
+//! procexec::tasks! {
+//!     pub fn square(x: u64) -> u64 { x * x }
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> procexec::Result<()> {
+//!     // This binary is also its own worker: in a worker this call never returns.
+//!     procexec::init_worker(&TASKS);
+//!
+//!     let exec = procexec::Executor::builder().processes(2).build().await?;
+//!     assert_eq!(exec.spawn(square, 7).await?, 49);
+//!     assert_eq!(exec.map(square, 0..5).await?, [0, 1, 4, 9, 16]);
+//!     exec.shutdown().await;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! # Providing the worker
+//!
+//! - **Self-executing** (the default): the executor re-runs the current executable
+//!   with a marker in its environment, and [`init_worker`], called first in `main`,
+//!   turns that process into a worker. One binary, nothing else to ship.
+//! - **Companion binary**: a binary whose `main` is `procexec::serve_worker(&TASKS)`,
+//!   passed to [`Builder::program`]. Put the `tasks!` block in a library both
+//!   binaries depend on.
+//! - **In a crate's own tests**: [`test_worker!`] adds a test that serves as the
+//!   worker, and [`Builder::test_harness`] re-runs the test binary through it.
+//!
+//! # Failures
+//!
+//! Every failure is a typed [`Error`] delivered to exactly the calls it affects;
+//! the executor keeps serving everyone else.
+//!
+//! | what happens | the caller gets | the executor |
+//! |---|---|---|
+//! | the task panics | [`Error::TaskPanicked`] with message and location | the worker serves on |
+//! | the worker aborts, exits, is killed or crashes | [`Error::WorkerCrashed`] with the exit status and stderr tail | calls the worker had not started go to another worker; a new worker replaces it |
+//! | the worker lacks the task, or has other types | [`Error::UnknownTask`], [`Error::TaskMismatch`], before anything is sent | unaffected |
+//! | an input above the frame limit | [`Error::FrameTooLarge`], before anything is sent | unaffected |
+//! | an output above the frame limit | [`Error::FrameTooLarge`] | the worker serves on |
+//! | a corrupt or unexpected frame from a worker | [`Error::Protocol`], for the calls that worker held | the worker is killed and replaced |
+//!
+//! Worker stderr (including a task's `println!`, which never touches the protocol)
+//! is forwarded line by line with the worker's slot and pid. Every worker is reaped,
+//! and none outlives its executor, nor its parent process, even one killed by
+//! `SIGKILL`.
+#![deny(missing_docs)]
+#![deny(unsafe_code)]
+#![cfg(unix)]
+
+mod dispatch;
+mod error;
+mod executor;
+mod map;
+mod process;
+mod protocol;
+mod supervisor;
+mod sys;
+mod task;
+mod worker;
+
+pub use error::{
+    Direction, Error, ExitReason, ProtocolViolation, Result, TaskPanic, WorkerCrash, WorkerStartError,
+};
+pub use executor::{Builder, Executor, TaskHandle, cpu_count};
+pub use map::{Map, MapStream, MapUnordered};
+pub use process::WorkerStderr;
+pub use task::{AnyTask, Registry, Task};
+pub use worker::{init_worker, serve_worker};
+
+/// Adds the test through which a test binary serves as its own worker.
+///
+/// Invoke it once at the top level of an integration test file that defines its
+/// tasks with [`tasks!`], and build executors with [`Builder::test_harness`]. The
+/// executor re-runs the test binary selecting only this test, which then serves
+/// the registry; in a normal test run it passes without doing anything.
+///
+/// # Examples
+///
+/// ```no_run
+/// // tests/squares.rs
+/// procexec::tasks! {
+///     pub fn square(x: u64) -> u64 { x * x }
+/// }
+/// procexec::test_worker!(TASKS);
+///
+/// #[tokio::test]
+/// async fn squares_in_worker_processes() {
+///     let exec = procexec::Executor::builder().test_harness().build().await.unwrap();
+///     assert_eq!(exec.map(square, 0..4).await.unwrap(), [0, 1, 4, 9]);
+/// }
+/// ```
+#[macro_export]
+macro_rules! test_worker {
+    ($registry:path) => {
+        #[test]
+        fn procexec_test_worker() {
+            $crate::init_worker(&$registry);
+        }
+    };
+}

@@ -1,0 +1,477 @@
+//! One worker process as the parent sees it: spawning it, the handshake, its stderr,
+//! and how it ended.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures::StreamExt;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::pipe;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_util::codec::{Decoder, FramedRead, LengthDelimitedCodec};
+
+use crate::error::{ExitReason, WorkerStartError};
+use crate::protocol::{self, Reply, Request, TaskInfo};
+use crate::sys;
+
+/// What to do with the lines a worker writes to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum WorkerStderr {
+    /// Write each line to this process's stderr, prefixed with
+    /// `[procexec worker <slot> pid <pid>]`. The default.
+    #[default]
+    Forward,
+    /// Emit each line as a `tracing` event (target `procexec::worker`, level INFO)
+    /// with fields `worker` and `pid`.
+    Tracing,
+    /// Keep only the tail that crash reports quote.
+    Discard,
+}
+
+/// How to start a worker, shared by every slot of an executor.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerConfig {
+    pub(crate) program: PathBuf,
+    pub(crate) args: Vec<OsString>,
+    pub(crate) env: Vec<(OsString, OsString)>,
+    pub(crate) max_frame_len: usize,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) stderr: WorkerStderr,
+    pub(crate) pipe_capacity: usize,
+}
+
+/// A running worker process after a successful handshake.
+pub(crate) struct WorkerProcess {
+    pub(crate) index: usize,
+    pub(crate) pid: u32,
+    /// The request pipe; `None` once closed, which tells the worker to exit.
+    pub(crate) requests: Option<pipe::Sender>,
+    pub(crate) replies: Replies,
+    pub(crate) tasks: Vec<TaskInfo>,
+    pub(crate) process: ChildProcess,
+}
+
+impl WorkerProcess {
+    /// Spawns a worker for `slot` and completes the handshake.
+    pub(crate) async fn start(config: &WorkerConfig, slot: usize) -> Result<WorkerProcess, WorkerStartError> {
+        let fail = |message: &str, source: io::Error| {
+            let mut err = WorkerStartError::new(&config.program, message);
+            err.source = Some(source);
+            err
+        };
+        let (request_read, request_write) = sys::pipe().map_err(|e| fail("cannot create a pipe", e))?;
+        let (reply_read, reply_write) = sys::pipe().map_err(|e| fail("cannot create a pipe", e))?;
+        let (stderr_read, stderr_write) = sys::pipe().map_err(|e| fail("cannot create a pipe", e))?;
+        sys::grow_pipe(request_write.as_fd(), config.pipe_capacity);
+        sys::grow_pipe(reply_write.as_fd(), config.pipe_capacity);
+
+        let mut command = std::process::Command::new(&config.program);
+        command
+            .args(&config.args)
+            .envs(config.env.iter().map(|(k, v)| (k, v)))
+            .env(protocol::WORKER_ENV, "1");
+        sys::prepare_worker_command(&mut command);
+        let stdio = [request_read, reply_write, stderr_write].map(Stdio::from);
+        let child = spawn(command, stdio).await.map_err(|e| fail("cannot spawn it", e))?;
+        let pid = child.id();
+
+        let stderr_pipe =
+            pipe::Receiver::from_owned_fd(stderr_read).map_err(|e| fail("cannot register a pipe", e))?;
+        let stderr = StderrLog::start(stderr_pipe, slot, pid, config.stderr);
+        let mut process = ChildProcess { pid, child, reaped: false, stderr };
+        let pipes = pipe::Sender::from_owned_fd(request_write)
+            .and_then(|requests| Ok((requests, pipe::Receiver::from_owned_fd(reply_read)?)));
+        let (mut requests, replies) = match pipes {
+            Ok(pipes) => pipes,
+            Err(err) => {
+                return Err(process.start_failed(config, format!("cannot register a pipe: {err}")).await);
+            }
+        };
+
+        let handshake = handshake(config, slot, &mut requests, replies);
+        match tokio::time::timeout(config.handshake_timeout, handshake).await {
+            Ok(Ok((replies, tasks))) => {
+                Ok(WorkerProcess { index: slot, pid, requests: Some(requests), replies, tasks, process })
+            }
+            Ok(Err(message)) => Err(process.start_failed(config, message).await),
+            Err(_) => {
+                let message = format!("no handshake within {:?}", config.handshake_timeout);
+                Err(process.start_failed(config, message).await)
+            }
+        }
+    }
+
+    /// Closes the request pipe: the worker exits as soon as it notices.
+    pub(crate) fn close_requests(&mut self) {
+        self.requests = None;
+    }
+}
+
+/// The reply stream: frames after the worker's preamble.
+pub(crate) type Replies = FramedRead<pipe::Receiver, ReplyCodec>;
+
+/// Sends `Init` and reads `Ready`.
+async fn handshake(
+    config: &WorkerConfig,
+    slot: usize,
+    requests: &mut pipe::Sender,
+    replies: pipe::Receiver,
+) -> Result<(Replies, Vec<TaskInfo>), String> {
+    let mut init = BytesMut::new();
+    let request = Request::Init {
+        version: protocol::PROTOCOL_VERSION,
+        max_frame_len: config.max_frame_len as u32,
+        index: slot as u32,
+    };
+    protocol::write_message(&mut init, &request, config.max_frame_len).map_err(|e| e.to_string())?;
+    // A worker that dies first closes the pipe; its exit status then tells more.
+    let _ = requests.write_all(&init).await;
+
+    let mut replies = FramedRead::new(replies, ReplyCodec::new(slot, config.max_frame_len));
+    let frame = match replies.next().await {
+        Some(Ok(frame)) => frame,
+        Some(Err(err)) if err.kind() == io::ErrorKind::InvalidData => {
+            return Err(format!("corrupt handshake: {err}"));
+        }
+        Some(Err(_)) | None => return Err(exited_early_hint(config)),
+    };
+    match protocol::split_header::<Reply>(&frame) {
+        Ok((Reply::Ready { version, tasks, .. }, _)) if version == protocol::PROTOCOL_VERSION => {
+            Ok((replies, tasks))
+        }
+        Ok((Reply::Ready { version, .. }, _)) => Err(format!(
+            "it speaks protocol version {version}, this procexec speaks {}; rebuild the worker with the same procexec",
+            protocol::PROTOCOL_VERSION
+        )),
+        Ok((other, _)) => Err(format!("unexpected first message {other:?}")),
+        Err(err) => Err(format!("corrupt handshake: {err}")),
+    }
+}
+
+/// Frames a worker's stdout: skips whatever the program printed before it became a
+/// worker (say, libtest's "running 1 test"), up to the preamble, then reads frames.
+pub(crate) struct ReplyCodec {
+    slot: usize,
+    frames: LengthDelimitedCodec,
+    synced: bool,
+    skipped: usize,
+}
+
+impl ReplyCodec {
+    fn new(slot: usize, max_frame_len: usize) -> Self {
+        ReplyCodec { slot, frames: protocol::codec(max_frame_len), synced: false, skipped: 0 }
+    }
+}
+
+impl Decoder for ReplyCodec {
+    type Item = BytesMut;
+    type Error = io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> io::Result<Option<BytesMut>> {
+        if !self.synced {
+            let preamble = protocol::PREAMBLE;
+            match find(src, preamble) {
+                Some(at) => {
+                    self.skipped += at;
+                    if self.skipped > 0 {
+                        let text = String::from_utf8_lossy(&src[..at]);
+                        tracing::debug!(
+                            worker = self.slot,
+                            skipped = self.skipped,
+                            "worker stdout before the handshake: {text}"
+                        );
+                    }
+                    let _ = src.split_to(at + preamble.len());
+                    self.synced = true;
+                }
+                None => {
+                    // Keep a tail that may hold the start of a preamble split across reads.
+                    let discard = src.len().saturating_sub(preamble.len() - 1);
+                    self.skipped += discard;
+                    let _ = src.split_to(discard);
+                    if self.skipped > protocol::PREAMBLE_SEARCH_LIMIT {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "over 1 MiB of output and no procexec preamble: is it a procexec worker?",
+                        ));
+                    }
+                    return Ok(None);
+                }
+            }
+        }
+        self.frames.decode(src)
+    }
+}
+
+/// The child process itself: killing, reaping, and its stderr.
+pub(crate) struct ChildProcess {
+    pid: u32,
+    child: async_process::Child,
+    reaped: bool,
+    stderr: StderrLog,
+}
+
+impl ChildProcess {
+    async fn start_failed(&mut self, config: &WorkerConfig, message: String) -> WorkerStartError {
+        self.kill();
+        let exit = self.wait_exit(Duration::from_secs(5)).await;
+        let mut err = WorkerStartError::new(&config.program, format!("{message} (it ended with {exit})"));
+        err.stderr_tail = self.stderr_tail().await;
+        err
+    }
+
+    /// Kills the worker and anything it started in its process group.
+    pub(crate) fn kill(&mut self) {
+        if !self.reaped {
+            sys::kill_process_group(self.pid);
+            let _ = self.child.kill();
+        }
+    }
+
+    /// Waits for the worker to exit, killing it if it takes longer than `grace`.
+    pub(crate) async fn wait_exit(&mut self, grace: Duration) -> ExitReason {
+        let status = match tokio::time::timeout(grace, self.child.status()).await {
+            Ok(status) => status,
+            Err(_) => {
+                self.kill();
+                self.child.status().await
+            }
+        };
+        self.reaped = true;
+        match status {
+            Ok(status) => ExitReason::from_status(&status),
+            Err(_) => ExitReason::Unknown,
+        }
+    }
+
+    /// The last lines of the worker's stderr, once the pipe has closed (or after a
+    /// short wait, when a grandchild still holds it).
+    pub(crate) async fn stderr_tail(&mut self) -> String {
+        self.stderr.tail_after_close(Duration::from_millis(500)).await
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        // The child itself is killed and reaped by async-process (kill_on_drop,
+        // reap_on_drop); this also takes down whatever it started.
+        self.kill();
+        self.stderr.forwarder.abort();
+    }
+}
+
+fn exited_early_hint(config: &WorkerConfig) -> String {
+    let mut message = String::from("it exited before the handshake");
+    if config.args.iter().any(|arg| arg == crate::executor::TEST_WORKER_NAME) {
+        message.push_str("; a test binary needs `procexec::test_worker!(TASKS);` to serve as its own worker");
+    } else {
+        message.push_str(
+            "; a self-executing program must call `procexec::init_worker(&TASKS)` first thing in `main`, \
+             and a worker binary must call `procexec::serve_worker(&TASKS)`",
+        );
+    }
+    message
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|window| window == needle)
+}
+
+/// Spawns `command` from the spawner thread.
+///
+/// `PR_SET_PDEATHSIG` fires when the thread that forked the child exits, so forking
+/// from a tokio worker or blocking-pool thread (which may retire) could kill a healthy
+/// worker. The spawner thread lives as long as the process.
+async fn spawn(command: std::process::Command, stdio: [Stdio; 3]) -> io::Result<async_process::Child> {
+    struct SpawnRequest {
+        command: std::process::Command,
+        stdio: [Stdio; 3],
+        reply: oneshot::Sender<io::Result<async_process::Child>>,
+    }
+    static SPAWNER: OnceLock<Mutex<std_mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+
+    let spawner = SPAWNER.get_or_init(|| {
+        let (sender, receiver) = std_mpsc::channel::<SpawnRequest>();
+        let started = std::thread::Builder::new().name("procexec-spawner".into()).spawn(move || {
+            for request in receiver {
+                let mut command = async_process::Command::from(request.command);
+                // async-process replaces stdio it was not given itself with `inherit`.
+                let [stdin, stdout, stderr] = request.stdio;
+                command.stdin(stdin).stdout(stdout).stderr(stderr).kill_on_drop(true);
+                let child = command.spawn();
+                // Closes the parent's copies of the child's ends of its pipes now.
+                drop(command);
+                let _ = request.reply.send(child);
+            }
+        });
+        if let Err(err) = started {
+            tracing::error!("cannot start the procexec-spawner thread: {err}");
+        }
+        Mutex::new(sender)
+    });
+    let (reply, child) = oneshot::channel();
+    let sent = spawner.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).send(SpawnRequest {
+        command,
+        stdio,
+        reply,
+    });
+    if sent.is_err() {
+        return Err(io::Error::other("the procexec-spawner thread is gone"));
+    }
+    child.await.map_err(|_| io::Error::other("the procexec-spawner thread is gone"))?
+}
+
+/// The worker's stderr: forwarded line by line, and its tail kept for crash reports.
+struct StderrLog {
+    tail: Arc<Mutex<Tail>>,
+    forwarder: JoinHandle<()>,
+    closed: Option<oneshot::Receiver<()>>,
+}
+
+impl StderrLog {
+    fn start(pipe: pipe::Receiver, slot: usize, pid: u32, mode: WorkerStderr) -> Self {
+        let tail = Arc::new(Mutex::new(Tail::default()));
+        let (done, closed) = oneshot::channel();
+        let forwarder = tokio::spawn(forward_stderr(pipe, slot, pid, mode, tail.clone(), done));
+        StderrLog { tail, forwarder, closed: Some(closed) }
+    }
+
+    async fn tail_after_close(&mut self, patience: Duration) -> String {
+        if let Some(closed) = self.closed.take() {
+            let _ = tokio::time::timeout(patience, closed).await;
+        }
+        self.tail.lock().unwrap_or_else(|p| p.into_inner()).text()
+    }
+}
+
+async fn forward_stderr(
+    pipe: pipe::Receiver,
+    slot: usize,
+    pid: u32,
+    mode: WorkerStderr,
+    tail: Arc<Mutex<Tail>>,
+    done: oneshot::Sender<()>,
+) {
+    let mut reader = BufReader::with_capacity(8 * 1024, pipe);
+    let mut line = Vec::with_capacity(256);
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end_matches(['\n', '\r']);
+        match mode {
+            WorkerStderr::Forward => {
+                let mut stderr = io::stderr().lock();
+                let _ = writeln!(stderr, "[procexec worker {slot} pid {pid}] {text}");
+            }
+            WorkerStderr::Tracing => {
+                tracing::info!(target: "procexec::worker", worker = slot, pid, "{text}");
+            }
+            WorkerStderr::Discard => {}
+        }
+        tail.lock().unwrap_or_else(|p| p.into_inner()).push(text);
+    }
+    let _ = done.send(());
+}
+
+/// The last lines of a stream, bounded in lines and bytes.
+#[derive(Default)]
+struct Tail {
+    lines: VecDeque<String>,
+    bytes: usize,
+}
+
+impl Tail {
+    const MAX_LINES: usize = 20;
+    const MAX_BYTES: usize = 4096;
+
+    fn push(&mut self, line: &str) {
+        let line: String = line.chars().take(Self::MAX_BYTES).collect();
+        self.bytes += line.len();
+        self.lines.push_back(line);
+        while self.lines.len() > Self::MAX_LINES || self.bytes > Self::MAX_BYTES {
+            match self.lines.pop_front() {
+                Some(old) => self.bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+
+    fn text(&self) -> String {
+        let mut text = String::with_capacity(self.bytes + self.lines.len());
+        for line in &self.lines {
+            text.push_str(line);
+            text.push('\n');
+        }
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tail_keeps_the_last_lines_within_bounds() {
+        let mut tail = Tail::default();
+        for i in 0..100 {
+            tail.push(&format!("line {i}"));
+        }
+        let text = tail.text();
+        assert!(text.ends_with("line 99\n"));
+        assert_eq!(text.lines().count(), Tail::MAX_LINES);
+        tail.push(&"x".repeat(10_000));
+        assert!(tail.text().len() <= Tail::MAX_BYTES + Tail::MAX_LINES);
+    }
+
+    #[test]
+    fn frames_start_after_the_preamble_even_when_it_arrives_in_pieces() {
+        let mut stream = b"running 1 test\n".to_vec();
+        stream.extend_from_slice(protocol::PREAMBLE);
+        let mut frame = BytesMut::new();
+        protocol::write_message(&mut frame, &Reply::Done { id: 9, busy: protocol::Nanos::new(1) }, 1024)
+            .unwrap();
+        stream.extend_from_slice(&frame);
+
+        let mut codec = ReplyCodec::new(0, 1024);
+        let mut buf = BytesMut::new();
+        let mut frames = Vec::new();
+        for byte in stream {
+            buf.extend_from_slice(&[byte]);
+            if let Some(frame) = codec.decode(&mut buf).unwrap() {
+                frames.push(frame);
+            }
+        }
+        assert_eq!(frames.len(), 1);
+        let (reply, _) = protocol::split_header::<Reply>(&frames[0]).unwrap();
+        assert_eq!(reply, Reply::Done { id: 9, busy: protocol::Nanos::new(1) });
+    }
+
+    #[test]
+    fn endless_output_without_a_preamble_is_an_error() {
+        let mut codec = ReplyCodec::new(0, 1024);
+        let mut buf = BytesMut::new();
+        let result = loop {
+            buf.extend_from_slice(&[b'x'; 64 * 1024]);
+            match codec.decode(&mut buf) {
+                Ok(None) => continue,
+                other => break other,
+            }
+        };
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        assert!(buf.len() < protocol::PREAMBLE.len());
+    }
+}

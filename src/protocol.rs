@@ -1,0 +1,301 @@
+//! The wire protocol between the parent and its workers: the one module both sides share.
+//!
+//! A frame is a 4-byte big-endian length followed by that many bytes
+//! ([`LengthDelimitedCodec`]'s default layout). The bytes are a postcard-encoded
+//! header ([`Request`] or [`Reply`]) immediately followed by a body whose meaning the
+//! header gives: for a [`Request::Call`], `items` postcard-encoded inputs; for a
+//! [`Reply::Done`], `items` [`Outcome`]s, each followed by its output when it is
+//! [`Outcome::Ok`]. Bodies are written straight into the frame buffer, so a payload is
+//! encoded once and never copied into a second message.
+//!
+//! The conversation:
+//!
+//! 1. The worker writes [`PREAMBLE`], so the parent can skip whatever a harness (say,
+//!    libtest's "running 1 test") printed on stdout before the worker took it over.
+//! 2. The parent sends [`Request::Init`]; the worker answers [`Reply::Ready`] with its
+//!    pid and its task table.
+//! 3. The parent sends any number of [`Request::Call`]s without waiting (prefetch).
+//!    The worker runs them one at a time, in order, and answers each with one
+//!    [`Reply::Done`], flushed before it starts the next call. So when a worker dies,
+//!    every call whose reply did not arrive is either the one it was running or one it
+//!    never started.
+
+use bytes::{BufMut, BytesMut};
+use serde::{Deserialize, Serialize};
+use tokio_util::codec::LengthDelimitedCodec;
+
+/// Bumped whenever a message changes shape.
+pub(crate) const PROTOCOL_VERSION: u32 = 1;
+
+/// Written by a worker before its first frame.
+pub(crate) const PREAMBLE: &[u8; 8] = b"\0PRCXC1\n";
+
+/// How much non-protocol output the parent skips while looking for the preamble.
+pub(crate) const PREAMBLE_SEARCH_LIMIT: usize = 1 << 20;
+
+/// Set (to `"1"`) in every worker's environment. `init_worker` serves when it sees it.
+pub(crate) const WORKER_ENV: &str = "PROCEXEC_WORKER";
+
+/// The size of the length prefix of every frame.
+pub(crate) const LENGTH_PREFIX: usize = 4;
+
+/// Frame limit a worker uses until [`Request::Init`] tells it the real one.
+pub(crate) const INIT_FRAME_LIMIT: usize = 64 * 1024;
+
+/// A message from the parent to a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Request {
+    /// First frame on every connection.
+    Init {
+        /// The parent's [`PROTOCOL_VERSION`].
+        version: u32,
+        /// Largest frame either side may send.
+        max_frame_len: u32,
+        /// The worker's slot in the executor, for its log lines.
+        index: u32,
+    },
+    /// Run task number `task` on each of `items` inputs in the body.
+    Call { id: u64, task: u32, items: Count },
+}
+
+/// A message from a worker to the parent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Reply {
+    /// Answer to [`Request::Init`].
+    Ready { version: u32, pid: u32, tasks: Vec<TaskInfo> },
+    /// Answer to the [`Request::Call`] with the same id; `busy` is how long the worker
+    /// spent on it (decode, run, encode), which sizes prefetch and map chunks.
+    Done { id: u64, busy: Nanos },
+}
+
+/// Nanoseconds in a fixed 8-byte encoding (postcard writes arrays byte by byte), so a
+/// worker can write a reply header first and patch the duration in after the call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Nanos(pub(crate) [u8; 8]);
+
+/// An item count in a fixed 4-byte encoding, so a map can write a chunk's header
+/// before it knows how many inputs the chunk will hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Count(pub(crate) [u8; 4]);
+
+impl Count {
+    pub(crate) const WIDTH: usize = 4;
+
+    pub(crate) fn new(count: u32) -> Self {
+        Count(count.to_le_bytes())
+    }
+
+    pub(crate) fn get(self) -> u32 {
+        u32::from_le_bytes(self.0)
+    }
+}
+
+impl Nanos {
+    pub(crate) const WIDTH: usize = 8;
+
+    pub(crate) fn new(nanos: u64) -> Self {
+        Nanos(nanos.to_le_bytes())
+    }
+
+    pub(crate) fn get(self) -> u64 {
+        u64::from_le_bytes(self.0)
+    }
+}
+
+/// A task as a worker's registry describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct TaskInfo {
+    pub(crate) name: String,
+    pub(crate) input: String,
+    pub(crate) output: String,
+}
+
+/// What became of one input of a call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Outcome {
+    /// The task returned; its encoded output follows.
+    Ok,
+    /// The task panicked.
+    Panicked { message: String, location: Option<String>, backtrace: Option<String> },
+    /// The worker could not decode the input: the two sides disagree on its type.
+    BadInput { message: String },
+    /// The worker has no task with that number.
+    UnknownTask,
+    /// The reply would have exceeded the frame limit.
+    TooLarge { size: u64, limit: u64 },
+}
+
+/// The codec both sides frame with.
+pub(crate) fn codec(max_frame_len: usize) -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(LENGTH_PREFIX)
+        .max_frame_length(max_frame_len)
+        .new_codec()
+}
+
+/// A postcard flavor that appends to a `BytesMut`, copying byte strings in one go.
+pub(crate) struct Append<'a>(pub(crate) &'a mut BytesMut);
+
+impl postcard::ser_flavors::Flavor for Append<'_> {
+    type Output = ();
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.put_u8(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+/// Appends the postcard encoding of `value` to `buf`.
+pub(crate) fn encode_into<T: Serialize + ?Sized>(buf: &mut BytesMut, value: &T) -> postcard::Result<()> {
+    postcard::serialize_with_flavor(value, Append(buf))
+}
+
+/// Starts a frame at the end of `buf`; returns where it starts.
+pub(crate) fn begin_frame(buf: &mut BytesMut) -> usize {
+    let start = buf.len();
+    buf.put_u32(0);
+    start
+}
+
+/// Finishes the frame begun at `start` by writing its length.
+///
+/// Fails with the body's size when it exceeds `max_frame_len`; the caller then drops
+/// the frame (`buf.truncate(start)`).
+pub(crate) fn end_frame(buf: &mut BytesMut, start: usize, max_frame_len: usize) -> Result<(), usize> {
+    let len = buf.len() - start - LENGTH_PREFIX;
+    if len > max_frame_len || len > u32::MAX as usize {
+        return Err(len);
+    }
+    buf[start..start + LENGTH_PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
+}
+
+/// Appends one whole frame holding `header` and no body.
+pub(crate) fn write_message<T: Serialize>(
+    buf: &mut BytesMut,
+    header: &T,
+    max_frame_len: usize,
+) -> Result<(), FrameError> {
+    let start = begin_frame(buf);
+    let result = encode_into(buf, header)
+        .map_err(FrameError::Encode)
+        .and_then(|()| end_frame(buf, start, max_frame_len).map_err(FrameError::TooLarge));
+    if result.is_err() {
+        buf.truncate(start);
+    }
+    result
+}
+
+/// Why a frame could not be built.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FrameError {
+    #[error("cannot encode it: {0}")]
+    Encode(postcard::Error),
+    #[error("it is {0} bytes, above the frame limit")]
+    TooLarge(usize),
+}
+
+/// Splits a frame into its header and body.
+pub(crate) fn split_header<'a, T: Deserialize<'a>>(frame: &'a [u8]) -> postcard::Result<(T, &'a [u8])> {
+    postcard::take_from_bytes(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use tokio_util::codec::Decoder;
+
+    fn round_trip_frame(header: &Request, body: &[u8]) -> (Request, Vec<u8>) {
+        let mut buf = BytesMut::new();
+        let start = begin_frame(&mut buf);
+        encode_into(&mut buf, header).unwrap();
+        buf.extend_from_slice(body);
+        end_frame(&mut buf, start, 1 << 20).unwrap();
+        let frame = codec(1 << 20).decode(&mut buf).unwrap().expect("one whole frame");
+        assert!(buf.is_empty(), "the codec consumed exactly one frame");
+        let (header, body) = split_header::<Request>(&frame).unwrap();
+        (header, body.to_vec())
+    }
+
+    #[test]
+    fn frames_written_by_hand_are_what_the_codec_reads() {
+        let call = Request::Call { id: 7, task: 2, items: Count::new(3) };
+        assert_eq!(round_trip_frame(&call, b"body"), (call, b"body".to_vec()));
+    }
+
+    #[test]
+    fn an_oversized_frame_is_refused_and_leaves_the_buffer_as_it_was() {
+        let mut buf = BytesMut::from(&b"earlier"[..]);
+        let start = begin_frame(&mut buf);
+        buf.extend_from_slice(&[0; 100]);
+        assert_eq!(end_frame(&mut buf, start, 99), Err(100));
+        buf.truncate(start);
+        assert_eq!(&buf[..], b"earlier");
+    }
+
+    #[test]
+    fn the_busy_time_is_the_last_eight_bytes_of_a_done_header() {
+        let mut buf = BytesMut::new();
+        encode_into(&mut buf, &Reply::Done { id: 300, busy: Nanos::new(0) }).unwrap();
+        let at = buf.len() - Nanos::WIDTH;
+        buf[at..].copy_from_slice(&Nanos::new(123_456_789).0);
+        assert_eq!(
+            split_header::<Reply>(&buf).unwrap().0,
+            Reply::Done { id: 300, busy: Nanos::new(123_456_789) }
+        );
+    }
+
+    #[test]
+    fn the_codec_rejects_frames_above_its_limit() {
+        let mut buf = BytesMut::new();
+        buf.put_u32(1000);
+        buf.extend_from_slice(&[0; 1000]);
+        assert!(codec(999).decode(&mut buf).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn requests_round_trip(id: u64, task: u32, items: u32, body: Vec<u8>) {
+            let call = Request::Call { id, task, items: Count::new(items) };
+            prop_assert_eq!(round_trip_frame(&call, &body), (call, body));
+        }
+
+        #[test]
+        fn replies_round_trip(id: u64, busy_ns: u64, name: String, pid: u32) {
+            for reply in [
+                Reply::Done { id, busy: Nanos::new(busy_ns) },
+                Reply::Ready {
+                    version: PROTOCOL_VERSION,
+                    pid,
+                    tasks: vec![TaskInfo { name: name.clone(), input: "u64".into(), output: "()".into() }],
+                },
+            ] {
+                let mut buf = BytesMut::new();
+                write_message(&mut buf, &reply, 1 << 20).unwrap();
+                let frame = codec(1 << 20).decode(&mut buf).unwrap().unwrap();
+                prop_assert_eq!(split_header::<Reply>(&frame).unwrap().0, reply);
+            }
+        }
+
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes: Vec<u8>) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            let mut codec = codec(1 << 16);
+            while let Ok(Some(frame)) = codec.decode(&mut buf) {
+                let _ = split_header::<Reply>(&frame);
+                let _ = split_header::<Request>(&frame);
+                let _ = split_header::<Outcome>(&frame);
+            }
+        }
+    }
+}

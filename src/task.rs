@@ -1,0 +1,433 @@
+//! Typed tasks and the registry a worker serves them from.
+
+use std::any::type_name;
+use std::fmt;
+
+use bytes::BytesMut;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::protocol::{self, Outcome, TaskInfo};
+use crate::worker::catch_panic;
+
+/// A function that can run in a worker process: a stable name plus a plain
+/// `fn(I) -> O` whose input and output cross the process boundary with serde.
+///
+/// Usually made by [`tasks!`](crate::tasks), which also builds the [`Registry`] a
+/// worker serves. The parent only needs the `Task` value to call it: the worker looks
+/// the function up by name, and the executor checks that both sides agree on the
+/// input and output types before anything is sent.
+///
+/// `Task` is `Copy`, so it can be passed by value to every call.
+///
+/// # Examples
+///
+/// Without the macro, for a function defined elsewhere:
+///
+/// ```
+/// fn double(x: u64) -> u64 {
+///     2 * x
+/// }
+///
+/// const DOUBLE: procexec::Task<u64, u64> = procexec::Task::new("double", double);
+/// static TASKS: procexec::Registry = procexec::Registry::new(&[&DOUBLE]);
+///
+/// assert_eq!(DOUBLE.name(), "double");
+/// assert_eq!(DOUBLE.call_in_process(21), 42);
+/// assert_eq!(TASKS.len(), 1);
+/// ```
+pub struct Task<I, O> {
+    name: &'static str,
+    function: fn(I) -> O,
+}
+
+impl<I, O> Task<I, O> {
+    /// A task called `name` that runs `function`.
+    ///
+    /// The name is what the parent and the worker agree on, so it must be unique in
+    /// a registry (a worker refuses to start otherwise).
+    pub const fn new(name: &'static str, function: fn(I) -> O) -> Self {
+        Task { name, function }
+    }
+
+    /// The name the task is called by.
+    ///
+    /// ```
+    /// procexec::tasks! {
+    ///     fn ping() {}
+    /// }
+    /// assert_eq!(ping.name(), "ping");
+    /// ```
+    pub const fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Runs the task right here, in this process and thread: for unit tests of a
+    /// task's logic, and for stepping through it in a debugger.
+    ///
+    /// ```
+    /// procexec::tasks! {
+    ///     fn add(a: u32, b: u32) -> u32 { a + b }
+    /// }
+    /// assert_eq!(add.call_in_process((2, 3)), 5);
+    /// ```
+    pub fn call_in_process(&self, input: I) -> O {
+        (self.function)(input)
+    }
+
+    pub(crate) fn input_type(&self) -> &'static str {
+        type_name::<I>()
+    }
+
+    pub(crate) fn output_type(&self) -> &'static str {
+        type_name::<O>()
+    }
+}
+
+impl<I, O> Clone for Task<I, O> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<I, O> Copy for Task<I, O> {}
+
+impl<I, O> fmt::Debug for Task<I, O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Task({}: {} -> {})", self.name, type_name::<I>(), type_name::<O>())
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// A [`Task`] with its types erased, as a [`Registry`] holds it.
+///
+/// Implemented by every `Task<I, O>` whose input is `DeserializeOwned` and whose
+/// output is `Serialize`; it cannot be implemented outside procexec.
+pub trait AnyTask: sealed::Sealed + Sync {
+    /// The task's name.
+    fn name(&self) -> &'static str;
+
+    #[doc(hidden)]
+    fn info(&self) -> TaskInfoRef;
+
+    #[doc(hidden)]
+    fn invoke(&self, body: &[u8], items: u32, out: &mut BytesMut);
+}
+
+/// The type signature of a task, as the handshake reports it.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub struct TaskInfoRef {
+    pub(crate) name: &'static str,
+    pub(crate) input: &'static str,
+    pub(crate) output: &'static str,
+}
+
+impl<I, O> sealed::Sealed for Task<I, O> {}
+
+impl<I, O> AnyTask for Task<I, O>
+where
+    I: DeserializeOwned + 'static,
+    O: Serialize + 'static,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn info(&self) -> TaskInfoRef {
+        TaskInfoRef { name: self.name, input: type_name::<I>(), output: type_name::<O>() }
+    }
+
+    fn invoke(&self, body: &[u8], items: u32, out: &mut BytesMut) {
+        let mut rest = body;
+        for done in 0..items {
+            let input = match postcard::take_from_bytes::<I>(rest) {
+                Ok((input, tail)) => {
+                    rest = tail;
+                    input
+                }
+                Err(err) => {
+                    // Inputs are not self-delimiting once one fails, so the rest of
+                    // the call is lost with it.
+                    let outcome = Outcome::BadInput {
+                        message: format!("cannot decode a `{}`: {err}", type_name::<I>()),
+                    };
+                    for _ in done..items {
+                        encode_outcome(out, &outcome);
+                    }
+                    return;
+                }
+            };
+            match catch_panic(|| (self.function)(input)) {
+                Ok(output) => {
+                    let start = out.len();
+                    encode_outcome(out, &Outcome::Ok);
+                    if let Err(err) = protocol::encode_into(out, &output) {
+                        out.truncate(start);
+                        encode_outcome(
+                            out,
+                            &Outcome::Panicked {
+                                message: format!(
+                                    "cannot encode the `{}` it returned: {err}",
+                                    type_name::<O>()
+                                ),
+                                location: None,
+                                backtrace: None,
+                            },
+                        );
+                    }
+                }
+                Err(panic) => encode_outcome(out, &panic),
+            }
+        }
+    }
+}
+
+fn encode_outcome(out: &mut BytesMut, outcome: &Outcome) {
+    // An `Outcome` holds only strings and integers, which postcard always encodes.
+    let _ = protocol::encode_into(out, outcome);
+}
+
+/// The set of tasks a worker serves, in a fixed order.
+///
+/// A worker binary is `procexec::serve_worker(&TASKS)` over one of these, and a
+/// self-executing binary calls `procexec::init_worker(&TASKS)`. [`tasks!`](crate::tasks)
+/// builds one named `TASKS`; [`Registry::new`] builds one by hand.
+///
+/// # Examples
+///
+/// ```
+/// procexec::tasks! {
+///     /// Squares a number.
+///     pub fn square(x: u64) -> u64 { x * x }
+///     pub fn shout(s: String) -> String { s.to_uppercase() }
+/// }
+///
+/// assert_eq!(TASKS.len(), 2);
+/// assert!(TASKS.contains("shout"));
+/// ```
+pub struct Registry {
+    tasks: &'static [&'static dyn AnyTask],
+}
+
+impl Registry {
+    /// A registry of `tasks`, which must have distinct names.
+    pub const fn new(tasks: &'static [&'static dyn AnyTask]) -> Self {
+        Registry { tasks }
+    }
+
+    /// How many tasks it holds.
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Whether it holds no task.
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    /// Whether it holds a task called `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tasks.iter().any(|task| task.name() == name)
+    }
+
+    pub(crate) fn get(&self, index: u32) -> Option<&'static dyn AnyTask> {
+        self.tasks.get(index as usize).copied()
+    }
+
+    pub(crate) fn infos(&self) -> Vec<TaskInfo> {
+        self.tasks
+            .iter()
+            .map(|task| {
+                let info = task.info();
+                TaskInfo { name: info.name.into(), input: info.input.into(), output: info.output.into() }
+            })
+            .collect()
+    }
+
+    /// The first name that appears twice, if any.
+    pub(crate) fn duplicate_name(&self) -> Option<&'static str> {
+        self.tasks.iter().enumerate().find_map(|(i, task)| {
+            self.tasks[..i].iter().any(|earlier| earlier.name() == task.name()).then(|| task.name())
+        })
+    }
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.tasks.iter().map(|task| task.name())).finish()
+    }
+}
+
+/// Defines tasks and the [`Registry`] that serves them.
+///
+/// Each `fn` becomes a [`Task`] constant of the same name, callable through an
+/// [`Executor`](crate::Executor); the block also defines `pub static TASKS: Registry`
+/// holding all of them, in order. A function of one argument takes that argument as
+/// its input; a function of several takes them as a tuple; a function of none takes
+/// `()`. Arguments must be plain identifiers. Use one `tasks!` per module.
+///
+/// Compile the block into both the parent and the worker (for a self-executing
+/// binary that is automatic; otherwise put it in a library both depend on).
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+///
+/// procexec::tasks! {
+///     /// Squares a number.
+///     pub fn square(x: u64) -> u64 { x * x }
+///
+///     pub fn add(a: u64, b: u64) -> u64 { a + b }
+///
+///     pub fn nap(ms: u64) { std::thread::sleep(Duration::from_millis(ms)) }
+/// }
+///
+/// let _: procexec::Task<u64, u64> = square;
+/// let _: procexec::Task<(u64, u64), u64> = add;
+/// let _: procexec::Task<u64, ()> = nap;
+/// assert_eq!(TASKS.len(), 3);
+/// ```
+#[macro_export]
+macro_rules! tasks {
+    (
+        $(
+            $(#[$attr:meta])*
+            $vis:vis fn $name:ident ( $($arg:ident : $ty:ty),* $(,)? ) $(-> $ret:ty)? $body:block
+        )*
+    ) => {
+        $(
+            $(#[$attr])*
+            #[allow(non_upper_case_globals)]
+            $vis const $name: $crate::Task<$crate::__task_input!($($ty),*), $crate::__task_output!($($ret)?)> =
+                $crate::Task::new(
+                    ::core::stringify!($name),
+                    |$crate::__task_pattern!($($arg),*): $crate::__task_input!($($ty),*)|
+                        -> $crate::__task_output!($($ret)?) { $body },
+                );
+        )*
+
+        /// Every task defined in this module's `procexec::tasks!` block.
+        #[allow(dead_code)]
+        pub static TASKS: $crate::Registry = $crate::Registry::new(&[$(&$name),*]);
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __task_input {
+    () => { () };
+    ($ty:ty) => { $ty };
+    ($($ty:ty),+) => { ($($ty),+) };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __task_output {
+    () => {
+        ()
+    };
+    ($ty:ty) => {
+        $ty
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __task_pattern {
+    () => { () };
+    ($arg:ident) => { $arg };
+    ($($arg:ident),+) => { ($($arg),+) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    crate::tasks! {
+        fn double(x: u64) -> u64 { x * 2 }
+        fn concat(a: String, b: String) -> String { a + &b }
+        fn fail(message: String) -> u8 { panic!("{message}") }
+        fn unit() {}
+    }
+
+    fn decode_outcomes<O: DeserializeOwned>(mut body: &[u8], items: usize) -> Vec<Result<O, Outcome>> {
+        (0..items)
+            .map(|_| {
+                let (outcome, rest) = postcard::take_from_bytes::<Outcome>(body).unwrap();
+                body = rest;
+                if outcome != Outcome::Ok {
+                    return Err(outcome);
+                }
+                let (output, rest) = postcard::take_from_bytes::<O>(body).unwrap();
+                body = rest;
+                Ok(output)
+            })
+            .collect()
+    }
+
+    fn encode_inputs<I: Serialize>(inputs: &[I]) -> BytesMut {
+        let mut body = BytesMut::new();
+        for input in inputs {
+            protocol::encode_into(&mut body, input).unwrap();
+        }
+        body
+    }
+
+    #[test]
+    fn the_macro_types_tasks_by_their_arguments() {
+        let _: Task<u64, u64> = double;
+        let _: Task<(String, String), String> = concat;
+        let _: Task<(), ()> = unit;
+        assert_eq!(concat.call_in_process(("a".into(), "b".into())), "ab");
+        assert_eq!(TASKS.len(), 4);
+        assert_eq!(TASKS.duplicate_name(), None);
+        assert_eq!(TASKS.infos()[0].input, "u64");
+    }
+
+    #[test]
+    fn invoke_runs_every_item_of_a_call() {
+        let mut out = BytesMut::new();
+        TASKS.get(0).unwrap().invoke(&encode_inputs(&[1u64, 2, 3]), 3, &mut out);
+        let results: Vec<u64> = decode_outcomes(&out, 3).into_iter().map(Result::unwrap).collect();
+        assert_eq!(results, [2, 4, 6]);
+    }
+
+    #[test]
+    fn a_panic_fails_its_item_only() {
+        let mut out = BytesMut::new();
+        let inputs = encode_inputs(&["one".to_string(), "two".to_string()]);
+        TASKS.get(2).unwrap().invoke(&inputs, 2, &mut out);
+        let results = decode_outcomes::<u8>(&out, 2);
+        for (result, expected) in results.iter().zip(["one", "two"]) {
+            match result {
+                Err(Outcome::Panicked { message, location, .. }) => {
+                    assert_eq!(message, expected);
+                    assert!(location.as_deref().unwrap().contains("task.rs"));
+                }
+                other => panic!("expected a panic, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_undecodable_input_fails_the_rest_of_the_call() {
+        let mut out = BytesMut::new();
+        // A string whose declared length runs past the body.
+        TASKS.get(1).unwrap().invoke(&[200, 1, b'x'], 2, &mut out);
+        let results = decode_outcomes::<String>(&out, 2);
+        assert!(results.iter().all(|r| matches!(r, Err(Outcome::BadInput { .. }))));
+    }
+
+    #[test]
+    fn duplicate_names_are_found() {
+        const A: Task<u8, u8> = Task::new("same", |x| x);
+        const B: Task<u16, u16> = Task::new("same", |x| x);
+        static DUPLICATED: Registry = Registry::new(&[&A, &B]);
+        assert_eq!(DUPLICATED.duplicate_name(), Some("same"));
+    }
+}

@@ -1,0 +1,255 @@
+//! The worker side: the loop a worker process runs, reading calls and answering them.
+//!
+//! Plain blocking IO on one thread: a worker does one thing at a time, and a blocking
+//! read/compute/write loop is the shortest path a request can take. A second thread
+//! only watches for the parent's hang-up, so a worker deep in a CPU loop still exits
+//! when its parent goes away.
+
+use std::cell::{Cell, RefCell};
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Once;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tokio_util::codec::{Decoder, LengthDelimitedCodec};
+
+use crate::protocol::{self, Nanos, Outcome, Reply, Request};
+use crate::sys;
+use crate::task::Registry;
+
+/// Serves `tasks` if this process was started as a procexec worker, and returns
+/// otherwise: the one-binary (self-executing) mode.
+///
+/// Call it first thing in `main`, before parsing arguments or starting a runtime.
+/// An [`Executor`](crate::Executor) built without [`Builder::program`] re-runs the
+/// current executable with a marker in its environment; in that child this function
+/// never returns.
+///
+/// [`Builder::program`]: crate::Builder::program
+///
+/// # Examples
+///
+/// ```no_run
+/// procexec::tasks! {
+///     pub fn square(x: u64) -> u64 { x * x }
+/// }
+///
+/// #[tokio::main]
+/// async fn main() -> procexec::Result<()> {
+///     procexec::init_worker(&TASKS);
+///     let exec = procexec::Executor::builder().build().await?;
+///     assert_eq!(exec.spawn(square, 7).await?, 49);
+///     Ok(())
+/// }
+/// ```
+pub fn init_worker(tasks: &'static Registry) {
+    if std::env::var_os(protocol::WORKER_ENV).is_some() {
+        serve_worker(tasks)
+    }
+}
+
+/// Serves `tasks` until the parent hangs up, then exits the process: the `main` of
+/// a companion worker binary.
+///
+/// Run by hand (not by an executor) it explains itself and exits with code 2.
+///
+/// # Examples
+///
+/// A complete worker binary, given a library `my_tasks` that defines its tasks with
+/// [`tasks!`](crate::tasks):
+///
+/// ```ignore
+/// fn main() {
+///     procexec::serve_worker(&my_tasks::TASKS)
+/// }
+/// ```
+pub fn serve_worker(tasks: &'static Registry) -> ! {
+    if std::env::var_os(protocol::WORKER_ENV).is_none() {
+        eprintln!(
+            "this is a procexec worker: it serves {} task(s) to a procexec::Executor, which starts it",
+            tasks.len()
+        );
+        std::process::exit(2);
+    }
+    match serve(tasks) {
+        Ok(()) => std::process::exit(0),
+        Err(err) => {
+            eprintln!("procexec worker {}: {err}", std::process::id());
+            std::process::exit(3)
+        }
+    }
+}
+
+fn serve(tasks: &'static Registry) -> io::Result<()> {
+    if let Some(name) = tasks.duplicate_name() {
+        return Err(io::Error::other(format!("two tasks are named `{name}`")));
+    }
+    let fds = sys::take_protocol_stdio()?;
+    let hangup = fds.input.try_clone()?;
+    std::thread::Builder::new().name("procexec-hangup".into()).spawn(move || {
+        sys::wait_for_hangup(hangup.as_fd());
+        std::process::exit(0);
+    })?;
+
+    let mut reader = FrameReader::new(File::from(fds.input));
+    let mut output = File::from(fds.output);
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    out.extend_from_slice(protocol::PREAMBLE);
+    output.write_all(&out)?;
+    out.clear();
+
+    let Some(frame) = reader.next_frame()? else {
+        return Ok(());
+    };
+    let (Request::Init { version, max_frame_len, index: _ }, _) =
+        protocol::split_header(&frame).map_err(invalid)?
+    else {
+        return Err(invalid("the first request is not Init"));
+    };
+    let max_frame_len = max_frame_len as usize;
+    reader.codec = protocol::codec(max_frame_len);
+    let ready =
+        Reply::Ready { version: protocol::PROTOCOL_VERSION, pid: std::process::id(), tasks: tasks.infos() };
+    protocol::write_message(&mut out, &ready, max_frame_len).map_err(invalid)?;
+    output.write_all(&out)?;
+    out.clear();
+    if version != protocol::PROTOCOL_VERSION {
+        // The parent reads our version from Ready and reports the mismatch.
+        return Ok(());
+    }
+
+    while let Some(frame) = reader.next_frame()? {
+        let (request, body) = protocol::split_header::<Request>(&frame).map_err(invalid)?;
+        let Request::Call { id, task, items } = request else {
+            return Err(invalid("Init sent twice"));
+        };
+        let items = items.get();
+        call(tasks, &mut out, max_frame_len, id, task, items, body);
+        // One write per reply, before the next call starts: a reply that left the
+        // worker survives the worker, so a crash can only lose the call it was in.
+        output.write_all(&out)?;
+        out.clear();
+    }
+    Ok(())
+}
+
+/// Runs one call and appends its whole reply frame to `out`.
+fn call(
+    tasks: &Registry,
+    out: &mut BytesMut,
+    max_frame_len: usize,
+    id: u64,
+    task: u32,
+    items: u32,
+    body: &[u8],
+) {
+    let started = Instant::now();
+    let start = protocol::begin_frame(out);
+    let _ = protocol::encode_into(out, &Reply::Done { id, busy: Nanos::new(0) });
+    // `Nanos` has a fixed width and ends the header, so it can be patched in place.
+    let busy_at = out.len() - Nanos::WIDTH;
+    match tasks.get(task) {
+        Some(task) => task.invoke(body, items, out),
+        None => (0..items).for_each(|_| {
+            let _ = protocol::encode_into(out, &Outcome::UnknownTask);
+        }),
+    }
+    if let Err(size) = protocol::end_frame(out, start, max_frame_len) {
+        out.truncate(busy_at + Nanos::WIDTH);
+        let too_large = Outcome::TooLarge { size: size as u64, limit: max_frame_len as u64 };
+        for _ in 0..items {
+            let _ = protocol::encode_into(out, &too_large);
+        }
+        // Should even the small outcomes exceed the limit, the parent's codec refuses the
+        // frame and reports a protocol error.
+        let _ = protocol::end_frame(out, start, usize::MAX);
+    }
+    let busy_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    out[busy_at..busy_at + Nanos::WIDTH].copy_from_slice(&Nanos::new(busy_ns).0);
+}
+
+fn invalid(err: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, err.to_string())
+}
+
+/// Blocking frame reader over the request pipe.
+struct FrameReader {
+    file: File,
+    buf: BytesMut,
+    codec: LengthDelimitedCodec,
+}
+
+impl FrameReader {
+    fn new(file: File) -> Self {
+        FrameReader {
+            file,
+            buf: BytesMut::with_capacity(64 * 1024),
+            codec: protocol::codec(protocol::INIT_FRAME_LIMIT),
+        }
+    }
+
+    /// The next frame, or `None` at a clean end of stream.
+    fn next_frame(&mut self) -> io::Result<Option<BytesMut>> {
+        loop {
+            if let Some(frame) = self.codec.decode(&mut self.buf)? {
+                return Ok(Some(frame));
+            }
+            if sys::read_into(self.file.as_fd(), &mut self.buf, 64 * 1024)? == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(invalid("the request pipe ended mid-frame"))
+                };
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Set while a task runs under [`catch_panic`], whose panics are reported, not printed.
+    static CAPTURING: Cell<bool> = const { Cell::new(false) };
+    /// Location and backtrace of the last captured panic on this thread.
+    static LAST_PANIC: RefCell<Option<(String, Option<String>)>> = const { RefCell::new(None) };
+}
+
+/// Runs `f`, turning a panic into an [`Outcome::Panicked`] with its message,
+/// location and (under `RUST_BACKTRACE`) backtrace.
+pub(crate) fn catch_panic<R>(f: impl FnOnce() -> R) -> Result<R, Outcome> {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let default = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            if !CAPTURING.get() {
+                return default(info);
+            }
+            let location = info.location().map(|l| l.to_string()).unwrap_or_default();
+            let backtrace = std::backtrace::Backtrace::capture();
+            let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
+                .then(|| backtrace.to_string());
+            LAST_PANIC.set(Some((location, backtrace)));
+        }));
+    });
+
+    let was_capturing = CAPTURING.replace(true);
+    let result = panic::catch_unwind(AssertUnwindSafe(f));
+    CAPTURING.set(was_capturing);
+    result.map_err(|payload| {
+        let message = if let Some(message) = payload.downcast_ref::<&str>() {
+            (*message).to_owned()
+        } else if let Some(message) = payload.downcast_ref::<String>() {
+            message.clone()
+        } else {
+            "Box<dyn Any>".to_owned()
+        };
+        // A payload whose destructor panics would abort the worker; leak it instead.
+        std::mem::forget(payload);
+        let (location, backtrace) = match LAST_PANIC.take() {
+            Some((location, backtrace)) => (Some(location).filter(|l| !l.is_empty()), backtrace),
+            None => (None, None),
+        };
+        Outcome::Panicked { message, location, backtrace }
+    })
+}

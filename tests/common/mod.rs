@@ -1,0 +1,81 @@
+//! Shared by the integration tests: finding the companion worker, building an
+//! executor on it, and guarding against hangs.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use procexec::{Executor, WorkerStderr};
+
+/// The companion worker binary, built by `cargo test --workspace` next to the
+/// test binaries' directory.
+pub fn worker_program() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    // target/<profile>/deps/<test> -> target/<profile>/procexec-worker
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>");
+    let program = dir.join("procexec-worker");
+    assert!(
+        program.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds the worker binary",
+        program.display()
+    );
+    program
+}
+
+/// An executor of `processes` companion workers whose stderr is kept quiet.
+pub async fn executor(processes: usize) -> Executor {
+    Executor::builder()
+        .program(worker_program())
+        .processes(processes)
+        .stderr(WorkerStderr::Discard)
+        .build()
+        .await
+        .expect("the executor starts")
+}
+
+/// Fails the test instead of hanging it; generous, so load never trips it.
+pub async fn hang_guard<F: Future>(future: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(120), future).await.expect("the test hung")
+}
+
+/// Process ids of every process whose parent is `parent`, read from `/proc`.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Some((ppid, _)) = stat(pid) {
+            if ppid == parent {
+                children.push(pid);
+            }
+        }
+    }
+    children
+}
+
+/// `(parent pid, state)` of a process, or `None` once it is gone.
+pub fn stat(pid: u32) -> Option<(u32, char)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces: split after it.
+    let after = &stat[stat.rfind(')')? + 2..];
+    let mut fields = after.split(' ');
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((ppid, state))
+}
+
+/// Whether `pid` is a live process (neither gone nor a zombie).
+pub fn alive(pid: u32) -> bool {
+    matches!(stat(pid), Some((_, state)) if state != 'Z')
+}
+
+/// Waits (polling, with a hang guard) until `condition` holds.
+pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

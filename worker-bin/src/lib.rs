@@ -1,0 +1,89 @@
+//! The tasks the companion worker binary serves: the ones procexec's own tests,
+//! examples and benchmarks call. Some misbehave on purpose.
+//!
+//! A real worker is this file with real tasks in it, plus a one-line `main`.
+
+use std::time::Duration;
+
+use serde_bytes::ByteBuf;
+
+procexec::tasks! {
+    /// `x * x`.
+    pub fn square(x: u64) -> u64 { x * x }
+
+    /// `2 * x`: the tiniest task.
+    pub fn double(x: u64) -> u64 { 2 * x }
+
+    /// Sleeps, then returns its argument.
+    pub fn sleep_ms(ms: u64) -> u64 {
+        std::thread::sleep(Duration::from_millis(ms));
+        ms
+    }
+
+    /// Returns its input unchanged: for payload tests.
+    pub fn echo(data: ByteBuf) -> ByteBuf { data }
+
+    /// Returns a buffer of `len` bytes.
+    pub fn make_bytes(len: u64) -> ByteBuf { ByteBuf::from(vec![7u8; len as usize]) }
+
+    /// This worker's process id.
+    pub fn pid() -> u32 { std::process::id() }
+
+    /// Panics with `message`.
+    pub fn panic_with(message: String) -> u64 { panic!("{message}") }
+
+    /// Aborts the worker (SIGABRT).
+    pub fn abort() -> u64 { std::process::abort() }
+
+    /// Exits the worker with `code`.
+    pub fn exit_with(code: i32) -> u64 { std::process::exit(code) }
+
+    /// Kills the worker with SIGKILL.
+    pub fn kill_self() -> u64 {
+        // SAFETY: kill(2) on our own pid touches no memory.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        unreachable!("SIGKILL is not caught")
+    }
+
+    /// Dereferences a null pointer: a segfault.
+    pub fn segfault() -> u64 {
+        // SAFETY: none: the point is to crash. A volatile read is not optimised away.
+        unsafe { std::ptr::read_volatile(std::ptr::null::<u64>()) }
+    }
+
+    /// Prints `text` to stdout and to stderr, then returns its length.
+    pub fn print(text: String) -> u64 {
+        println!("stdout: {text}");
+        eprintln!("stderr: {text}");
+        text.len() as u64
+    }
+
+    /// Writes `text` to stderr, then aborts.
+    pub fn complain_and_abort(text: String) -> u64 {
+        eprintln!("{text}");
+        std::process::abort()
+    }
+
+    /// Spins on the CPU for `ms` milliseconds: stands in for real computation.
+    pub fn spin_ms(ms: u64) -> u64 {
+        let deadline = std::time::Instant::now() + Duration::from_millis(ms);
+        let mut x = 0u64;
+        while std::time::Instant::now() < deadline {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        x
+    }
+
+    /// Spins forever.
+    pub fn spin_forever() -> u64 {
+        loop {
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Same name and shape as a parent-side task with other types (see the tests).
+    pub fn typed(x: u32) -> u32 { x }
+
+    /// Adds two numbers: a task of several arguments.
+    pub fn add(a: i64, b: i64) -> i64 { a + b }
+}
