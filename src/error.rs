@@ -33,7 +33,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 ///
 /// let err = Error::UnknownTask { task: "resize".into() };
 /// assert_eq!(describe(&err), "something else");
-/// assert_eq!(err.to_string(), "the worker has no task named `resize`");
+/// assert_eq!(err.to_string(), "the worker has no task named `resize` (is the worker binary up to date?)");
 /// ```
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -48,7 +48,7 @@ pub enum Error {
     WorkerCrashed(Arc<WorkerCrash>),
 
     /// The worker binary has no task of this name.
-    #[error("the worker has no task named `{task}`")]
+    #[error("the worker has no task named `{task}` (is the worker binary up to date?)")]
     UnknownTask {
         /// The task that was called.
         task: String,

@@ -23,7 +23,7 @@ use crate::error::{Direction, Error, Result, WorkerStartError};
 use crate::map::{Map, MapStream, MapUnordered};
 use crate::process::{WorkerConfig, WorkerProcess, WorkerStderr};
 use crate::protocol::{self, Count, Outcome, Request, TaskInfo};
-use crate::task::Task;
+use crate::task::{IntoTask, Task};
 
 /// The name of the test that `test_worker!` defines.
 pub(crate) const TEST_WORKER_NAME: &str = "procexec_test_worker";
@@ -134,11 +134,13 @@ impl Executor {
     /// }
     /// # Ok(()) }
     /// ```
-    pub fn spawn<I, O>(&self, task: Task<I, O>, input: I) -> TaskHandle<O>
+    pub fn spawn<T>(&self, task: T, input: T::Input) -> TaskHandle<T::Output>
     where
-        I: Serialize,
-        O: DeserializeOwned,
+        T: IntoTask,
+        T::Input: Serialize,
+        T::Output: DeserializeOwned,
     {
+        let task = task.into_task();
         let state = match self.shared().submit_one(&task, &input) {
             Ok(receiver) => HandleState::Waiting(receiver),
             Err(err) => HandleState::Failed(Some(err)),
@@ -166,11 +168,12 @@ impl Executor {
     /// assert_eq!(squares, [0, 1, 4, 9, 16]);
     /// # Ok(()) }
     /// ```
-    pub fn map<'a, I, O, It>(&self, task: Task<I, O>, items: It) -> Map<'a, O>
+    pub fn map<'a, T, It>(&self, task: T, items: It) -> Map<'a, T::Output>
     where
-        I: Serialize + 'a,
-        O: DeserializeOwned,
-        It: IntoIterator<Item = I>,
+        T: IntoTask,
+        T::Input: Serialize + 'a,
+        T::Output: DeserializeOwned,
+        It: IntoIterator<Item = T::Input>,
         It::IntoIter: Send + 'a,
     {
         Map::new(self.map_stream(task, futures::stream::iter(items)))
@@ -194,13 +197,14 @@ impl Executor {
     /// assert_eq!(lengths, [1, 2, 3]);
     /// # Ok(()) }
     /// ```
-    pub fn map_stream<'a, I, O, S>(&self, task: Task<I, O>, items: S) -> MapStream<'a, O>
+    pub fn map_stream<'a, T, S>(&self, task: T, items: S) -> MapStream<'a, T::Output>
     where
-        I: Serialize + 'a,
-        O: DeserializeOwned,
-        S: Stream<Item = I> + Send + 'a,
+        T: IntoTask,
+        T::Input: Serialize + 'a,
+        T::Output: DeserializeOwned,
+        S: Stream<Item = T::Input> + Send + 'a,
     {
-        MapStream::new(self.shared().clone(), task, items)
+        MapStream::new(self.shared().clone(), task.into_task(), items)
     }
 
     /// Runs `task` on every item of a stream and yields the results as they
@@ -222,13 +226,14 @@ impl Executor {
     /// assert_eq!(squares, [0, 1, 4, 9, 16]);
     /// # Ok(()) }
     /// ```
-    pub fn map_unordered<'a, I, O, S>(&self, task: Task<I, O>, items: S) -> MapUnordered<'a, O>
+    pub fn map_unordered<'a, T, S>(&self, task: T, items: S) -> MapUnordered<'a, T::Output>
     where
-        I: Serialize + 'a,
-        O: DeserializeOwned,
-        S: Stream<Item = I> + Send + 'a,
+        T: IntoTask,
+        T::Input: Serialize + 'a,
+        T::Output: DeserializeOwned,
+        S: Stream<Item = T::Input> + Send + 'a,
     {
-        MapUnordered::new(self.shared().clone(), task, items)
+        MapUnordered::new(self.shared().clone(), task.into_task(), items)
     }
 
     /// Finishes every call already queued or running, then stops the workers and

@@ -4,7 +4,7 @@
 //! procexec is Python's `multiprocessing.Pool` for Tokio code. An [`Executor`]
 //! starts a pool of worker processes (a companion binary, or the current executable
 //! run again) and speaks a small framed protocol with them over pipes. You call
-//! [`Task`]s by value: [`Executor::spawn`] returns a future of the output,
+//! [`Task`]s by name: [`Executor::spawn`] returns a future of the output,
 //! [`Executor::map`] a future of all outputs in input order, and
 //! [`Executor::map_stream`] / [`Executor::map_unordered`] streams. Process
 //! parallelism then composes with the rest of an async program: a web service
@@ -80,7 +80,7 @@ pub use error::{
 pub use executor::{Builder, Executor, TaskHandle, cpu_count};
 pub use map::{Map, MapStream, MapUnordered};
 pub use process::WorkerStderr;
-pub use task::{AnyTask, Registry, Task};
+pub use task::{AnyTask, IntoTask, Registry, Task};
 pub use worker::{init_worker, serve_worker};
 
 /// Adds the test through which a test binary serves as its own worker.

@@ -16,7 +16,8 @@ use crate::worker::catch_panic;
 /// Usually made by [`tasks!`](crate::tasks), which also builds the [`Registry`] a
 /// worker serves. The parent only needs the `Task` value to call it: the worker looks
 /// the function up by name, and the executor checks that both sides agree on the
-/// input and output types before anything is sent.
+/// input and output types before anything is sent. Executor methods take any
+/// [`IntoTask`]: a `Task`, or a function returning one (what `tasks!` defines).
 ///
 /// `Task` is `Copy`, so it can be passed by value to every call.
 ///
@@ -56,7 +57,7 @@ impl<I, O> Task<I, O> {
     /// procexec::tasks! {
     ///     fn ping() {}
     /// }
-    /// assert_eq!(ping.name(), "ping");
+    /// assert_eq!(ping().name(), "ping");
     /// ```
     pub const fn name(&self) -> &'static str {
         self.name
@@ -69,7 +70,7 @@ impl<I, O> Task<I, O> {
     /// procexec::tasks! {
     ///     fn add(a: u32, b: u32) -> u32 { a + b }
     /// }
-    /// assert_eq!(add.call_in_process((2, 3)), 5);
+    /// assert_eq!(add().call_in_process((2, 3)), 5);
     /// ```
     pub fn call_in_process(&self, input: I) -> O {
         (self.function)(input)
@@ -95,6 +96,51 @@ impl<I, O> Copy for Task<I, O> {}
 impl<I, O> fmt::Debug for Task<I, O> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Task({}: {} -> {})", self.name, type_name::<I>(), type_name::<O>())
+    }
+}
+
+/// Anything that names a task: a [`Task`], or a function returning one (which is
+/// what [`tasks!`](crate::tasks) defines), so `exec.spawn(square, 7)` reads like a call.
+///
+/// ```
+/// use procexec::{IntoTask, Task};
+///
+/// procexec::tasks! {
+///     pub fn square(x: u64) -> u64 { x * x }
+/// }
+/// const SQUARE: Task<u64, u64> = square();
+///
+/// assert_eq!(square.into_task().name(), "square");
+/// assert_eq!(SQUARE.into_task().name(), "square");
+/// ```
+pub trait IntoTask {
+    /// The task's input.
+    type Input;
+    /// The task's output.
+    type Output;
+
+    /// The task.
+    fn into_task(self) -> Task<Self::Input, Self::Output>;
+}
+
+impl<I, O> IntoTask for Task<I, O> {
+    type Input = I;
+    type Output = O;
+
+    fn into_task(self) -> Task<I, O> {
+        self
+    }
+}
+
+impl<F, I, O> IntoTask for F
+where
+    F: FnOnce() -> Task<I, O>,
+{
+    type Input = I;
+    type Output = O;
+
+    fn into_task(self) -> Task<I, O> {
+        self()
     }
 }
 
@@ -264,11 +310,16 @@ impl fmt::Debug for Registry {
 
 /// Defines tasks and the [`Registry`] that serves them.
 ///
-/// Each `fn` becomes a [`Task`] constant of the same name, callable through an
-/// [`Executor`](crate::Executor); the block also defines `pub static TASKS: Registry`
-/// holding all of them, in order. A function of one argument takes that argument as
-/// its input; a function of several takes them as a tuple; a function of none takes
-/// `()`. Arguments must be plain identifiers. Use one `tasks!` per module.
+/// Each `fn` becomes a `const fn` of the same name returning its [`Task`]; pass the
+/// function itself to an [`Executor`](crate::Executor) (`exec.spawn(square, 7)`),
+/// which accepts anything that is [`IntoTask`]. The block also defines
+/// `pub static TASKS: Registry` holding all of them, in order. A function of one
+/// argument takes that argument as its input; a function of several takes them as a
+/// tuple; a function of none takes `()`. Arguments must be plain identifiers. Use one
+/// `tasks!` per module.
+///
+/// (Tasks are functions rather than constants so that a variable or closure
+/// parameter named like a task simply shadows it.)
 ///
 /// Compile the block into both the parent and the worker (for a self-executing
 /// binary that is automatic; otherwise put it in a library both depend on).
@@ -287,9 +338,10 @@ impl fmt::Debug for Registry {
 ///     pub fn nap(ms: u64) { std::thread::sleep(Duration::from_millis(ms)) }
 /// }
 ///
-/// let _: procexec::Task<u64, u64> = square;
-/// let _: procexec::Task<(u64, u64), u64> = add;
-/// let _: procexec::Task<u64, ()> = nap;
+/// let _: procexec::Task<u64, u64> = square();
+/// let _: procexec::Task<(u64, u64), u64> = add();
+/// let _: procexec::Task<u64, ()> = nap();
+/// assert_eq!(square().call_in_process(9), 81);
 /// assert_eq!(TASKS.len(), 3);
 /// ```
 #[macro_export]
@@ -302,18 +354,18 @@ macro_rules! tasks {
     ) => {
         $(
             $(#[$attr])*
-            #[allow(non_upper_case_globals)]
-            $vis const $name: $crate::Task<$crate::__task_input!($($ty),*), $crate::__task_output!($($ret)?)> =
+            $vis const fn $name() -> $crate::Task<$crate::__task_input!($($ty),*), $crate::__task_output!($($ret)?)> {
                 $crate::Task::new(
                     ::core::stringify!($name),
                     |$crate::__task_pattern!($($arg),*): $crate::__task_input!($($ty),*)|
                         -> $crate::__task_output!($($ret)?) { $body },
-                );
+                )
+            }
         )*
 
         /// Every task defined in this module's `procexec::tasks!` block.
         #[allow(dead_code)]
-        pub static TASKS: $crate::Registry = $crate::Registry::new(&[$(&$name),*]);
+        pub static TASKS: $crate::Registry = $crate::Registry::new(&[$(&const { $name() }),*]);
     };
 }
 
@@ -380,10 +432,10 @@ mod tests {
 
     #[test]
     fn the_macro_types_tasks_by_their_arguments() {
-        let _: Task<u64, u64> = double;
-        let _: Task<(String, String), String> = concat;
-        let _: Task<(), ()> = unit;
-        assert_eq!(concat.call_in_process(("a".into(), "b".into())), "ab");
+        let _: Task<u64, u64> = double();
+        let _: Task<(String, String), String> = concat();
+        let _: Task<(), ()> = unit();
+        assert_eq!(concat().call_in_process(("a".into(), "b".into())), "ab");
         assert_eq!(TASKS.len(), 4);
         assert_eq!(TASKS.duplicate_name(), None);
         assert_eq!(TASKS.infos()[0].input, "u64");

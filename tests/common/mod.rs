@@ -4,23 +4,40 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use procexec::{Executor, WorkerStderr};
 
-/// The companion worker binary, built by `cargo test --workspace` next to the
-/// test binaries' directory.
+/// The companion worker binary, next to the test binaries' directory.
+///
+/// Cargo builds a dependency's library for tests but not its binaries, so the first
+/// call builds (or freshens) it with the same profile: a stale worker would answer
+/// with yesterday's task table.
 pub fn worker_program() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    // target/<profile>/deps/<test> -> target/<profile>/procexec-worker
-    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>");
-    let program = dir.join("procexec-worker");
-    assert!(
-        program.exists(),
-        "{} is missing: run the tests with `cargo test --workspace`, which builds the worker binary",
-        program.display()
-    );
-    program
+    static PROGRAM: OnceLock<PathBuf> = OnceLock::new();
+    PROGRAM
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("the test binary's path");
+            // target/<profile>/deps/<test> -> target/<profile>/procexec-worker
+            let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>");
+            let mut build = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into()));
+            build.args(["build", "--quiet", "-p", "procexec-worker"]).current_dir(env!("CARGO_MANIFEST_DIR"));
+            if dir.file_name().is_some_and(|profile| profile == "release") {
+                build.arg("--release");
+            }
+            let output = build.output().expect("cargo runs");
+            assert!(
+                output.status.success(),
+                "cannot build the worker: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let program = dir.join("procexec-worker");
+            assert!(program.exists(), "{} is missing after the build", program.display());
+            program
+        })
+        .clone()
 }
 
 /// An executor of `processes` companion workers whose stderr is kept quiet.
@@ -78,4 +95,25 @@ pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Environment variable naming the helper a re-executed test binary should run.
+pub const HELPER_ENV: &str = "PROCEXEC_TEST_HELPER";
+
+/// Whether this process is the re-executed test binary running helper `name`.
+pub fn is_helper(name: &str) -> bool {
+    std::env::var(HELPER_ENV).is_ok_and(|helper| helper == name)
+}
+
+/// Starts this test binary again, running only the test `name` as a helper process
+/// (which checks [`is_helper`]), with piped stdout and stderr.
+pub fn start_helper(name: &str) -> std::process::Child {
+    Command::new(std::env::current_exe().expect("the test binary"))
+        .args([name, "--exact", "--nocapture", "--test-threads=1", "-q"])
+        .env(HELPER_ENV, name)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the helper starts")
 }

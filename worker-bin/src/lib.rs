@@ -29,6 +29,17 @@ procexec::tasks! {
     /// This worker's process id.
     pub fn pid() -> u32 { std::process::id() }
 
+    /// Sleeps, then returns this worker's process id.
+    pub fn sleep_then_pid(ms: u64) -> u32 {
+        std::thread::sleep(Duration::from_millis(ms));
+        std::process::id()
+    }
+
+    /// Parses a number, panicking with the text when it is not one.
+    pub fn panic_unless_number(text: String) -> u64 {
+        text.parse().unwrap_or_else(|_| panic!("{text}"))
+    }
+
     /// Panics with `message`.
     pub fn panic_with(message: String) -> u64 { panic!("{message}") }
 
@@ -86,4 +97,50 @@ procexec::tasks! {
 
     /// Adds two numbers: a task of several arguments.
     pub fn add(a: i64, b: i64) -> i64 { a + b }
+
+    /// Creates the file at `path`: a side effect a test can look for.
+    pub fn touch(path: String) {
+        std::fs::write(path, b"touched").expect("the file can be written");
+    }
+
+    /// Writes `bytes` straight into the reply pipe, bypassing the protocol, then
+    /// returns normally: a task that corrupts the channel.
+    pub fn corrupt_replies(bytes: ByteBuf) -> u64 {
+        let fd = reply_pipe().expect("the reply pipe is found");
+        // SAFETY: `bytes` is a valid buffer of its length; write(2) only reads it.
+        let written = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+        written as u64
+    }
+
+    /// Starts `sleep <secs>` as a grandchild that inherits the worker's stderr, and
+    /// returns its pid.
+    pub fn start_grandchild(secs: u64) -> u32 {
+        std::process::Command::new("sleep")
+            .arg(secs.to_string())
+            .spawn()
+            .expect("sleep starts")
+            .id()
+    }
+}
+
+/// The worker's private reply pipe: the only write-only pipe other than stderr.
+fn reply_pipe() -> Option<i32> {
+    let stderr = std::fs::read_link("/proc/self/fd/2").ok()?;
+    for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+        let Some(fd) = entry.file_name().to_str().and_then(|name| name.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        if fd < 3 || target == stderr || !target.to_string_lossy().starts_with("pipe:") {
+            continue;
+        }
+        // SAFETY: F_GETFL reads no memory; a closed fd only yields an error.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if flags >= 0 && flags & libc::O_ACCMODE == libc::O_WRONLY {
+            return Some(fd);
+        }
+    }
+    None
 }

@@ -1,0 +1,186 @@
+//! Every worker is reaped, and none outlives its executor or its parent process,
+//! counted under `/proc`. The tests run one at a time, so the counts are theirs.
+mod common;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::*;
+use procexec::Error;
+use procexec_worker::*;
+
+fn serial<F: Future>(test: F) -> F::Output {
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(hang_guard(test))
+}
+
+fn my_children() -> Vec<u32> {
+    children_of(std::process::id())
+}
+
+fn zombies_among_my_children() -> Vec<u32> {
+    my_children().into_iter().filter(|&pid| matches!(stat(pid), Some((_, 'Z')))).collect()
+}
+
+/// The pids of all `processes` workers, found by keeping each busy at once.
+async fn worker_pids(exec: &procexec::Executor) -> HashSet<u32> {
+    let pids: HashSet<u32> =
+        exec.map(sleep_then_pid, vec![50; 4 * exec.processes()]).await.unwrap().into_iter().collect();
+    assert_eq!(pids.len(), exec.processes());
+    pids
+}
+
+#[test]
+fn dropping_the_executor_ends_and_reaps_every_worker() {
+    serial(async {
+        let exec = executor(3).await;
+        let pids = worker_pids(&exec).await;
+        assert!(pids.iter().all(|pid| my_children().contains(pid)));
+        drop(exec);
+        eventually("every worker is gone and reaped", || pids.iter().all(|pid| stat(*pid).is_none())).await;
+        assert!(zombies_among_my_children().is_empty());
+    });
+}
+
+#[test]
+fn dropping_the_executor_kills_workers_deep_in_a_cpu_loop() {
+    serial(async {
+        let exec = executor(2).await;
+        let pids = worker_pids(&exec).await;
+        let spinning: Vec<_> = (0..2).map(|_| exec.spawn(spin_forever, ())).collect();
+        tokio::time::sleep(Duration::from_millis(100)).await; // let them get going
+        drop(spinning);
+        drop(exec);
+        eventually("every spinning worker is gone and reaped", || {
+            pids.iter().all(|pid| stat(*pid).is_none())
+        })
+        .await;
+    });
+}
+
+#[test]
+fn shutdown_finishes_queued_calls_then_reaps_every_worker() {
+    serial(async {
+        let exec = executor(2).await;
+        let pids = worker_pids(&exec).await;
+        let queued: Vec<_> = (0..20).map(|_| exec.spawn(sleep_ms, 10)).collect();
+        exec.shutdown().await;
+        for handle in queued {
+            assert_eq!(handle.await.unwrap(), 10, "queued calls finish before shutdown returns");
+        }
+        assert!(pids.iter().all(|pid| stat(*pid).is_none()), "shutdown returns after the workers are reaped");
+        assert!(matches!(exec.spawn(square, 2).await, Err(Error::Shutdown)));
+        assert!(matches!(exec.map(square, 0..3).await, Err(Error::Shutdown)));
+        exec.shutdown().await; // again: a no-op
+    });
+}
+
+#[test]
+fn calls_pending_when_the_executor_is_dropped_fail_with_shutdown() {
+    serial(async {
+        let exec = executor(1).await;
+        let running = exec.spawn(sleep_ms, 60_000);
+        let queued = exec.spawn(square, 3);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(exec);
+        assert!(matches!(running.await, Err(Error::Shutdown)));
+        assert!(matches!(queued.await, Err(Error::Shutdown)));
+    });
+}
+
+#[test]
+fn crashed_workers_are_reaped_and_replaced() {
+    serial(async {
+        let exec = executor(2).await;
+        for _ in 0..6 {
+            assert!(exec.spawn(abort, ()).await.unwrap_err().is_worker_crash());
+        }
+        let pids = worker_pids(&exec).await;
+        let children = my_children();
+        assert_eq!(children.len(), 2, "exactly the two live workers: {children:?}");
+        assert!(children.iter().all(|pid| pids.contains(pid) && alive(*pid)));
+        drop(exec);
+        eventually("no child left", || my_children().is_empty()).await;
+    });
+}
+
+#[test]
+fn a_withdrawn_call_never_runs() {
+    serial(async {
+        let exec = executor(1).await;
+        let marker = std::env::temp_dir().join(format!("procexec-withdrawn-{}", std::process::id()));
+        let _ = std::fs::remove_file(&marker);
+        // One worker, busy: the next call waits in the parent's queue.
+        let busy = exec.spawn(sleep_ms, 200);
+        drop(exec.spawn(touch, marker.display().to_string()));
+        assert_eq!(busy.await.unwrap(), 200);
+        assert_eq!(exec.spawn(square, 9).await.unwrap(), 81, "the slot is free again");
+        assert!(!marker.exists(), "the dropped call was withdrawn, not run");
+    });
+}
+
+#[test]
+fn orphan_helper() {
+    if !is_helper("orphan_helper") {
+        return;
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let exec = executor(2).await;
+        let pids = worker_pids(&exec).await;
+        let spin = std::env::var("ORPHAN_SPIN").is_ok();
+        let _spinning: Vec<_> = (0..2).filter(|_| spin).map(|_| exec.spawn(spin_forever, ())).collect();
+        let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+        println!("WORKERS {}", list.join(" "));
+        std::future::pending::<()>().await;
+    });
+}
+
+fn kill_parent_and_time_the_workers(spin: bool) {
+    let _guard = serial(async {});
+    let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+    command
+        .args(["orphan_helper", "--exact", "--nocapture", "--test-threads=1", "-q"])
+        .env(HELPER_ENV, "orphan_helper")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    if spin {
+        command.env("ORPHAN_SPIN", "1");
+    }
+    let mut helper = command.spawn().unwrap();
+    let mut lines = BufReader::new(helper.stdout.take().unwrap()).lines();
+    let workers: Vec<u32> = loop {
+        let line = lines.next().expect("the helper reports its workers").unwrap();
+        if let Some(list) = line.strip_prefix("WORKERS ") {
+            break list.split(' ').map(|pid| pid.parse().unwrap()).collect();
+        }
+    };
+    assert_eq!(workers.len(), 2);
+    if spin {
+        std::thread::sleep(Duration::from_millis(200)); // deep in the CPU loop
+    }
+    assert!(workers.iter().all(|&pid| alive(pid)));
+    helper.kill().unwrap(); // SIGKILL: no destructor, no cleanup in the parent
+    let killed = Instant::now();
+    helper.wait().unwrap();
+    while workers.iter().any(|&pid| alive(pid)) {
+        assert!(killed.elapsed() < Duration::from_secs(30), "workers outlived their parent");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!("workers gone {:?} after their parent's SIGKILL (spinning: {spin})", killed.elapsed());
+}
+
+#[test]
+fn workers_die_with_a_parent_killed_by_sigkill() {
+    kill_parent_and_time_the_workers(false);
+}
+
+#[test]
+fn spinning_workers_die_with_a_parent_killed_by_sigkill() {
+    kill_parent_and_time_the_workers(true);
+}

@@ -1,0 +1,198 @@
+//! `spawn` and the `map` family, against real companion workers.
+mod common;
+
+use std::collections::HashSet;
+
+use common::*;
+use futures::{StreamExt, stream};
+use procexec_worker::*;
+
+#[tokio::test]
+async fn spawn_returns_the_output_of_the_task() {
+    hang_guard(async {
+        let exec = executor(2).await;
+        assert_eq!(exec.spawn(square, 7).await.unwrap(), 49);
+        assert_eq!(exec.spawn(add, (40, 2)).await.unwrap(), 42);
+        assert_ne!(exec.spawn(pid, ()).await.unwrap(), std::process::id(), "it ran in another process");
+        exec.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn spawned_handles_can_be_awaited_in_any_order() {
+    hang_guard(async {
+        let exec = executor(2).await;
+        let handles: Vec<_> = (0..200u64).map(|i| exec.spawn(square, i)).collect();
+        for (i, handle) in handles.into_iter().enumerate().rev() {
+            assert_eq!(handle.await.unwrap(), (i * i) as u64);
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn map_returns_outputs_in_input_order() {
+    hang_guard(async {
+        let exec = executor(4).await;
+        assert_eq!(exec.map(square, 0..5).await.unwrap(), [0, 1, 4, 9, 16]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn map_over_an_empty_input_is_empty() {
+    hang_guard(async {
+        let exec = executor(2).await;
+        assert!(exec.map(square, Vec::<u64>::new()).await.unwrap().is_empty());
+        assert_eq!(exec.map_stream(square, stream::empty()).count().await, 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_large_map_is_chunked_and_complete() {
+    hang_guard(async {
+        let exec = executor(2).await;
+        let outputs = exec.map(double, 0..300_000u64).await.unwrap();
+        assert_eq!(outputs.len(), 300_000);
+        assert!(outputs.iter().enumerate().all(|(i, &out)| out == 2 * i as u64));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn map_borrows_its_input() {
+    hang_guard(async {
+        let exec = executor(2).await;
+        let inputs: Vec<u64> = (0..1000).collect();
+        let outputs = exec.map(square, inputs.iter().copied()).await.unwrap();
+        assert_eq!(outputs, inputs.iter().map(|x| x * x).collect::<Vec<_>>());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn map_spreads_work_over_every_worker() {
+    hang_guard(async {
+        let exec = executor(3).await;
+        // Long enough calls that none is chunked with another or prefetched.
+        let pids: HashSet<u32> = exec.map(sleep_then_pid, [20u64; 12]).await.unwrap().into_iter().collect();
+        assert_eq!(pids.len(), 3, "{pids:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn map_stream_yields_in_input_order_as_results_arrive() {
+    hang_guard(async {
+        let exec = executor(2).await;
+        // Early items are slow, late ones fast: completion order differs from input order.
+        let delays = [60u64, 40, 20, 0, 0, 0];
+        let ordered: Vec<u64> =
+            exec.map_stream(sleep_ms, stream::iter(delays)).map(Result::unwrap).collect().await;
+        assert_eq!(ordered, delays);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn map_unordered_yields_every_result_once() {
+    hang_guard(async {
+        let exec = executor(2).await;
+        let mut outputs: Vec<u64> =
+            exec.map_unordered(square, stream::iter(0..10_000u64)).map(Result::unwrap).collect().await;
+        outputs.sort_unstable();
+        assert_eq!(outputs, (0..10_000u64).map(|x| x * x).collect::<Vec<_>>());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_map_pulls_its_input_lazily() {
+    hang_guard(async {
+        let exec = executor(2).await;
+        let pulled = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = pulled.clone();
+        let endless = (0u64..).inspect(move |_| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        });
+        let first: Vec<u64> =
+            exec.map_stream(square, stream::iter(endless)).take(1000).map(Result::unwrap).collect().await;
+        assert_eq!(first[999], 999 * 999);
+        let pulled = pulled.load(std::sync::atomic::Ordering::Relaxed);
+        // Bounded read-ahead: a window of chunks, not the endless input.
+        assert!(pulled < 2_000_000, "pulled {pulled} items for 1000 outputs");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_map_fails_with_the_first_error_and_the_executor_serves_on() {
+    hang_guard(async {
+        let exec = executor(2).await;
+        let messages = (0..50).map(|i| if i == 30 { "item 30 fails".to_string() } else { i.to_string() });
+        let results: Vec<_> = exec.map_stream(panic_unless_number, stream::iter(messages)).collect().await;
+        assert_eq!(results.len(), 50);
+        for (i, result) in results.iter().enumerate() {
+            match result {
+                Ok(n) => assert_eq!(*n, i as u64),
+                Err(err) => {
+                    assert_eq!(i, 30);
+                    assert_eq!(err.panic().unwrap().message(), "item 30 fails");
+                }
+            }
+        }
+        let err = exec.map(panic_with, ["boom".to_string()]).await.unwrap_err();
+        assert!(err.is_panic());
+        assert_eq!(exec.map(square, 0..3).await.unwrap(), [0, 1, 4]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn many_concurrent_callers_share_one_executor() {
+    hang_guard(async {
+        let exec = executor(2).await;
+        let callers: Vec<_> = (0..50u64)
+            .map(|caller| {
+                let exec = exec.clone();
+                tokio::spawn(async move {
+                    for i in 0..20u64 {
+                        let x = caller * 1000 + i;
+                        assert_eq!(exec.spawn(square, x).await.unwrap(), x * x);
+                    }
+                })
+            })
+            .collect();
+        for caller in callers {
+            caller.await.unwrap();
+        }
+    })
+    .await;
+}
+
+#[test]
+fn many_callers_on_a_multi_threaded_runtime() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
+    runtime.block_on(hang_guard(async {
+        let exec = executor(2).await;
+        let callers: Vec<_> = (0..50u64)
+            .map(|caller| {
+                let exec = exec.clone();
+                tokio::spawn(async move {
+                    let handles: Vec<_> =
+                        (0..20u64).map(|i| exec.spawn(add, (caller as i64, i as i64))).collect();
+                    for (i, handle) in handles.into_iter().enumerate() {
+                        assert_eq!(handle.await.unwrap(), caller as i64 + i as i64);
+                    }
+                    let squares = exec.map(square, 0..100u64).await.unwrap();
+                    assert_eq!(squares[99], 99 * 99);
+                })
+            })
+            .collect();
+        for caller in callers {
+            caller.await.unwrap();
+        }
+    }));
+}

@@ -1,0 +1,119 @@
+//! A task's prints never touch the protocol; worker stderr reaches the parent,
+//! labelled with the worker's slot and pid.
+mod common;
+
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use procexec::{Executor, WorkerStderr};
+use procexec_worker::*;
+
+#[tokio::test]
+async fn println_in_a_task_does_not_corrupt_the_protocol() {
+    hang_guard(async {
+        let exec = executor(2).await;
+        let texts: Vec<String> = (0..2000).map(|i| format!("line {i} {}", "x".repeat(i % 50))).collect();
+        let lengths = exec.map(print, texts.clone()).await.unwrap();
+        assert_eq!(lengths, texts.iter().map(|t| t.len() as u64).collect::<Vec<_>>());
+    })
+    .await;
+}
+
+#[test]
+fn forwarding_helper() {
+    if !is_helper("forwarding_helper") {
+        return;
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let exec = Executor::builder().program(worker_program()).processes(1).build().await.unwrap();
+        let worker = exec.spawn(pid, ()).await.unwrap();
+        exec.spawn(print, "hello from a task".into()).await.unwrap();
+        exec.shutdown().await;
+        println!("WORKER {worker}");
+    });
+}
+
+#[test]
+fn worker_stderr_and_prints_are_forwarded_with_slot_and_pid() {
+    let mut helper = start_helper("forwarding_helper");
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    helper.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    helper.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(helper.wait().unwrap().success(), "{stdout}\n{stderr}");
+    let worker =
+        stdout.lines().find_map(|line| line.strip_prefix("WORKER ")).expect("the helper reports its worker");
+    let prefix = format!("[procexec worker 0 pid {worker}]");
+    assert!(stderr.contains(&format!("{prefix} stdout: hello from a task\n")), "{stderr}");
+    assert!(stderr.contains(&format!("{prefix} stderr: hello from a task\n")), "{stderr}");
+    assert!(!stdout.contains("hello from a task"), "a task's stdout goes to stderr: {stdout}");
+}
+
+/// Collects the messages of `procexec::worker` events.
+#[derive(Clone, Default)]
+struct Lines(Arc<Mutex<Vec<String>>>);
+
+impl tracing::Subscriber for Lines {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        metadata.target() == "procexec::worker"
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Message<'a>(&'a mut String);
+        impl tracing::field::Visit for Message<'_> {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                use std::fmt::Write;
+                let _ = write!(self.0, "{}={:?} ", field.name(), value);
+            }
+        }
+        let mut line = String::new();
+        event.record(&mut Message(&mut line));
+        self.0.lock().unwrap().push(line);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn worker_stderr_can_go_to_tracing() {
+    let lines = Lines::default();
+    let _guard = tracing::subscriber::set_default(lines.clone());
+    // A current-thread runtime: the forwarder runs on this thread, under the guard.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(hang_guard(async {
+        let exec = Executor::builder()
+            .program(worker_program())
+            .processes(1)
+            .stderr(WorkerStderr::Tracing)
+            .build()
+            .await
+            .unwrap();
+        let worker = exec.spawn(pid, ()).await.unwrap();
+        exec.spawn(print, "traced".into()).await.unwrap();
+        exec.shutdown().await;
+        let lines = lines.0.lock().unwrap();
+        let expected = format!("message=stderr: traced worker=0 pid={worker} ");
+        assert!(lines.contains(&expected), "{lines:?}");
+    }));
+}
+
+#[tokio::test]
+async fn a_grandchild_holding_stderr_neither_delays_nor_outlives_a_crash() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let grandchild = exec.spawn(start_grandchild, 600).await.unwrap();
+        assert!(alive(grandchild));
+        let started = std::time::Instant::now();
+        assert!(exec.spawn(abort, ()).await.unwrap_err().is_worker_crash());
+        // Generous bound: the point is "not until the grandchild's 600 s sleep ends".
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+        eventually("the grandchild is killed with its worker's process group", || !alive(grandchild)).await;
+        assert_eq!(exec.spawn(square, 4).await.unwrap(), 16);
+    })
+    .await;
+}
