@@ -5,16 +5,20 @@ mod common;
 use std::collections::HashSet;
 use std::future::Future;
 use std::io::{BufRead, BufReader};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::*;
 use procexec::Error;
 use procexec_worker::*;
 
-fn serial<F: Future>(test: F) -> F::Output {
+fn one_at_a_time() -> MutexGuard<'static, ()> {
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn serial<F: Future>(test: F) -> F::Output {
+    let _guard = one_at_a_time();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(hang_guard(test))
 }
@@ -142,7 +146,7 @@ fn orphan_helper() {
 }
 
 fn kill_parent_and_time_the_workers(spin: bool) {
-    let _guard = serial(async {});
+    let _guard = one_at_a_time();
     let mut command = std::process::Command::new(std::env::current_exe().unwrap());
     command
         .args(["orphan_helper", "--exact", "--nocapture", "--test-threads=1", "-q"])
