@@ -1,0 +1,135 @@
+//! `build()` checks its configuration and reports a worker that cannot start, with
+//! a message that says why; nothing is left running.
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use procexec::{Error, Executor, WorkerStderr};
+
+/// Tasks whose names clash: a worker must refuse to serve them.
+mod clashing {
+    pub const A: procexec::Task<u8, u8> = procexec::Task::new("same", |x| x);
+    pub const B: procexec::Task<u16, u16> = procexec::Task::new("same", |x| x);
+    pub static TASKS: procexec::Registry = procexec::Registry::new(&[&A, &B]);
+}
+
+#[test]
+fn clashing_worker() {
+    procexec::init_worker(&clashing::TASKS);
+}
+
+fn start_error(result: procexec::Result<Executor>) -> String {
+    match result {
+        Err(Error::WorkerStart(err)) => err.to_string(),
+        other => panic!("expected a start error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn sizes_out_of_range_are_config_errors() {
+    let builder = || Executor::builder().program(worker_program());
+    for result in [
+        builder().processes(0).build().await,
+        builder().processes(100_000).build().await,
+        builder().max_frame_len(10).build().await,
+        builder().pipe_capacity(1).build().await,
+        builder().handshake_timeout(Duration::ZERO).build().await,
+    ] {
+        assert!(matches!(result, Err(Error::Config(_))), "{result:?}");
+    }
+}
+
+#[test]
+fn build_outside_a_runtime_is_a_config_error() {
+    let result = futures::executor::block_on(Executor::builder().program(worker_program()).build());
+    assert!(
+        matches!(&result, Err(Error::Config(message)) if message.contains("Tokio runtime")),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_program_is_reported() {
+    let message = start_error(Executor::builder().program("/no/such/worker").build().await);
+    assert!(message.contains("/no/such/worker") && message.contains("cannot be found"), "{message}");
+}
+
+#[tokio::test]
+async fn a_program_that_is_not_executable_is_reported() {
+    let path = std::env::temp_dir().join(format!("procexec-not-executable-{}", std::process::id()));
+    std::fs::write(&path, b"#!/bin/sh\n").unwrap();
+    let message = start_error(Executor::builder().program(&path).build().await);
+    std::fs::remove_file(&path).unwrap();
+    assert!(message.contains("not executable"), "{message}");
+}
+
+#[tokio::test]
+async fn a_program_that_is_not_a_worker_is_reported() {
+    hang_guard(async {
+        let message = start_error(Executor::builder().program("/bin/true").processes(2).build().await);
+        assert!(message.contains("exited before the handshake"), "{message}");
+        assert!(message.contains("serve_worker"), "{message}");
+        assert!(message.contains("exit code 0"), "{message}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_worker_that_never_answers_times_out_and_is_killed() {
+    hang_guard(async {
+        let result = Executor::builder()
+            .program("/bin/sleep")
+            .arg("600")
+            .processes(1)
+            .handshake_timeout(Duration::from_millis(500))
+            .build()
+            .await;
+        let message = start_error(result);
+        assert!(message.contains("no handshake within 500ms"), "{message}");
+        assert!(message.contains("SIGKILL"), "{message}");
+        let sleeping = |pid: &u32| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"/bin/sleep\0600\0")
+        };
+        assert!(!children_of(std::process::id()).iter().any(|pid| alive(*pid) && sleeping(pid)));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_test_binary_without_the_worker_test_is_reported_with_a_hint() {
+    hang_guard(async {
+        // `--list` makes the harness print its tests and exit: no worker ever starts.
+        let exe = std::env::current_exe().unwrap();
+        let message = start_error(Executor::builder().program(exe).arg("--list").processes(1).build().await);
+        assert!(message.contains("exited before the handshake"), "{message}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_registry_with_clashing_names_is_refused_by_the_worker() {
+    hang_guard(async {
+        let result = Executor::builder()
+            .program(std::env::current_exe().unwrap())
+            .args_for_test("clashing_worker")
+            .stderr(WorkerStderr::Discard)
+            .processes(1)
+            .build()
+            .await;
+        let message = start_error(result);
+        assert!(message.contains("two tasks are named `same`"), "{message}");
+        assert!(message.contains("exit code 3"), "{message}");
+    })
+    .await;
+}
+
+trait ArgsForTest {
+    fn args_for_test(self, test: &str) -> Self;
+}
+
+impl ArgsForTest for procexec::Builder {
+    fn args_for_test(self, test: &str) -> Self {
+        self.arg(test).arg("--exact").arg("--nocapture").arg("-q")
+    }
+}
