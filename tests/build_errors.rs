@@ -89,7 +89,7 @@ async fn a_worker_that_never_answers_times_out_and_is_killed() {
         assert!(message.contains("no handshake within 500ms"), "{message}");
         assert!(message.contains("SIGKILL"), "{message}");
         let sleeping = |pid: &u32| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"/bin/sleep\0600\0")
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"/bin/sleep\x00600\x00")
         };
         assert!(!children_of(std::process::id()).iter().any(|pid| alive(*pid) && sleeping(pid)));
     })
