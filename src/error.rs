@@ -180,6 +180,22 @@ impl fmt::Display for Direction {
 }
 
 /// A panic inside a task, carried back from the worker as data.
+///
+/// ```
+/// procexec::tasks! {
+///     pub fn divide(a: u32, b: u32) -> u32 { a / b }
+/// }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> procexec::Result<()> {
+/// # procexec::init_worker(&TASKS);
+/// let exec = procexec::Executor::builder().processes(1).build().await?;
+/// let err = exec.spawn(divide, (1, 0)).await.unwrap_err();
+/// let panic = err.panic().expect("it panicked");
+/// assert_eq!(panic.task(), "divide");
+/// assert_eq!(panic.message(), "attempt to divide by zero");
+/// assert!(panic.location().is_some());
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskPanic {
     pub(crate) task: String,
@@ -221,6 +237,13 @@ impl fmt::Display for TaskPanic {
 }
 
 /// How a process ended.
+///
+/// ```
+/// use procexec::ExitReason;
+///
+/// assert_eq!(ExitReason::Code(3).to_string(), "exit code 3");
+/// assert_eq!(ExitReason::Signal(9).to_string(), "signal 9 (SIGKILL)");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ExitReason {
@@ -256,6 +279,34 @@ impl fmt::Display for ExitReason {
 }
 
 /// What is known about a worker that died under a task.
+///
+/// ```
+/// use procexec::ExitReason;
+///
+/// procexec::tasks! {
+///     pub fn give_up(code: i32) -> u32 {
+///         eprintln!("giving up with {code}");
+///         std::process::exit(code)
+///     }
+///     pub fn double(x: u32) -> u32 { 2 * x }
+/// }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> procexec::Result<()> {
+/// # procexec::init_worker(&TASKS);
+/// let exec = procexec::Executor::builder()
+///     .processes(1)
+///     .stderr(procexec::WorkerStderr::Discard)
+///     .build()
+///     .await?;
+/// let err = exec.spawn(give_up, 3).await.unwrap_err();
+/// let crash = err.crash().expect("the worker died");
+/// assert_eq!(crash.task(), "give_up");
+/// assert_eq!(crash.exit(), ExitReason::Code(3));
+/// assert_eq!(crash.stderr_tail(), "giving up with 3\n");
+/// // A fresh worker took its place.
+/// assert_eq!(exec.spawn(double, 21).await?, 42);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerCrash {
     pub(crate) task: String,
@@ -308,7 +359,8 @@ fn write_tail(f: &mut fmt::Formatter<'_>, tail: &str) -> fmt::Result {
     if tail.is_empty() { Ok(()) } else { write!(f, "; its stderr ended with:\n{tail}") }
 }
 
-/// A worker that broke the protocol.
+/// A worker that broke the protocol: it sent a frame that was corrupt, above the
+/// frame limit, or not the reply expected next. The executor kills and replaces it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProtocolViolation {
     pub(crate) worker: usize,
@@ -340,6 +392,16 @@ impl fmt::Display for ProtocolViolation {
 }
 
 /// Why a worker process could not be started.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let err = procexec::Executor::builder().program("/bin/true").build().await.unwrap_err();
+/// let procexec::Error::WorkerStart(start) = err else { panic!("{err}") };
+/// assert_eq!(start.program(), std::path::Path::new("/bin/true"));
+/// assert!(start.message().starts_with("it exited before the handshake"));
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct WorkerStartError {
     pub(crate) program: PathBuf,

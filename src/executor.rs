@@ -75,7 +75,7 @@ pub fn cpu_count() -> usize {
 ///
 /// # Examples
 ///
-/// ```no_run
+/// ```
 /// procexec::tasks! {
 ///     pub fn square(x: u64) -> u64 { x * x }
 /// }
@@ -122,12 +122,15 @@ impl Executor {
     ///
     /// # Examples
     ///
-    /// ```no_run
+    /// ```
     /// procexec::tasks! {
     ///     pub fn add(a: i64, b: i64) -> i64 { a + b }
     /// }
     ///
-    /// # async fn demo(exec: procexec::Executor) -> procexec::Result<()> {
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> procexec::Result<()> {
+    /// # procexec::init_worker(&TASKS);
+    /// # let exec = procexec::Executor::builder().processes(2).build().await?;
     /// let handles: Vec<_> = (0..10).map(|i| exec.spawn(add, (i, i))).collect();
     /// for (i, handle) in handles.into_iter().enumerate() {
     ///     assert_eq!(handle.await?, 2 * i as i64);
@@ -158,12 +161,15 @@ impl Executor {
     ///
     /// # Examples
     ///
-    /// ```no_run
+    /// ```
     /// procexec::tasks! {
     ///     pub fn square(x: u64) -> u64 { x * x }
     /// }
     ///
-    /// # async fn demo(exec: procexec::Executor) -> procexec::Result<()> {
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> procexec::Result<()> {
+    /// # procexec::init_worker(&TASKS);
+    /// # let exec = procexec::Executor::builder().processes(2).build().await?;
     /// let squares = exec.map(square, 0..5).await?;
     /// assert_eq!(squares, [0, 1, 4, 9, 16]);
     /// # Ok(()) }
@@ -184,14 +190,17 @@ impl Executor {
     ///
     /// # Examples
     ///
-    /// ```no_run
+    /// ```
     /// use futures::{stream, StreamExt};
     ///
     /// procexec::tasks! {
     ///     pub fn len(s: String) -> usize { s.len() }
     /// }
     ///
-    /// # async fn demo(exec: procexec::Executor) -> procexec::Result<()> {
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> procexec::Result<()> {
+    /// # procexec::init_worker(&TASKS);
+    /// # let exec = procexec::Executor::builder().processes(2).build().await?;
     /// let words = stream::iter(["a", "bb", "ccc"].map(String::from));
     /// let lengths: Vec<usize> = exec.map_stream(len, words).map(Result::unwrap).collect().await;
     /// assert_eq!(lengths, [1, 2, 3]);
@@ -212,14 +221,17 @@ impl Executor {
     ///
     /// # Examples
     ///
-    /// ```no_run
+    /// ```
     /// use futures::{stream, StreamExt};
     ///
     /// procexec::tasks! {
     ///     pub fn square(x: u64) -> u64 { x * x }
     /// }
     ///
-    /// # async fn demo(exec: procexec::Executor) -> procexec::Result<()> {
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> procexec::Result<()> {
+    /// # procexec::init_worker(&TASKS);
+    /// # let exec = procexec::Executor::builder().processes(2).build().await?;
     /// let mut squares: Vec<u64> =
     ///     exec.map_unordered(square, stream::iter(0..5)).map(Result::unwrap).collect().await;
     /// squares.sort();
@@ -250,10 +262,22 @@ impl Executor {
     ///
     /// # Examples
     ///
-    /// ```no_run
-    /// # async fn demo(exec: procexec::Executor) {
+    /// ```
+    /// procexec::tasks! {
+    ///     pub fn nap(ms: u64) { std::thread::sleep(std::time::Duration::from_millis(ms)) }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> procexec::Result<()> {
+    /// # procexec::init_worker(&TASKS);
+    /// let exec = procexec::Executor::builder().processes(2).build().await?;
+    /// let queued: Vec<_> = (0..4).map(|_| exec.spawn(nap, 50)).collect();
     /// exec.shutdown().await;
-    /// # }
+    /// for call in queued {
+    ///     call.await?; // queued work finished before the workers were let go
+    /// }
+    /// assert!(exec.spawn(nap, 1).await.unwrap_err().is_shutdown());
+    /// # Ok(()) }
     /// ```
     pub async fn shutdown(&self) {
         self.shared().drain();
@@ -262,8 +286,11 @@ impl Executor {
 
     /// The number of worker processes.
     ///
-    /// ```no_run
-    /// # async fn demo() -> procexec::Result<()> {
+    /// ```
+    /// # procexec::tasks! {}
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> procexec::Result<()> {
+    /// # procexec::init_worker(&TASKS);
     /// let exec = procexec::Executor::builder().processes(3).build().await?;
     /// assert_eq!(exec.processes(), 3);
     /// # Ok(()) }
@@ -307,13 +334,18 @@ enum HandleState {
 impl<O> TaskHandle<O> {
     /// The name of the task this handle runs.
     ///
-    /// ```no_run
+    /// ```
     /// procexec::tasks! {
     ///     pub fn square(x: u64) -> u64 { x * x }
     /// }
-    /// # async fn demo(exec: procexec::Executor) {
-    /// assert_eq!(exec.spawn(square, 3).task_name(), "square");
-    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> procexec::Result<()> {
+    /// # procexec::init_worker(&TASKS);
+    /// # let exec = procexec::Executor::builder().processes(1).build().await?;
+    /// let handle = exec.spawn(square, 3);
+    /// assert_eq!(handle.task_name(), "square");
+    /// assert_eq!(handle.await?, 9);
+    /// # Ok(()) }
     /// ```
     pub fn task_name(&self) -> &'static str {
         self.task

@@ -24,6 +24,19 @@ use crate::protocol::{self, Reply, Request, TaskInfo};
 use crate::sys;
 
 /// What to do with the lines a worker writes to stderr.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> procexec::Result<()> {
+/// # procexec::tasks! {}
+/// # procexec::init_worker(&TASKS);
+/// // Route worker output into the application's tracing subscriber.
+/// let exec = procexec::Executor::builder()
+///     .stderr(procexec::WorkerStderr::Tracing)
+///     .build()
+///     .await?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum WorkerStderr {

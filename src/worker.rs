@@ -32,7 +32,7 @@ use crate::task::Registry;
 ///
 /// # Examples
 ///
-/// ```no_run
+/// ```
 /// procexec::tasks! {
 ///     pub fn square(x: u64) -> u64 { x * x }
 /// }
