@@ -623,6 +623,7 @@ impl Builder {
             handshake_timeout: self.handshake_timeout,
             stderr: self.stderr,
             pipe_capacity: self.pipe_capacity,
+            max_worker_memory: None,
         })
     }
 }

@@ -61,6 +61,8 @@ pub(crate) struct WorkerConfig {
     pub(crate) handshake_timeout: Duration,
     pub(crate) stderr: WorkerStderr,
     pub(crate) pipe_capacity: usize,
+    /// Recycle a worker whose peak resident memory passes this many bytes.
+    pub(crate) max_worker_memory: Option<u64>,
 }
 
 /// A running worker process after a successful handshake.
@@ -145,6 +147,7 @@ async fn handshake(
         version: protocol::PROTOCOL_VERSION,
         max_frame_len: config.max_frame_len as u32,
         index: slot as u32,
+        measure_memory: config.max_worker_memory.is_some(),
     };
     protocol::write_message(&mut init, &request, config.max_frame_len).map_err(|e| e.to_string())?;
     // A worker that dies first closes the pipe; its exit status then tells more.
@@ -455,8 +458,16 @@ mod tests {
         let mut stream = b"running 1 test\n".to_vec();
         stream.extend_from_slice(protocol::PREAMBLE);
         let mut frame = BytesMut::new();
-        protocol::write_message(&mut frame, &Reply::Done { id: 9, busy: protocol::Nanos::new(1) }, 1024)
-            .unwrap();
+        protocol::write_message(
+            &mut frame,
+            &Reply::Done {
+                id: 9,
+                busy_ns: protocol::Fixed64::new(1),
+                peak_rss_kib: protocol::Fixed64::new(2),
+            },
+            1024,
+        )
+        .unwrap();
         stream.extend_from_slice(&frame);
 
         let mut codec = ReplyCodec::new(0, 1024);
@@ -470,7 +481,14 @@ mod tests {
         }
         assert_eq!(frames.len(), 1);
         let (reply, _) = protocol::split_header::<Reply>(&frames[0]).unwrap();
-        assert_eq!(reply, Reply::Done { id: 9, busy: protocol::Nanos::new(1) });
+        assert_eq!(
+            reply,
+            Reply::Done {
+                id: 9,
+                busy_ns: protocol::Fixed64::new(1),
+                peak_rss_kib: protocol::Fixed64::new(2)
+            }
+        );
     }
 
     #[test]

@@ -53,6 +53,8 @@ pub(crate) enum Request {
         max_frame_len: u32,
         /// The worker's slot in the executor, for its log lines.
         index: u32,
+        /// Report the worker's peak memory in every reply (a memory ceiling is set).
+        measure_memory: bool,
     },
     /// Run task number `task` on each of `items` inputs in the body.
     Call { id: u64, task: u32, items: Count },
@@ -63,15 +65,16 @@ pub(crate) enum Request {
 pub(crate) enum Reply {
     /// Answer to [`Request::Init`].
     Ready { version: u32, pid: u32, tasks: Vec<TaskInfo> },
-    /// Answer to the [`Request::Call`] with the same id; `busy` is how long the worker
-    /// spent on it (decode, run, encode), which sizes prefetch and map chunks.
-    Done { id: u64, busy: Nanos },
+    /// Answer to the [`Request::Call`] with the same id. `busy_ns` is how long the
+    /// worker spent on it (decode, run, encode), which sizes prefetch and map chunks;
+    /// `peak_rss_kib` is the worker's peak resident memory, when asked for (else 0).
+    Done { id: u64, busy_ns: Fixed64, peak_rss_kib: Fixed64 },
 }
 
-/// Nanoseconds in a fixed 8-byte encoding (postcard writes arrays byte by byte), so a
-/// worker can write a reply header first and patch the duration in after the call.
+/// A `u64` in a fixed 8-byte encoding (postcard writes arrays byte by byte), so a
+/// worker can write a reply header first and patch measurements in after the call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct Nanos(pub(crate) [u8; 8]);
+pub(crate) struct Fixed64(pub(crate) [u8; 8]);
 
 /// An item count in a fixed 4-byte encoding, so a map can write a chunk's header
 /// before it knows how many inputs the chunk will hold.
@@ -90,11 +93,11 @@ impl Count {
     }
 }
 
-impl Nanos {
+impl Fixed64 {
     pub(crate) const WIDTH: usize = 8;
 
-    pub(crate) fn new(nanos: u64) -> Self {
-        Nanos(nanos.to_le_bytes())
+    pub(crate) fn new(value: u64) -> Self {
+        Fixed64(value.to_le_bytes())
     }
 
     pub(crate) fn get(self) -> u64 {
@@ -244,14 +247,16 @@ mod tests {
     }
 
     #[test]
-    fn the_busy_time_is_the_last_eight_bytes_of_a_done_header() {
+    fn the_measurements_are_the_last_sixteen_bytes_of_a_done_header() {
         let mut buf = BytesMut::new();
-        encode_into(&mut buf, &Reply::Done { id: 300, busy: Nanos::new(0) }).unwrap();
-        let at = buf.len() - Nanos::WIDTH;
-        buf[at..].copy_from_slice(&Nanos::new(123_456_789).0);
+        let zero = Fixed64::new(0);
+        encode_into(&mut buf, &Reply::Done { id: 300, busy_ns: zero, peak_rss_kib: zero }).unwrap();
+        let at = buf.len() - 2 * Fixed64::WIDTH;
+        buf[at..at + Fixed64::WIDTH].copy_from_slice(&Fixed64::new(123_456_789).0);
+        buf[at + Fixed64::WIDTH..].copy_from_slice(&Fixed64::new(4096).0);
         assert_eq!(
             split_header::<Reply>(&buf).unwrap().0,
-            Reply::Done { id: 300, busy: Nanos::new(123_456_789) }
+            Reply::Done { id: 300, busy_ns: Fixed64::new(123_456_789), peak_rss_kib: Fixed64::new(4096) }
         );
     }
 
@@ -273,7 +278,7 @@ mod tests {
         #[test]
         fn replies_round_trip(id: u64, busy_ns: u64, name: String, pid: u32) {
             for reply in [
-                Reply::Done { id, busy: Nanos::new(busy_ns) },
+                Reply::Done { id, busy_ns: Fixed64::new(busy_ns), peak_rss_kib: Fixed64::new(busy_ns / 3) },
                 Reply::Ready {
                     version: PROTOCOL_VERSION,
                     pid,

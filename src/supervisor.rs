@@ -208,7 +208,7 @@ impl Session<'_> {
         let frame = frame.freeze();
         let (reply, body) =
             protocol::split_header::<Reply>(&frame).map_err(|e| format!("undecodable reply: {e}"))?;
-        let Reply::Done { id, busy } = reply else {
+        let Reply::Done { id, busy_ns, peak_rss_kib: _ } = reply else {
             return Err(format!("unexpected message {reply:?}"));
         };
         match self.in_flight.front() {
@@ -217,7 +217,7 @@ impl Session<'_> {
             None => return Err(format!("reply for call {id}, but no call was in flight")),
         }
         let body = frame.slice(frame.len() - body.len()..);
-        let busy_ns = busy.get();
+        let busy_ns = busy_ns.get();
         self.service_ns = Some(match self.service_ns {
             None => busy_ns,
             Some(average) => (average * 7 + busy_ns) / 8,

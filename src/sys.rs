@@ -152,6 +152,19 @@ pub(crate) fn read_into(fd: BorrowedFd<'_>, buf: &mut BytesMut, reserve: usize) 
     }
 }
 
+/// This process's peak resident memory so far, in KiB (`getrusage`'s `ru_maxrss`).
+pub(crate) fn peak_rss_kib() -> u64 {
+    // SAFETY: `usage` is a properly sized, writable rusage that getrusage fills in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_SELF is always valid.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0;
+    }
+    // Linux reports KiB; macOS reports bytes.
+    let peak = u64::try_from(usage.ru_maxrss).unwrap_or(0);
+    if cfg!(target_os = "macos") { peak / 1024 } else { peak }
+}
+
 /// Checks that `program` is a file this process may execute.
 pub(crate) fn check_executable(program: &std::path::Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
@@ -232,6 +245,15 @@ mod tests {
         assert_eq!(&buf[..], b">hello");
         assert_eq!(read_into(read.as_fd(), &mut buf, 16).unwrap(), 0);
         assert_eq!(&buf[..], b">hello");
+    }
+
+    #[test]
+    fn peak_memory_grows_when_memory_is_touched() {
+        let before = peak_rss_kib();
+        assert!(before > 0);
+        let touched = vec![1u8; 64 << 20];
+        assert!(peak_rss_kib() >= before + 32 * 1024, "{before} -> {}", peak_rss_kib());
+        drop(std::hint::black_box(touched));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use tokio_util::codec::{Decoder, LengthDelimitedCodec};
 
-use crate::protocol::{self, Nanos, Outcome, Reply, Request};
+use crate::protocol::{self, Fixed64, Outcome, Reply, Request};
 use crate::sys;
 use crate::task::Registry;
 
@@ -104,7 +104,7 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
     let Some(frame) = reader.next_frame()? else {
         return Ok(());
     };
-    let (Request::Init { version, max_frame_len, index: _ }, _) =
+    let (Request::Init { version, max_frame_len, index: _, measure_memory }, _) =
         protocol::split_header(&frame).map_err(invalid)?
     else {
         return Err(invalid("the first request is not Init"));
@@ -127,7 +127,7 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
             return Err(invalid("Init sent twice"));
         };
         let items = items.get();
-        call(tasks, &mut out, max_frame_len, id, task, items, body);
+        call(tasks, &mut out, max_frame_len, measure_memory, Call { id, task, items, body });
         // One write per reply, before the next call starts: a reply that left the
         // worker survives the worker, so a crash can only lose the call it was in.
         output.write_all(&out)?;
@@ -136,21 +136,25 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
     Ok(())
 }
 
-/// Runs one call and appends its whole reply frame to `out`.
-fn call(
-    tasks: &Registry,
-    out: &mut BytesMut,
-    max_frame_len: usize,
+/// One call as the worker received it.
+struct Call<'a> {
     id: u64,
     task: u32,
     items: u32,
-    body: &[u8],
-) {
+    body: &'a [u8],
+}
+
+/// Runs one call and appends its whole reply frame to `out`.
+fn call(tasks: &Registry, out: &mut BytesMut, max_frame_len: usize, measure_memory: bool, call: Call<'_>) {
+    let Call { id, task, items, body } = call;
     let started = Instant::now();
     let start = protocol::begin_frame(out);
-    let _ = protocol::encode_into(out, &Reply::Done { id, busy: Nanos::new(0) });
-    // `Nanos` has a fixed width and ends the header, so it can be patched in place.
-    let busy_at = out.len() - Nanos::WIDTH;
+    let zero = Fixed64::new(0);
+    let _ = protocol::encode_into(out, &Reply::Done { id, busy_ns: zero, peak_rss_kib: zero });
+    // Both measurements have a fixed width and end the header, so they are patched
+    // in place once the call is done.
+    let busy_at = out.len() - 2 * Fixed64::WIDTH;
+    let header_end = out.len();
     match tasks.get(task) {
         Some(task) => task.invoke(body, items, out),
         None => (0..items).for_each(|_| {
@@ -158,7 +162,7 @@ fn call(
         }),
     }
     if let Err(size) = protocol::end_frame(out, start, max_frame_len) {
-        out.truncate(busy_at + Nanos::WIDTH);
+        out.truncate(header_end);
         let too_large = Outcome::TooLarge { size: size as u64, limit: max_frame_len as u64 };
         for _ in 0..items {
             let _ = protocol::encode_into(out, &too_large);
@@ -168,7 +172,11 @@ fn call(
         let _ = protocol::end_frame(out, start, usize::MAX);
     }
     let busy_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-    out[busy_at..busy_at + Nanos::WIDTH].copy_from_slice(&Nanos::new(busy_ns).0);
+    out[busy_at..busy_at + Fixed64::WIDTH].copy_from_slice(&Fixed64::new(busy_ns).0);
+    if measure_memory {
+        let peak = sys::peak_rss_kib();
+        out[busy_at + Fixed64::WIDTH..header_end].copy_from_slice(&Fixed64::new(peak).0);
+    }
 }
 
 fn invalid(err: impl std::fmt::Display) -> io::Error {

@@ -143,9 +143,9 @@ async fn a_frame_above_the_limit_from_a_worker_is_a_protocol_error() {
 
 #[tokio::test]
 async fn a_reply_for_an_unknown_call_is_a_protocol_error() {
-    // Reply::Done { id: 0x7f7f, busy: 0 }: variant 1, varint id, eight bytes.
+    // Reply::Done { id, busy_ns: 0, peak_rss_kib: 0 }: variant 1, varint id, 16 bytes.
     let mut body = vec![1, 0xff, 0xfe, 0x01];
-    body.extend_from_slice(&[0; 8]);
+    body.extend_from_slice(&[0; 16]);
     hang_guard(corrupt_with(frame(&body))).await;
 }
 
