@@ -5,14 +5,46 @@
 //! dispatch balances load by itself: a fast or idle worker simply pulls more.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::task::AtomicWaker;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
+use crate::protocol::{self, Count, Request};
+
+/// What happens to a call that is running when its caller goes away (its
+/// `TaskHandle` or map is dropped). Calls not yet sent to a worker are always
+/// withdrawn.
+///
+/// ```
+/// use procexec::CancelPolicy;
+///
+/// assert_eq!(CancelPolicy::default(), CancelPolicy::Kill);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum CancelPolicy {
+    /// Kill the worker running it (it is replaced), so abandoned work stops using a
+    /// CPU. A call gets 10 ms from its start before it is killed, so cancelling tiny
+    /// calls never costs a worker restart. The default.
+    #[default]
+    Kill,
+    /// Let it finish and discard the result.
+    Finish,
+}
+
+/// Per-call settings, from the executor's defaults or `Executor::with_*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct CallOptions {
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) retries: u32,
+    pub(crate) cancel: CancelPolicy,
+}
 
 /// A reply's body, as it came from the worker.
 #[derive(Debug)]
@@ -30,15 +62,32 @@ pub(crate) type Completion = Result<Delivery, Error>;
 pub(crate) enum ReplyTo {
     /// A single `spawn`.
     Once(oneshot::Sender<Completion>),
-    /// One chunk of a map: `(chunk sequence number, items, completion)`.
-    Chunk { seq: u64, sink: mpsc::UnboundedSender<ChunkDone> },
+    /// One chunk of a map, or one part of a chunk split for a retry.
+    Chunk { seq: u64, part: Option<Part>, sink: mpsc::UnboundedSender<ChunkDone>, cancelled: Arc<AtomicBool> },
 }
 
-/// A finished chunk of a map.
+/// Input `index` of a chunk of `of` inputs, sent on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Part {
+    pub(crate) index: u32,
+    pub(crate) of: u32,
+}
+
+/// A finished chunk of a map (or part of one).
 pub(crate) struct ChunkDone {
     pub(crate) seq: u64,
+    pub(crate) part: Option<Part>,
     pub(crate) items: u32,
     pub(crate) completion: Completion,
+}
+
+/// Where each input of a chunk ends in its frame, so the chunk can be split into
+/// single calls when it is retried: a poison input then fails alone.
+#[derive(Clone)]
+pub(crate) struct Split {
+    pub(crate) task_index: u32,
+    pub(crate) body_start: usize,
+    pub(crate) ends: Arc<[usize]>,
 }
 
 /// One request frame on its way to a worker.
@@ -50,15 +99,44 @@ pub(crate) struct Job {
     /// job can be sent again if its worker dies before starting it.
     pub(crate) frame: Bytes,
     pub(crate) reply: ReplyTo,
+    pub(crate) options: CallOptions,
+    /// Runs that ended in a crash or a timeout so far.
+    pub(crate) failures: u32,
+    pub(crate) split: Option<Split>,
 }
 
 impl Job {
+    pub(crate) fn new(
+        id: u64,
+        task: &'static str,
+        items: u32,
+        frame: Bytes,
+        reply: ReplyTo,
+        options: CallOptions,
+    ) -> Self {
+        Job { id, task, items, frame, reply, options, failures: 0, split: None }
+    }
+
     /// Whether nobody waits for the result any more (the future or stream was dropped).
     pub(crate) fn is_cancelled(&self) -> bool {
         match &self.reply {
             ReplyTo::Once(sender) => sender.is_closed(),
-            ReplyTo::Chunk { sink, .. } => sink.is_closed(),
+            ReplyTo::Chunk { sink, cancelled, .. } => cancelled.load(Ordering::Acquire) || sink.is_closed(),
         }
+    }
+
+    /// Like [`is_cancelled`](Job::is_cancelled), registering `cx` to be woken when
+    /// a single call's handle is dropped (a map wakes every supervisor itself).
+    pub(crate) fn poll_cancelled(&mut self, cx: &mut Context<'_>) -> bool {
+        match &mut self.reply {
+            ReplyTo::Once(sender) => sender.poll_closed(cx).is_ready(),
+            ReplyTo::Chunk { .. } => self.is_cancelled(),
+        }
+    }
+
+    /// Whether a crash or timeout of this job may be retried.
+    pub(crate) fn may_retry(&self) -> bool {
+        self.failures <= self.options.retries && (self.items == 1 || self.split.is_some())
     }
 
     /// Delivers the job's completion, if anyone still wants it.
@@ -67,10 +145,39 @@ impl Job {
             ReplyTo::Once(sender) => {
                 let _ = sender.send(completion);
             }
-            ReplyTo::Chunk { seq, sink } => {
-                let _ = sink.send(ChunkDone { seq, items: self.items, completion });
+            ReplyTo::Chunk { seq, part, sink, .. } => {
+                let _ = sink.send(ChunkDone { seq, part, items: self.items, completion });
             }
         }
+    }
+
+    /// Splits a chunk into one job per input, with fresh ids from `next_id`.
+    pub(crate) fn into_singles(self, mut next_id: impl FnMut() -> u64) -> Vec<Job> {
+        let (Some(split), ReplyTo::Chunk { seq, sink, cancelled, .. }) = (self.split, self.reply) else {
+            return Vec::new();
+        };
+        let mut start = split.body_start;
+        let of = split.ends.len() as u32;
+        let mut singles = Vec::with_capacity(split.ends.len());
+        for (index, &end) in split.ends.iter().enumerate() {
+            let id = next_id();
+            let mut buf = BytesMut::with_capacity(end - start + 24);
+            let at = protocol::begin_frame(&mut buf);
+            let _ = protocol::encode_into(
+                &mut buf,
+                &Request::Call { id, task: split.task_index, items: Count::new(1) },
+            );
+            buf.extend_from_slice(&self.frame[start..end]);
+            // Each input fitted in the chunk, so it fits alone.
+            let _ = protocol::end_frame(&mut buf, at, usize::MAX);
+            start = end;
+            let part = Some(Part { index: index as u32, of });
+            let reply = ReplyTo::Chunk { seq, part, sink: sink.clone(), cancelled: cancelled.clone() };
+            let mut job = Job::new(id, self.task, 1, buf.freeze(), reply, self.options);
+            job.failures = self.failures;
+            singles.push(job);
+        }
+        singles
     }
 }
 
@@ -83,8 +190,10 @@ pub(crate) struct Queue {
 
 struct QueueState {
     jobs: VecDeque<Job>,
-    /// Slots that found the queue empty and wait for a push.
+    /// Slots with a live worker that found the queue empty and wait for a push.
     idle: Vec<usize>,
+    /// Slots without a worker, to start one when work arrives and no live worker is idle.
+    dormant: Vec<usize>,
     closed: bool,
 }
 
@@ -94,6 +203,7 @@ impl Queue {
             state: Mutex::new(QueueState {
                 jobs: VecDeque::new(),
                 idle: Vec::with_capacity(slots),
+                dormant: Vec::with_capacity(slots),
                 closed: false,
             }),
             slots: (0..slots).map(|_| AtomicWaker::new()).collect(),
@@ -112,12 +222,26 @@ impl Queue {
             return Err(job);
         }
         state.jobs.push_back(job);
-        let idle = state.idle.pop();
+        let wake = state.idle.pop().or_else(|| state.dormant.pop());
         drop(state);
-        if let Some(slot) = idle {
+        if let Some(slot) = wake {
             self.slots[slot].wake();
         }
         Ok(())
+    }
+
+    /// For a slot without a worker: ready when work is waiting; otherwise the slot is
+    /// registered to be woken when work arrives and no live worker is idle.
+    pub(crate) fn poll_demand(&self, cx: &mut Context<'_>, slot: usize) -> Poll<()> {
+        self.slots[slot].register(cx.waker());
+        let mut state = self.lock();
+        if !state.jobs.is_empty() {
+            return Poll::Ready(());
+        }
+        if !state.dormant.contains(&slot) {
+            state.dormant.push(slot);
+        }
+        Poll::Pending
     }
 
     /// Puts jobs back at the front, in order, even when closed: they were accepted
@@ -127,9 +251,10 @@ impl Queue {
         for job in jobs.rev() {
             state.jobs.push_front(job);
         }
-        let idle = std::mem::take(&mut state.idle);
+        let mut wake = std::mem::take(&mut state.idle);
+        wake.extend(state.dormant.pop());
         drop(state);
-        for slot in idle {
+        for slot in wake {
             self.slots[slot].wake();
         }
     }
@@ -176,6 +301,11 @@ impl Queue {
         self.lock().jobs.is_empty()
     }
 
+    /// How many jobs wait.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().jobs.len()
+    }
+
     /// Refuses further pushes and wakes every slot.
     pub(crate) fn close(&self) {
         self.lock().closed = true;
@@ -206,7 +336,7 @@ mod tests {
 
     fn job(id: u64) -> (Job, oneshot::Receiver<Completion>) {
         let (sender, receiver) = oneshot::channel();
-        let job = Job { id, task: "t", items: 1, frame: Bytes::new(), reply: ReplyTo::Once(sender) };
+        let job = Job::new(id, "t", 1, Bytes::new(), ReplyTo::Once(sender), CallOptions::default());
         (job, receiver)
     }
 
@@ -243,6 +373,35 @@ mod tests {
         assert!(queue.push(kept).is_ok());
         drop(dropped_receiver);
         assert_eq!(take_ids(&queue, 10), [1]);
+    }
+
+    #[test]
+    fn a_chunk_splits_into_single_calls_with_its_inputs() {
+        let (sink, _done) = mpsc::unbounded_channel();
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let mut buf = BytesMut::new();
+        let at = protocol::begin_frame(&mut buf);
+        protocol::encode_into(&mut buf, &Request::Call { id: 1, task: 4, items: Count::new(3) }).unwrap();
+        let body_start = buf.len();
+        let mut ends = Vec::new();
+        for input in ["a", "bb", "ccc"] {
+            protocol::encode_into(&mut buf, input).unwrap();
+            ends.push(buf.len());
+        }
+        protocol::end_frame(&mut buf, at, usize::MAX).unwrap();
+        let reply = ReplyTo::Chunk { seq: 7, part: None, sink, cancelled };
+        let mut chunk = Job::new(1, "t", 3, buf.freeze(), reply, CallOptions::default());
+        chunk.split = Some(Split { task_index: 4, body_start, ends: ends.into() });
+        let mut ids = 10..;
+        let singles = chunk.into_singles(|| ids.next().unwrap());
+        assert_eq!(singles.len(), 3);
+        for (i, (single, input)) in singles.iter().zip(["a", "bb", "ccc"]).enumerate() {
+            let frame = &single.frame[protocol::LENGTH_PREFIX..];
+            let (header, body) = protocol::split_header::<Request>(frame).unwrap();
+            assert_eq!(header, Request::Call { id: 10 + i as u64, task: 4, items: Count::new(1) });
+            assert_eq!(postcard::from_bytes::<&str>(body).unwrap(), input);
+            assert!(matches!(single.reply, ReplyTo::Chunk { seq: 7, part: Some(Part { of: 3, .. }), .. }));
+        }
     }
 
     #[test]

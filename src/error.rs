@@ -47,6 +47,17 @@ pub enum Error {
     #[error("{0}")]
     WorkerCrashed(Arc<WorkerCrash>),
 
+    /// The call ran longer than its timeout (measured from when it started running
+    /// in a worker), or a map passed its deadline. A call that timed out had its
+    /// worker killed and replaced.
+    #[error("task `{task}` ran past its time limit of {timeout:?}")]
+    TimedOut {
+        /// The task that ran too long.
+        task: String,
+        /// The limit it ran past.
+        timeout: std::time::Duration,
+    },
+
     /// The worker binary has no task of this name.
     #[error("the worker has no task named `{task}` (is the worker binary up to date?)")]
     UnknownTask {
@@ -127,6 +138,11 @@ impl Error {
     /// Whether a worker broke the protocol.
     pub fn is_protocol(&self) -> bool {
         matches!(self, Error::Protocol(_))
+    }
+
+    /// Whether the call or map ran past its time limit.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::TimedOut { .. })
     }
 
     /// Whether the executor had shut down.
@@ -314,6 +330,7 @@ pub struct WorkerCrash {
     pub(crate) pid: u32,
     pub(crate) exit: ExitReason,
     pub(crate) stderr_tail: String,
+    pub(crate) attempts: u32,
 }
 
 impl WorkerCrash {
@@ -341,6 +358,12 @@ impl WorkerCrash {
     pub fn stderr_tail(&self) -> &str {
         &self.stderr_tail
     }
+
+    /// How many times the call ran: 1, or more when retries were allowed and every
+    /// run crashed its worker.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
 }
 
 impl fmt::Display for WorkerCrash {
@@ -350,6 +373,9 @@ impl fmt::Display for WorkerCrash {
             "worker {} (pid {}) died with {} while running task `{}`",
             self.worker, self.pid, self.exit, self.task
         )?;
+        if self.attempts > 1 {
+            write!(f, " (attempt {}; every attempt crashed)", self.attempts)?;
+        }
         write_tail(f, &self.stderr_tail)
     }
 }
@@ -464,6 +490,7 @@ mod tests {
             pid: 4242,
             exit: ExitReason::Signal(9),
             stderr_tail: "last words\n".into(),
+            attempts: 1,
         };
         assert_eq!(
             Error::WorkerCrashed(Arc::new(crash)).to_string(),

@@ -1,29 +1,26 @@
 //! The executor: a cheap, cloneable handle to a pool of worker processes.
 
-use std::collections::HashMap;
-use std::ffi::OsString;
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
-use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::BytesMut;
 use futures::Stream;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::oneshot;
 
-use crate::dispatch::{Completion, Job, Queue, ReplyTo};
-use crate::error::{Direction, Error, Result, WorkerStartError};
+use crate::builder::Builder;
+use crate::dispatch::{CallOptions, CancelPolicy, Completion};
+use crate::error::{Direction, Error, Result};
 use crate::map::{Map, MapStream, MapUnordered};
-use crate::process::{WorkerConfig, WorkerProcess, WorkerStderr};
-use crate::protocol::{self, Count, Outcome, Request, TaskInfo};
-use crate::task::{IntoTask, Task};
+use crate::pool::Shared;
+use crate::protocol::Outcome;
+use crate::stats::Stats;
+use crate::task::IntoTask;
 
 /// The name of the test that `test_worker!` defines.
 pub(crate) const TEST_WORKER_NAME: &str = "procexec_test_worker";
@@ -93,6 +90,7 @@ pub fn cpu_count() -> usize {
 #[derive(Clone)]
 pub struct Executor {
     handle: Arc<Handle>,
+    options: CallOptions,
 }
 
 /// Owned only by `Executor` clones: its drop terminates the pool.
@@ -111,6 +109,87 @@ impl Executor {
     /// executable.
     pub fn builder() -> Builder {
         Builder::default()
+    }
+
+    pub(crate) fn new(shared: Arc<Shared>, options: CallOptions) -> Self {
+        Executor { handle: Arc::new(Handle { shared }), options }
+    }
+
+    /// This executor with another time limit for its calls (see
+    /// [`Builder::timeout`]): a cheap clone sharing the same workers.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// procexec::tasks! {
+    ///     pub fn spin() -> u64 { loop { std::hint::spin_loop() } }
+    /// }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> procexec::Result<()> {
+    /// # procexec::init_worker(&TASKS);
+    /// let exec = procexec::Executor::builder().processes(1).build().await?;
+    /// let err = exec.with_timeout(Duration::from_millis(100)).spawn(spin, ()).await.unwrap_err();
+    /// assert!(err.is_timeout()); // and the spinning worker was killed
+    /// # Ok(()) }
+    /// ```
+    pub fn with_timeout(&self, timeout: Duration) -> Executor {
+        let mut exec = self.clone();
+        exec.options.timeout = Some(timeout).filter(|t| !t.is_zero());
+        exec
+    }
+
+    /// This executor with another retry count for its calls (see
+    /// [`Builder::retries`]): a cheap clone sharing the same workers.
+    ///
+    /// ```
+    /// procexec::tasks! {
+    ///     pub fn flaky(path: String) -> u32 {
+    ///         // Crashes its worker the first time, succeeds the second.
+    ///         if std::fs::metadata(&path).is_err() {
+    ///             std::fs::write(&path, b"").unwrap();
+    ///             std::process::abort();
+    ///         }
+    ///         7
+    ///     }
+    /// }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> procexec::Result<()> {
+    /// # procexec::init_worker(&TASKS);
+    /// let exec = procexec::Executor::builder().processes(1).build().await?;
+    /// let marker = std::env::temp_dir().join(format!("flaky-{}", std::process::id()));
+    /// # let _ = std::fs::remove_file(&marker);
+    /// assert_eq!(exec.with_retries(1).spawn(flaky, marker.display().to_string()).await?, 7);
+    /// # std::fs::remove_file(&marker).unwrap();
+    /// # Ok(()) }
+    /// ```
+    pub fn with_retries(&self, retries: u32) -> Executor {
+        let mut exec = self.clone();
+        exec.options.retries = retries;
+        exec
+    }
+
+    /// This executor with another [`CancelPolicy`] for its calls: a cheap clone
+    /// sharing the same workers.
+    ///
+    /// ```
+    /// # procexec::tasks! {}
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> procexec::Result<()> {
+    /// # procexec::init_worker(&TASKS);
+    /// let exec = procexec::Executor::builder().processes(1).build().await?;
+    /// let patient = exec.with_cancel_policy(procexec::CancelPolicy::Finish);
+    /// # Ok(()) }
+    /// ```
+    pub fn with_cancel_policy(&self, policy: CancelPolicy) -> Executor {
+        let mut exec = self.clone();
+        exec.options.cancel = policy;
+        exec
+    }
+
+    /// A snapshot of the executor's health: workers alive, calls queued and
+    /// running, inputs completed and failed, and why workers stopped.
+    pub fn stats(&self) -> Stats {
+        self.shared().stats()
     }
 
     /// Runs `task` on `input` in a worker process.
@@ -144,7 +223,7 @@ impl Executor {
         T::Output: DeserializeOwned,
     {
         let task = task.into_task();
-        let state = match self.shared().submit_one(&task, &input) {
+        let state = match self.shared().submit_one(&task, &input, self.options) {
             Ok(receiver) => HandleState::Waiting(receiver),
             Err(err) => HandleState::Failed(Some(err)),
         };
@@ -213,7 +292,7 @@ impl Executor {
         T::Output: DeserializeOwned,
         S: Stream<Item = T::Input> + Send + 'a,
     {
-        MapStream::new(self.shared().clone(), task.into_task(), items)
+        MapStream::new(self.shared().clone(), task.into_task(), items, self.options)
     }
 
     /// Runs `task` on every item of a stream and yields the results as they
@@ -245,7 +324,7 @@ impl Executor {
         T::Output: DeserializeOwned,
         S: Stream<Item = T::Input> + Send + 'a,
     {
-        MapUnordered::new(self.shared().clone(), task.into_task(), items)
+        MapUnordered::new(self.shared().clone(), task.into_task(), items, self.options)
     }
 
     /// Finishes every call already queued or running, then stops the workers and
@@ -281,6 +360,33 @@ impl Executor {
     /// ```
     pub async fn shutdown(&self) {
         self.shared().drain();
+        self.shared().stopped().await;
+    }
+
+    /// Stops now: kills every worker, fails every call still queued or running
+    /// with [`Error::Shutdown`], and waits until each worker has been reaped.
+    /// Python's `Pool.terminate()`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future does not undo it; the workers are still killed and
+    /// reaped in the background.
+    ///
+    /// ```
+    /// procexec::tasks! {
+    ///     pub fn nap(ms: u64) { std::thread::sleep(std::time::Duration::from_millis(ms)) }
+    /// }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> procexec::Result<()> {
+    /// # procexec::init_worker(&TASKS);
+    /// let exec = procexec::Executor::builder().processes(1).build().await?;
+    /// let long = exec.spawn(nap, 60_000);
+    /// exec.shutdown_now().await;
+    /// assert!(long.await.unwrap_err().is_shutdown());
+    /// # Ok(()) }
+    /// ```
+    pub async fn shutdown_now(&self) {
+        self.shared().terminate();
         self.shared().stopped().await;
     }
 
@@ -404,410 +510,6 @@ pub(crate) fn decode_outcome<O: DeserializeOwned>(task: &str, body: &mut &[u8]) 
         Outcome::UnknownTask => Err(Error::UnknownTask { task: task.into() }),
         Outcome::TooLarge { size, limit } => {
             Err(Error::FrameTooLarge { task: task.into(), direction: Direction::Output, size, limit })
-        }
-    }
-}
-
-/// Configures and starts an [`Executor`].
-///
-/// Every setter documents its default; [`build`](Builder::build) checks the whole
-/// configuration (sizes in range, the program exists and is executable) before it
-/// starts any process, then starts every worker and completes its handshake.
-///
-/// # Examples
-///
-/// ```no_run
-/// use std::time::Duration;
-///
-/// # async fn demo() -> procexec::Result<()> {
-/// let exec = procexec::Executor::builder()
-///     .program("target/release/my-worker")
-///     .processes(8)
-///     .max_frame_len(16 << 20)
-///     .handshake_timeout(Duration::from_secs(5))
-///     .build()
-///     .await?;
-/// # Ok(()) }
-/// ```
-#[derive(Debug, Clone)]
-#[must_use = "a Builder does nothing until `build` is awaited"]
-pub struct Builder {
-    processes: Option<usize>,
-    program: Option<PathBuf>,
-    args: Vec<OsString>,
-    env: Vec<(OsString, OsString)>,
-    test_harness: bool,
-    max_frame_len: usize,
-    handshake_timeout: Duration,
-    stderr: WorkerStderr,
-    pipe_capacity: usize,
-}
-
-impl Default for Builder {
-    fn default() -> Self {
-        Builder {
-            processes: None,
-            program: None,
-            args: Vec::new(),
-            env: Vec::new(),
-            test_harness: false,
-            max_frame_len: 64 << 20,
-            handshake_timeout: Duration::from_secs(30),
-            stderr: WorkerStderr::Forward,
-            pipe_capacity: 1 << 20,
-        }
-    }
-}
-
-/// Largest accepted `processes`.
-const MAX_PROCESSES: usize = 4096;
-
-impl Builder {
-    /// The number of worker processes. Default: [`cpu_count()`]. Must be 1 to 4096.
-    pub fn processes(mut self, processes: usize) -> Self {
-        self.processes = Some(processes);
-        self
-    }
-
-    /// Runs this program as the worker: a companion binary whose `main` is
-    /// [`serve_worker`](crate::serve_worker). Default: the current executable,
-    /// which must call [`init_worker`](crate::init_worker) first thing in `main`.
-    pub fn program(mut self, program: impl Into<PathBuf>) -> Self {
-        self.program = Some(program.into());
-        self
-    }
-
-    /// Adds an argument to the worker's command line. Default: none.
-    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
-        self.args.push(arg.into());
-        self
-    }
-
-    /// Sets an environment variable for the workers, on top of the inherited
-    /// environment. Default: the environment is inherited unchanged.
-    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
-        self.env.push((key.into(), value.into()));
-        self
-    }
-
-    /// Runs the current *test binary* as the worker, through the test that
-    /// [`test_worker!`](crate::test_worker) defines. For a crate's own integration
-    /// tests that define their tasks with [`tasks!`](crate::tasks). Default: off.
-    pub fn test_harness(mut self) -> Self {
-        self.test_harness = true;
-        self
-    }
-
-    /// The largest frame, in bytes, either side may send: it bounds one task's
-    /// encoded input, or a map chunk's, and its output. Default: 64 MiB. Must be
-    /// 1 KiB to 4 GiB - 1.
-    pub fn max_frame_len(mut self, bytes: usize) -> Self {
-        self.max_frame_len = bytes;
-        self
-    }
-
-    /// How long a new worker may take to start and complete its handshake.
-    /// Default: 30 s. Must not be zero.
-    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
-        self.handshake_timeout = timeout;
-        self
-    }
-
-    /// What to do with the workers' stderr (and so with their `println!`). Default:
-    /// [`WorkerStderr::Forward`]. The tail is kept for crash reports either way.
-    pub fn stderr(mut self, stderr: WorkerStderr) -> Self {
-        self.stderr = stderr;
-        self
-    }
-
-    /// The kernel buffer size requested for each request and reply pipe (Linux).
-    /// Bigger pipes move large payloads in fewer wake-ups. Default: 1 MiB; the
-    /// kernel may grant less. Must be 4 KiB to 1 GiB.
-    pub fn pipe_capacity(mut self, bytes: usize) -> Self {
-        self.pipe_capacity = bytes;
-        self
-    }
-
-    /// Checks the configuration, starts the workers and completes each handshake.
-    ///
-    /// Must be called within a Tokio runtime with IO and time enabled (as
-    /// `#[tokio::main]` and `#[tokio::test]` provide).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Config`] for a value out of range or a missing runtime;
-    /// [`Error::WorkerStart`] if the program is missing or not executable, or a
-    /// worker fails to start or to complete the handshake (the error quotes its
-    /// stderr). No process outlives a failed `build`.
-    pub async fn build(self) -> Result<Executor> {
-        let config = self.validate()?;
-        let processes = self.processes.unwrap_or_else(cpu_count);
-        let starts = (0..processes).map(|slot| WorkerProcess::start(&config, slot));
-        let mut workers = Vec::with_capacity(processes);
-        for started in futures::future::join_all(starts).await {
-            // Dropping the workers already started kills them.
-            workers.push(started.map_err(|err| Error::WorkerStart(Arc::new(err)))?);
-        }
-        let tasks = TaskTable::new(workers[0].tasks.clone());
-        if let Some(odd) = workers.iter().find(|worker| worker.tasks != tasks.infos) {
-            let message = format!("worker {} serves other tasks than worker 0", odd.index);
-            return Err(Error::WorkerStart(Arc::new(WorkerStartError::new(&config.program, message))));
-        }
-        let shared = Arc::new(Shared {
-            config,
-            queue: Queue::new(processes),
-            tasks,
-            processes,
-            next_id: AtomicU64::new(0),
-            state: AtomicU8::new(RunState::Running as u8),
-            supervisors: AtomicUsize::new(0),
-            live_slots: AtomicUsize::new(processes),
-            broken: OnceLock::new(),
-            all_stopped: Notify::new(),
-        });
-        for worker in workers {
-            // Counted before the task runs, so an early shutdown waits for it.
-            shared.supervisors.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(crate::supervisor::supervise(shared.clone(), worker));
-        }
-        Ok(Executor { handle: Arc::new(Handle { shared }) })
-    }
-
-    fn validate(&self) -> Result<WorkerConfig> {
-        let processes = self.processes.unwrap_or(1);
-        if processes == 0 || processes > MAX_PROCESSES {
-            return Err(Error::Config(format!("processes must be 1 to {MAX_PROCESSES}, not {processes}")));
-        }
-        if !(1024..=u32::MAX as usize).contains(&self.max_frame_len) {
-            return Err(Error::Config(format!(
-                "max_frame_len must be 1 KiB to 4 GiB - 1, not {}",
-                self.max_frame_len
-            )));
-        }
-        if !(4096..=1 << 30).contains(&self.pipe_capacity) {
-            return Err(Error::Config(format!(
-                "pipe_capacity must be 4 KiB to 1 GiB, not {}",
-                self.pipe_capacity
-            )));
-        }
-        if self.handshake_timeout.is_zero() {
-            return Err(Error::Config("handshake_timeout must not be zero".into()));
-        }
-        if tokio::runtime::Handle::try_current().is_err() {
-            return Err(Error::Config("build() must be called within a Tokio runtime".into()));
-        }
-        let program = match &self.program {
-            Some(program) => program.clone(),
-            None => std::env::current_exe().map_err(|err| {
-                let mut start =
-                    WorkerStartError::new(std::path::Path::new("<current executable>"), "cannot locate it");
-                start.source = Some(err);
-                Error::WorkerStart(Arc::new(start))
-            })?,
-        };
-        if let Err(message) = crate::sys::check_executable(&program) {
-            return Err(Error::WorkerStart(Arc::new(WorkerStartError::new(&program, message))));
-        }
-        let mut args = Vec::new();
-        if self.test_harness {
-            // Run only the `test_worker!` test, quietly, with output uncaptured so a
-            // task's prints reach stderr.
-            args.extend([TEST_WORKER_NAME, "--nocapture", "--test-threads=1", "-q"].map(OsString::from));
-        }
-        args.extend(self.args.iter().cloned());
-        Ok(WorkerConfig {
-            program,
-            args,
-            env: self.env.clone(),
-            max_frame_len: self.max_frame_len,
-            handshake_timeout: self.handshake_timeout,
-            stderr: self.stderr,
-            pipe_capacity: self.pipe_capacity,
-            max_worker_memory: None,
-        })
-    }
-}
-
-/// The executor's lifecycle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub(crate) enum RunState {
-    Running = 0,
-    /// `shutdown()`: finish what was accepted, accept nothing new.
-    Draining = 1,
-    /// Dropped: stop now.
-    Terminated = 2,
-}
-
-/// The tasks the workers serve, by name.
-pub(crate) struct TaskTable {
-    infos: Vec<TaskInfo>,
-    by_name: HashMap<String, u32>,
-}
-
-impl TaskTable {
-    fn new(infos: Vec<TaskInfo>) -> Self {
-        let mut by_name = HashMap::with_capacity(infos.len());
-        for (index, info) in infos.iter().enumerate() {
-            by_name.entry(info.name.clone()).or_insert(index as u32);
-        }
-        TaskTable { infos, by_name }
-    }
-
-    pub(crate) fn infos(&self) -> &[TaskInfo] {
-        &self.infos
-    }
-
-    /// The worker's number for `task`, after checking both sides agree on its types.
-    pub(crate) fn resolve<I, O>(&self, task: &Task<I, O>) -> Result<u32> {
-        let Some(&index) = self.by_name.get(task.name()) else {
-            return Err(Error::UnknownTask { task: task.name().into() });
-        };
-        let info = &self.infos[index as usize];
-        if info.input != task.input_type() || info.output != task.output_type() {
-            return Err(Error::TaskMismatch {
-                task: task.name().into(),
-                parent: format!("{} -> {}", task.input_type(), task.output_type()),
-                worker: format!("{} -> {}", info.input, info.output),
-            });
-        }
-        Ok(index)
-    }
-}
-
-/// State shared by the executor's handles, its supervisors and its maps.
-pub(crate) struct Shared {
-    pub(crate) config: WorkerConfig,
-    pub(crate) queue: Queue,
-    pub(crate) tasks: TaskTable,
-    pub(crate) processes: usize,
-    next_id: AtomicU64,
-    state: AtomicU8,
-    /// Supervisor tasks still running.
-    supervisors: AtomicUsize,
-    /// Slots that have not given up restarting their worker.
-    live_slots: AtomicUsize,
-    /// Set when every slot gave up: the reason calls fail from then on.
-    broken: OnceLock<Error>,
-    all_stopped: Notify,
-}
-
-impl Shared {
-    pub(crate) fn state(&self) -> RunState {
-        match self.state.load(Ordering::Acquire) {
-            0 => RunState::Running,
-            1 => RunState::Draining,
-            _ => RunState::Terminated,
-        }
-    }
-
-    /// The error a call gets when the queue refuses it.
-    fn refusal(&self) -> Error {
-        self.broken.get().cloned().unwrap_or(Error::Shutdown)
-    }
-
-    /// Begins a call frame in `buf`; the caller appends the inputs, then ends the
-    /// frame. Returns the call's id, where the frame starts, and where its item count
-    /// sits (to patch when the count was not known up front).
-    pub(crate) fn call_frame(&self, task: u32, items: u32, buf: &mut BytesMut) -> (u64, usize, usize) {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let start = protocol::begin_frame(buf);
-        let _ = protocol::encode_into(buf, &Request::Call { id, task, items: Count::new(items) });
-        (id, start, buf.len() - Count::WIDTH)
-    }
-
-    fn submit_one<I: Serialize, O>(
-        &self,
-        task: &Task<I, O>,
-        input: &I,
-    ) -> Result<oneshot::Receiver<Completion>> {
-        let index = self.tasks.resolve(task)?;
-        let mut buf = BytesMut::with_capacity(64);
-        let (id, start, _) = self.call_frame(index, 1, &mut buf);
-        protocol::encode_into(&mut buf, input)
-            .map_err(|err| Error::codec(task.name(), Direction::Input, "encode", err))?;
-        let limit = self.config.max_frame_len;
-        protocol::end_frame(&mut buf, start, limit).map_err(|size| Error::FrameTooLarge {
-            task: task.name().into(),
-            direction: Direction::Input,
-            size: size as u64,
-            limit: limit as u64,
-        })?;
-        let (sender, receiver) = oneshot::channel();
-        let job = Job { id, task: task.name(), items: 1, frame: buf.freeze(), reply: ReplyTo::Once(sender) };
-        self.submit(job).map_err(|_| self.refusal())?;
-        Ok(receiver)
-    }
-
-    /// Queues a job; hands it back if the executor no longer accepts work.
-    pub(crate) fn submit(&self, job: Job) -> Result<(), Job> {
-        self.queue.push(job)
-    }
-
-    /// The error for a refused submission.
-    pub(crate) fn refused(&self) -> Error {
-        self.refusal()
-    }
-
-    pub(crate) fn max_frame_len(&self) -> usize {
-        self.config.max_frame_len
-    }
-
-    /// `shutdown()`: stop accepting, let the supervisors finish the queue.
-    fn drain(&self) {
-        let _ = self.state.compare_exchange(
-            RunState::Running as u8,
-            RunState::Draining as u8,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
-        self.queue.close();
-    }
-
-    /// Drop of the last handle: stop now, fail whatever waits.
-    fn terminate(&self) {
-        self.state.store(RunState::Terminated as u8, Ordering::Release);
-        for job in self.queue.close_and_drain() {
-            job.complete(Err(Error::Shutdown));
-        }
-    }
-
-    /// Called by a slot that cannot start a worker any more. When it was the last
-    /// one, queued calls fail with `reason`, and so does every later call.
-    pub(crate) fn slot_gave_up(&self, reason: Error) {
-        if self.live_slots.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let _ = self.broken.set(reason.clone());
-            for job in self.queue.close_and_drain() {
-                job.complete(Err(reason.clone()));
-            }
-        }
-    }
-
-    /// Marks a supervisor as running until the guard drops.
-    pub(crate) fn supervisor_guard(&self) -> SupervisorGuard<'_> {
-        SupervisorGuard { shared: self }
-    }
-
-    async fn stopped(&self) {
-        loop {
-            let notified = self.all_stopped.notified();
-            if self.supervisors.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-/// Counts a running supervisor; see [`Shared::supervisor_guard`].
-pub(crate) struct SupervisorGuard<'a> {
-    shared: &'a Shared,
-}
-
-impl Drop for SupervisorGuard<'_> {
-    fn drop(&mut self) {
-        if self.shared.supervisors.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.shared.all_stopped.notify_waiters();
         }
     }
 }

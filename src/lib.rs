@@ -63,23 +63,31 @@
 #![deny(unsafe_code)]
 #![cfg(unix)]
 
+mod builder;
 mod dispatch;
 mod error;
 mod executor;
 mod map;
+mod pool;
 mod process;
 mod protocol;
+mod state;
+mod stats;
 mod supervisor;
 mod sys;
 mod task;
 mod worker;
 
+pub use builder::{Builder, InitOutput};
+pub use dispatch::CancelPolicy;
 pub use error::{
     Direction, Error, ExitReason, ProtocolViolation, Result, TaskPanic, WorkerCrash, WorkerStartError,
 };
-pub use executor::{Builder, Executor, TaskHandle, cpu_count};
+pub use executor::{Executor, TaskHandle, cpu_count};
 pub use map::{Map, MapStream, MapUnordered};
 pub use process::WorkerStderr;
+pub use state::WorkerState;
+pub use stats::{ExitCause, ExitCounts, Stats, WorkerExit};
 pub use task::{AnyTask, IntoTask, Registry, Task};
 pub use worker::{init_worker, serve_worker};
 

@@ -6,23 +6,27 @@
 //! fraction of a frame each while long tasks still spread one per worker. At most
 //! `window` chunks are in flight, so memory stays flat however long the input is.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
+use tokio::time::Sleep;
 
-use crate::dispatch::{ChunkDone, Job, ReplyTo};
+use crate::dispatch::{CallOptions, ChunkDone, Job, ReplyTo, Split};
 use crate::error::{Direction, Error, Result};
-use crate::executor::{Shared, decode_outcome};
+use crate::executor::decode_outcome;
+use crate::pool::Shared;
 use crate::protocol::{self, Count};
 use crate::task::Task;
 
@@ -39,8 +43,8 @@ const MAX_CHUNK_BYTES: usize = 256 * 1024;
 ///
 /// # Cancel safety
 ///
-/// Dropping it withdraws the chunks no worker has received yet; chunks already sent
-/// run to completion and their outputs are discarded.
+/// Dropping it withdraws the inputs no worker has received yet; running calls are
+/// handled by the executor's [`CancelPolicy`](crate::CancelPolicy).
 #[must_use = "a Map does nothing unless awaited"]
 pub struct Map<'a, O> {
     stream: MapStream<'a, O>,
@@ -51,6 +55,28 @@ impl<'a, O: DeserializeOwned> Map<'a, O> {
     pub(crate) fn new(stream: MapStream<'a, O>) -> Self {
         let capacity = stream.core.source.as_ref().map_or(0, |source| source.remaining()).min(1 << 20);
         Map { stream, outputs: Vec::with_capacity(capacity) }
+    }
+
+    /// Gives the whole map a deadline, `timeout` from now: when it passes, the map
+    /// resolves to [`Error::TimedOut`] and its remaining calls are cancelled.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// procexec::tasks! {
+    ///     pub fn nap(ms: u64) -> u64 { std::thread::sleep(Duration::from_millis(ms)); ms }
+    /// }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> procexec::Result<()> {
+    /// # procexec::init_worker(&TASKS);
+    /// let exec = procexec::Executor::builder().processes(2).build().await?;
+    /// let err = exec.map(nap, [10, 60_000, 10]).timeout(Duration::from_millis(300)).await.unwrap_err();
+    /// assert!(err.is_timeout());
+    /// # Ok(()) }
+    /// ```
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.stream.core.set_deadline(timeout);
+        self
     }
 }
 
@@ -86,20 +112,28 @@ impl<O> fmt::Debug for Map<'_, O> {
 ///
 /// # Cancel safety
 ///
-/// Dropping it withdraws the chunks no worker has received yet; chunks already sent
-/// run to completion and their outputs are discarded.
+/// Dropping it withdraws the inputs no worker has received yet; running calls are
+/// handled by the executor's [`CancelPolicy`](crate::CancelPolicy).
 #[must_use = "streams do nothing unless polled"]
 pub struct MapStream<'a, O> {
     core: MapCore<'a, O>,
 }
 
 impl<'a, O: DeserializeOwned> MapStream<'a, O> {
-    pub(crate) fn new<I, S>(shared: Arc<Shared>, task: Task<I, O>, items: S) -> Self
+    pub(crate) fn new<I, S>(shared: Arc<Shared>, task: Task<I, O>, items: S, options: CallOptions) -> Self
     where
         I: Serialize + 'a,
         S: Stream<Item = I> + Send + 'a,
     {
-        MapStream { core: MapCore::new(shared, task, items, true) }
+        MapStream { core: MapCore::new(shared, task, items, options, true) }
+    }
+
+    /// Gives the whole stream a deadline, `timeout` from now: when it passes, the
+    /// stream yields [`Error::TimedOut`] once, then ends, and its remaining calls
+    /// are cancelled.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.core.set_deadline(timeout);
+        self
     }
 }
 
@@ -122,20 +156,28 @@ impl<O> fmt::Debug for MapStream<'_, O> {
 ///
 /// # Cancel safety
 ///
-/// Dropping it withdraws the chunks no worker has received yet; chunks already sent
-/// run to completion and their outputs are discarded.
+/// Dropping it withdraws the inputs no worker has received yet; running calls are
+/// handled by the executor's [`CancelPolicy`](crate::CancelPolicy).
 #[must_use = "streams do nothing unless polled"]
 pub struct MapUnordered<'a, O> {
     core: MapCore<'a, O>,
 }
 
 impl<'a, O: DeserializeOwned> MapUnordered<'a, O> {
-    pub(crate) fn new<I, S>(shared: Arc<Shared>, task: Task<I, O>, items: S) -> Self
+    pub(crate) fn new<I, S>(shared: Arc<Shared>, task: Task<I, O>, items: S, options: CallOptions) -> Self
     where
         I: Serialize + 'a,
         S: Stream<Item = I> + Send + 'a,
     {
-        MapUnordered { core: MapCore::new(shared, task, items, false) }
+        MapUnordered { core: MapCore::new(shared, task, items, options, false) }
+    }
+
+    /// Gives the whole stream a deadline, `timeout` from now: when it passes, the
+    /// stream yields [`Error::TimedOut`] once, then ends, and its remaining calls
+    /// are cancelled.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.core.set_deadline(timeout);
+        self
     }
 }
 
@@ -215,34 +257,51 @@ impl Chunk {
     }
 }
 
+/// A chunk's place in an ordered map.
+enum Slot {
+    Pending,
+    Done(Chunk),
+    /// The chunk was split into single calls for a retry; its parts arrive one by one.
+    Parts(Vec<Option<Chunk>>),
+}
+
 /// The engine behind both map streams.
 struct MapCore<'a, O> {
     shared: Arc<Shared>,
     task: &'static str,
     /// The task's number, or why the map cannot run at all.
     task_index: Result<u32>,
+    options: CallOptions,
     ordered: bool,
     source: Option<Box<dyn Source + 'a>>,
     /// An encoded input that did not fit the previous chunk.
     carry: Option<BytesMut>,
     sink: mpsc::UnboundedSender<ChunkDone>,
     done: mpsc::UnboundedReceiver<ChunkDone>,
+    /// Set when the map is dropped or passes its deadline: its queued calls are
+    /// skipped, its running ones handled by the cancel policy.
+    cancelled: Arc<AtomicBool>,
     next_seq: u64,
     /// Chunks sent and not yet answered.
     outstanding: usize,
+    /// Split chunks: parts still to come, by sequence number.
+    parts_left: HashMap<u64, u32>,
     window: usize,
-    /// Ordered mode: chunks from `base_seq` on, `None` until answered.
-    reorder: VecDeque<Option<Chunk>>,
+    /// Ordered mode: chunks from `base_seq` on.
+    reorder: VecDeque<Slot>,
     base_seq: u64,
     /// Chunks ready to yield, in yield order.
     ready: VecDeque<Chunk>,
     /// Moving average of the worker's time per item.
     item_ns: Option<u64>,
+    deadline: Option<(Pin<Box<Sleep>>, Duration)>,
+    /// The stream has ended (after a deadline, or an error that stops the map).
+    finished: bool,
     _output: PhantomData<fn() -> O>,
 }
 
 impl<'a, O: DeserializeOwned> MapCore<'a, O> {
-    fn new<I, S>(shared: Arc<Shared>, task: Task<I, O>, items: S, ordered: bool) -> Self
+    fn new<I, S>(shared: Arc<Shared>, task: Task<I, O>, items: S, options: CallOptions, ordered: bool) -> Self
     where
         I: Serialize + 'a,
         S: Stream<Item = I> + Send + 'a,
@@ -253,32 +312,47 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             task_index: shared.tasks.resolve(&task),
             shared,
             task: task.name(),
+            options,
             ordered,
             source: Some(Box::new(StreamSource(Box::pin(items)))),
             carry: None,
             sink,
             done,
+            cancelled: Arc::new(AtomicBool::new(false)),
             next_seq: 0,
             outstanding: 0,
+            parts_left: HashMap::new(),
             window,
             reorder: VecDeque::new(),
             base_seq: 0,
             ready: VecDeque::new(),
             item_ns: None,
+            deadline: None,
+            finished: false,
             _output: PhantomData,
         }
     }
 
+    fn set_deadline(&mut self, timeout: Duration) {
+        self.deadline = Some((Box::pin(tokio::time::sleep(timeout)), timeout));
+    }
+
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<O>>> {
+        if self.finished {
+            return Poll::Ready(None);
+        }
         if let Err(err) = &self.task_index {
             // The map cannot run: say why once, then end.
             let err = err.clone();
-            self.task_index = Err(Error::Shutdown);
-            self.source = None;
-            return match err {
-                Error::Shutdown => Poll::Ready(None),
-                err => Poll::Ready(Some(Err(err))),
-            };
+            self.finish_early();
+            return Poll::Ready(Some(Err(err)));
+        }
+        if let Some((sleep, timeout)) = &mut self.deadline {
+            if sleep.as_mut().poll(cx).is_ready() {
+                let err = Error::TimedOut { task: self.task.into(), timeout: *timeout };
+                self.finish_early();
+                return Poll::Ready(Some(Err(err)));
+            }
         }
         loop {
             while let Some(chunk) = self.ready.front_mut() {
@@ -304,14 +378,31 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
                 && self.outstanding == 0
                 && self.reorder.is_empty()
             {
+                self.finished = true;
                 return Poll::Ready(None);
             }
             return Poll::Pending;
         }
     }
 
+    /// Stops the map: nothing more is read, sent or yielded.
+    fn finish_early(&mut self) {
+        self.finished = true;
+        self.source = None;
+        self.carry = None;
+        self.ready.clear();
+        self.reorder.clear();
+        self.cancel();
+    }
+
+    /// Withdraws queued chunks and hands running ones to the cancel policy.
+    fn cancel(&mut self) {
+        if !self.cancelled.swap(true, Ordering::AcqRel) && self.outstanding > 0 {
+            self.shared.queue.wake_all();
+        }
+    }
+
     fn accept(&mut self, done: ChunkDone) {
-        self.outstanding -= 1;
         let chunk = match done.completion {
             Ok(delivery) => {
                 let per_item = delivery.busy_ns / u64::from(done.items.max(1));
@@ -323,7 +414,31 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             }
             Err(err) => Chunk::failed(done.items, err),
         };
-        self.finish(done.seq, chunk);
+        let Some(part) = done.part else {
+            self.outstanding -= 1;
+            self.finish(done.seq, chunk);
+            return;
+        };
+        let left = self.parts_left.entry(done.seq).or_insert(part.of);
+        *left -= 1;
+        if *left == 0 {
+            self.parts_left.remove(&done.seq);
+            self.outstanding -= 1;
+        }
+        if !self.ordered {
+            self.ready.push_back(chunk);
+            return;
+        }
+        let Some(slot) = self.reorder.get_mut((done.seq - self.base_seq) as usize) else {
+            return;
+        };
+        if let Slot::Pending = slot {
+            *slot = Slot::Parts((0..part.of).map(|_| None).collect());
+        }
+        if let Slot::Parts(parts) = slot {
+            parts[part.index as usize] = Some(chunk);
+        }
+        self.advance();
     }
 
     /// Files a finished chunk under its sequence number.
@@ -333,11 +448,26 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             return;
         }
         if let Some(slot) = self.reorder.get_mut((seq - self.base_seq) as usize) {
-            *slot = Some(chunk);
+            *slot = Slot::Done(chunk);
         }
-        while let Some(Some(_)) = self.reorder.front() {
-            if let Some(Some(chunk)) = self.reorder.pop_front() {
-                self.ready.push_back(chunk);
+        self.advance();
+    }
+
+    /// Moves finished chunks at the head of the order to `ready`.
+    fn advance(&mut self) {
+        loop {
+            let complete = match self.reorder.front() {
+                Some(Slot::Done(_)) => true,
+                Some(Slot::Parts(parts)) => parts.iter().all(Option::is_some),
+                _ => false,
+            };
+            if !complete {
+                return;
+            }
+            match self.reorder.pop_front() {
+                Some(Slot::Done(chunk)) => self.ready.push_back(chunk),
+                Some(Slot::Parts(parts)) => self.ready.extend(parts.into_iter().flatten()),
+                _ => {}
             }
             self.base_seq += 1;
         }
@@ -347,7 +477,7 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
         let seq = self.next_seq;
         self.next_seq += 1;
         if self.ordered {
-            self.reorder.push_back(None);
+            self.reorder.push_back(Slot::Pending);
         }
         seq
     }
@@ -360,6 +490,10 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
 
     /// How many items the next chunk should hold.
     fn chunk_target(&self) -> u64 {
+        if self.options.timeout.is_some() {
+            // A time limit applies to each input, so each input is its own call.
+            return 1;
+        }
         let by_time = match self.item_ns {
             None => 1,
             Some(ns) => (TARGET_CHUNK_NS / ns.max(1)).clamp(1, MAX_CHUNK_ITEMS),
@@ -378,44 +512,40 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             return;
         };
         let limit = self.shared.max_frame_len();
+        let track_inputs = self.options.retries > 0;
         while self.has_room() && (self.source.is_some() || self.carry.is_some()) {
             let target = self.chunk_target();
-            let mut buf = BytesMut::with_capacity(256);
-            let (id, start, count_at) = self.shared.call_frame(task_index, 0, &mut buf);
-            let body_start = buf.len();
-            let mut items: u64 = 0;
+            let mut chunk = ChunkBuilder::new(&self.shared, task_index, track_inputs);
             let mut source_pending = false;
             if let Some(carried) = self.carry.take() {
-                buf.extend_from_slice(&carried);
-                items = 1;
+                chunk.buf.extend_from_slice(&carried);
+                chunk.push_end();
             }
-            while items < target && buf.len() - body_start < MAX_CHUNK_BYTES {
+            while chunk.items() < target && chunk.body_len() < MAX_CHUNK_BYTES {
                 let Some(source) = self.source.as_mut() else {
                     break;
                 };
-                let item_start = buf.len();
-                match source.poll_encode(cx, &mut buf) {
+                let item_start = chunk.buf.len();
+                match source.poll_encode(cx, &mut chunk.buf) {
                     Poll::Ready(Some(Ok(()))) => {
-                        if buf.len() - start - protocol::LENGTH_PREFIX > limit {
-                            if items > 0 {
-                                // Send what fits; this input opens the next chunk.
-                                self.carry = Some(buf.split_off(item_start));
-                            } else {
-                                // Alone and still too large: it fails on its own.
-                                items = 1;
-                            }
+                        if chunk.frame_len() > limit && chunk.items() > 0 {
+                            // Send what fits; this input opens the next chunk. (Alone and
+                            // still too large, it fails on its own when sent.)
+                            self.carry = Some(chunk.buf.split_off(item_start));
                             break;
                         }
-                        items += 1;
+                        chunk.push_end();
+                        if chunk.frame_len() > limit {
+                            break;
+                        }
                     }
                     Poll::Ready(Some(Err(err))) => {
-                        buf.truncate(item_start);
-                        self.send(id, items, buf, start, count_at);
+                        chunk.buf.truncate(item_start);
+                        self.send(chunk);
                         let error = Error::codec(self.task, Direction::Input, "encode", err);
                         let seq = self.next_seq();
                         self.finish(seq, Chunk::failed(1, error));
-                        items = 0;
-                        buf = BytesMut::new();
+                        chunk = ChunkBuilder::new(&self.shared, task_index, track_inputs);
                         break;
                     }
                     Poll::Ready(None) => self.source = None,
@@ -425,23 +555,23 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
                     }
                 }
             }
-            self.send(id, items, buf, start, count_at);
+            self.send(chunk);
             if source_pending {
                 return;
             }
         }
     }
 
-    /// Sends a chunk of `items` inputs (a no-op for none).
-    fn send(&mut self, id: u64, items: u64, mut buf: BytesMut, start: usize, count_at: usize) {
+    /// Sends a chunk (a no-op for an empty one).
+    fn send(&mut self, mut chunk: ChunkBuilder) {
+        let items = chunk.items() as u32;
         if items == 0 {
             return;
         }
-        let items = items as u32;
-        buf[count_at..count_at + Count::WIDTH].copy_from_slice(&Count::new(items).0);
+        chunk.buf[chunk.count_at..chunk.count_at + Count::WIDTH].copy_from_slice(&Count::new(items).0);
         let seq = self.next_seq();
         let limit = self.shared.max_frame_len();
-        if let Err(size) = protocol::end_frame(&mut buf, start, limit) {
+        if let Err(size) = protocol::end_frame(&mut chunk.buf, chunk.start, limit) {
             // Only a lone input can be too large: bigger chunks were split.
             let error = Error::FrameTooLarge {
                 task: self.task.into(),
@@ -452,13 +582,13 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             self.finish(seq, Chunk::failed(items, error));
             return;
         }
-        let job = Job {
-            id,
-            task: self.task,
-            items,
-            frame: buf.freeze(),
-            reply: ReplyTo::Chunk { seq, sink: self.sink.clone() },
-        };
+        let reply =
+            ReplyTo::Chunk { seq, part: None, sink: self.sink.clone(), cancelled: self.cancelled.clone() };
+        let mut job = Job::new(chunk.id, self.task, items, chunk.buf.freeze(), reply, self.options);
+        if items > 1 && self.options.retries > 0 {
+            let task_index = chunk.task_index;
+            job.split = Some(Split { task_index, body_start: chunk.body_start, ends: chunk.ends.into() });
+        }
         match self.shared.submit(job) {
             Ok(()) => self.outstanding += 1,
             Err(_) => {
@@ -469,5 +599,66 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
                 self.finish(seq, Chunk::failed(items, error));
             }
         }
+    }
+}
+
+impl<O> Drop for MapCore<'_, O> {
+    fn drop(&mut self) {
+        if !self.cancelled.swap(true, Ordering::AcqRel) && self.outstanding > 0 {
+            self.shared.queue.wake_all();
+        }
+    }
+}
+
+/// A chunk frame being filled.
+struct ChunkBuilder {
+    id: u64,
+    task_index: u32,
+    buf: BytesMut,
+    start: usize,
+    count_at: usize,
+    body_start: usize,
+    items: u64,
+    /// Where each input ends, when the chunk may have to be split for a retry.
+    ends: Vec<usize>,
+    track_inputs: bool,
+}
+
+impl ChunkBuilder {
+    fn new(shared: &Shared, task_index: u32, track_inputs: bool) -> Self {
+        let mut buf = BytesMut::with_capacity(256);
+        let (id, start, count_at) = shared.call_frame(task_index, 0, &mut buf);
+        let body_start = buf.len();
+        ChunkBuilder {
+            id,
+            task_index,
+            buf,
+            start,
+            count_at,
+            body_start,
+            items: 0,
+            ends: Vec::new(),
+            track_inputs,
+        }
+    }
+
+    /// Counts the input just appended.
+    fn push_end(&mut self) {
+        self.items += 1;
+        if self.track_inputs {
+            self.ends.push(self.buf.len());
+        }
+    }
+
+    fn items(&self) -> u64 {
+        self.items
+    }
+
+    fn body_len(&self) -> usize {
+        self.buf.len() - self.body_start
+    }
+
+    fn frame_len(&self) -> usize {
+        self.buf.len() - self.start - protocol::LENGTH_PREFIX
     }
 }

@@ -19,8 +19,10 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::codec::{Decoder, FramedRead, LengthDelimitedCodec};
 
+use crate::builder::Initializer;
 use crate::error::{ExitReason, WorkerStartError};
-use crate::protocol::{self, Reply, Request, TaskInfo};
+use crate::pool::check_types;
+use crate::protocol::{self, Count, Reply, Request, TaskInfo};
 use crate::sys;
 
 /// What to do with the lines a worker writes to stderr.
@@ -61,8 +63,9 @@ pub(crate) struct WorkerConfig {
     pub(crate) handshake_timeout: Duration,
     pub(crate) stderr: WorkerStderr,
     pub(crate) pipe_capacity: usize,
-    /// Recycle a worker whose peak resident memory passes this many bytes.
-    pub(crate) max_worker_memory: Option<u64>,
+    /// Ask workers for their peak memory with every reply.
+    pub(crate) measure_memory: bool,
+    pub(crate) initializer: Option<Arc<Initializer>>,
 }
 
 /// A running worker process after a successful handshake.
@@ -113,7 +116,13 @@ impl WorkerProcess {
             }
         };
 
-        let handshake = handshake(config, slot, &mut requests, replies);
+        let handshake = async {
+            let (mut replies, tasks) = handshake(config, slot, &mut requests, replies).await?;
+            if let Some(initializer) = &config.initializer {
+                initialize(config, initializer, &tasks, &mut requests, &mut replies).await?;
+            }
+            Ok((replies, tasks))
+        };
         match tokio::time::timeout(config.handshake_timeout, handshake).await {
             Ok(Ok((replies, tasks))) => {
                 Ok(WorkerProcess { index: slot, pid, requests: Some(requests), replies, tasks, process })
@@ -147,7 +156,7 @@ async fn handshake(
         version: protocol::PROTOCOL_VERSION,
         max_frame_len: config.max_frame_len as u32,
         index: slot as u32,
-        measure_memory: config.max_worker_memory.is_some(),
+        measure_memory: config.measure_memory,
     };
     protocol::write_message(&mut init, &request, config.max_frame_len).map_err(|e| e.to_string())?;
     // A worker that dies first closes the pipe; its exit status then tells more.
@@ -171,6 +180,46 @@ async fn handshake(
         )),
         Ok((other, _)) => Err(format!("unexpected first message {other:?}")),
         Err(err) => Err(format!("corrupt handshake: {err}")),
+    }
+}
+
+/// The call id of an initializer: one the executor never hands out.
+const INIT_CALL_ID: u64 = u64::MAX;
+
+/// Runs the initializer on a fresh worker and checks its outcome.
+async fn initialize(
+    config: &WorkerConfig,
+    initializer: &Initializer,
+    tasks: &[TaskInfo],
+    requests: &mut pipe::Sender,
+    replies: &mut Replies,
+) -> Result<(), String> {
+    let name = initializer.task;
+    let Some(index) = tasks.iter().position(|info| info.name == name) else {
+        return Err(format!("it has no initializer task named `{name}`"));
+    };
+    check_types(name, initializer.input_type, initializer.output_type, &tasks[index])
+        .map_err(|err| format!("initializer: {err}"))?;
+    let mut frame = BytesMut::with_capacity(initializer.input.len() + 24);
+    let start = protocol::begin_frame(&mut frame);
+    let call = Request::Call { id: INIT_CALL_ID, task: index as u32, items: Count::new(1) };
+    let _ = protocol::encode_into(&mut frame, &call);
+    frame.extend_from_slice(&initializer.input);
+    protocol::end_frame(&mut frame, start, config.max_frame_len).map_err(|size| {
+        format!("the input of initializer `{name}` is {size} bytes, above the frame limit")
+    })?;
+    let _ = requests.write_all(&frame).await;
+    let reply = match replies.next().await {
+        Some(Ok(reply)) => reply,
+        Some(Err(err)) => return Err(format!("corrupt reply to initializer `{name}`: {err}")),
+        None => return Err(format!("it died running initializer `{name}`")),
+    };
+    match protocol::split_header::<Reply>(&reply) {
+        Ok((Reply::Done { id: INIT_CALL_ID, .. }, body)) => {
+            (initializer.check)(name, body).map_err(|err| format!("initializer `{name}` failed: {err}"))
+        }
+        Ok((other, _)) => Err(format!("unexpected reply to initializer `{name}`: {other:?}")),
+        Err(err) => Err(format!("corrupt reply to initializer `{name}`: {err}")),
     }
 }
 

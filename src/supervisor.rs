@@ -1,25 +1,28 @@
 //! One supervisor per worker slot: it owns the worker process, writes the jobs it
-//! pulls from the queue, matches replies to them, and when the worker dies fails
-//! exactly the call it was running, re-queues the calls it never started, and starts
-//! a replacement.
+//! pulls from the queue, matches replies to them, enforces time limits and
+//! cancellation, and when the worker dies fails exactly the call it was running
+//! (or retries it), re-queues the calls it never started, and starts a replacement.
 
 use std::collections::VecDeque;
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::Stream;
 use tokio::io::AsyncWrite;
+use tokio::time::{Instant, Sleep};
 
-use crate::dispatch::{Delivery, Job};
+use crate::dispatch::{CancelPolicy, Delivery, Job};
 use crate::error::{Error, ProtocolViolation, WorkerCrash, WorkerStartError};
-use crate::executor::{RunState, Shared};
+use crate::pool::{RunState, Shared};
 use crate::process::WorkerProcess;
 use crate::protocol::{self, Reply};
+use crate::stats::{Counters, ExitCause, WorkerExit};
 
 /// Queued work a worker may hold beyond its current call, in expected run time:
 /// enough to cover a pipe round trip, so the worker never waits for the parent.
@@ -35,25 +38,35 @@ const MAX_SLICES: usize = 64;
 const MAX_START_FAILURES: u32 = 5;
 /// How long a worker told to exit may take before it is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
+/// How long a cancelled call may still run before its worker is killed: cancelling
+/// a tiny call should not cost a worker restart.
+const CANCEL_GRACE: Duration = Duration::from_millis(10);
 
-/// Runs slot `worker.index` until the executor shuts down or the slot gives up.
-pub(crate) async fn supervise(shared: Arc<Shared>, mut worker: WorkerProcess) {
+/// Runs one slot until the executor shuts down or the slot gives up. A slot starts
+/// with a worker, or without one (it then starts one when work waits).
+pub(crate) async fn supervise(shared: Arc<Shared>, slot: usize, first: Option<WorkerProcess>) {
     let _running = shared.supervisor_guard();
-    let slot = worker.index;
+    let mut next = first;
     let mut service_ns = None;
     loop {
-        let mut session = Session {
-            shared: &shared,
-            worker: &mut worker,
-            in_flight: VecDeque::new(),
-            out: VecDeque::new(),
-            written: 0,
-            write_closed: false,
-            service_ns,
+        let mut worker = match next.take() {
+            Some(worker) => worker,
+            None => match start_on_demand(&shared, slot).await {
+                Some(worker) => worker,
+                None => return,
+            },
         };
+        shared.counters.workers.fetch_add(1, Ordering::AcqRel);
+        let mut session = Session::new(&shared, &mut worker, service_ns);
         let end = poll_fn(|cx| session.poll(cx)).await;
-        let in_flight = std::mem::take(&mut session.in_flight);
+        let in_flight = session.finish();
         service_ns = session.service_ns;
+        if !matches!(end, End::Retire(ExitCause::Idle)) {
+            // An idle exit was counted when it was claimed.
+            shared.counters.workers.fetch_sub(1, Ordering::AcqRel);
+        }
+        let pid = worker.pid;
+        let record = |cause: ExitCause| shared.counters.record_exit(WorkerExit { worker: slot, pid, cause });
         match end {
             End::Drained => {
                 worker.close_requests();
@@ -63,7 +76,8 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut worker: WorkerProcess) {
             }
             End::Terminated => {
                 worker.process.kill();
-                in_flight.into_iter().for_each(|job| job.complete(Err(Error::Shutdown)));
+                fail_all(&shared, in_flight, &Error::Shutdown);
+                let _ = worker.process.wait_exit(EXIT_GRACE).await;
                 return;
             }
             End::Died => died(&shared, &mut worker, in_flight).await,
@@ -71,14 +85,67 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut worker: WorkerProcess) {
                 tracing::warn!(worker = slot, pid = worker.pid, "protocol violation: {message}");
                 worker.process.kill();
                 let _ = worker.process.wait_exit(EXIT_GRACE).await;
+                record(ExitCause::Protocol { message: message.clone() });
                 let violation = Arc::new(ProtocolViolation { worker: slot, pid: worker.pid, message });
-                in_flight.into_iter().for_each(|job| job.complete(Err(Error::Protocol(violation.clone()))));
+                fail_all(&shared, in_flight, &Error::Protocol(violation));
+            }
+            End::Kill(cause) => {
+                worker.process.kill();
+                let _ = worker.process.wait_exit(EXIT_GRACE).await;
+                let mut jobs = in_flight.into_iter();
+                let running = jobs.next();
+                if let (ExitCause::TimedOut { task }, Some(job)) = (&cause, running) {
+                    tracing::warn!(worker = slot, pid = worker.pid, task, "call timed out; worker killed");
+                    let timeout = job.options.timeout.unwrap_or_default();
+                    let error = Error::TimedOut { task: task.clone(), timeout };
+                    retry_or_fail(&shared, job, error);
+                }
+                // A cancelled call is simply dropped: nobody waits for it.
+                record(cause);
+                shared.queue.requeue(jobs);
+            }
+            End::Retire(cause) => {
+                worker.close_requests();
+                let exit = worker.process.wait_exit(EXIT_GRACE).await;
+                tracing::debug!(worker = slot, pid = worker.pid, %exit, ?cause, "worker retired");
+                let idle = cause == ExitCause::Idle;
+                record(cause);
+                // The session retires only with nothing in flight.
+                shared.queue.requeue(in_flight.into_iter());
+                if idle {
+                    continue;
+                }
             }
         }
-        match restart(&shared, slot).await {
-            Some(replacement) => worker = replacement,
-            None => return,
+        next = restart(&shared, slot).await;
+        if next.is_none() {
+            return;
         }
+    }
+}
+
+/// Fails every job with `error`.
+fn fail_all(shared: &Shared, jobs: VecDeque<Job>, error: &Error) {
+    Counters::add(&shared.counters.failed, jobs.iter().map(|job| u64::from(job.items)).sum());
+    for job in jobs {
+        job.complete(Err(error.clone()));
+    }
+}
+
+/// A call crashed or timed out: sends it again if it may be retried (a chunk as
+/// single calls, so a poison input fails alone), or fails it with `error`.
+fn retry_or_fail(shared: &Shared, mut job: Job, error: Error) {
+    job.failures += 1;
+    if !job.may_retry() || job.is_cancelled() {
+        Counters::add(&shared.counters.failed, u64::from(job.items));
+        job.complete(Err(error));
+        return;
+    }
+    Counters::add(&shared.counters.retried, u64::from(job.items));
+    if job.items == 1 {
+        shared.queue.requeue(std::iter::once(job));
+    } else {
+        shared.queue.requeue(job.into_singles(|| shared.next_id()).into_iter());
     }
 }
 
@@ -91,21 +158,26 @@ async fn died(shared: &Shared, worker: &mut WorkerProcess, in_flight: VecDeque<J
     let exit = worker.process.wait_exit(EXIT_GRACE).await;
     let stderr_tail = worker.process.stderr_tail().await;
     let mut jobs = in_flight.into_iter();
-    match jobs.next() {
-        Some(running) => {
-            tracing::warn!(worker = worker.index, pid = worker.pid, %exit, task = running.task, "worker died");
-            let crash = WorkerCrash {
-                task: running.task.into(),
-                worker: worker.index,
-                pid: worker.pid,
-                exit,
-                stderr_tail,
-            };
-            running.complete(Err(Error::WorkerCrashed(Arc::new(crash))));
-        }
-        None => tracing::warn!(worker = worker.index, pid = worker.pid, %exit, "idle worker died"),
-    }
+    let running = jobs.next();
+    let task = running.as_ref().map(|job| job.task.to_string());
+    tracing::warn!(worker = worker.index, pid = worker.pid, %exit, task, "worker died");
+    shared.counters.record_exit(WorkerExit {
+        worker: worker.index,
+        pid: worker.pid,
+        cause: ExitCause::Crashed { task, exit },
+    });
     shared.queue.requeue(jobs);
+    if let Some(job) = running {
+        let crash = WorkerCrash {
+            task: job.task.into(),
+            worker: worker.index,
+            pid: worker.pid,
+            exit,
+            stderr_tail,
+            attempts: job.failures + 1,
+        };
+        retry_or_fail(shared, job, Error::WorkerCrashed(Arc::new(crash)));
+    }
 }
 
 /// Starts a replacement worker, backing off on failure. `None` when the executor is
@@ -138,7 +210,22 @@ async fn restart(shared: &Shared, slot: usize) -> Option<WorkerProcess> {
     }
 }
 
+/// For a slot without a worker: waits until calls wait and no live worker took
+/// them, then starts one. `None` when the executor stops first.
+async fn start_on_demand(shared: &Shared, slot: usize) -> Option<WorkerProcess> {
+    let demand = poll_fn(|cx| match shared.state() {
+        RunState::Terminated => Poll::Ready(false),
+        RunState::Draining if shared.queue.is_empty() => Poll::Ready(false),
+        _ => shared.queue.poll_demand(cx, slot).map(|()| true),
+    });
+    if !demand.await {
+        return None;
+    }
+    restart(shared, slot).await
+}
+
 /// Why a session ended.
+#[derive(Debug)]
 enum End {
     /// Shutdown asked for, and nothing is left to do.
     Drained,
@@ -148,6 +235,10 @@ enum End {
     Died,
     /// The worker sent something that is not a valid reply.
     Protocol(String),
+    /// The running call timed out or was cancelled: the worker must be killed.
+    Kill(ExitCause),
+    /// The worker is done for a planned reason, with nothing in flight.
+    Retire(ExitCause),
 }
 
 /// One connected worker: the calls written to it and not yet answered, in order.
@@ -155,7 +246,7 @@ struct Session<'a> {
     shared: &'a Shared,
     worker: &'a mut WorkerProcess,
     in_flight: VecDeque<Job>,
-    /// Frames pulled but not yet fully written.
+    /// Frames of the last `out.len()` jobs in flight, not yet fully written.
     out: VecDeque<Bytes>,
     /// Bytes of `out[0]` already written.
     written: usize,
@@ -163,9 +254,43 @@ struct Session<'a> {
     write_closed: bool,
     /// Moving average of the worker's time per call.
     service_ns: Option<u64>,
+    /// When the call at the head of `in_flight` started running.
+    head_since: Option<Instant>,
+    /// Fires at the head call's time limit (or cancellation grace).
+    head_timer: Option<Pin<Box<Sleep>>>,
+    /// Fires when the worker has been idle for `idle_timeout`.
+    idle_timer: Option<Pin<Box<Sleep>>>,
+    /// Inputs this worker has served.
+    served: u64,
+    /// Set when the worker should stop once its calls are done.
+    retiring: Option<ExitCause>,
 }
 
-impl Session<'_> {
+impl<'a> Session<'a> {
+    fn new(shared: &'a Shared, worker: &'a mut WorkerProcess, service_ns: Option<u64>) -> Self {
+        Session {
+            shared,
+            worker,
+            in_flight: VecDeque::new(),
+            out: VecDeque::new(),
+            written: 0,
+            write_closed: false,
+            service_ns,
+            head_since: None,
+            head_timer: None,
+            idle_timer: None,
+            served: 0,
+            retiring: None,
+        }
+    }
+
+    /// Hands back the calls still in flight.
+    fn finish(&mut self) -> VecDeque<Job> {
+        let jobs = std::mem::take(&mut self.in_flight);
+        self.shared.counters.running.fetch_sub(jobs.len(), Ordering::AcqRel);
+        jobs
+    }
+
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<End> {
         loop {
             if let Poll::Ready(end) = self.poll_replies(cx) {
@@ -178,8 +303,25 @@ impl Session<'_> {
                 }
                 _ => {}
             }
+            if let Some(end) = self.poll_head(cx) {
+                return Poll::Ready(end);
+            }
+            if self.in_flight.is_empty() {
+                if let Some(cause) = self.retiring.take() {
+                    return Poll::Ready(End::Retire(cause));
+                }
+                if self.poll_idle(cx) {
+                    return Poll::Ready(End::Retire(ExitCause::Idle));
+                }
+            } else {
+                self.idle_timer = None;
+            }
             let pulled = self.pull(cx);
             self.poll_write(cx);
+            if self.head_since.is_none() && self.head_written() {
+                self.head_since = Some(Instant::now());
+                continue; // arm the head's timer
+            }
             if !pulled {
                 return Poll::Pending;
             }
@@ -208,7 +350,7 @@ impl Session<'_> {
         let frame = frame.freeze();
         let (reply, body) =
             protocol::split_header::<Reply>(&frame).map_err(|e| format!("undecodable reply: {e}"))?;
-        let Reply::Done { id, busy_ns, peak_rss_kib: _ } = reply else {
+        let Reply::Done { id, busy_ns, peak_rss_kib } = reply else {
             return Err(format!("unexpected message {reply:?}"));
         };
         match self.in_flight.front() {
@@ -216,16 +358,90 @@ impl Session<'_> {
             Some(job) => return Err(format!("reply for call {id} while call {} was running", job.id)),
             None => return Err(format!("reply for call {id}, but no call was in flight")),
         }
+        let Some(job) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        self.shared.counters.running.fetch_sub(1, Ordering::AcqRel);
+        Counters::add(&self.shared.counters.completed, u64::from(job.items));
+        // The next call starts as soon as this reply is written: now, if it was sent.
+        self.head_since = self.head_written().then(Instant::now);
+        self.head_timer = None;
+
         let body = frame.slice(frame.len() - body.len()..);
         let busy_ns = busy_ns.get();
         self.service_ns = Some(match self.service_ns {
             None => busy_ns,
             Some(average) => (average * 7 + busy_ns) / 8,
         });
-        if let Some(job) = self.in_flight.pop_front() {
-            job.complete(Ok(Delivery { body, busy_ns }));
+        self.served += u64::from(job.items);
+        let limits = &self.shared.limits;
+        let peak_rss = peak_rss_kib.get().saturating_mul(1024);
+        if limits.max_worker_memory.is_some_and(|ceiling| peak_rss > ceiling) {
+            tracing::info!(
+                worker = self.worker.index,
+                task = job.task,
+                peak_rss,
+                "worker passed its memory ceiling"
+            );
+            self.retiring = Some(ExitCause::Memory { task: job.task.into(), peak_rss });
+        } else if limits.max_tasks_per_worker.is_some_and(|max| self.served >= max) {
+            self.retiring.get_or_insert(ExitCause::MaxTasks);
         }
+        job.complete(Ok(Delivery { body, busy_ns }));
         Ok(())
+    }
+
+    /// Whether the head call's frame has been fully written (so it may be running).
+    fn head_written(&self) -> bool {
+        !self.in_flight.is_empty() && self.out.len() < self.in_flight.len()
+    }
+
+    /// Enforces the running call's time limit, and its cancellation under
+    /// [`CancelPolicy::Kill`].
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Option<End> {
+        let since = self.head_since?;
+        let head = self.in_flight.front_mut()?;
+        let mut deadline = head.options.timeout.map(|timeout| (since + timeout, true));
+        if head.options.cancel == CancelPolicy::Kill && head.poll_cancelled(cx) {
+            let grace = since + CANCEL_GRACE;
+            if deadline.is_none_or(|(at, _)| grace < at) {
+                deadline = Some((grace, false));
+            }
+        }
+        let (at, timed_out) = deadline?;
+        let cause = || {
+            let task = head.task.to_string();
+            if timed_out { ExitCause::TimedOut { task } } else { ExitCause::Cancelled { task } }
+        };
+        let timer = self.head_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if timer.deadline() != at {
+            timer.as_mut().reset(at);
+        }
+        if Instant::now() >= at || timer.as_mut().poll(cx).is_ready() {
+            return Some(End::Kill(cause()));
+        }
+        None
+    }
+
+    /// With nothing in flight: true once the worker has been idle for
+    /// `idle_timeout` and may stop (more than `min_processes` are alive).
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> bool {
+        let limits = &self.shared.limits;
+        let Some(timeout) = limits.idle_timeout.filter(|_| limits.min_processes < self.shared.processes)
+        else {
+            return false;
+        };
+        let timer = self.idle_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        if self.shared.queue.is_empty() && self.shared.claim_idle_exit() {
+            return true;
+        }
+        // Needed, or work is waiting: stay, and look again later.
+        timer.as_mut().reset(Instant::now() + timeout);
+        let _ = timer.as_mut().poll(cx);
+        false
     }
 
     /// How many calls this worker should hold: one, plus enough queued work to
@@ -241,8 +457,8 @@ impl Session<'_> {
     /// Pulls jobs while the window has room; true if any came.
     fn pull(&mut self, cx: &mut Context<'_>) -> bool {
         let room = self.depth().saturating_sub(self.in_flight.len());
-        if self.write_closed || room == 0 {
-            // Still be woken for shutdown.
+        if self.write_closed || self.retiring.is_some() || room == 0 {
+            // Still be woken for shutdown and cancellations.
             self.shared.queue.register(cx, self.worker.index);
             return false;
         }
@@ -251,7 +467,12 @@ impl Session<'_> {
             out.push_back(job.frame.clone());
             in_flight.push_back(job);
         });
-        taken.is_ready()
+        if let Poll::Ready(taken) = taken {
+            self.shared.counters.running.fetch_add(taken, Ordering::AcqRel);
+            self.idle_timer = None;
+            return true;
+        }
+        false
     }
 
     /// Writes pending frames until the pipe is full or nothing is left.

@@ -1,0 +1,409 @@
+//! Configuring and starting an executor.
+
+use std::ffi::OsString;
+use std::fmt::{self, Display};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::dispatch::{CallOptions, CancelPolicy};
+use crate::error::{Error, Result, WorkerStartError};
+use crate::executor::{Executor, TEST_WORKER_NAME, cpu_count, decode_outcome};
+use crate::pool::{Limits, Shared, TaskTable};
+use crate::process::{WorkerConfig, WorkerProcess, WorkerStderr};
+use crate::protocol;
+use crate::task::IntoTask;
+
+/// Largest accepted `processes`.
+const MAX_PROCESSES: usize = 4096;
+
+/// Configures and starts an [`Executor`].
+///
+/// Every setter documents its default; [`build`](Builder::build) checks the whole
+/// configuration (sizes in range, the program exists and is executable) before it
+/// starts any process, then starts the workers and completes each handshake.
+///
+/// # Examples
+///
+/// ```no_run
+/// use std::time::Duration;
+///
+/// # async fn demo() -> procexec::Result<()> {
+/// let exec = procexec::Executor::builder()
+///     .program("target/release/my-worker")
+///     .processes(8)
+///     .timeout(Duration::from_secs(30))
+///     .retries(2)
+///     .max_tasks_per_worker(10_000)
+///     .build()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+#[must_use = "a Builder does nothing until `build` is awaited"]
+pub struct Builder {
+    processes: Option<usize>,
+    program: Option<PathBuf>,
+    args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    test_harness: bool,
+    max_frame_len: usize,
+    handshake_timeout: Duration,
+    stderr: WorkerStderr,
+    pipe_capacity: usize,
+    options: CallOptions,
+    limits: Limits,
+    min_processes: Option<usize>,
+    initializer: Option<std::result::Result<Arc<Initializer>, String>>,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            processes: None,
+            program: None,
+            args: Vec::new(),
+            env: Vec::new(),
+            test_harness: false,
+            max_frame_len: 64 << 20,
+            handshake_timeout: Duration::from_secs(30),
+            stderr: WorkerStderr::Forward,
+            pipe_capacity: 1 << 20,
+            options: CallOptions::default(),
+            limits: Limits::default(),
+            min_processes: None,
+            initializer: None,
+        }
+    }
+}
+
+impl fmt::Debug for Builder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("processes", &self.processes)
+            .field("program", &self.program)
+            .field("options", &self.options)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Builder {
+    /// The number of worker processes (the most, when
+    /// [`min_processes`](Builder::min_processes) is lower). Default: [`cpu_count()`].
+    /// Must be 1 to 4096.
+    pub fn processes(mut self, processes: usize) -> Self {
+        self.processes = Some(processes);
+        self
+    }
+
+    /// Runs this program as the worker: a companion binary whose `main` is
+    /// [`serve_worker`](crate::serve_worker). Default: the current executable,
+    /// which must call [`init_worker`](crate::init_worker) first thing in `main`.
+    pub fn program(mut self, program: impl Into<PathBuf>) -> Self {
+        self.program = Some(program.into());
+        self
+    }
+
+    /// Adds an argument to the worker's command line. Default: none.
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Sets an environment variable for the workers, on top of the inherited
+    /// environment. Default: the environment is inherited unchanged.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Runs the current *test binary* as the worker, through the test that
+    /// [`test_worker!`](crate::test_worker) defines. For a crate's own integration
+    /// tests that define their tasks with [`tasks!`](crate::tasks). Default: off.
+    pub fn test_harness(mut self) -> Self {
+        self.test_harness = true;
+        self
+    }
+
+    /// The largest frame, in bytes, either side may send: it bounds one task's
+    /// encoded input, or a map chunk's, and its output. Default: 64 MiB. Must be
+    /// 1 KiB to 4 GiB - 1.
+    pub fn max_frame_len(mut self, bytes: usize) -> Self {
+        self.max_frame_len = bytes;
+        self
+    }
+
+    /// How long a new worker may take to start, complete its handshake and run
+    /// the [`initializer`](Builder::initializer). Default: 30 s. Must not be zero.
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// What to do with the workers' stderr (and so with their `println!`). Default:
+    /// [`WorkerStderr::Forward`]. The tail is kept for crash reports either way.
+    pub fn stderr(mut self, stderr: WorkerStderr) -> Self {
+        self.stderr = stderr;
+        self
+    }
+
+    /// The kernel buffer size requested for each request and reply pipe (Linux).
+    /// Bigger pipes move large payloads in fewer wake-ups. Default: 1 MiB; the
+    /// kernel may grant less. Must be 4 KiB to 1 GiB.
+    pub fn pipe_capacity(mut self, bytes: usize) -> Self {
+        self.pipe_capacity = bytes;
+        self
+    }
+
+    /// The default time limit of a call, counted from when it starts running in a
+    /// worker (not while it waits in the queue). A call past its limit has its worker
+    /// killed and replaced and fails with [`Error::TimedOut`]. Override per call
+    /// with [`Executor::with_timeout`]. Default: none.
+    ///
+    /// A map with a timeout sends one input per call, so that the limit applies to
+    /// each input.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.options.timeout = Some(timeout);
+        self
+    }
+
+    /// How many times a call is sent again after its worker crashed or it timed
+    /// out: for idempotent tasks. A map chunk is retried one input per call, so an
+    /// input that kills every worker it touches ("poison") fails alone once its
+    /// retries are spent. Override per call with [`Executor::with_retries`].
+    /// Default: 0.
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.options.retries = retries;
+        self
+    }
+
+    /// What happens to a running call whose caller goes away. Override per call
+    /// with [`Executor::with_cancel_policy`]. Default: [`CancelPolicy::Kill`].
+    pub fn cancel_policy(mut self, policy: CancelPolicy) -> Self {
+        self.options.cancel = policy;
+        self
+    }
+
+    /// Runs `task` on `input` once in every new worker, before it takes any call:
+    /// Python's `Pool(initializer=..., initargs=...)`. Use it to build per-worker
+    /// state (load a model, open a connection) into a
+    /// [`WorkerState`](crate::WorkerState) that tasks then read.
+    ///
+    /// The task must return `()` or a `Result<(), E>`. If it fails (an `Err`, a
+    /// panic, a crash) the worker does not start: `build` fails with
+    /// [`Error::WorkerStart`] naming the initializer and its error, and a failing
+    /// replacement later is retried with back-off, then reported the same way.
+    /// Default: none.
+    pub fn initializer<T>(mut self, task: T, input: T::Input) -> Self
+    where
+        T: IntoTask,
+        T::Input: Serialize,
+        T::Output: InitOutput,
+    {
+        let task = task.into_task();
+        let mut buf = BytesMut::new();
+        self.initializer = Some(match protocol::encode_into(&mut buf, &input) {
+            Ok(()) => Ok(Arc::new(Initializer {
+                task: task.name(),
+                input_type: task.input_type(),
+                output_type: task.output_type(),
+                input: buf.freeze(),
+                check: check_init::<T::Output>,
+            })),
+            Err(err) => Err(format!("cannot encode the input of initializer `{}`: {err}", task.name())),
+        });
+        self
+    }
+
+    /// Recycles a worker after it has served this many inputs: Python's
+    /// `maxtasksperchild`, for tasks that leak. The worker finishes the calls it
+    /// holds, exits, and a fresh one takes its place. Default: never.
+    pub fn max_tasks_per_worker(mut self, tasks: u64) -> Self {
+        self.limits.max_tasks_per_worker = Some(tasks);
+        self
+    }
+
+    /// Recycles a worker once its peak resident memory passes `bytes` (measured
+    /// after every call). The call that pushed it over still succeeds;
+    /// [`Executor::stats`] names it. Default: no ceiling.
+    pub fn max_worker_memory(mut self, bytes: u64) -> Self {
+        self.limits.max_worker_memory = Some(bytes);
+        self
+    }
+
+    /// The fewest worker processes kept alive. Below [`processes`](Builder::processes),
+    /// the executor starts this many, starts more when calls wait and no worker is
+    /// idle, and stops workers idle for [`idle_timeout`](Builder::idle_timeout).
+    /// Default: `processes` (a fixed pool).
+    pub fn min_processes(mut self, processes: usize) -> Self {
+        self.min_processes = Some(processes);
+        self
+    }
+
+    /// How long a worker may sit without work before it is stopped, while more than
+    /// [`min_processes`](Builder::min_processes) are alive. Default: never.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.limits.idle_timeout = Some(timeout);
+        self
+    }
+
+    /// Checks the configuration, starts the workers and completes each handshake
+    /// (and initializer).
+    ///
+    /// Must be called within a Tokio runtime with IO and time enabled (as
+    /// `#[tokio::main]` and `#[tokio::test]` provide).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for a value out of range or a missing runtime;
+    /// [`Error::WorkerStart`] if the program is missing or not executable, or a
+    /// worker fails to start, to complete the handshake or to run its initializer
+    /// (the error quotes its stderr). No process outlives a failed `build`.
+    pub async fn build(self) -> Result<Executor> {
+        let (config, limits, processes) = self.validate()?;
+        let starts = (0..limits.min_processes).map(|slot| WorkerProcess::start(&config, slot));
+        let mut workers = Vec::with_capacity(processes);
+        for started in futures::future::join_all(starts).await {
+            // Dropping the workers already started kills them.
+            workers.push(started.map_err(|err| Error::WorkerStart(Arc::new(err)))?);
+        }
+        let tasks = TaskTable::new(workers[0].tasks.clone());
+        if let Some(odd) = workers.iter().find(|worker| worker.tasks != tasks.infos()) {
+            let message = format!("worker {} serves other tasks than worker 0", odd.index);
+            return Err(Error::WorkerStart(Arc::new(WorkerStartError::new(&config.program, message))));
+        }
+        let shared = Arc::new(Shared::new(config, limits, tasks, processes));
+        let mut workers = workers.into_iter();
+        for slot in 0..processes {
+            // Counted before the task runs, so an early shutdown waits for it.
+            shared.supervisor_spawned();
+            tokio::spawn(crate::supervisor::supervise(shared.clone(), slot, workers.next()));
+        }
+        Ok(Executor::new(shared, self.options))
+    }
+
+    fn validate(&self) -> Result<(WorkerConfig, Limits, usize)> {
+        let processes = self.processes.unwrap_or_else(cpu_count);
+        if processes == 0 || processes > MAX_PROCESSES {
+            return Err(Error::Config(format!("processes must be 1 to {MAX_PROCESSES}, not {processes}")));
+        }
+        let min_processes = self.min_processes.unwrap_or(processes);
+        if min_processes == 0 || min_processes > processes {
+            return Err(Error::Config(format!(
+                "min_processes must be 1 to processes ({processes}), not {min_processes}"
+            )));
+        }
+        if !(1024..=u32::MAX as usize).contains(&self.max_frame_len) {
+            return Err(Error::Config(format!(
+                "max_frame_len must be 1 KiB to 4 GiB - 1, not {}",
+                self.max_frame_len
+            )));
+        }
+        if !(4096..=1 << 30).contains(&self.pipe_capacity) {
+            return Err(Error::Config(format!(
+                "pipe_capacity must be 4 KiB to 1 GiB, not {}",
+                self.pipe_capacity
+            )));
+        }
+        let zero = |what: &str| Err(Error::Config(format!("{what} must not be zero")));
+        if self.handshake_timeout.is_zero() {
+            return zero("handshake_timeout");
+        }
+        if self.options.timeout.is_some_and(|t| t.is_zero()) {
+            return zero("timeout");
+        }
+        if self.limits.idle_timeout.is_some_and(|t| t.is_zero()) {
+            return zero("idle_timeout");
+        }
+        if self.limits.max_tasks_per_worker == Some(0) {
+            return zero("max_tasks_per_worker");
+        }
+        if self.limits.max_worker_memory == Some(0) {
+            return zero("max_worker_memory");
+        }
+        let initializer = match &self.initializer {
+            None => None,
+            Some(Ok(initializer)) => Some(initializer.clone()),
+            Some(Err(message)) => return Err(Error::Config(message.clone())),
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::Config("build() must be called within a Tokio runtime".into()));
+        }
+        let program = match &self.program {
+            Some(program) => program.clone(),
+            None => std::env::current_exe().map_err(|err| {
+                let mut start =
+                    WorkerStartError::new(std::path::Path::new("<current executable>"), "cannot locate it");
+                start.source = Some(err);
+                Error::WorkerStart(Arc::new(start))
+            })?,
+        };
+        if let Err(message) = crate::sys::check_executable(&program) {
+            return Err(Error::WorkerStart(Arc::new(WorkerStartError::new(&program, message))));
+        }
+        let mut args = Vec::new();
+        if self.test_harness {
+            // Run only the `test_worker!` test, quietly, with output uncaptured so a
+            // task's prints reach stderr.
+            args.extend([TEST_WORKER_NAME, "--nocapture", "--test-threads=1", "-q"].map(OsString::from));
+        }
+        args.extend(self.args.iter().cloned());
+        let config = WorkerConfig {
+            program,
+            args,
+            env: self.env.clone(),
+            max_frame_len: self.max_frame_len,
+            handshake_timeout: self.handshake_timeout,
+            stderr: self.stderr,
+            pipe_capacity: self.pipe_capacity,
+            measure_memory: self.limits.max_worker_memory.is_some(),
+            initializer,
+        };
+        Ok((config, Limits { min_processes, ..self.limits }, processes))
+    }
+}
+
+/// A task every new worker runs before taking calls.
+pub(crate) struct Initializer {
+    pub(crate) task: &'static str,
+    pub(crate) input_type: &'static str,
+    pub(crate) output_type: &'static str,
+    /// The encoded input.
+    pub(crate) input: Bytes,
+    /// Decodes the reply body: `Ok` if the initializer succeeded.
+    pub(crate) check: fn(&str, &[u8]) -> std::result::Result<(), String>,
+}
+
+impl fmt::Debug for Initializer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Initializer").field("task", &self.task).finish_non_exhaustive()
+    }
+}
+
+fn check_init<O: InitOutput>(task: &str, mut body: &[u8]) -> std::result::Result<(), String> {
+    decode_outcome::<O>(task, &mut body).map_err(|err| err.to_string())?.into_result()
+}
+
+/// What an [initializer](Builder::initializer) may return: `()`, or a `Result`
+/// whose `Err` fails the worker's start with that message.
+pub trait InitOutput: DeserializeOwned {
+    /// `Ok` if the initializer succeeded.
+    fn into_result(self) -> std::result::Result<(), String>;
+}
+
+impl InitOutput for () {
+    fn into_result(self) -> std::result::Result<(), String> {
+        Ok(())
+    }
+}
+
+impl<E: Display + DeserializeOwned> InitOutput for std::result::Result<(), E> {
+    fn into_result(self) -> std::result::Result<(), String> {
+        self.map_err(|err| err.to_string())
+    }
+}

@@ -1,0 +1,263 @@
+//! The state an executor's handles, supervisors and maps share.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use serde::Serialize;
+use tokio::sync::{Notify, oneshot};
+
+use crate::dispatch::{CallOptions, Completion, Job, Queue, ReplyTo};
+use crate::error::{Direction, Error, Result};
+use crate::process::WorkerConfig;
+use crate::protocol::{self, Count, Request, TaskInfo};
+use crate::stats::{Counters, Stats};
+use crate::task::Task;
+
+/// The executor's lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum RunState {
+    Running = 0,
+    /// `shutdown()`: finish what was accepted, accept nothing new.
+    Draining = 1,
+    /// Dropped or `shutdown_now()`: stop now.
+    Terminated = 2,
+}
+
+/// When supervisors recycle or stop their workers.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Limits {
+    pub(crate) max_tasks_per_worker: Option<u64>,
+    pub(crate) max_worker_memory: Option<u64>,
+    pub(crate) min_processes: usize,
+    pub(crate) idle_timeout: Option<Duration>,
+}
+
+/// The tasks the workers serve, by name.
+pub(crate) struct TaskTable {
+    infos: Vec<TaskInfo>,
+    by_name: HashMap<String, u32>,
+}
+
+impl TaskTable {
+    pub(crate) fn new(infos: Vec<TaskInfo>) -> Self {
+        let mut by_name = HashMap::with_capacity(infos.len());
+        for (index, info) in infos.iter().enumerate() {
+            by_name.entry(info.name.clone()).or_insert(index as u32);
+        }
+        TaskTable { infos, by_name }
+    }
+
+    pub(crate) fn infos(&self) -> &[TaskInfo] {
+        &self.infos
+    }
+
+    /// The worker's number for `task`, after checking both sides agree on its types.
+    pub(crate) fn resolve<I, O>(&self, task: &Task<I, O>) -> Result<u32> {
+        let Some(&index) = self.by_name.get(task.name()) else {
+            return Err(Error::UnknownTask { task: task.name().into() });
+        };
+        check_types(task.name(), task.input_type(), task.output_type(), &self.infos[index as usize])?;
+        Ok(index)
+    }
+}
+
+/// Checks that the worker's `info` has the types this process knows `task` by.
+pub(crate) fn check_types(task: &str, input: &str, output: &str, info: &TaskInfo) -> Result<()> {
+    if info.input != input || info.output != output {
+        return Err(Error::TaskMismatch {
+            task: task.into(),
+            parent: format!("{input} -> {output}"),
+            worker: format!("{} -> {}", info.input, info.output),
+        });
+    }
+    Ok(())
+}
+
+/// State shared by the executor's handles, its supervisors and its maps.
+pub(crate) struct Shared {
+    pub(crate) config: WorkerConfig,
+    pub(crate) limits: Limits,
+    pub(crate) queue: Queue,
+    pub(crate) tasks: TaskTable,
+    pub(crate) processes: usize,
+    pub(crate) counters: Counters,
+    next_id: AtomicU64,
+    state: AtomicU8,
+    /// Supervisor tasks still running.
+    supervisors: AtomicUsize,
+    /// Slots that have not given up restarting their worker.
+    live_slots: AtomicUsize,
+    /// Set when every slot gave up: the reason calls fail from then on.
+    broken: OnceLock<Error>,
+    all_stopped: Notify,
+}
+
+impl Shared {
+    pub(crate) fn new(config: WorkerConfig, limits: Limits, tasks: TaskTable, processes: usize) -> Self {
+        Shared {
+            config,
+            limits,
+            queue: Queue::new(processes),
+            tasks,
+            processes,
+            counters: Counters::default(),
+            next_id: AtomicU64::new(0),
+            state: AtomicU8::new(RunState::Running as u8),
+            supervisors: AtomicUsize::new(0),
+            live_slots: AtomicUsize::new(processes),
+            broken: OnceLock::new(),
+            all_stopped: Notify::new(),
+        }
+    }
+
+    pub(crate) fn state(&self) -> RunState {
+        match self.state.load(Ordering::Acquire) {
+            0 => RunState::Running,
+            1 => RunState::Draining,
+            _ => RunState::Terminated,
+        }
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The error for a call the queue refused.
+    pub(crate) fn refused(&self) -> Error {
+        self.broken.get().cloned().unwrap_or(Error::Shutdown)
+    }
+
+    pub(crate) fn max_frame_len(&self) -> usize {
+        self.config.max_frame_len
+    }
+
+    /// Begins a call frame in `buf`; the caller appends the inputs, then ends the
+    /// frame. Returns the call's id, where the frame starts, and where its item count
+    /// sits (to patch when the count was not known up front).
+    pub(crate) fn call_frame(&self, task: u32, items: u32, buf: &mut BytesMut) -> (u64, usize, usize) {
+        let id = self.next_id();
+        let start = protocol::begin_frame(buf);
+        let _ = protocol::encode_into(buf, &Request::Call { id, task, items: Count::new(items) });
+        (id, start, buf.len() - Count::WIDTH)
+    }
+
+    /// Encodes and queues one call.
+    pub(crate) fn submit_one<I: Serialize, O>(
+        &self,
+        task: &Task<I, O>,
+        input: &I,
+        options: CallOptions,
+    ) -> Result<oneshot::Receiver<Completion>> {
+        let index = self.tasks.resolve(task)?;
+        let mut buf = BytesMut::with_capacity(64);
+        let (id, start, _) = self.call_frame(index, 1, &mut buf);
+        protocol::encode_into(&mut buf, input)
+            .map_err(|err| Error::codec(task.name(), Direction::Input, "encode", err))?;
+        let limit = self.config.max_frame_len;
+        protocol::end_frame(&mut buf, start, limit).map_err(|size| Error::FrameTooLarge {
+            task: task.name().into(),
+            direction: Direction::Input,
+            size: size as u64,
+            limit: limit as u64,
+        })?;
+        let (sender, receiver) = oneshot::channel();
+        let job = Job::new(id, task.name(), 1, buf.freeze(), ReplyTo::Once(sender), options);
+        self.submit(job).map_err(|_| self.refused())?;
+        Ok(receiver)
+    }
+
+    /// Queues a job; hands it back if the executor no longer accepts work.
+    pub(crate) fn submit(&self, job: Job) -> Result<(), Job> {
+        self.queue.push(job)
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        self.counters.snapshot(self.queue.len())
+    }
+
+    /// `shutdown()`: stop accepting, let the supervisors finish the queue.
+    pub(crate) fn drain(&self) {
+        let _ = self.state.compare_exchange(
+            RunState::Running as u8,
+            RunState::Draining as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        self.queue.close();
+    }
+
+    /// Drop of the last handle, or `shutdown_now()`: stop now, fail whatever waits.
+    pub(crate) fn terminate(&self) {
+        self.state.store(RunState::Terminated as u8, Ordering::Release);
+        let jobs = self.queue.close_and_drain();
+        Counters::add(&self.counters.failed, jobs.iter().map(|job| u64::from(job.items)).sum());
+        for job in jobs {
+            job.complete(Err(Error::Shutdown));
+        }
+    }
+
+    /// Called by a slot that cannot start a worker any more. When it was the last
+    /// one, queued calls fail with `reason`, and so does every later call.
+    pub(crate) fn slot_gave_up(&self, reason: Error) {
+        if self.live_slots.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let _ = self.broken.set(reason.clone());
+            for job in self.queue.close_and_drain() {
+                Counters::add(&self.counters.failed, u64::from(job.items));
+                job.complete(Err(reason.clone()));
+            }
+        }
+    }
+
+    /// Claims the right to stop an idle worker: true while more than
+    /// `min_processes` workers are alive, in which case the worker count is
+    /// already lowered.
+    pub(crate) fn claim_idle_exit(&self) -> bool {
+        let workers = &self.counters.workers;
+        let mut alive = workers.load(Ordering::Acquire);
+        while alive > self.limits.min_processes {
+            match workers.compare_exchange(alive, alive - 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(now) => alive = now,
+            }
+        }
+        false
+    }
+
+    /// Counts a supervisor about to be spawned, so shutdown waits for it.
+    pub(crate) fn supervisor_spawned(&self) {
+        self.supervisors.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Marks a supervisor as running until the guard drops.
+    pub(crate) fn supervisor_guard(&self) -> SupervisorGuard<'_> {
+        SupervisorGuard { shared: self }
+    }
+
+    /// Resolves once every supervisor has stopped (and reaped its worker).
+    pub(crate) async fn stopped(&self) {
+        loop {
+            let notified = self.all_stopped.notified();
+            if self.supervisors.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Counts a running supervisor; see [`Shared::supervisor_guard`].
+pub(crate) struct SupervisorGuard<'a> {
+    shared: &'a Shared,
+}
+
+impl Drop for SupervisorGuard<'_> {
+    fn drop(&mut self) {
+        if self.shared.supervisors.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.shared.all_stopped.notify_waiters();
+        }
+    }
+}

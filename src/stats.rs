@@ -1,0 +1,200 @@
+//! What an executor has been doing: counters for metrics, and why workers stopped.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use crate::error::ExitReason;
+
+/// A snapshot of an executor's health, from [`Executor::stats`](crate::Executor::stats):
+/// export it as metrics.
+///
+/// Counts are of task inputs (a `map` chunk of 100 inputs counts 100), except
+/// `queued` and `running`, which count calls (a chunk is one call).
+///
+/// ```
+/// procexec::tasks! {
+///     pub fn square(x: u64) -> u64 { x * x }
+/// }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> procexec::Result<()> {
+/// # procexec::init_worker(&TASKS);
+/// let exec = procexec::Executor::builder().processes(2).build().await?;
+/// exec.map(square, 0..1000).await?;
+/// let stats = exec.stats();
+/// assert_eq!(stats.workers, 2);
+/// assert_eq!(stats.completed, 1000);
+/// assert_eq!((stats.queued, stats.running, stats.failed), (0, 0, 0));
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Worker processes alive and serving.
+    pub workers: usize,
+    /// Calls waiting in the parent for a worker.
+    pub queued: usize,
+    /// Calls sent to a worker and not yet answered.
+    pub running: usize,
+    /// Inputs whose call came back from a worker, whatever the task returned (a
+    /// panic included).
+    pub completed: u64,
+    /// Inputs that failed without a reply: their worker crashed, they timed out,
+    /// the protocol broke, or the executor shut down.
+    pub failed: u64,
+    /// Inputs sent again after a crash or a timeout (see `Builder::retries`).
+    pub retried: u64,
+    /// How many worker processes stopped, by cause.
+    pub exits: ExitCounts,
+    /// The most recent worker exits (up to 32), oldest first.
+    pub recent_exits: Vec<WorkerExit>,
+}
+
+/// How many worker processes stopped, by cause. The first four are failures; the
+/// rest are planned recycling.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ExitCounts {
+    /// The worker died on its own (abort, exit, signal, segfault).
+    pub crashed: u64,
+    /// It was killed because a call ran past its timeout.
+    pub timed_out: u64,
+    /// It was killed because the caller of its running call went away.
+    pub cancelled: u64,
+    /// It was killed for breaking the protocol.
+    pub protocol: u64,
+    /// It was recycled after `max_tasks_per_worker` inputs.
+    pub max_tasks: u64,
+    /// It was recycled because its peak memory passed `max_worker_memory`.
+    pub memory: u64,
+    /// It was stopped after `idle_timeout` without work.
+    pub idle: u64,
+}
+
+/// One worker process that stopped, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerExit {
+    /// The worker's slot.
+    pub worker: usize,
+    /// Its process id.
+    pub pid: u32,
+    /// Why it stopped.
+    pub cause: ExitCause,
+}
+
+/// Why a worker process stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExitCause {
+    /// It died on its own, while running `task` (or idle, when `None`).
+    Crashed {
+        /// The task it was running.
+        task: Option<String>,
+        /// How it ended.
+        exit: ExitReason,
+    },
+    /// A call to `task` ran past its timeout; the worker was killed.
+    TimedOut {
+        /// The task that ran too long.
+        task: String,
+    },
+    /// The caller of a running call to `task` went away; the worker was killed.
+    Cancelled {
+        /// The task whose caller left.
+        task: String,
+    },
+    /// It broke the protocol and was killed.
+    Protocol {
+        /// What was wrong.
+        message: String,
+    },
+    /// It served `max_tasks_per_worker` inputs and was recycled.
+    MaxTasks,
+    /// Its peak memory passed the ceiling after a call to `task`; it was recycled.
+    Memory {
+        /// The task whose call pushed it over.
+        task: String,
+        /// Its peak resident memory, in bytes.
+        peak_rss: u64,
+    },
+    /// It had no work for `idle_timeout` and was stopped.
+    Idle,
+}
+
+/// The live counters behind [`Stats`].
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) workers: AtomicUsize,
+    pub(crate) running: AtomicUsize,
+    pub(crate) completed: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    exits: Mutex<ExitLog>,
+}
+
+#[derive(Default)]
+struct ExitLog {
+    counts: ExitCounts,
+    recent: VecDeque<WorkerExit>,
+}
+
+const RECENT_EXITS: usize = 32;
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_exit(&self, exit: WorkerExit) {
+        let mut log = self.exits.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let counts = &mut log.counts;
+        *match exit.cause {
+            ExitCause::Crashed { .. } => &mut counts.crashed,
+            ExitCause::TimedOut { .. } => &mut counts.timed_out,
+            ExitCause::Cancelled { .. } => &mut counts.cancelled,
+            ExitCause::Protocol { .. } => &mut counts.protocol,
+            ExitCause::MaxTasks => &mut counts.max_tasks,
+            ExitCause::Memory { .. } => &mut counts.memory,
+            ExitCause::Idle => &mut counts.idle,
+        } += 1;
+        if log.recent.len() == RECENT_EXITS {
+            log.recent.pop_front();
+        }
+        log.recent.push_back(exit);
+    }
+
+    pub(crate) fn snapshot(&self, queued: usize) -> Stats {
+        let log = self.exits.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        Stats {
+            workers: self.workers.load(Ordering::Relaxed),
+            queued,
+            running: self.running.load(Ordering::Relaxed),
+            completed: self.completed.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
+            exits: log.counts,
+            recent_exits: log.recent.iter().cloned().collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_are_counted_by_cause_and_the_recent_ones_kept() {
+        let counters = Counters::default();
+        for pid in 0..40 {
+            counters.record_exit(WorkerExit { worker: 0, pid, cause: ExitCause::MaxTasks });
+        }
+        counters.record_exit(WorkerExit { worker: 1, pid: 99, cause: ExitCause::Idle });
+        let stats = counters.snapshot(3);
+        assert_eq!(stats.exits.max_tasks, 40);
+        assert_eq!(stats.exits.idle, 1);
+        assert_eq!(stats.recent_exits.len(), RECENT_EXITS);
+        assert_eq!(stats.recent_exits.last().unwrap().pid, 99);
+        assert_eq!(stats.queued, 3);
+    }
+}
