@@ -181,6 +181,10 @@ impl Job {
     }
 }
 
+/// The queue no longer accepts jobs: the executor is shutting down.
+#[derive(Debug)]
+pub(crate) struct Closed;
+
 /// The executor's queue of jobs not yet sent to a worker.
 pub(crate) struct Queue {
     state: Mutex<QueueState>,
@@ -215,11 +219,11 @@ impl Queue {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Queues `job`, or hands it back if the queue is closed.
-    pub(crate) fn push(&self, job: Job) -> Result<(), Job> {
+    /// Queues `job`, or drops it if the queue is closed.
+    pub(crate) fn push(&self, job: Job) -> Result<(), Closed> {
         let mut state = self.lock();
         if state.closed {
-            return Err(job);
+            return Err(Closed);
         }
         state.jobs.push_back(job);
         let wake = state.idle.pop().or_else(|| state.dormant.pop());

@@ -9,7 +9,7 @@ use bytes::BytesMut;
 use serde::Serialize;
 use tokio::sync::{Notify, oneshot};
 
-use crate::dispatch::{CallOptions, Completion, Job, Queue, ReplyTo};
+use crate::dispatch::{CallOptions, Closed, Completion, Job, Queue, ReplyTo};
 use crate::error::{Direction, Error, Result};
 use crate::process::WorkerConfig;
 use crate::protocol::{self, Count, Request, TaskInfo};
@@ -170,8 +170,8 @@ impl Shared {
         Ok(receiver)
     }
 
-    /// Queues a job; hands it back if the executor no longer accepts work.
-    pub(crate) fn submit(&self, job: Job) -> Result<(), Job> {
+    /// Queues a job, or drops it when the executor no longer accepts work.
+    pub(crate) fn submit(&self, job: Job) -> Result<(), Closed> {
         self.queue.push(job)
     }
 
