@@ -278,6 +278,7 @@ impl Builder {
             return Err(Error::WorkerStart(Arc::new(WorkerStartError::new(&config.program, message))));
         }
         let shared = Arc::new(Shared::new(config, limits, tasks, processes));
+        shared.counters.workers.store(workers.len(), std::sync::atomic::Ordering::Release);
         let mut workers = workers.into_iter();
         for slot in 0..processes {
             // Counted before the task runs, so an early shutdown waits for it.

@@ -67,6 +67,8 @@ mod builder;
 mod dispatch;
 mod error;
 mod executor;
+#[cfg(test)]
+mod fuzz;
 mod map;
 mod pool;
 mod process;

@@ -162,7 +162,8 @@ async fn handshake(
     // A worker that dies first closes the pipe; its exit status then tells more.
     let _ = requests.write_all(&init).await;
 
-    let mut replies = FramedRead::new(replies, ReplyCodec::new(slot, config.max_frame_len));
+    let ready_limit = config.max_frame_len.max(protocol::READY_FRAME_LIMIT);
+    let mut replies = FramedRead::new(replies, ReplyCodec::new(slot, ready_limit));
     let frame = match replies.next().await {
         Some(Ok(frame)) => frame,
         Some(Err(err)) if err.kind() == io::ErrorKind::InvalidData => {
@@ -170,6 +171,7 @@ async fn handshake(
         }
         Some(Err(_)) | None => return Err(exited_early_hint(config)),
     };
+    replies.decoder_mut().frames.set_max_frame_length(config.max_frame_len);
     match protocol::split_header::<Reply>(&frame) {
         Ok((Reply::Ready { version, tasks, .. }, _)) if version == protocol::PROTOCOL_VERSION => {
             Ok((replies, tasks))
@@ -233,7 +235,7 @@ pub(crate) struct ReplyCodec {
 }
 
 impl ReplyCodec {
-    fn new(slot: usize, max_frame_len: usize) -> Self {
+    pub(crate) fn new(slot: usize, max_frame_len: usize) -> Self {
         ReplyCodec { slot, frames: protocol::codec(max_frame_len), synced: false, skipped: 0 }
     }
 }

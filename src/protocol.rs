@@ -42,6 +42,10 @@ pub(crate) const LENGTH_PREFIX: usize = 4;
 /// Frame limit a worker uses until [`Request::Init`] tells it the real one.
 pub(crate) const INIT_FRAME_LIMIT: usize = 64 * 1024;
 
+/// Frame limit of [`Reply::Ready`], whatever `max_frame_len` says: a registry of
+/// many tasks must not make a small frame limit unusable.
+pub(crate) const READY_FRAME_LIMIT: usize = 16 << 20;
+
 /// A message from the parent to a worker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Request {

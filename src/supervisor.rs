@@ -43,7 +43,8 @@ const EXIT_GRACE: Duration = Duration::from_secs(5);
 const CANCEL_GRACE: Duration = Duration::from_millis(10);
 
 /// Runs one slot until the executor shuts down or the slot gives up. A slot starts
-/// with a worker, or without one (it then starts one when work waits).
+/// with a worker (already counted as alive), or without one (it then starts one when
+/// work waits).
 pub(crate) async fn supervise(shared: Arc<Shared>, slot: usize, first: Option<WorkerProcess>) {
     let _running = shared.supervisor_guard();
     let mut next = first;
@@ -56,7 +57,6 @@ pub(crate) async fn supervise(shared: Arc<Shared>, slot: usize, first: Option<Wo
                 None => return,
             },
         };
-        shared.counters.workers.fetch_add(1, Ordering::AcqRel);
         let mut session = Session::new(&shared, &mut worker, service_ns);
         let end = poll_fn(|cx| session.poll(cx)).await;
         let in_flight = session.finish();
@@ -192,7 +192,10 @@ async fn restart(shared: &Shared, slot: usize) -> Option<WorkerProcess> {
             _ => {}
         }
         let failure = match WorkerProcess::start(&shared.config, slot).await {
-            Ok(worker) if worker.tasks == shared.tasks.infos() => return Some(worker),
+            Ok(worker) if worker.tasks == shared.tasks.infos() => {
+                shared.counters.workers.fetch_add(1, Ordering::AcqRel);
+                return Some(worker);
+            }
             Ok(_) => WorkerStartError::new(
                 &shared.config.program,
                 "its tasks differ from the other workers' (was the binary rebuilt while running?)",

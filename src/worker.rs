@@ -113,7 +113,8 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
     reader.codec = protocol::codec(max_frame_len);
     let ready =
         Reply::Ready { version: protocol::PROTOCOL_VERSION, pid: std::process::id(), tasks: tasks.infos() };
-    protocol::write_message(&mut out, &ready, max_frame_len).map_err(invalid)?;
+    protocol::write_message(&mut out, &ready, max_frame_len.max(protocol::READY_FRAME_LIMIT))
+        .map_err(invalid)?;
     output.write_all(&out)?;
     out.clear();
     if version != protocol::PROTOCOL_VERSION {

@@ -40,15 +40,21 @@ pub fn worker_program() -> PathBuf {
         .clone()
 }
 
+/// A builder for `processes` companion workers whose stderr is kept quiet.
+pub fn builder(processes: usize) -> procexec::Builder {
+    Executor::builder().program(worker_program()).processes(processes).stderr(WorkerStderr::Discard)
+}
+
 /// An executor of `processes` companion workers whose stderr is kept quiet.
 pub async fn executor(processes: usize) -> Executor {
-    Executor::builder()
-        .program(worker_program())
-        .processes(processes)
-        .stderr(WorkerStderr::Discard)
-        .build()
-        .await
-        .expect("the executor starts")
+    builder(processes).build().await.expect("the executor starts")
+}
+
+/// A path in the temporary directory unique to this process and `name`, removed first.
+pub fn marker(name: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("procexec-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path
 }
 
 /// Fails the test instead of hanging it; generous, so load never trips it.

@@ -5,7 +5,11 @@
 
 use std::time::Duration;
 
+use procexec::WorkerState;
 use serde_bytes::ByteBuf;
+
+/// Set by the `set_greeting` initializer in each worker.
+static GREETING: WorkerState<String> = WorkerState::new();
 
 procexec::tasks! {
     /// `x * x`.
@@ -110,6 +114,87 @@ procexec::tasks! {
         // SAFETY: `bytes` is a valid buffer of its length; write(2) only reads it.
         let written = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
         written as u64
+    }
+
+    /// Creates the file at `path`, then spins forever: a call a test can see start.
+    pub fn touch_then_spin(path: String) -> u64 {
+        std::fs::write(path, b"started").expect("the file can be written");
+        loop {
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Sleeps `ms`, then creates the file at `path`: a call a test can see finish.
+    pub fn sleep_then_touch(ms: u64, path: String) {
+        std::thread::sleep(Duration::from_millis(ms));
+        std::fs::write(path, b"finished").expect("the file can be written");
+    }
+
+    /// Spins on the CPU for `us` microseconds.
+    pub fn spin_us(us: u64) -> u64 {
+        let deadline = std::time::Instant::now() + Duration::from_micros(us);
+        let mut x = us;
+        while std::time::Instant::now() < deadline {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        x
+    }
+
+    /// Touches `mb` MiB of fresh memory and returns it: pushes the worker's peak RSS.
+    pub fn allocate_mb(mb: u64) -> u64 {
+        let block = vec![1u8; (mb as usize) << 20];
+        std::hint::black_box(&block);
+        mb
+    }
+
+    /// Aborts the worker when `x == poison`, else returns `x`.
+    pub fn poison_if(x: u64, poison: u64) -> u64 {
+        if x == poison {
+            std::process::abort();
+        }
+        x
+    }
+
+    /// Aborts the worker the first time (creating `path`), succeeds afterwards.
+    pub fn crash_once(path: String) -> u64 {
+        if std::fs::metadata(&path).is_err() {
+            std::fs::write(&path, b"crashed once").expect("the file can be written");
+            std::process::abort();
+        }
+        1
+    }
+
+    /// Initializer: stores this worker's greeting.
+    pub fn set_greeting(greeting: String) { GREETING.set(greeting) }
+
+    /// Greets with the worker's greeting.
+    pub fn greet(name: String) -> String { format!("{}, {name}!", GREETING.get()) }
+
+    /// Initializer that panics with `message`.
+    pub fn init_panics(message: String) { panic!("{message}") }
+
+    /// Initializer that returns `Err(message)`.
+    pub fn init_fails(message: String) -> Result<(), String> { Err(message) }
+
+    /// Initializer that aborts the worker.
+    pub fn init_aborts() { std::process::abort() }
+
+    /// Initializer that fails once a file exists at `path`.
+    pub fn init_unless_exists(path: String) -> Result<(), String> {
+        match std::fs::metadata(&path) {
+            Ok(_) => Err(format!("{path} exists")),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Writes a length prefix promising more than follows, then aborts: a reply cut
+    /// off mid-frame.
+    pub fn truncate_reply() -> u64 {
+        let fd = reply_pipe().expect("the reply pipe is found");
+        let partial = [0u8, 0, 0, 100, 1, 2, 3];
+        // SAFETY: `partial` is a valid buffer of its length; write(2) only reads it.
+        unsafe { libc::write(fd, partial.as_ptr().cast(), partial.len()) };
+        std::process::abort()
     }
 
     /// Starts `sleep <secs>` as a grandchild that inherits the worker's stderr, and

@@ -1,0 +1,102 @@
+//! Property tests that throw arbitrary bytes at every decoder the parent runs on a
+//! worker's output, and at the worker's handling of call bodies: none may panic.
+//!
+//! `scripts/fuzz` runs them with many more cases (`PROPTEST_CASES`) than CI does.
+
+use bytes::BytesMut;
+use proptest::prelude::*;
+use tokio_util::codec::Decoder;
+
+use crate::executor::decode_outcome;
+use crate::process::ReplyCodec;
+use crate::protocol::{self, Fixed64, Reply};
+
+crate::tasks! {
+    fn text(s: String) -> usize { s.len() }
+    fn pair(a: u64, b: Vec<u8>) -> u64 { a + b.len() as u64 }
+}
+
+/// Feeds `stream` to the parent's reply decoding in the given read sizes, decoding
+/// every frame's header and outcomes as the supervisor and the callers would.
+fn decode_worker_output(stream: &[u8], reads: &[usize]) {
+    let mut codec = ReplyCodec::new(0, 1 << 16);
+    let mut buf = BytesMut::new();
+    let mut at = 0;
+    for &read in reads.iter().chain(std::iter::repeat(&64)) {
+        if at >= stream.len() {
+            break;
+        }
+        let end = (at + read.max(1)).min(stream.len());
+        buf.extend_from_slice(&stream[at..end]);
+        at = end;
+        loop {
+            match codec.decode(&mut buf) {
+                Ok(Some(frame)) => {
+                    if let Ok((Reply::Done { .. }, mut body)) = protocol::split_header::<Reply>(&frame) {
+                        for _ in 0..4 {
+                            let _ = decode_outcome::<String>("fuzz", &mut body);
+                            let _ = decode_outcome::<(u64, Vec<u8>)>("fuzz", &mut body);
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => return, // the supervisor kills such a worker
+            }
+        }
+    }
+}
+
+proptest! {
+    #[test]
+    fn fuzz_the_parent_never_panics_on_worker_output(stream: Vec<u8>, reads: Vec<usize>) {
+        decode_worker_output(&stream, &reads);
+    }
+
+    #[test]
+    fn fuzz_the_parent_never_panics_on_mangled_valid_output(
+        ids: Vec<u64>,
+        flips: Vec<(usize, u8)>,
+        reads: Vec<usize>,
+    ) {
+        let mut stream = b"noise before the preamble".to_vec();
+        stream.extend_from_slice(protocol::PREAMBLE);
+        let mut frames = BytesMut::new();
+        for id in &ids {
+            let start = protocol::begin_frame(&mut frames);
+            let done = Reply::Done { id: *id, busy_ns: Fixed64::new(*id), peak_rss_kib: Fixed64::new(0) };
+            protocol::encode_into(&mut frames, &done).unwrap();
+            protocol::encode_into(&mut frames, &protocol::Outcome::Ok).unwrap();
+            protocol::encode_into(&mut frames, &format!("output {id}")).unwrap();
+            protocol::end_frame(&mut frames, start, 1 << 16).unwrap();
+        }
+        stream.extend_from_slice(&frames);
+        for (at, byte) in flips {
+            if !stream.is_empty() {
+                let at = at % stream.len();
+                stream[at] ^= byte;
+            }
+        }
+        decode_worker_output(&stream, &reads);
+    }
+
+    #[test]
+    fn fuzz_the_worker_never_panics_on_call_bodies(body: Vec<u8>, items in 0u32..64) {
+        let mut out = BytesMut::new();
+        TASKS.get(0).unwrap().invoke(&body, items, &mut out);
+        // Every input gets exactly one outcome, which the parent can read.
+        let mut replies: &[u8] = &out;
+        for _ in 0..items {
+            let result = decode_outcome::<usize>("text", &mut replies);
+            let unreadable = matches!(result, Err(crate::Error::Codec { direction: crate::Direction::Output, .. }));
+            prop_assert!(!unreadable, "an outcome the parent cannot read");
+        }
+        prop_assert!(replies.is_empty());
+        let mut out = BytesMut::new();
+        TASKS.get(1).unwrap().invoke(&body, items, &mut out);
+        let mut replies: &[u8] = &out;
+        for _ in 0..items {
+            let _ = decode_outcome::<u64>("pair", &mut replies);
+        }
+        prop_assert!(replies.is_empty());
+    }
+}
