@@ -248,11 +248,11 @@ mod tests {
     }
 
     #[test]
-    fn peak_memory_grows_when_memory_is_touched() {
-        let before = peak_rss_kib();
-        assert!(before > 0);
+    fn peak_memory_covers_memory_just_touched() {
+        // A high-water mark of the whole process (other tests run alongside), so only
+        // a lower bound is certain.
         let touched = vec![1u8; 64 << 20];
-        assert!(peak_rss_kib() >= before + 32 * 1024, "{before} -> {}", peak_rss_kib());
+        assert!(peak_rss_kib() >= 64 * 1024, "{}", peak_rss_kib());
         drop(std::hint::black_box(touched));
     }
 

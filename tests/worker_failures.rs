@@ -84,6 +84,19 @@ async fn a_segfault_is_a_crash_by_sigsegv() {
 }
 
 #[tokio::test]
+async fn a_stack_overflow_is_a_crash_that_says_so() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let err = exec.spawn(overflow_stack, 0).await.unwrap_err();
+        let crash = err.crash().unwrap_or_else(|| panic!("expected a crash, got {err:?}"));
+        assert_eq!(crash.exit(), ExitReason::Signal(libc::SIGABRT));
+        assert!(crash.stderr_tail().contains("overflowed its stack"), "{crash:?}");
+        assert_eq!(exec.spawn(square, 3).await.unwrap(), 9);
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_crash_quotes_the_end_of_the_workers_stderr() {
     hang_guard(async {
         let exec = executor(1).await;

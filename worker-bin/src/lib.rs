@@ -60,6 +60,9 @@ procexec::tasks! {
         unreachable!("SIGKILL is not caught")
     }
 
+    /// Recurses until the stack overflows.
+    pub fn overflow_stack(depth: u64) -> u64 { recurse(depth) }
+
     /// Dereferences a null pointer: a segfault.
     pub fn segfault() -> u64 {
         // SAFETY: none: the point is to crash. A volatile read is not optimised away.
@@ -206,6 +209,12 @@ procexec::tasks! {
             .expect("sleep starts")
             .id()
     }
+}
+
+#[allow(unconditional_recursion)] // the point: it never returns
+fn recurse(depth: u64) -> u64 {
+    let frame = std::hint::black_box([depth; 512]);
+    frame[(depth % 512) as usize].wrapping_add(recurse(depth + 1))
 }
 
 /// The worker's private reply pipe: the only write-only pipe other than stderr.
