@@ -225,7 +225,7 @@ impl Executor {
         let task = task.into_task();
         let state = match self.shared().submit_one(&task, &input, self.options) {
             Ok(receiver) => HandleState::Waiting(receiver),
-            Err(err) => HandleState::Failed(Some(err)),
+            Err(err) => HandleState::Failed(Some(Box::new(err))),
         };
         TaskHandle { task: task.name(), state, _output: PhantomData }
     }
@@ -434,7 +434,8 @@ pub struct TaskHandle<O> {
 
 enum HandleState {
     Waiting(oneshot::Receiver<Completion>),
-    Failed(Option<Error>),
+    /// Boxed: handles are often collected by the thousand, and failing early is rare.
+    Failed(Option<Box<Error>>),
 }
 
 impl<O> TaskHandle<O> {
@@ -473,7 +474,7 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
                 Poll::Ready(Ok(Err(err))) => Poll::Ready(Err(err)),
                 Poll::Ready(Err(_)) => Poll::Ready(Err(Error::Shutdown)),
             },
-            HandleState::Failed(err) => Poll::Ready(Err(err.take().unwrap_or(Error::Shutdown))),
+            HandleState::Failed(err) => Poll::Ready(Err(err.take().map_or(Error::Shutdown, |err| *err))),
         }
     }
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use futures::Stream;
 use tokio::io::AsyncWrite;
 use tokio::time::{Instant, Sleep};
@@ -249,16 +249,21 @@ struct Session<'a> {
     shared: &'a Shared,
     worker: &'a mut WorkerProcess,
     in_flight: VecDeque<Job>,
-    /// Frames of the last `out.len()` jobs in flight, not yet fully written.
-    out: VecDeque<Bytes>,
-    /// Bytes of `out[0]` already written.
+    /// How many jobs at the back of `in_flight` are not yet fully written.
+    unwritten: usize,
+    /// Bytes already written of the first of those.
     written: usize,
     /// The request pipe broke; replies are read until the stream ends.
     write_closed: bool,
     /// Moving average of the worker's time per call.
     service_ns: Option<u64>,
-    /// When the call at the head of `in_flight` started running.
+    /// The call at the head of `in_flight` is running (its frame is written and
+    /// the reply before it arrived).
+    head_running: bool,
+    /// When it started, read from the clock only when a limit needs it.
     head_since: Option<Instant>,
+    /// The head call's cancellation has a waker registered.
+    head_watched: bool,
     /// Fires at the head call's time limit (or cancellation grace).
     head_timer: Option<Pin<Box<Sleep>>>,
     /// Fires when the worker has been idle for `idle_timeout`.
@@ -275,11 +280,13 @@ impl<'a> Session<'a> {
             shared,
             worker,
             in_flight: VecDeque::new(),
-            out: VecDeque::new(),
+            unwritten: 0,
             written: 0,
             write_closed: false,
             service_ns,
+            head_running: false,
             head_since: None,
+            head_watched: false,
             head_timer: None,
             idle_timer: None,
             served: 0,
@@ -321,8 +328,8 @@ impl<'a> Session<'a> {
             }
             let pulled = self.pull(cx);
             self.poll_write(cx);
-            if self.head_since.is_none() && self.head_written() {
-                self.head_since = Some(Instant::now());
+            if !self.head_running && self.head_written() {
+                self.head_running = true;
                 continue; // arm the head's timer
             }
             if !pulled {
@@ -367,7 +374,9 @@ impl<'a> Session<'a> {
         self.shared.counters.running.fetch_sub(1, Ordering::AcqRel);
         Counters::add(&self.shared.counters.completed, u64::from(job.items));
         // The next call starts as soon as this reply is written: now, if it was sent.
-        self.head_since = self.head_written().then(Instant::now);
+        self.head_running = self.head_written();
+        self.head_since = None;
+        self.head_watched = false;
         self.head_timer = None;
 
         let body = frame.slice(frame.len() - body.len()..);
@@ -396,16 +405,27 @@ impl<'a> Session<'a> {
 
     /// Whether the head call's frame has been fully written (so it may be running).
     fn head_written(&self) -> bool {
-        !self.in_flight.is_empty() && self.out.len() < self.in_flight.len()
+        self.unwritten < self.in_flight.len()
     }
 
     /// Enforces the running call's time limit, and its cancellation under
     /// [`CancelPolicy::Kill`].
     fn poll_head(&mut self, cx: &mut Context<'_>) -> Option<End> {
-        let since = self.head_since?;
+        if !self.head_running {
+            return None;
+        }
         let head = self.in_flight.front_mut()?;
+        // Registering once per call is enough: the waker stays with the call.
+        let cancelled = head.options.cancel == CancelPolicy::Kill
+            && (!self.head_watched || head.is_cancelled())
+            && head.poll_cancelled(cx);
+        self.head_watched = true;
+        if head.options.timeout.is_none() && !cancelled {
+            return None;
+        }
+        let since = *self.head_since.get_or_insert_with(Instant::now);
         let mut deadline = head.options.timeout.map(|timeout| (since + timeout, true));
-        if head.options.cancel == CancelPolicy::Kill && head.poll_cancelled(cx) {
+        if cancelled {
             let grace = since + CANCEL_GRACE;
             if deadline.is_none_or(|(at, _)| grace < at) {
                 deadline = Some((grace, false));
@@ -465,12 +485,10 @@ impl<'a> Session<'a> {
             self.shared.queue.register(cx, self.worker.index);
             return false;
         }
-        let (out, in_flight) = (&mut self.out, &mut self.in_flight);
-        let taken = self.shared.queue.poll_take(cx, self.worker.index, room, |job| {
-            out.push_back(job.frame.clone());
-            in_flight.push_back(job);
-        });
+        let in_flight = &mut self.in_flight;
+        let taken = self.shared.queue.poll_take(cx, self.worker.index, room, |job| in_flight.push_back(job));
         if let Poll::Ready(taken) = taken {
+            self.unwritten += taken;
             self.shared.counters.running.fetch_add(taken, Ordering::AcqRel);
             self.idle_timer = None;
             return true;
@@ -483,22 +501,24 @@ impl<'a> Session<'a> {
         let Some(requests) = self.worker.requests.as_mut() else {
             return;
         };
-        while !self.out.is_empty() && !self.write_closed {
+        while self.unwritten > 0 && !self.write_closed {
+            let first = self.in_flight.len() - self.unwritten;
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
             let mut count = 0;
-            for (i, frame) in self.out.iter().take(MAX_SLICES).enumerate() {
-                slices[i] = IoSlice::new(if i == 0 { &frame[self.written..] } else { frame });
+            for (i, job) in self.in_flight.range(first..).take(MAX_SLICES).enumerate() {
+                slices[i] = IoSlice::new(if i == 0 { &job.frame[self.written..] } else { &job.frame });
                 count += 1;
             }
             match Pin::new(&mut *requests).poll_write_vectored(cx, &slices[..count]) {
                 Poll::Ready(Ok(0)) => self.write_closed = true,
                 Poll::Ready(Ok(mut n)) => {
                     while n > 0 {
-                        let left = self.out[0].len() - self.written;
+                        let first = self.in_flight.len() - self.unwritten;
+                        let left = self.in_flight[first].frame.len() - self.written;
                         if n >= left {
                             n -= left;
                             self.written = 0;
-                            self.out.pop_front();
+                            self.unwritten -= 1;
                         } else {
                             self.written += n;
                             n = 0;

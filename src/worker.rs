@@ -122,13 +122,21 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         return Ok(());
     }
 
+    // The end of one call is the start of the next when its frame was already
+    // buffered: one clock read per call.
+    let mut clock = None;
     while let Some(frame) = reader.next_frame()? {
         let (request, body) = protocol::split_header::<Request>(&frame).map_err(invalid)?;
         let Request::Call { id, task, items } = request else {
             return Err(invalid("Init sent twice"));
         };
+        let started = match clock.take() {
+            Some(end) if !std::mem::take(&mut reader.waited) => end,
+            _ => Instant::now(),
+        };
         let items = items.get();
-        call(tasks, &mut out, max_frame_len, measure_memory, Call { id, task, items, body });
+        let call = Call { id, task, items, body, started };
+        clock = Some(self::call(tasks, &mut out, max_frame_len, measure_memory, call));
         // One write per reply, before the next call starts: a reply that left the
         // worker survives the worker, so a crash can only lose the call it was in.
         output.write_all(&out)?;
@@ -143,12 +151,18 @@ struct Call<'a> {
     task: u32,
     items: u32,
     body: &'a [u8],
+    started: Instant,
 }
 
-/// Runs one call and appends its whole reply frame to `out`.
-fn call(tasks: &Registry, out: &mut BytesMut, max_frame_len: usize, measure_memory: bool, call: Call<'_>) {
-    let Call { id, task, items, body } = call;
-    let started = Instant::now();
+/// Runs one call and appends its whole reply frame to `out`; returns when it ended.
+fn call(
+    tasks: &Registry,
+    out: &mut BytesMut,
+    max_frame_len: usize,
+    measure_memory: bool,
+    call: Call<'_>,
+) -> Instant {
+    let Call { id, task, items, body, started } = call;
     let start = protocol::begin_frame(out);
     let zero = Fixed64::new(0);
     let _ = protocol::encode_into(out, &Reply::Done { id, busy_ns: zero, peak_rss_kib: zero });
@@ -172,12 +186,14 @@ fn call(tasks: &Registry, out: &mut BytesMut, max_frame_len: usize, measure_memo
         // frame and reports a protocol error.
         let _ = protocol::end_frame(out, start, usize::MAX);
     }
-    let busy_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let ended = Instant::now();
+    let busy_ns = u64::try_from(ended.duration_since(started).as_nanos()).unwrap_or(u64::MAX);
     out[busy_at..busy_at + Fixed64::WIDTH].copy_from_slice(&Fixed64::new(busy_ns).0);
     if measure_memory {
         let peak = sys::peak_rss_kib();
         out[busy_at + Fixed64::WIDTH..header_end].copy_from_slice(&Fixed64::new(peak).0);
     }
+    ended
 }
 
 fn invalid(err: impl std::fmt::Display) -> io::Error {
@@ -189,6 +205,8 @@ struct FrameReader {
     file: File,
     buf: BytesMut,
     codec: LengthDelimitedCodec,
+    /// A read from the pipe happened (maybe blocking) since this was last cleared.
+    waited: bool,
 }
 
 impl FrameReader {
@@ -197,6 +215,7 @@ impl FrameReader {
             file,
             buf: BytesMut::with_capacity(64 * 1024),
             codec: protocol::codec(protocol::INIT_FRAME_LIMIT),
+            waited: false,
         }
     }
 
@@ -206,6 +225,7 @@ impl FrameReader {
             if let Some(frame) = self.codec.decode(&mut self.buf)? {
                 return Ok(Some(frame));
             }
+            self.waited = true;
             if sys::read_into(self.file.as_fd(), &mut self.buf, 64 * 1024)? == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
