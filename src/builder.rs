@@ -163,12 +163,13 @@ impl Builder {
     /// The default time limit of a call, counted from when it starts running in a
     /// worker (not while it waits in the queue). A call past its limit has its worker
     /// killed and replaced and fails with [`Error::TimedOut`]. Override per call
-    /// with [`Executor::with_timeout`]. Default: none.
+    /// with [`Executor::with_timeout`]. Default: none (`Duration::ZERO` also means
+    /// none).
     ///
     /// A map with a timeout sends one input per call, so that the limit applies to
     /// each input.
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.options.timeout = Some(timeout);
+        self.options.timeout = Some(timeout).filter(|t| !t.is_zero());
         self
     }
 
@@ -283,7 +284,7 @@ impl Builder {
         for slot in 0..processes {
             // Counted before the task runs, so an early shutdown waits for it.
             shared.supervisor_spawned();
-            tokio::spawn(crate::supervisor::supervise(shared.clone(), slot, workers.next()));
+            tokio::spawn(crate::supervisor::run_slot(shared.clone(), slot, workers.next()));
         }
         Ok(Executor::new(shared, self.options))
     }
@@ -314,9 +315,6 @@ impl Builder {
         let zero = |what: &str| Err(Error::Config(format!("{what} must not be zero")));
         if self.handshake_timeout.is_zero() {
             return zero("handshake_timeout");
-        }
-        if self.options.timeout.is_some_and(|t| t.is_zero()) {
-            return zero("timeout");
         }
         if self.limits.idle_timeout.is_some_and(|t| t.is_zero()) {
             return zero("idle_timeout");

@@ -30,8 +30,8 @@ use crate::protocol::{self, Count, Request};
 #[non_exhaustive]
 pub enum CancelPolicy {
     /// Kill the worker running it (it is replaced), so abandoned work stops using a
-    /// CPU. A call gets 10 ms from its start before it is killed, so cancelling tiny
-    /// calls never costs a worker restart. The default.
+    /// CPU. The call gets 10 ms more to finish first, so cancelling tiny calls never
+    /// costs a worker restart. The default.
     #[default]
     Kill,
     /// Let it finish and discard the result.
@@ -194,11 +194,17 @@ pub(crate) struct Queue {
 
 struct QueueState {
     jobs: VecDeque<Job>,
-    /// Slots with a live worker that found the queue empty and wait for a push.
+    /// Slots whose worker has no call at all: they get new work first, and while
+    /// one exists, busy slots do not prefetch.
     idle: Vec<usize>,
+    /// Round robin over `idle` for wake-ups.
+    next_idle: usize,
     /// Slots without a worker, to start one when work arrives and no live worker is idle.
     dormant: Vec<usize>,
+    /// No new jobs (shutting down).
     closed: bool,
+    /// Stopped: even jobs handed back by a dying worker are refused.
+    terminated: bool,
 }
 
 impl Queue {
@@ -207,8 +213,10 @@ impl Queue {
             state: Mutex::new(QueueState {
                 jobs: VecDeque::new(),
                 idle: Vec::with_capacity(slots),
+                next_idle: 0,
                 dormant: Vec::with_capacity(slots),
                 closed: false,
+                terminated: false,
             }),
             slots: (0..slots).map(|_| AtomicWaker::new()).collect(),
         }
@@ -226,7 +234,7 @@ impl Queue {
             return Err(Closed);
         }
         state.jobs.push_back(job);
-        let wake = state.idle.pop().or_else(|| state.dormant.pop());
+        let wake = state.wake_target();
         drop(state);
         if let Some(slot) = wake {
             self.slots[slot].wake();
@@ -234,12 +242,92 @@ impl Queue {
         Ok(())
     }
 
+    /// Puts jobs back at the front, in order, even when closed: they were accepted
+    /// before, and their worker died before starting them. Once terminated, hands
+    /// them back instead, to be failed.
+    pub(crate) fn requeue(&self, jobs: impl DoubleEndedIterator<Item = Job>) -> Vec<Job> {
+        let mut state = self.lock();
+        if state.terminated {
+            return jobs.collect();
+        }
+        for job in jobs.rev() {
+            state.jobs.push_front(job);
+        }
+        let mut wake: Vec<usize> = state.idle.clone();
+        wake.extend(state.dormant.pop());
+        drop(state);
+        for slot in wake {
+            self.slots[slot].wake();
+        }
+        Vec::new()
+    }
+
+    /// Takes up to `max` live jobs for `slot`, passing each to `take`; returns how
+    /// many, and counts withdrawn jobs it dropped into `withdrawn`.
+    ///
+    /// A slot that already has calls (`busy`) takes nothing while another slot is
+    /// idle: the idle one should run it now rather than this one later. A slot that
+    /// gets nothing is woken by the next push (if idle, it is first in line).
+    pub(crate) fn poll_take(
+        &self,
+        cx: &mut Context<'_>,
+        slot: usize,
+        max: usize,
+        busy: bool,
+        withdrawn: &mut u64,
+        mut take: impl FnMut(Job),
+    ) -> Poll<usize> {
+        self.slots[slot].register(cx.waker());
+        let mut state = self.lock();
+        if busy {
+            state.leave_idle(slot);
+            if !state.idle.is_empty() {
+                return Poll::Pending;
+            }
+        }
+        let mut taken = 0;
+        while taken < max {
+            let Some(job) = state.jobs.pop_front() else {
+                break;
+            };
+            if job.is_cancelled() {
+                *withdrawn += u64::from(job.items);
+                continue;
+            }
+            take(job);
+            taken += 1;
+        }
+        if taken > 0 {
+            state.leave_idle(slot);
+            return Poll::Ready(taken);
+        }
+        if !busy && !state.idle.contains(&slot) {
+            state.idle.push(slot);
+        }
+        Poll::Pending
+    }
+
+    /// Registers `slot`'s waker without taking work (its window is full, or it is
+    /// stopping): it is not idle.
+    pub(crate) fn register(&self, cx: &mut Context<'_>, slot: usize) {
+        self.slots[slot].register(cx.waker());
+        self.lock().leave_idle(slot);
+    }
+
+    /// A slot's worker is gone: it is neither idle nor dormant until it says so again.
+    pub(crate) fn leave(&self, slot: usize) {
+        let mut state = self.lock();
+        state.leave_idle(slot);
+        state.dormant.retain(|&s| s != slot);
+    }
+
     /// For a slot without a worker: ready when work is waiting; otherwise the slot is
     /// registered to be woken when work arrives and no live worker is idle.
     pub(crate) fn poll_demand(&self, cx: &mut Context<'_>, slot: usize) -> Poll<()> {
         self.slots[slot].register(cx.waker());
         let mut state = self.lock();
-        if !state.jobs.is_empty() {
+        if state.has_live_jobs() {
+            state.dormant.retain(|&s| s != slot);
             return Poll::Ready(());
         }
         if !state.dormant.contains(&slot) {
@@ -248,66 +336,14 @@ impl Queue {
         Poll::Pending
     }
 
-    /// Puts jobs back at the front, in order, even when closed: they were accepted
-    /// before, and their worker died before starting them.
-    pub(crate) fn requeue(&self, jobs: impl DoubleEndedIterator<Item = Job>) {
-        let mut state = self.lock();
-        for job in jobs.rev() {
-            state.jobs.push_front(job);
-        }
-        let mut wake = std::mem::take(&mut state.idle);
-        wake.extend(state.dormant.pop());
-        drop(state);
-        for slot in wake {
-            self.slots[slot].wake();
-        }
+    /// Whether any job waits that someone still wants.
+    pub(crate) fn has_live_jobs(&self) -> bool {
+        self.lock().has_live_jobs()
     }
 
-    /// Takes up to `max` live jobs for `slot`, passing each to `take`; returns how many.
-    ///
-    /// When none is left, `slot` is registered to be woken by the next push.
-    pub(crate) fn poll_take(
-        &self,
-        cx: &mut Context<'_>,
-        slot: usize,
-        max: usize,
-        mut take: impl FnMut(Job),
-    ) -> Poll<usize> {
-        self.slots[slot].register(cx.waker());
-        let mut state = self.lock();
-        let mut taken = 0;
-        while taken < max {
-            let Some(job) = state.jobs.pop_front() else {
-                break;
-            };
-            if job.is_cancelled() {
-                continue;
-            }
-            take(job);
-            taken += 1;
-        }
-        if taken == 0 {
-            if !state.idle.contains(&slot) {
-                state.idle.push(slot);
-            }
-            return Poll::Pending;
-        }
-        Poll::Ready(taken)
-    }
-
-    /// Registers `slot`'s waker without taking work (its window is full).
-    pub(crate) fn register(&self, cx: &mut Context<'_>, slot: usize) {
-        self.slots[slot].register(cx.waker());
-    }
-
-    /// Whether any job waits.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.lock().jobs.is_empty()
-    }
-
-    /// How many jobs wait.
-    pub(crate) fn len(&self) -> usize {
-        self.lock().jobs.len()
+    /// How many jobs wait that someone still wants.
+    pub(crate) fn live_len(&self) -> usize {
+        self.lock().jobs.iter().filter(|job| !job.is_cancelled()).count()
     }
 
     /// Refuses further pushes and wakes every slot.
@@ -316,10 +352,11 @@ impl Queue {
         self.wake_all();
     }
 
-    /// Refuses further pushes, empties the queue and returns what it held.
+    /// Refuses everything from now on, empties the queue and returns what it held.
     pub(crate) fn close_and_drain(&self) -> Vec<Job> {
         let mut state = self.lock();
         state.closed = true;
+        state.terminated = true;
         let jobs = state.jobs.drain(..).collect();
         drop(state);
         self.wake_all();
@@ -330,6 +367,27 @@ impl Queue {
         for slot in self.slots.iter() {
             slot.wake();
         }
+    }
+}
+
+impl QueueState {
+    fn leave_idle(&mut self, slot: usize) {
+        self.idle.retain(|&s| s != slot);
+    }
+
+    /// Who to wake for a new job: an idle worker, else a slot that can start one.
+    fn wake_target(&mut self) -> Option<usize> {
+        if self.idle.is_empty() {
+            return self.dormant.pop();
+        }
+        self.next_idle = self.next_idle.wrapping_add(1);
+        Some(self.idle[self.next_idle % self.idle.len()])
+    }
+
+    /// Drops withdrawn jobs; true if any other is left.
+    fn has_live_jobs(&mut self) -> bool {
+        self.jobs.retain(|job| !job.is_cancelled());
+        !self.jobs.is_empty()
     }
 }
 
@@ -348,7 +406,7 @@ mod tests {
         let waker = noop_waker();
         let mut cx = Context::from_waker(&waker);
         let mut ids = Vec::new();
-        let _ = queue.poll_take(&mut cx, 0, max, |job| ids.push(job.id));
+        let _ = queue.poll_take(&mut cx, 0, max, false, &mut 0, |job| ids.push(job.id));
         ids
     }
 
@@ -363,8 +421,8 @@ mod tests {
         }
         let mut first = Vec::new();
         let waker = noop_waker();
-        let _ = queue.poll_take(&mut Context::from_waker(&waker), 0, 2, |job| first.push(job));
-        queue.requeue(first.into_iter());
+        let _ = queue.poll_take(&mut Context::from_waker(&waker), 0, 2, false, &mut 0, |job| first.push(job));
+        assert!(queue.requeue(first.into_iter()).is_empty());
         assert_eq!(take_ids(&queue, 10), [0, 1, 2, 3, 4]);
     }
 
@@ -406,6 +464,41 @@ mod tests {
             assert_eq!(postcard::from_bytes::<&str>(body).unwrap(), input);
             assert!(matches!(single.reply, ReplyTo::Chunk { seq: 7, part: Some(Part { of: 3, .. }), .. }));
         }
+    }
+
+    #[test]
+    fn a_busy_slot_leaves_work_to_an_idle_one() {
+        let queue = Queue::new(2);
+        let waker = noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        // Slot 1 finds nothing and becomes idle.
+        assert!(queue.poll_take(&mut cx, 1, 10, false, &mut 0, |_| {}).is_pending());
+        let (job, _receiver) = job(1);
+        assert!(queue.push(job).is_ok());
+        // Slot 0, busy, would prefetch: it must not.
+        assert!(queue.poll_take(&mut cx, 0, 10, true, &mut 0, |_| {}).is_pending());
+        let mut taken = Vec::new();
+        assert_eq!(queue.poll_take(&mut cx, 1, 10, false, &mut 0, |job| taken.push(job.id)), Poll::Ready(1));
+        assert_eq!(taken, [1]);
+    }
+
+    #[test]
+    fn withdrawn_jobs_do_not_count_as_waiting() {
+        let queue = Queue::new(1);
+        let (job, receiver) = job(1);
+        assert!(queue.push(job).is_ok());
+        assert!(queue.has_live_jobs());
+        drop(receiver);
+        assert!(!queue.has_live_jobs());
+        assert_eq!(queue.live_len(), 0);
+    }
+
+    #[test]
+    fn a_terminated_queue_hands_requeued_jobs_back() {
+        let queue = Queue::new(1);
+        assert!(queue.close_and_drain().is_empty());
+        let (job, _receiver) = job(1);
+        assert_eq!(queue.requeue(std::iter::once(job)).len(), 1);
     }
 
     #[test]

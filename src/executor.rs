@@ -116,7 +116,8 @@ impl Executor {
     }
 
     /// This executor with another time limit for its calls (see
-    /// [`Builder::timeout`]): a cheap clone sharing the same workers.
+    /// [`Builder::timeout`]; `Duration::ZERO` means no limit): a cheap clone sharing
+    /// the same workers.
     ///
     /// ```
     /// use std::time::Duration;
@@ -423,8 +424,10 @@ impl fmt::Debug for Executor {
 ///
 /// # Cancel safety
 ///
-/// Dropping a `TaskHandle` withdraws the call if no worker has received it yet; a
-/// call already sent runs to completion and its output is discarded.
+/// Dropping a `TaskHandle` withdraws the call if no worker has received it yet. A
+/// call already running is handled by the executor's [`CancelPolicy`]: by default
+/// its worker is killed (and replaced) if the call is still running 10 ms later;
+/// under [`CancelPolicy::Finish`] it runs to the end and its output is discarded.
 #[must_use = "a TaskHandle does nothing useful unless awaited; dropping it withdraws the call"]
 pub struct TaskHandle<O> {
     task: &'static str,

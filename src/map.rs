@@ -34,8 +34,11 @@ use crate::task::Task;
 const TARGET_CHUNK_NS: u64 = 1_000_000;
 /// Most items in one chunk.
 const MAX_CHUNK_ITEMS: u64 = 1 << 16;
-/// A chunk stops growing once its inputs take this many bytes.
+/// A chunk stops growing once its inputs take this many bytes, and is sized so its
+/// outputs take about as many (never more than a quarter of the frame limit).
 const MAX_CHUNK_BYTES: usize = 256 * 1024;
+/// Results handed out between two refills of the window.
+const REFILL_EVERY: u32 = 64;
 
 /// The future of [`Executor::map`](crate::Executor::map): all outputs, in input order.
 ///
@@ -294,6 +297,10 @@ struct MapCore<'a, O> {
     ready: VecDeque<Chunk>,
     /// Moving average of the worker's time per item.
     item_ns: Option<u64>,
+    /// Recent largest encoded output per item, in bytes.
+    output_bytes: u64,
+    /// Results yielded since the window was last refilled.
+    yielded: u32,
     deadline: Option<(Pin<Box<Sleep>>, Duration)>,
     /// The stream has ended (after a deadline, or an error that stops the map).
     finished: bool,
@@ -327,6 +334,8 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             base_seq: 0,
             ready: VecDeque::new(),
             item_ns: None,
+            output_bytes: 0,
+            yielded: 0,
             deadline: None,
             finished: false,
             _output: PhantomData,
@@ -355,14 +364,23 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             }
         }
         loop {
-            while let Some(chunk) = self.ready.front_mut() {
+            // Refill now and then even while results are ready, so a slow consumer
+            // does not leave the workers idle.
+            while self.yielded < REFILL_EVERY {
+                let Some(chunk) = self.ready.front_mut() else {
+                    break;
+                };
                 match chunk.next(self.task) {
-                    Some(item) => return Poll::Ready(Some(item)),
+                    Some(item) => {
+                        self.yielded += 1;
+                        return Poll::Ready(Some(item));
+                    }
                     None => {
                         self.ready.pop_front();
                     }
                 }
             }
+            self.yielded = 0;
             while let Poll::Ready(Some(done)) = self.done.poll_recv(cx) {
                 self.accept(done);
             }
@@ -405,11 +423,15 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
     fn accept(&mut self, done: ChunkDone) {
         let chunk = match done.completion {
             Ok(delivery) => {
-                let per_item = delivery.busy_ns / u64::from(done.items.max(1));
+                let items = u64::from(done.items.max(1));
+                let per_item = delivery.busy_ns / items;
                 self.item_ns = Some(match self.item_ns {
                     None => per_item,
-                    Some(average) => (average * 3 + per_item) / 4,
+                    Some(average) => average.saturating_mul(3).saturating_add(per_item) / 4,
                 });
+                // Outputs can grow suddenly: follow increases at once, decreases slowly.
+                let output = delivery.body.len() as u64 / items;
+                self.output_bytes = output.max(self.output_bytes - self.output_bytes / 8);
                 Chunk { remaining: done.items, body: delivery.body, offset: 0, error: None }
             }
             Err(err) => Chunk::failed(done.items, err),
@@ -498,6 +520,9 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             None => 1,
             Some(ns) => (TARGET_CHUNK_NS / ns.max(1)).clamp(1, MAX_CHUNK_ITEMS),
         };
+        // Keep the reply well inside the frame limit.
+        let output_budget = MAX_CHUNK_BYTES.min(self.shared.max_frame_len() / 4) as u64;
+        let by_time = by_time.min((output_budget / self.output_bytes.max(1)).max(1));
         // Leave enough chunks for every worker until the end.
         let remaining = self.source.as_ref().map_or(0, |source| source.remaining()) as u64;
         if remaining == 0 {

@@ -1,8 +1,8 @@
 //! The state an executor's handles, supervisors and maps share.
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -89,9 +89,10 @@ pub(crate) struct Shared {
     state: AtomicU8,
     /// Supervisor tasks still running.
     supervisors: AtomicUsize,
-    /// Slots that have not given up restarting their worker.
-    live_slots: AtomicUsize,
-    /// Set when every slot gave up: the reason calls fail from then on.
+    /// Why the last slot that gave up could not start a worker.
+    last_failure: Mutex<Option<Error>>,
+    /// Set when every supervisor has stopped while the executor was running: the
+    /// reason calls fail from then on.
     broken: OnceLock<Error>,
     all_stopped: Notify,
 }
@@ -108,7 +109,7 @@ impl Shared {
             next_id: AtomicU64::new(0),
             state: AtomicU8::new(RunState::Running as u8),
             supervisors: AtomicUsize::new(0),
-            live_slots: AtomicUsize::new(processes),
+            last_failure: Mutex::new(None),
             broken: OnceLock::new(),
             all_stopped: Notify::new(),
         }
@@ -176,7 +177,21 @@ impl Shared {
     }
 
     pub(crate) fn stats(&self) -> Stats {
-        self.counters.snapshot(self.queue.len())
+        self.counters.snapshot(self.queue.live_len())
+    }
+
+    /// Puts jobs a worker never started back in the queue, or fails them if the
+    /// executor has stopped meanwhile.
+    pub(crate) fn requeue(&self, jobs: impl DoubleEndedIterator<Item = Job>) {
+        self.fail(self.queue.requeue(jobs), &Error::Shutdown);
+    }
+
+    /// Fails every job with `error`.
+    pub(crate) fn fail(&self, jobs: impl IntoIterator<Item = Job>, error: &Error) {
+        for job in jobs {
+            Counters::add(&self.counters.failed, u64::from(job.items));
+            job.complete(Err(error.clone()));
+        }
     }
 
     /// `shutdown()`: stop accepting, let the supervisors finish the queue.
@@ -193,23 +208,28 @@ impl Shared {
     /// Drop of the last handle, or `shutdown_now()`: stop now, fail whatever waits.
     pub(crate) fn terminate(&self) {
         self.state.store(RunState::Terminated as u8, Ordering::Release);
-        let jobs = self.queue.close_and_drain();
-        Counters::add(&self.counters.failed, jobs.iter().map(|job| u64::from(job.items)).sum());
-        for job in jobs {
-            job.complete(Err(Error::Shutdown));
-        }
+        self.fail(self.queue.close_and_drain(), &Error::Shutdown);
     }
 
-    /// Called by a slot that cannot start a worker any more. When it was the last
-    /// one, queued calls fail with `reason`, and so does every later call.
+    /// Called by a slot that cannot start a worker any more (its supervisor then
+    /// stops). The reason is what calls get if every slot ends up stopped.
     pub(crate) fn slot_gave_up(&self, reason: Error) {
-        if self.live_slots.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let _ = self.broken.set(reason.clone());
-            for job in self.queue.close_and_drain() {
-                Counters::add(&self.counters.failed, u64::from(job.items));
-                job.complete(Err(reason.clone()));
+        *self.last_failure.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(reason);
+    }
+
+    /// The last supervisor stopped: nothing will ever run what is still queued.
+    fn last_supervisor_stopped(&self) {
+        let reason = match self.state() {
+            RunState::Running => {
+                let failure =
+                    self.last_failure.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+                let reason = failure.unwrap_or(Error::Shutdown);
+                let _ = self.broken.set(reason.clone());
+                reason
             }
-        }
+            RunState::Draining | RunState::Terminated => Error::Shutdown,
+        };
+        self.fail(self.queue.close_and_drain(), &reason);
     }
 
     /// Claims the right to stop an idle worker: true while more than
@@ -257,6 +277,7 @@ pub(crate) struct SupervisorGuard<'a> {
 impl Drop for SupervisorGuard<'_> {
     fn drop(&mut self) {
         if self.shared.supervisors.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.shared.last_supervisor_stopped();
             self.shared.all_stopped.notify_waiters();
         }
     }

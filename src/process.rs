@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::StreamExt;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -433,7 +433,9 @@ async fn forward_stderr(
     let mut line = Vec::with_capacity(256);
     loop {
         line.clear();
-        match reader.read_until(b'\n', &mut line).await {
+        // A "line" without a newline ends at MAX_LINE bytes, so output without
+        // newlines cannot grow the parent's memory.
+        match (&mut reader).take(MAX_LINE).read_until(b'\n', &mut line).await {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
@@ -454,6 +456,9 @@ async fn forward_stderr(
     let _ = done.send(());
 }
 
+/// Longest stderr line forwarded as one.
+const MAX_LINE: u64 = 64 * 1024;
+
 /// The last lines of a stream, bounded in lines and bytes.
 #[derive(Default)]
 struct Tail {
@@ -466,7 +471,11 @@ impl Tail {
     const MAX_BYTES: usize = 4096;
 
     fn push(&mut self, line: &str) {
-        let line: String = line.chars().take(Self::MAX_BYTES).collect();
+        let mut end = line.len().min(Self::MAX_BYTES);
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        let line = line[..end].to_string();
         self.bytes += line.len();
         self.lines.push_back(line);
         while self.lines.len() > Self::MAX_LINES || self.bytes > Self::MAX_BYTES {
@@ -502,6 +511,9 @@ mod tests {
         assert_eq!(text.lines().count(), Tail::MAX_LINES);
         tail.push(&"x".repeat(10_000));
         assert!(tail.text().len() <= Tail::MAX_BYTES + Tail::MAX_LINES);
+        // A long line of multi-byte characters keeps its first 4 KiB, cut cleanly.
+        tail.push(&"é".repeat(10_000));
+        assert!(tail.text().starts_with('é') && tail.text().len() > Tail::MAX_BYTES / 2);
     }
 
     #[test]

@@ -44,6 +44,9 @@ pub struct Stats {
     pub failed: u64,
     /// Inputs sent again after a crash or a timeout (see `Builder::retries`).
     pub retried: u64,
+    /// Inputs whose caller went away first: withdrawn before they were sent, or
+    /// abandoned (killed or discarded) while running.
+    pub cancelled: u64,
     /// How many worker processes stopped, by cause.
     pub exits: ExitCounts,
     /// The most recent worker exits (up to 32), oldest first.
@@ -130,6 +133,7 @@ pub(crate) struct Counters {
     pub(crate) completed: AtomicU64,
     pub(crate) failed: AtomicU64,
     pub(crate) retried: AtomicU64,
+    pub(crate) cancelled: AtomicU64,
     exits: Mutex<ExitLog>,
 }
 
@@ -173,6 +177,7 @@ impl Counters {
             completed: self.completed.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
             retried: self.retried.load(Ordering::Relaxed),
+            cancelled: self.cancelled.load(Ordering::Relaxed),
             exits: log.counts,
             recent_exits: log.recent.iter().cloned().collect(),
         }

@@ -18,7 +18,7 @@ use tokio::io::AsyncWrite;
 use tokio::time::{Instant, Sleep};
 
 use crate::dispatch::{CancelPolicy, Delivery, Job};
-use crate::error::{Error, ProtocolViolation, WorkerCrash, WorkerStartError};
+use crate::error::{Error, ExitReason, ProtocolViolation, WorkerCrash, WorkerStartError};
 use crate::pool::{RunState, Shared};
 use crate::process::WorkerProcess;
 use crate::protocol::{self, Reply};
@@ -42,25 +42,43 @@ const EXIT_GRACE: Duration = Duration::from_secs(5);
 /// a tiny call should not cost a worker restart.
 const CANCEL_GRACE: Duration = Duration::from_millis(10);
 
-/// Runs one slot until the executor shuts down or the slot gives up. A slot starts
-/// with a worker (already counted as alive), or without one (it then starts one when
-/// work waits).
-pub(crate) async fn supervise(shared: Arc<Shared>, slot: usize, first: Option<WorkerProcess>) {
+/// Runs one slot until the executor shuts down or the slot gives up, containing
+/// a panic of the supervisor itself (a bug) to this slot.
+pub(crate) async fn run_slot(shared: Arc<Shared>, slot: usize, first: Option<WorkerProcess>) {
     let _running = shared.supervisor_guard();
+    let supervised = std::panic::AssertUnwindSafe(supervise(&shared, slot, first));
+    if let Err(panic) = futures::FutureExt::catch_unwind(supervised).await {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(worker = slot, "procexec supervisor panicked (a bug): {message}");
+        let failure =
+            WorkerStartError::new(&shared.config.program, format!("its supervisor panicked: {message}"));
+        shared.slot_gave_up(Error::WorkerStart(Arc::new(failure)));
+    }
+    shared.queue.leave(slot);
+}
+
+/// A slot starts with a worker (already counted as alive), or without one (it then
+/// starts one when work waits).
+async fn supervise(shared: &Shared, slot: usize, first: Option<WorkerProcess>) {
     let mut next = first;
     let mut service_ns = None;
     loop {
         let mut worker = match next.take() {
             Some(worker) => worker,
-            None => match start_on_demand(&shared, slot).await {
+            None => match start_on_demand(shared, slot).await {
                 Some(worker) => worker,
                 None => return,
             },
         };
-        let mut session = Session::new(&shared, &mut worker, service_ns);
+        let mut session = Session::new(shared, &mut worker, service_ns);
         let end = poll_fn(|cx| session.poll(cx)).await;
-        let in_flight = session.finish();
+        let (mut in_flight, head_started) = session.finish();
         service_ns = session.service_ns;
+        shared.queue.leave(slot);
         if !matches!(end, End::Retire(ExitCause::Idle)) {
             // An idle exit was counted when it was claimed.
             shared.counters.workers.fetch_sub(1, Ordering::AcqRel);
@@ -69,113 +87,156 @@ pub(crate) async fn supervise(shared: Arc<Shared>, slot: usize, first: Option<Wo
         let record = |cause: ExitCause| shared.counters.record_exit(WorkerExit { worker: slot, pid, cause });
         match end {
             End::Drained => {
-                worker.close_requests();
-                let exit = worker.process.wait_exit(EXIT_GRACE).await;
-                tracing::debug!(worker = slot, pid = worker.pid, %exit, "worker exited");
+                stop_idle_worker(&mut worker).await;
                 return;
             }
             End::Terminated => {
                 worker.process.kill();
-                fail_all(&shared, in_flight, &Error::Shutdown);
+                shared.fail(in_flight, &Error::Shutdown);
                 let _ = worker.process.wait_exit(EXIT_GRACE).await;
                 return;
             }
-            End::Died => died(&shared, &mut worker, in_flight).await,
+            End::Died => died(shared, &mut worker, in_flight, head_started).await,
             End::Protocol(message) => {
-                tracing::warn!(worker = slot, pid = worker.pid, "protocol violation: {message}");
+                tracing::warn!(worker = slot, pid, "protocol violation: {message}");
                 worker.process.kill();
                 let _ = worker.process.wait_exit(EXIT_GRACE).await;
                 record(ExitCause::Protocol { message: message.clone() });
-                let violation = Arc::new(ProtocolViolation { worker: slot, pid: worker.pid, message });
-                fail_all(&shared, in_flight, &Error::Protocol(violation));
-            }
-            End::Kill(cause) => {
-                worker.process.kill();
-                let _ = worker.process.wait_exit(EXIT_GRACE).await;
+                let violation = Error::Protocol(Arc::new(ProtocolViolation { worker: slot, pid, message }));
+                // The stream cannot be trusted: the call it answered, and the one the
+                // worker may have started after it, fail. The others never started.
                 let mut jobs = in_flight.into_iter();
-                let running = jobs.next();
-                if let (ExitCause::TimedOut { task }, Some(job)) = (&cause, running) {
-                    tracing::warn!(worker = slot, pid = worker.pid, task, "call timed out; worker killed");
-                    let timeout = job.options.timeout.unwrap_or_default();
-                    let error = Error::TimedOut { task: task.clone(), timeout };
-                    retry_or_fail(&shared, job, error);
+                shared.fail(jobs.by_ref().take(2), &violation);
+                shared.requeue(jobs);
+            }
+            End::Kill { cause, id } => {
+                worker.process.kill();
+                let exit = worker.process.wait_exit(EXIT_GRACE).await;
+                // Replies written before the kill are still in the pipe: deliver them,
+                // so only calls that really had no answer are judged below.
+                drain_replies(shared, &mut worker, &mut in_flight).await;
+                let mut jobs = in_flight.into_iter();
+                match (jobs.next(), &cause) {
+                    (Some(job), ExitCause::TimedOut { task }) if job.id == id => {
+                        tracing::warn!(worker = slot, pid, task, "call timed out; worker killed");
+                        let timeout = job.options.timeout.unwrap_or_default();
+                        retry_or_fail(shared, job, Error::TimedOut { task: task.clone(), timeout });
+                    }
+                    (Some(job), ExitCause::Cancelled { .. }) if job.id == id => {
+                        Counters::add(&shared.counters.cancelled, u64::from(job.items));
+                    }
+                    (Some(job), _) => {
+                        // The call at the limit answered just in time; this one had
+                        // started after it when the kill came.
+                        let crash = crash_report(&worker, &job, exit, String::new());
+                        retry_or_fail(shared, job, Error::WorkerCrashed(Arc::new(crash)));
+                    }
+                    (None, _) => {}
                 }
-                // A cancelled call is simply dropped: nobody waits for it.
                 record(cause);
-                shared.queue.requeue(jobs);
+                shared.requeue(jobs);
             }
             End::Retire(cause) => {
-                worker.close_requests();
-                let exit = worker.process.wait_exit(EXIT_GRACE).await;
-                tracing::debug!(worker = slot, pid = worker.pid, %exit, ?cause, "worker retired");
+                stop_idle_worker(&mut worker).await;
+                tracing::debug!(worker = slot, pid, ?cause, "worker retired");
                 let idle = cause == ExitCause::Idle;
                 record(cause);
-                // The session retires only with nothing in flight.
-                shared.queue.requeue(in_flight.into_iter());
+                shared.requeue(in_flight.into_iter());
                 if idle {
                     continue;
                 }
             }
         }
-        next = restart(&shared, slot).await;
+        next = restart(shared, slot).await;
         if next.is_none() {
             return;
         }
     }
 }
 
-/// Fails every job with `error`.
-fn fail_all(shared: &Shared, jobs: VecDeque<Job>, error: &Error) {
-    Counters::add(&shared.counters.failed, jobs.iter().map(|job| u64::from(job.items)).sum());
-    for job in jobs {
-        job.complete(Err(error.clone()));
-    }
+/// Stops a worker that holds no call: closes its requests and kills its process
+/// group, so nothing a task started outlives it, then reaps it.
+async fn stop_idle_worker(worker: &mut WorkerProcess) {
+    worker.close_requests();
+    worker.process.kill();
+    let exit = worker.process.wait_exit(EXIT_GRACE).await;
+    // Lets the forwarder pass on the worker's last lines.
+    let _ = worker.process.stderr_tail().await;
+    tracing::debug!(worker = worker.index, pid = worker.pid, %exit, "worker stopped");
+}
+
+/// Reads the replies a dead worker left in its pipe and delivers those that match,
+/// in order.
+async fn drain_replies(shared: &Shared, worker: &mut WorkerProcess, in_flight: &mut VecDeque<Job>) {
+    let drained = async {
+        while let Some(Ok(frame)) = futures::StreamExt::next(&mut worker.replies).await {
+            let frame = frame.freeze();
+            let Ok((Reply::Done { id, busy_ns, .. }, body)) = protocol::split_header::<Reply>(&frame) else {
+                return;
+            };
+            if in_flight.front().is_none_or(|job| job.id != id) {
+                return;
+            }
+            let body = frame.slice(frame.len() - body.len()..);
+            if let Some(job) = in_flight.pop_front() {
+                Counters::add(&shared.counters.completed, u64::from(job.items));
+                job.complete(Ok(Delivery { body, busy_ns: busy_ns.get() }));
+            }
+        }
+    };
+    // The pipe ends with the worker (it is not inherited); this only guards a hang.
+    let _ = tokio::time::timeout(EXIT_GRACE, drained).await;
 }
 
 /// A call crashed or timed out: sends it again if it may be retried (a chunk as
 /// single calls, so a poison input fails alone), or fails it with `error`.
 fn retry_or_fail(shared: &Shared, mut job: Job, error: Error) {
     job.failures += 1;
-    if !job.may_retry() || job.is_cancelled() {
-        Counters::add(&shared.counters.failed, u64::from(job.items));
-        job.complete(Err(error));
+    if job.is_cancelled() {
+        Counters::add(&shared.counters.cancelled, u64::from(job.items));
+        return;
+    }
+    if !job.may_retry() {
+        shared.fail(std::iter::once(job), &error);
         return;
     }
     Counters::add(&shared.counters.retried, u64::from(job.items));
     if job.items == 1 {
-        shared.queue.requeue(std::iter::once(job));
+        shared.requeue(std::iter::once(job));
     } else {
-        shared.queue.requeue(job.into_singles(|| shared.next_id()).into_iter());
+        shared.requeue(job.into_singles(|| shared.next_id()).into_iter());
+    }
+}
+
+fn crash_report(worker: &WorkerProcess, job: &Job, exit: ExitReason, stderr_tail: String) -> WorkerCrash {
+    WorkerCrash {
+        task: job.task.into(),
+        worker: worker.index,
+        pid: worker.pid,
+        exit,
+        stderr_tail,
+        attempts: job.failures + 1,
     }
 }
 
 /// The worker's reply stream ended: it died. The oldest call without a reply is the
-/// one it was running; the others were never started (a worker flushes each reply
-/// before starting the next call) and go back to the queue.
-async fn died(shared: &Shared, worker: &mut WorkerProcess, in_flight: VecDeque<Job>) {
+/// one it was running (if its request had been fully written); the others were never
+/// started (a worker flushes each reply before starting the next call) and go back
+/// to the queue.
+async fn died(shared: &Shared, worker: &mut WorkerProcess, in_flight: VecDeque<Job>, head_started: bool) {
     // Also takes down a worker that merely closed stdout, and its grandchildren.
     worker.process.kill();
     let exit = worker.process.wait_exit(EXIT_GRACE).await;
     let stderr_tail = worker.process.stderr_tail().await;
     let mut jobs = in_flight.into_iter();
-    let running = jobs.next();
+    let running = if head_started { jobs.next() } else { None };
     let task = running.as_ref().map(|job| job.task.to_string());
     tracing::warn!(worker = worker.index, pid = worker.pid, %exit, task, "worker died");
-    shared.counters.record_exit(WorkerExit {
-        worker: worker.index,
-        pid: worker.pid,
-        cause: ExitCause::Crashed { task, exit },
-    });
-    shared.queue.requeue(jobs);
+    let cause = ExitCause::Crashed { task, exit };
+    shared.counters.record_exit(WorkerExit { worker: worker.index, pid: worker.pid, cause });
+    shared.requeue(jobs);
     if let Some(job) = running {
-        let crash = WorkerCrash {
-            task: job.task.into(),
-            worker: worker.index,
-            pid: worker.pid,
-            exit,
-            stderr_tail,
-            attempts: job.failures + 1,
-        };
+        let crash = crash_report(worker, &job, exit, stderr_tail);
         retry_or_fail(shared, job, Error::WorkerCrashed(Arc::new(crash)));
     }
 }
@@ -188,7 +249,7 @@ async fn restart(shared: &Shared, slot: usize) -> Option<WorkerProcess> {
     loop {
         match shared.state() {
             RunState::Terminated => return None,
-            RunState::Draining if shared.queue.is_empty() => return None,
+            RunState::Draining if !shared.queue.has_live_jobs() => return None,
             _ => {}
         }
         let failure = match WorkerProcess::start(&shared.config, slot).await {
@@ -218,7 +279,7 @@ async fn restart(shared: &Shared, slot: usize) -> Option<WorkerProcess> {
 async fn start_on_demand(shared: &Shared, slot: usize) -> Option<WorkerProcess> {
     let demand = poll_fn(|cx| match shared.state() {
         RunState::Terminated => Poll::Ready(false),
-        RunState::Draining if shared.queue.is_empty() => Poll::Ready(false),
+        RunState::Draining if !shared.queue.has_live_jobs() => Poll::Ready(false),
         _ => shared.queue.poll_demand(cx, slot).map(|()| true),
     });
     if !demand.await {
@@ -238,8 +299,8 @@ enum End {
     Died,
     /// The worker sent something that is not a valid reply.
     Protocol(String),
-    /// The running call timed out or was cancelled: the worker must be killed.
-    Kill(ExitCause),
+    /// The running call (`id`) timed out or was cancelled: the worker must be killed.
+    Kill { cause: ExitCause, id: u64 },
     /// The worker is done for a planned reason, with nothing in flight.
     Retire(ExitCause),
 }
@@ -262,8 +323,6 @@ struct Session<'a> {
     head_running: bool,
     /// When it started, read from the clock only when a limit needs it.
     head_since: Option<Instant>,
-    /// The head call's cancellation has a waker registered.
-    head_watched: bool,
     /// Fires at the head call's time limit (or cancellation grace).
     head_timer: Option<Pin<Box<Sleep>>>,
     /// Fires when the worker has been idle for `idle_timeout`.
@@ -286,7 +345,6 @@ impl<'a> Session<'a> {
             service_ns,
             head_running: false,
             head_since: None,
-            head_watched: false,
             head_timer: None,
             idle_timer: None,
             served: 0,
@@ -294,11 +352,13 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Hands back the calls still in flight.
-    fn finish(&mut self) -> VecDeque<Job> {
+    /// Hands back the calls still in flight, and whether the first had been fully
+    /// sent (so the worker may have started it).
+    fn finish(&mut self) -> (VecDeque<Job>, bool) {
+        let head_sent = self.head_written();
         let jobs = std::mem::take(&mut self.in_flight);
         self.shared.counters.running.fetch_sub(jobs.len(), Ordering::AcqRel);
-        jobs
+        (jobs, head_sent)
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<End> {
@@ -306,12 +366,8 @@ impl<'a> Session<'a> {
             if let Poll::Ready(end) = self.poll_replies(cx) {
                 return Poll::Ready(end);
             }
-            match self.shared.state() {
-                RunState::Terminated => return Poll::Ready(End::Terminated),
-                RunState::Draining if self.in_flight.is_empty() && self.shared.queue.is_empty() => {
-                    return Poll::Ready(End::Drained);
-                }
-                _ => {}
+            if self.shared.state() == RunState::Terminated {
+                return Poll::Ready(End::Terminated);
             }
             if let Some(end) = self.poll_head(cx) {
                 return Poll::Ready(end);
@@ -331,6 +387,14 @@ impl<'a> Session<'a> {
             if !self.head_running && self.head_written() {
                 self.head_running = true;
                 continue; // arm the head's timer
+            }
+            // Checked after pulling, which drops withdrawn calls: a queue of only
+            // withdrawn calls is empty.
+            if self.shared.state() == RunState::Draining
+                && self.in_flight.is_empty()
+                && !self.shared.queue.has_live_jobs()
+            {
+                return Poll::Ready(End::Drained);
             }
             if !pulled {
                 return Poll::Pending;
@@ -364,6 +428,7 @@ impl<'a> Session<'a> {
             return Err(format!("unexpected message {reply:?}"));
         };
         match self.in_flight.front() {
+            Some(_) if !self.head_written() => return Err(format!("reply for call {id} before it was sent")),
             Some(job) if job.id == id => {}
             Some(job) => return Err(format!("reply for call {id} while call {} was running", job.id)),
             None => return Err(format!("reply for call {id}, but no call was in flight")),
@@ -376,14 +441,13 @@ impl<'a> Session<'a> {
         // The next call starts as soon as this reply is written: now, if it was sent.
         self.head_running = self.head_written();
         self.head_since = None;
-        self.head_watched = false;
         self.head_timer = None;
 
         let body = frame.slice(frame.len() - body.len()..);
         let busy_ns = busy_ns.get();
         self.service_ns = Some(match self.service_ns {
             None => busy_ns,
-            Some(average) => (average * 7 + busy_ns) / 8,
+            Some(average) => average.saturating_mul(7).saturating_add(busy_ns) / 8,
         });
         self.served += u64::from(job.items);
         let limits = &self.shared.limits;
@@ -415,16 +479,13 @@ impl<'a> Session<'a> {
             return None;
         }
         let head = self.in_flight.front_mut()?;
-        // Registering once per call is enough: the waker stays with the call.
-        let cancelled = head.options.cancel == CancelPolicy::Kill
-            && (!self.head_watched || head.is_cancelled())
-            && head.poll_cancelled(cx);
-        self.head_watched = true;
+        let cancelled = head.options.cancel == CancelPolicy::Kill && head.poll_cancelled(cx);
         if head.options.timeout.is_none() && !cancelled {
             return None;
         }
         let since = *self.head_since.get_or_insert_with(Instant::now);
-        let mut deadline = head.options.timeout.map(|timeout| (since + timeout, true));
+        // A limit too far away to represent is no limit.
+        let mut deadline = head.options.timeout.and_then(|timeout| Some((since.checked_add(timeout)?, true)));
         if cancelled {
             let grace = since + CANCEL_GRACE;
             if deadline.is_none_or(|(at, _)| grace < at) {
@@ -432,16 +493,18 @@ impl<'a> Session<'a> {
             }
         }
         let (at, timed_out) = deadline?;
+        let id = head.id;
         let cause = || {
             let task = head.task.to_string();
-            if timed_out { ExitCause::TimedOut { task } } else { ExitCause::Cancelled { task } }
+            let cause = if timed_out { ExitCause::TimedOut { task } } else { ExitCause::Cancelled { task } };
+            End::Kill { cause, id }
         };
         let timer = self.head_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
         if timer.deadline() != at {
             timer.as_mut().reset(at);
         }
         if Instant::now() >= at || timer.as_mut().poll(cx).is_ready() {
-            return Some(End::Kill(cause()));
+            return Some(cause());
         }
         None
     }
@@ -458,7 +521,7 @@ impl<'a> Session<'a> {
         if timer.as_mut().poll(cx).is_pending() {
             return false;
         }
-        if self.shared.queue.is_empty() && self.shared.claim_idle_exit() {
+        if !self.shared.queue.has_live_jobs() && self.shared.claim_idle_exit() {
             return true;
         }
         // Needed, or work is waiting: stay, and look again later.
@@ -485,8 +548,21 @@ impl<'a> Session<'a> {
             self.shared.queue.register(cx, self.worker.index);
             return false;
         }
-        let in_flight = &mut self.in_flight;
-        let taken = self.shared.queue.poll_take(cx, self.worker.index, room, |job| in_flight.push_back(job));
+        let busy = !self.in_flight.is_empty();
+        if busy && self.head_running {
+            // The averages may say calls are short, but this one has run long: what
+            // would queue behind it can run elsewhere, or here once it is done.
+            let since = *self.head_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= Duration::from_nanos(LONG_CALL_NS) {
+                self.shared.queue.register(cx, self.worker.index);
+                return false;
+            }
+        }
+        let (in_flight, mut withdrawn) = (&mut self.in_flight, 0);
+        let slot = self.worker.index;
+        let taken =
+            self.shared.queue.poll_take(cx, slot, room, busy, &mut withdrawn, |job| in_flight.push_back(job));
+        Counters::add(&self.shared.counters.cancelled, withdrawn);
         if let Poll::Ready(taken) = taken {
             self.unwritten += taken;
             self.shared.counters.running.fetch_add(taken, Ordering::AcqRel);

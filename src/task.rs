@@ -190,43 +190,57 @@ where
     fn invoke(&self, body: &[u8], items: u32, out: &mut BytesMut) {
         let mut rest = body;
         for done in 0..items {
-            let input = match postcard::take_from_bytes::<I>(rest) {
-                Ok((input, tail)) => {
-                    rest = tail;
-                    input
+            let start = out.len();
+            // Where the input ended, once decoded: a panic in a `Deserialize` impl
+            // leaves the rest of the body unreadable, one after it does not.
+            let mut decoded_tail = None;
+            // Decoding, the call, encoding and dropping the output all run under
+            // `catch_panic`: a panicking serde impl or destructor fails this input only.
+            let step = catch_panic(|| {
+                let (input, tail) = postcard::take_from_bytes::<I>(rest).map_err(|err| {
+                    Outcome::BadInput { message: format!("cannot decode a `{}`: {err}", type_name::<I>()) }
+                })?;
+                decoded_tail = Some(tail);
+                let output = (self.function)(input);
+                encode_outcome(out, &Outcome::Ok);
+                if let Err(err) = protocol::encode_into(out, &output) {
+                    out.truncate(start);
+                    encode_outcome(
+                        out,
+                        &Outcome::Panicked {
+                            message: format!("cannot encode the `{}` it returned: {err}", type_name::<O>()),
+                            location: None,
+                            backtrace: None,
+                        },
+                    );
                 }
-                Err(err) => {
-                    // Inputs are not self-delimiting once one fails, so the rest of
-                    // the call is lost with it.
-                    let outcome = Outcome::BadInput {
-                        message: format!("cannot decode a `{}`: {err}", type_name::<I>()),
+                Ok(())
+            });
+            let failure = match step {
+                Ok(Ok(())) => None,
+                Ok(Err(bad_input)) => Some(bad_input),
+                Err(panic) => Some(panic),
+            };
+            if let Some(outcome) = failure {
+                out.truncate(start);
+                encode_outcome(out, &outcome);
+            }
+            match decoded_tail {
+                Some(tail) => rest = tail,
+                None => {
+                    // Inputs are not self-delimiting: past one that could not be
+                    // decoded, the rest of the call is lost with it.
+                    let lost = Outcome::BadInput {
+                        message: format!(
+                            "an earlier input of this call could not be decoded as `{}`",
+                            type_name::<I>()
+                        ),
                     };
-                    for _ in done..items {
-                        encode_outcome(out, &outcome);
+                    for _ in done + 1..items {
+                        encode_outcome(out, &lost);
                     }
                     return;
                 }
-            };
-            match catch_panic(|| (self.function)(input)) {
-                Ok(output) => {
-                    let start = out.len();
-                    encode_outcome(out, &Outcome::Ok);
-                    if let Err(err) = protocol::encode_into(out, &output) {
-                        out.truncate(start);
-                        encode_outcome(
-                            out,
-                            &Outcome::Panicked {
-                                message: format!(
-                                    "cannot encode the `{}` it returned: {err}",
-                                    type_name::<O>()
-                                ),
-                                location: None,
-                                backtrace: None,
-                            },
-                        );
-                    }
-                }
-                Err(panic) => encode_outcome(out, &panic),
             }
         }
     }
@@ -473,6 +487,45 @@ mod tests {
         TASKS.get(1).unwrap().invoke(&[200, 1, b'x'], 2, &mut out);
         let results = decode_outcomes::<String>(&out, 2);
         assert!(results.iter().all(|r| matches!(r, Err(Outcome::BadInput { .. }))));
+    }
+
+    /// A type whose serde impls panic on demand.
+    #[derive(Debug)]
+    struct Touchy(u8);
+
+    impl Serialize for Touchy {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            assert!(self.0 != 2, "cannot serialize 2");
+            serializer.serialize_u8(self.0)
+        }
+    }
+
+    impl<'de> serde::Deserialize<'de> for Touchy {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            let value = u8::deserialize(deserializer)?;
+            assert!(value != 1, "cannot deserialize 1");
+            Ok(Touchy(value))
+        }
+    }
+
+    #[test]
+    fn panicking_serde_impls_fail_their_input_only() {
+        const ECHO: Task<Touchy, Touchy> = Task::new("echo", |x| x);
+        let mut out = BytesMut::new();
+        // 0 is fine, 2 panics when its output is encoded, 3 is fine, 1 panics
+        // when decoded (and takes the rest of the call with it), 0 is lost.
+        let body = encode_inputs(&[0u8, 2, 3, 1, 0]);
+        ECHO.invoke(&body, 5, &mut out);
+        let results = decode_outcomes::<u8>(&out, 5);
+        assert_eq!(results[0], Ok(0));
+        assert!(
+            matches!(&results[1], Err(Outcome::Panicked { message, .. }) if message == "cannot serialize 2")
+        );
+        assert_eq!(results[2], Ok(3));
+        assert!(
+            matches!(&results[3], Err(Outcome::Panicked { message, .. }) if message == "cannot deserialize 1")
+        );
+        assert!(matches!(&results[4], Err(Outcome::BadInput { .. })));
     }
 
     #[test]

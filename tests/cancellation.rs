@@ -103,3 +103,24 @@ async fn a_cancellation_storm_of_large_maps_leaves_slots_and_workers_as_they_wer
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_drop_is_noticed_even_right_after_a_burst_of_calls() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        for round in 0..3 {
+            // Thousands of replies in a row use up the supervisor's scheduling budget.
+            let burst: Vec<_> = (0..30_000u64).map(|i| exec.spawn(double, i)).collect();
+            let started = marker(&format!("burst-{round}"));
+            let long = exec.spawn(touch_then_spin, started.display().to_string());
+            for call in burst {
+                call.await.unwrap();
+            }
+            wait_for_file(&started).await;
+            let before = exec.stats().exits.cancelled;
+            drop(long);
+            eventually("the dropped spinning call is killed", || exec.stats().exits.cancelled > before).await;
+        }
+    })
+    .await;
+}

@@ -188,3 +188,16 @@ fn workers_die_with_a_parent_killed_by_sigkill() {
 fn spinning_workers_die_with_a_parent_killed_by_sigkill() {
     kill_parent_and_time_the_workers(true);
 }
+
+#[test]
+fn shutdown_and_recycling_kill_what_tasks_started() {
+    serial(async {
+        let exec = builder(1).max_tasks_per_worker(2).build().await.unwrap();
+        let recycled = exec.spawn(start_grandchild, 600).await.unwrap();
+        exec.spawn(square, 2).await.unwrap(); // the second task: the worker is recycled
+        eventually("a recycled worker's grandchild is killed", || !alive(recycled)).await;
+        let at_shutdown = exec.spawn(start_grandchild, 600).await.unwrap();
+        exec.shutdown().await;
+        eventually("a grandchild is killed at shutdown", || !alive(at_shutdown)).await;
+    });
+}

@@ -75,3 +75,39 @@ fn ctrl_c_reaches_the_parent_only_and_it_shuts_down_gracefully() {
     assert_eq!(rest, ["INTERRUPTED", "RESULT 500"], "the call in flight finished after the Ctrl-C");
     assert!(workers.iter().all(|&pid| !alive(pid)), "the workers exited with the shutdown");
 }
+
+#[tokio::test]
+async fn shutdown_returns_even_when_a_withdrawn_call_is_queued() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let kept = exec.spawn(sleep_ms, 300);
+        let withdrawn = exec.spawn(sleep_ms, 10);
+        drop(withdrawn);
+        exec.shutdown().await;
+        assert_eq!(kept.await.unwrap(), 300);
+        assert_eq!(exec.stats().cancelled, 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn calls_handed_back_by_a_dying_worker_after_shutdown_now_fail_with_shutdown() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        exec.map(double, 0..20_000u64).await.unwrap(); // a wide prefetch window
+        let worker = exec.spawn(pid, ()).await.unwrap();
+        let running = exec.spawn(sleep_ms, 60_000);
+        let prefetched = exec.spawn(square, 4);
+        eventually("both calls are with the worker", || exec.stats().running == 2).await;
+        // Hold the worker's stderr open, as a grandchild in another group would: the
+        // supervisor then lingers over the crash while shutdown_now runs.
+        let _stderr = std::fs::OpenOptions::new().write(true).open(format!("/proc/{worker}/fd/2")).unwrap();
+        // SAFETY: kill(2) touches no memory.
+        unsafe { libc::kill(worker as i32, libc::SIGKILL) };
+        eventually("the death is noticed", || exec.stats().workers == 0).await;
+        exec.shutdown_now().await;
+        assert!(running.await.unwrap_err().is_worker_crash());
+        assert!(matches!(prefetched.await, Err(Error::Shutdown)));
+    })
+    .await;
+}

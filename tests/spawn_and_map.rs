@@ -196,3 +196,33 @@ fn many_callers_on_a_multi_threaded_runtime() {
         }
     }));
 }
+
+#[tokio::test]
+async fn a_call_goes_to_an_idle_worker_not_behind_a_long_call() {
+    hang_guard(async {
+        let exec = executor(2).await;
+        exec.map(double, 0..20_000u64).await.unwrap(); // both windows wide open
+        // One worker is now busy for a long time; the other is idle.
+        let blocker = exec.spawn(sleep_ms, 60_000);
+        eventually("the long call runs", || exec.stats().running == 1).await;
+        let quick = std::time::Instant::now();
+        assert_eq!(exec.spawn(square, 3).await.unwrap(), 9);
+        assert!(quick.elapsed() < std::time::Duration::from_secs(30), "it did not wait for the long call");
+        drop(blocker);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn map_outputs_that_fit_one_by_one_never_fail_for_their_chunk() {
+    hang_guard(async {
+        let exec = builder(2).max_frame_len(1 << 20).build().await.unwrap();
+        let outputs: Vec<_> =
+            exec.map_stream(make_bytes, stream::iter(vec![50_000u64; 2_000])).collect().await;
+        assert_eq!(outputs.len(), 2_000);
+        for output in outputs {
+            assert_eq!(output.expect("each output is under the frame limit").len(), 50_000);
+        }
+    })
+    .await;
+}

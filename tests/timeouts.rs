@@ -102,3 +102,14 @@ async fn a_timed_out_call_is_retried_then_reported() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_timeout_too_large_to_represent_means_no_limit() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        assert_eq!(exec.with_timeout(Duration::MAX).spawn(square, 3).await.unwrap(), 9);
+        assert_eq!(exec.with_timeout(Duration::ZERO).spawn(square, 4).await.unwrap(), 16);
+        assert_eq!(exec.spawn(square, 5).await.unwrap(), 25);
+    })
+    .await;
+}
