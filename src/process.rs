@@ -97,7 +97,7 @@ impl WorkerProcess {
         command
             .args(&config.args)
             .envs(config.env.iter().map(|(k, v)| (k, v)))
-            .env(protocol::WORKER_ENV, "1");
+            .env(protocol::WORKER_ENV, std::process::id().to_string());
         sys::prepare_worker_command(&mut command);
         let stdio = [request_read, reply_write, stderr_write].map(Stdio::from);
         let child = spawn(command, stdio).await.map_err(|e| fail("cannot spawn it", e))?;

@@ -32,35 +32,34 @@ pub(crate) fn grow_pipe(fd: BorrowedFd<'_>, bytes: usize) {
     let _ = (fd, bytes);
 }
 
-/// Sets up a worker command so the worker cannot outlive its parent and is not hit by
-/// a terminal's Ctrl-C.
+/// Sets up a worker command so the worker is not hit by a terminal's Ctrl-C: it gets
+/// its own process group, and the parent decides what a Ctrl-C means.
 ///
-/// The worker gets its own process group (the parent decides what a Ctrl-C means),
-/// and on Linux `PR_SET_PDEATHSIG(SIGKILL)`. The death signal fires when the *thread*
-/// that forked the child exits, so workers must be spawned from a thread that lives as
-/// long as the process (see `process::spawner`).
+/// Nothing runs in the child before exec, so std can use `posix_spawn` rather than
+/// fork a large multi-threaded parent: the worker ties its life to the parent
+/// itself, first thing (see [`die_with_parent`]).
 pub(crate) fn prepare_worker_command(cmd: &mut Command) {
     cmd.process_group(0);
+}
+
+/// In a worker: asks Linux to `SIGKILL` this process when its parent dies
+/// (`PR_SET_PDEATHSIG`), then checks that `parent` (the executor's process) is still
+/// alive, since it may have died before the request. Returns false if it is gone.
+///
+/// The death signal fires when the *thread* that spawned the child exits, so workers
+/// are spawned from a thread that lives as long as the process (`process::spawn`).
+/// Elsewhere than Linux only the check runs; the hang-up watcher does the rest.
+pub(crate) fn die_with_parent(parent: u32) -> bool {
     #[cfg(target_os = "linux")]
-    {
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: the closure runs in the forked child before exec. It calls only
-        // async-signal-safe functions (prctl, getppid), allocates nothing, and takes no
-        // lock, so it cannot deadlock on state copied from the parent's other threads.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // The parent may have died between fork and prctl; then no signal
-                // will ever come, so refuse to start.
-                if libc::getppid() != parent {
-                    return Err(io::Error::from(io::ErrorKind::BrokenPipe));
-                }
-                Ok(())
-            });
-        }
+    // SAFETY: prctl(PR_SET_PDEATHSIG) reads no memory.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
     }
+    let Ok(parent) = libc::pid_t::try_from(parent) else {
+        return true;
+    };
+    // SAFETY: getppid and kill(pid, 0) touch no memory; signal 0 only checks existence.
+    unsafe { libc::getppid() == parent || libc::kill(parent, 0) == 0 }
 }
 
 /// Kills a worker's whole process group, so grandchildren a task started die with it.

@@ -84,6 +84,11 @@ pub fn serve_worker(tasks: &'static Registry) -> ! {
 }
 
 fn serve(tasks: &'static Registry) -> io::Result<()> {
+    // Before anything else: a worker must not outlive the executor's process.
+    let parent = std::env::var(protocol::WORKER_ENV).ok().and_then(|pid| pid.parse().ok());
+    if parent.is_some_and(|parent| !sys::die_with_parent(parent)) {
+        return Err(io::Error::other("the parent process is already gone"));
+    }
     if let Some(name) = tasks.duplicate_name() {
         return Err(io::Error::other(format!("two tasks are named `{name}`")));
     }
