@@ -8,6 +8,7 @@
 //! repetitions; ratios compare figures measured in this same run.
 
 mod peers;
+mod pin;
 mod raw;
 mod table;
 
@@ -27,6 +28,9 @@ procexec::tasks! {
 
     /// W3: sends the payload back.
     pub fn echo(data: ByteBuf) -> ByteBuf { data }
+
+    /// The worker's process id.
+    pub fn worker_pid() -> u32 { std::process::id() }
 }
 
 /// Pure compute the optimizer cannot remove.
@@ -367,17 +371,49 @@ fn w4(config: &Config, table: &mut Table) {
 }
 
 fn w5(config: &Config, table: &mut Table) {
-    table.workload("W5", "W5 latency: one trivial call at a time, round trip", "µs", Better::Lower);
     let micros =
         |samples: &[Duration]| -> Vec<f64> { samples.iter().map(|d| d.as_secs_f64() * 1e6).collect() };
+    let calls = (W5_CALLS * config.reps / 3).max(W5_CALLS);
+    for placement in [pin::Placement::CrossCpu, pin::Placement::SameCpu] {
+        let id = if matches!(placement, pin::Placement::CrossCpu) { "W5" } else { "W5s" };
+        let name = format!("W5 latency: one trivial call at a time, round trip, {}", placement.label());
+        table.workload(id, &name, "µs", Better::Lower);
+        for multi in [true, false] {
+            runtime(multi).block_on(async {
+                let exec = executor().await;
+                // Both workers on the workers' CPU (calls go to either).
+                let pids: std::collections::HashSet<u32> =
+                    exec.map(worker_pid, [(); 64]).await.unwrap().into_iter().collect();
+                pids.iter().for_each(|&pid| placement.pin_child(pid));
+                placement.pin_parent();
+                for i in 0..200 {
+                    exec.spawn(double, i).await.unwrap();
+                }
+                let mut rtts = Vec::with_capacity(calls);
+                for i in 0..calls as u64 {
+                    let start = Instant::now();
+                    exec.spawn(double, i).await.unwrap();
+                    rtts.push(start.elapsed());
+                }
+                table.row(
+                    Kind::Procexec,
+                    &format!("procexec spawn().await, {}", flavor(multi)),
+                    micros(&rtts),
+                );
+                exec.shutdown().await;
+            });
+            pin::unpin_parent();
+        }
+        table.row(Kind::Limit, "raw pipes, 8-byte ping-pong", micros(&raw::ping_pong(calls, placement)));
+        pin::unpin_parent();
+    }
+    // The peers, left to the scheduler, with procexec beside them the same way.
+    table.workload("W5p", "W5 latency, placement left to the scheduler", "µs", Better::Lower);
     for multi in [true, false] {
         runtime(multi).block_on(async {
             let exec = executor().await;
-            for i in 0..200 {
-                exec.spawn(double, i).await.unwrap();
-            }
-            let mut rtts = Vec::with_capacity(W5_CALLS * config.reps);
-            for i in 0..(W5_CALLS * config.reps / 3).max(W5_CALLS) as u64 {
+            let mut rtts = Vec::with_capacity(calls);
+            for i in 0..calls as u64 {
                 let start = Instant::now();
                 exec.spawn(double, i).await.unwrap();
                 rtts.push(start.elapsed());
@@ -392,7 +428,11 @@ fn w5(config: &Config, table: &mut Table) {
         }
     }
     table.row(Kind::Peer, "procspawn Pool::spawn + join", micros(&peers::procspawn_latency(W5_CALLS)));
-    table.row(Kind::Limit, "raw pipes, 8-byte ping-pong", micros(&raw::ping_pong(W5_CALLS)));
+    table.row(
+        Kind::Limit,
+        "raw pipes, 8-byte ping-pong",
+        micros(&raw::ping_pong(calls, pin::Placement::Free)),
+    );
 }
 
 fn median(samples: &[Duration]) -> Duration {

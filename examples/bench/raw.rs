@@ -94,8 +94,10 @@ impl Pair {
 }
 
 /// W5: round trips of an 8-byte word, one at a time.
-pub fn ping_pong(calls: usize) -> Vec<Duration> {
+pub fn ping_pong(calls: usize, placement: crate::pin::Placement) -> Vec<Duration> {
     let mut pair = start("pingpong");
+    placement.pin_parent();
+    placement.pin_child(pair.child.id());
     let mut word = [0u8; 8];
     let mut rtts = Vec::with_capacity(calls);
     for i in 0..calls + 100 {

@@ -135,6 +135,23 @@ impl Table {
             let spawn = self.value("W1", &format!("(b) procexec spawn each, {flavor}"));
             check(&format!("W1(b) spawn each, {flavor}: µs per task"), spawn, 1.0, false);
         }
+        for flavor in ["multi-thread", "current-thread"] {
+            let spawn = self.value("W1", &format!("(b) procexec spawn each, {flavor}"));
+            let python = self.value("W1", "Python Pool.map (chunksize=1)");
+            check(
+                &format!("W1(b) spawn each, {flavor}: times faster than Python chunksize=1"),
+                ratio(python, spawn),
+                14.0,
+                true,
+            );
+            let procspawn = self.value("W1", "procspawn");
+            check(
+                &format!("W1(b) spawn each, {flavor}: times faster than procspawn"),
+                ratio(procspawn, spawn),
+                35.0,
+                true,
+            );
+        }
         check("W2 map: parallel efficiency", self.value("W2", "procexec map"), 0.98, true);
         let w3 = self.value("W3", "procexec");
         check("W3: fraction of the raw-pipe limit", ratio(w3, self.value("W3", "raw pipes")), 0.6, true);
@@ -156,14 +173,12 @@ impl Table {
             3.0,
             true,
         );
-        for flavor in ["multi-thread", "current-thread"] {
-            let rtt = self.value("W5", &format!("procexec spawn().await, {flavor}"));
-            check(
-                &format!("W5, {flavor}: round trip / raw ping-pong"),
-                ratio(rtt, self.value("W5", "raw pipes")),
-                1.25,
-                false,
-            );
+        for (id, placement) in [("W5", "across CPUs"), ("W5s", "same CPU")] {
+            for flavor in ["multi-thread", "current-thread"] {
+                let rtt = self.value(id, &format!("procexec spawn().await, {flavor}"));
+                let what = format!("W5 {placement}, {flavor}: round trip / raw ping-pong");
+                check(&what, ratio(rtt, self.value(id, "raw pipes")), 1.25, false);
+            }
         }
     }
 }
