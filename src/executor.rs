@@ -472,7 +472,9 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Ok(Ok(delivery))) => {
                     let mut body: &[u8] = &delivery.body;
-                    Poll::Ready(decode_outcome(task, &mut body))
+                    let output = crate::blob::decode_from(&delivery.body, || decode_outcome(task, &mut body));
+                    crate::blob::release(&delivery.body);
+                    Poll::Ready(output)
                 }
                 Poll::Ready(Ok(Err(err))) => Poll::Ready(Err(err)),
                 Poll::Ready(Err(_)) => Poll::Ready(Err(Error::Shutdown)),
@@ -490,9 +492,19 @@ impl<O> fmt::Debug for TaskHandle<O> {
 
 /// Decodes the next outcome of a reply body, advancing `body` past it.
 pub(crate) fn decode_outcome<O: DeserializeOwned>(task: &str, body: &mut &[u8]) -> Result<O> {
-    let (outcome, rest) = postcard::take_from_bytes::<Outcome>(body)
-        .map_err(|err| Error::codec(task, Direction::Output, "decode", err))?;
-    *body = rest;
+    let outcome = match body.split_first() {
+        // The common case, without going through serde.
+        Some((&crate::protocol::OUTCOME_OK, rest)) => {
+            *body = rest;
+            Outcome::Ok
+        }
+        _ => {
+            let (outcome, rest) = postcard::take_from_bytes::<Outcome>(body)
+                .map_err(|err| Error::codec(task, Direction::Output, "decode", err))?;
+            *body = rest;
+            outcome
+        }
+    };
     match outcome {
         Outcome::Ok => {
             let (output, rest) = postcard::take_from_bytes::<O>(body)

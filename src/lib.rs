@@ -63,6 +63,7 @@
 #![deny(unsafe_code)]
 #![cfg(unix)]
 
+mod blob;
 mod builder;
 mod dispatch;
 mod error;
@@ -80,6 +81,7 @@ mod sys;
 mod task;
 mod worker;
 
+pub use blob::Blob;
 pub use builder::{Builder, InitOutput};
 pub use dispatch::CancelPolicy;
 pub use error::{

@@ -92,6 +92,10 @@ impl<O: DeserializeOwned> Future for Map<'_, O> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Vec<O>>> {
         let this = self.get_mut();
         loop {
+            // Everything already here, in one tight loop rather than a poll each.
+            if let Err(err) = this.stream.core.drain_ready(&mut this.outputs) {
+                return Poll::Ready(Err(err));
+            }
             match ready!(this.stream.poll_next_unpin(cx)) {
                 Some(Ok(output)) => this.outputs.push(output),
                 Some(Err(err)) => return Poll::Ready(Err(err)),
@@ -250,13 +254,19 @@ impl Chunk {
             return Some(Err(error.clone()));
         }
         let mut rest = &self.body[self.offset..];
-        let result = decode_outcome(task, &mut rest);
+        let result = crate::blob::decode_from(&self.body, || decode_outcome(task, &mut rest));
         self.offset = self.body.len() - rest.len();
         if let Err(err @ Error::Codec { direction: Direction::Output, .. }) = &result {
             // Outputs are not self-delimiting: past an undecodable one, none can be found.
             self.error = Some(err.clone());
         }
         Some(result)
+    }
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        crate::blob::release(&self.body);
     }
 }
 
@@ -299,6 +309,8 @@ struct MapCore<'a, O> {
     item_ns: Option<u64>,
     /// Recent largest encoded output per item, in bytes.
     output_bytes: u64,
+    /// Size of the last chunk frame, to allocate the next one at once.
+    last_frame_len: usize,
     /// Results yielded since the window was last refilled.
     yielded: u32,
     deadline: Option<(Pin<Box<Sleep>>, Duration)>,
@@ -335,6 +347,7 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             ready: VecDeque::new(),
             item_ns: None,
             output_bytes: 0,
+            last_frame_len: 256,
             yielded: 0,
             deadline: None,
             finished: false,
@@ -401,6 +414,18 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             }
             return Poll::Pending;
         }
+    }
+
+    /// Moves every output of the chunks ready, in order, to `outputs`; stops at the
+    /// first error (which is consumed and returned).
+    fn drain_ready(&mut self, outputs: &mut Vec<O>) -> Result<()> {
+        while let Some(chunk) = self.ready.front_mut() {
+            while let Some(result) = chunk.next(self.task) {
+                outputs.push(result?);
+            }
+            self.ready.pop_front();
+        }
+        Ok(())
     }
 
     /// Stops the map: nothing more is read, sent or yielded.
@@ -540,7 +565,7 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
         let track_inputs = self.options.retries > 0;
         while self.has_room() && (self.source.is_some() || self.carry.is_some()) {
             let target = self.chunk_target();
-            let mut chunk = ChunkBuilder::new(&self.shared, task_index, track_inputs);
+            let mut chunk = ChunkBuilder::new(&self.shared, task_index, track_inputs, self.last_frame_len);
             let mut source_pending = false;
             if let Some(carried) = self.carry.take() {
                 chunk.buf.extend_from_slice(&carried);
@@ -570,7 +595,7 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
                         let error = Error::codec(self.task, Direction::Input, "encode", err);
                         let seq = self.next_seq();
                         self.finish(seq, Chunk::failed(1, error));
-                        chunk = ChunkBuilder::new(&self.shared, task_index, track_inputs);
+                        chunk = ChunkBuilder::new(&self.shared, task_index, track_inputs, 256);
                         break;
                     }
                     Poll::Ready(None) => self.source = None,
@@ -593,6 +618,7 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
         if items == 0 {
             return;
         }
+        self.last_frame_len = chunk.buf.len();
         chunk.buf[chunk.count_at..chunk.count_at + Count::WIDTH].copy_from_slice(&Count::new(items).0);
         let seq = self.next_seq();
         let limit = self.shared.max_frame_len();
@@ -650,8 +676,10 @@ struct ChunkBuilder {
 }
 
 impl ChunkBuilder {
-    fn new(shared: &Shared, task_index: u32, track_inputs: bool) -> Self {
-        let mut buf = BytesMut::with_capacity(256);
+    fn new(shared: &Shared, task_index: u32, track_inputs: bool, capacity: usize) -> Self {
+        // Sized like the last chunk: growing a large frame by doubling copies it
+        // over and over.
+        let mut buf = BytesMut::with_capacity(capacity.clamp(256, 2 * MAX_CHUNK_BYTES + 4096));
         let (id, start, count_at) = shared.call_frame(task_index, 0, &mut buf);
         let body_start = buf.len();
         ChunkBuilder {

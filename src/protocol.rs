@@ -118,6 +118,10 @@ pub(crate) struct TaskInfo {
     pub(crate) output: String,
 }
 
+/// How postcard encodes [`Outcome::Ok`] (variant 0): checked and written as a raw
+/// byte on the hot path of every output.
+pub(crate) const OUTCOME_OK: u8 = 0;
+
 /// What became of one input of a call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Outcome {
@@ -263,6 +267,12 @@ mod tests {
             split_header::<Reply>(&buf).unwrap().0,
             Reply::Done { id: 300, busy_ns: Fixed64::new(123_456_789), peak_rss_kib: Fixed64::new(4096) }
         );
+    }
+
+    #[test]
+    fn outcome_ok_is_the_single_byte_the_fast_paths_use() {
+        assert_eq!(postcard::to_allocvec(&Outcome::Ok).unwrap(), [OUTCOME_OK]);
+        assert_eq!(postcard::from_bytes::<Outcome>(&[OUTCOME_OK]).unwrap(), Outcome::Ok);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
-use std::io::{self, IoSlice};
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -32,8 +32,10 @@ const PREFETCH_NS: u64 = 300_000;
 const LONG_CALL_NS: u64 = 2_000_000;
 /// Upper bound on calls in flight to one worker.
 const MAX_DEPTH: usize = 256;
-/// IO slices per vectored write.
-const MAX_SLICES: usize = 64;
+/// Frames up to this size are copied into one buffer and written together.
+const SMALL_FRAME: usize = 8 * 1024;
+/// How much to stage before writing.
+const STAGE_LIMIT: usize = 64 * 1024;
 /// Consecutive failed starts after which a slot gives up.
 const MAX_START_FAILURES: u32 = 5;
 /// How long a worker told to exit may take before it is killed.
@@ -312,8 +314,14 @@ struct Session<'a> {
     in_flight: VecDeque<Job>,
     /// How many jobs at the back of `in_flight` are not yet fully written.
     unwritten: usize,
-    /// Bytes already written of the first of those.
+    /// Bytes already written of the first of those, when it is written directly.
     written: usize,
+    /// Copies of the oldest unwritten frames, when small, to write in one go.
+    staged: BytesMut,
+    /// Where each staged frame ends in `staged`.
+    staged_ends: VecDeque<usize>,
+    /// Bytes of `staged` already written.
+    staged_pos: usize,
     /// The request pipe broke; replies are read until the stream ends.
     write_closed: bool,
     /// Moving average of the worker's time per call.
@@ -341,6 +349,9 @@ impl<'a> Session<'a> {
             in_flight: VecDeque::new(),
             unwritten: 0,
             written: 0,
+            staged: BytesMut::new(),
+            staged_ends: VecDeque::new(),
+            staged_pos: 0,
             write_closed: false,
             service_ns,
             head_running: false,
@@ -579,26 +590,42 @@ impl<'a> Session<'a> {
         };
         while self.unwritten > 0 && !self.write_closed {
             let first = self.in_flight.len() - self.unwritten;
-            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            let mut count = 0;
-            for (i, job) in self.in_flight.range(first..).take(MAX_SLICES).enumerate() {
-                slices[i] = IoSlice::new(if i == 0 { &job.frame[self.written..] } else { &job.frame });
-                count += 1;
+            if self.staged_ends.is_empty() {
+                // Small frames go out copied into one buffer: one long write costs the
+                // kernel far less than dozens of tiny ones in a vector.
+                for job in self.in_flight.range(first..) {
+                    if job.frame.len() > SMALL_FRAME || self.staged.len() >= STAGE_LIMIT {
+                        break;
+                    }
+                    self.staged.extend_from_slice(&job.frame);
+                    self.staged_ends.push_back(self.staged.len());
+                }
             }
-            match Pin::new(&mut *requests).poll_write_vectored(cx, &slices[..count]) {
+            let staging = !self.staged_ends.is_empty();
+            let bytes = if staging {
+                &self.staged[self.staged_pos..]
+            } else {
+                &self.in_flight[first].frame[self.written..]
+            };
+            match Pin::new(&mut *requests).poll_write(cx, bytes) {
                 Poll::Ready(Ok(0)) => self.write_closed = true,
-                Poll::Ready(Ok(mut n)) => {
-                    while n > 0 {
-                        let first = self.in_flight.len() - self.unwritten;
-                        let left = self.in_flight[first].frame.len() - self.written;
-                        if n >= left {
-                            n -= left;
-                            self.written = 0;
-                            self.unwritten -= 1;
-                        } else {
-                            self.written += n;
-                            n = 0;
-                        }
+                Poll::Ready(Ok(n)) if staging => {
+                    self.staged_pos += n;
+                    while self.staged_ends.front().is_some_and(|&end| end <= self.staged_pos) {
+                        self.staged_ends.pop_front();
+                        self.unwritten -= 1;
+                    }
+                    if self.staged_ends.is_empty() {
+                        self.staged.clear();
+                        self.staged_pos = 0;
+                    }
+                }
+                // A large frame goes out as it is, without a copy.
+                Poll::Ready(Ok(n)) => {
+                    self.written += n;
+                    if self.written == self.in_flight[first].frame.len() {
+                        self.written = 0;
+                        self.unwritten -= 1;
                     }
                 }
                 Poll::Ready(Err(err)) if err.kind() == io::ErrorKind::Interrupted => {}

@@ -3,7 +3,7 @@
 use std::any::type_name;
 use std::fmt;
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -189,58 +189,68 @@ where
 
     fn invoke(&self, body: &[u8], items: u32, out: &mut BytesMut) {
         let mut rest = body;
-        for done in 0..items {
-            let start = out.len();
-            // Where the input ended, once decoded: a panic in a `Deserialize` impl
-            // leaves the rest of the body unreadable, one after it does not.
-            let mut decoded_tail = None;
+        let mut done = 0;
+        while done < items {
+            // Where the current input's outcome starts, and whether the input was
+            // decoded: a panic in a `Deserialize` impl leaves the rest of the body
+            // unreadable, one after it does not.
+            let mut start = out.len();
+            let mut decoded = false;
             // Decoding, the call, encoding and dropping the output all run under
-            // `catch_panic`: a panicking serde impl or destructor fails this input only.
+            // `catch_panic`, once for a whole run of inputs rather than per input: a
+            // panicking task or serde impl or destructor fails its input only.
             let step = catch_panic(|| {
-                let (input, tail) = postcard::take_from_bytes::<I>(rest).map_err(|err| {
-                    Outcome::BadInput { message: format!("cannot decode a `{}`: {err}", type_name::<I>()) }
-                })?;
-                decoded_tail = Some(tail);
-                let output = (self.function)(input);
-                encode_outcome(out, &Outcome::Ok);
-                if let Err(err) = protocol::encode_into(out, &output) {
-                    out.truncate(start);
-                    encode_outcome(
-                        out,
-                        &Outcome::Panicked {
-                            message: format!("cannot encode the `{}` it returned: {err}", type_name::<O>()),
-                            location: None,
-                            backtrace: None,
-                        },
-                    );
+                while done < items {
+                    start = out.len();
+                    decoded = false;
+                    let (input, tail) =
+                        postcard::take_from_bytes::<I>(rest).map_err(|err| Outcome::BadInput {
+                            message: format!("cannot decode a `{}`: {err}", type_name::<I>()),
+                        })?;
+                    rest = tail;
+                    decoded = true;
+                    let output = (self.function)(input);
+                    out.put_u8(protocol::OUTCOME_OK);
+                    if let Err(err) = protocol::encode_into(out, &output) {
+                        out.truncate(start);
+                        encode_outcome(
+                            out,
+                            &Outcome::Panicked {
+                                message: format!(
+                                    "cannot encode the `{}` it returned: {err}",
+                                    type_name::<O>()
+                                ),
+                                location: None,
+                                backtrace: None,
+                            },
+                        );
+                    }
+                    drop(output);
+                    done += 1;
                 }
                 Ok(())
             });
             let failure = match step {
-                Ok(Ok(())) => None,
-                Ok(Err(bad_input)) => Some(bad_input),
-                Err(panic) => Some(panic),
+                Ok(Ok(())) => return,
+                Ok(Err(bad_input)) => bad_input,
+                Err(panic) => panic,
             };
-            if let Some(outcome) = failure {
-                out.truncate(start);
-                encode_outcome(out, &outcome);
-            }
-            match decoded_tail {
-                Some(tail) => rest = tail,
-                None => {
-                    // Inputs are not self-delimiting: past one that could not be
-                    // decoded, the rest of the call is lost with it.
-                    let lost = Outcome::BadInput {
-                        message: format!(
-                            "an earlier input of this call could not be decoded as `{}`",
-                            type_name::<I>()
-                        ),
-                    };
-                    for _ in done + 1..items {
-                        encode_outcome(out, &lost);
-                    }
-                    return;
+            out.truncate(start);
+            encode_outcome(out, &failure);
+            done += 1;
+            if !decoded {
+                // Inputs are not self-delimiting: past one that could not be
+                // decoded, the rest of the call is lost with it.
+                let lost = Outcome::BadInput {
+                    message: format!(
+                        "an earlier input of this call could not be decoded as `{}`",
+                        type_name::<I>()
+                    ),
+                };
+                for _ in done..items {
+                    encode_outcome(out, &lost);
                 }
+                return;
             }
         }
     }

@@ -16,6 +16,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use tokio_util::codec::{Decoder, LengthDelimitedCodec};
 
+use crate::blob;
 use crate::protocol::{self, Fixed64, Outcome, Reply, Request};
 use crate::sys;
 use crate::task::Registry;
@@ -133,6 +134,7 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
     // buffered: one clock read per call.
     let mut clock = None;
     while let Some(frame) = reader.next_frame()? {
+        let frame = frame.freeze();
         let (request, body) = protocol::split_header::<Request>(&frame).map_err(invalid)?;
         let Request::Call { id, task, items } = request else {
             return Err(invalid("Init sent twice"));
@@ -143,7 +145,11 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         };
         let items = items.get();
         let call = Call { id, task, items, body, started };
-        clock = Some(self::call(tasks, &mut out, max_frame_len, measure_memory, call));
+        // Blob inputs share the request frame instead of copying out of it.
+        let ended =
+            blob::decode_from(&frame, || self::call(tasks, &mut out, max_frame_len, measure_memory, call));
+        blob::release(&frame);
+        clock = Some(ended);
         // One write per reply, before the next call starts: a reply that left the
         // worker survives the worker, so a crash can only lose the call it was in.
         output.write_all(&out)?;

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use procexec::{Executor, WorkerStderr};
-use serde_bytes::ByteBuf;
 use table::{Better, Kind, Table};
 
 procexec::tasks! {
@@ -26,8 +25,8 @@ procexec::tasks! {
     /// W2: pure compute, `iterations` steps of a linear congruential generator.
     pub fn compute(iterations: u64) -> u64 { work(iterations) }
 
-    /// W3: sends the payload back.
-    pub fn echo(data: ByteBuf) -> ByteBuf { data }
+    /// W3: sends the payload back (a Blob: written once, shared on arrival).
+    pub fn echo(data: procexec::Blob) -> procexec::Blob { data }
 
     /// The worker's process id.
     pub fn worker_pid() -> u32 { std::process::id() }
@@ -297,7 +296,7 @@ fn w3(config: &Config, table: &mut Table) {
     };
     runtime(true).block_on(async {
         let exec = executor().await;
-        let payload = ByteBuf::from(vec![7u8; W3_SIZE]);
+        let payload = procexec::Blob::from(vec![7u8; W3_SIZE]);
         let maps = timed_async(config.reps.min(5), || async {
             let inputs = std::iter::repeat_n(payload.clone(), W3_TASKS);
             let mut outputs = exec.map_unordered(echo, futures::stream::iter(inputs));
