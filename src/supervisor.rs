@@ -553,21 +553,30 @@ impl<'a> Session<'a> {
 
     /// Pulls jobs while the window has room; true if any came.
     fn pull(&mut self, cx: &mut Context<'_>) -> bool {
-        let room = self.depth().saturating_sub(self.in_flight.len());
+        let mut depth = self.depth();
+        let busy = !self.in_flight.is_empty();
+        if busy && self.head_running {
+            let ran = self.head_since.get_or_insert_with(Instant::now).elapsed().as_nanos() as u64;
+            depth = match self.service_ns {
+                // Long calls: keep one more queued in the worker, so it need not wait
+                // for this process to be scheduled between calls (with every CPU busy
+                // that can take milliseconds); but only while plenty of work waits
+                // (not near the end of a map) and this call is not unusually long.
+                Some(average) if average >= LONG_CALL_NS => {
+                    let plenty = self.shared.queue.len() >= self.shared.processes;
+                    if plenty && ran < 2 * average { 2 } else { 1 }
+                }
+                // The averages may say calls are short, but this one has run long: what
+                // would queue behind it can run elsewhere, or here once it is done.
+                _ if ran >= LONG_CALL_NS => 1,
+                _ => depth,
+            };
+        }
+        let room = depth.saturating_sub(self.in_flight.len());
         if self.write_closed || self.retiring.is_some() || room == 0 {
             // Still be woken for shutdown and cancellations.
             self.shared.queue.register(cx, self.worker.index);
             return false;
-        }
-        let busy = !self.in_flight.is_empty();
-        if busy && self.head_running {
-            // The averages may say calls are short, but this one has run long: what
-            // would queue behind it can run elsewhere, or here once it is done.
-            let since = *self.head_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= Duration::from_nanos(LONG_CALL_NS) {
-                self.shared.queue.register(cx, self.worker.index);
-                return false;
-            }
         }
         let (in_flight, mut withdrawn) = (&mut self.in_flight, 0);
         let slot = self.worker.index;
