@@ -70,6 +70,16 @@ struct Pair {
 }
 
 fn start(mode: &str) -> Pair {
+    let pair = start_plain(mode);
+    for fd in [pair.stdin.as_raw_fd(), pair.stdout.as_raw_fd()] {
+        // SAFETY: F_SETPIPE_SZ on a pipe we own reads no memory.
+        unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, PIPE_SIZE) };
+    }
+    pair
+}
+
+/// A child in `mode`, with default pipes.
+fn start_plain(mode: &str) -> Pair {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["raw-child", mode])
         .stdin(Stdio::piped())
@@ -78,10 +88,6 @@ fn start(mode: &str) -> Pair {
         .unwrap();
     let stdin = child.stdin.take().unwrap();
     let stdout = child.stdout.take().unwrap();
-    for fd in [stdin.as_raw_fd(), stdout.as_raw_fd()] {
-        // SAFETY: F_SETPIPE_SZ on a pipe we own reads no memory.
-        unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, PIPE_SIZE) };
-    }
     Pair { child, stdin, stdout }
 }
 
@@ -173,7 +179,7 @@ pub fn echo(tasks: usize, size: usize) -> Duration {
 /// (start-up, teardown).
 pub fn bare_spawn() -> (Duration, Duration) {
     let start = Instant::now();
-    let mut pairs: Vec<Pair> = (0..2).map(|_| start_ready()).collect();
+    let mut pairs: Vec<Pair> = (0..2).map(|_| start_plain("ready")).collect();
     for pair in &mut pairs {
         let mut byte = [0u8; 1];
         pair.stdout.read_exact(&mut byte).unwrap();
@@ -182,16 +188,4 @@ pub fn bare_spawn() -> (Duration, Duration) {
     let start = Instant::now();
     pairs.into_iter().for_each(Pair::finish);
     (started, start.elapsed())
-}
-
-fn start_ready() -> Pair {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["raw-child", "ready"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdin = child.stdin.take().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    Pair { child, stdin, stdout }
 }
