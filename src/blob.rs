@@ -16,8 +16,9 @@ use serde::{Deserialize, Serialize, Serializer};
 /// not copy at all: it shares the memory of the frame it came in, like
 /// [`bytes::Bytes`]. Cloning one is a reference-count increment.
 ///
-/// A `Blob` taken from a large reply keeps that whole reply alive; copy it
-/// (`Blob::copy_from_slice`) if you keep a small part of a large reply for long.
+/// A `Blob` of 4 KiB or more taken from a reply keeps that whole reply alive (smaller
+/// ones are copied); copy it (`Blob::copy_from_slice`) if you keep a small part of a
+/// large reply for long.
 ///
 /// # Examples
 ///
@@ -125,40 +126,44 @@ thread_local! {
     static FRAME: RefCell<Option<Bytes>> = const { RefCell::new(None) };
 }
 
-/// Runs `decode` with `frame` as the frame blobs may borrow from.
-///
-/// The frame stays registered (a map decodes a chunk's outputs one per poll, and
-/// re-registering per output costs more than decoding it) until [`release`]d or
-/// replaced. A stale registration is harmless: it keeps that frame alive, so no
-/// other data can ever lie inside it.
-pub(crate) fn decode_from<R>(frame: &Bytes, decode: impl FnOnce() -> R) -> R {
-    FRAME.with_borrow_mut(|current| {
-        if !current.as_ref().is_some_and(|current| same(current, frame)) {
-            *current = Some(frame.clone());
-        }
-    });
-    decode()
+/// Blobs smaller than this are copied rather than shared: a few bytes kept by a
+/// task or caller should not pin a whole read buffer.
+const SHARE_FROM: usize = 4 * 1024;
+
+/// While alive, blobs decoded on this thread may share `frame`; dropping it
+/// restores what was registered before (also on a panic, and if dropped on another
+/// thread it only forgets its own registration's frame, so nothing outlives it).
+pub(crate) struct Registration {
+    previous: Option<Bytes>,
 }
 
-/// Forgets `frame` if it is the registered one.
-pub(crate) fn release(frame: &Bytes) {
-    FRAME.with_borrow_mut(|current| {
-        if current.as_ref().is_some_and(|current| same(current, frame)) {
-            *current = None;
-        }
-    });
+/// Registers `frame` as the frame blobs decoded on this thread may share.
+pub(crate) fn register(frame: &Bytes) -> Registration {
+    // During thread-local teardown nothing is registered: blobs are then copied.
+    let previous = FRAME.try_with(|current| current.replace(Some(frame.clone()))).ok().flatten();
+    Registration { previous }
 }
 
-fn same(a: &Bytes, b: &Bytes) -> bool {
-    a.as_ptr() == b.as_ptr() && a.len() == b.len()
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let previous = self.previous.take();
+        let _ = FRAME.try_with(|current| current.replace(previous));
+    }
 }
 
-/// `data` as a `Bytes`: shared with the current frame when it lies inside it.
+/// `data` as a `Bytes`: shared with the registered frame when it lies inside it
+/// and is not small.
 fn share_or_copy(data: &[u8]) -> Bytes {
-    FRAME.with_borrow(|frame| match frame {
-        Some(frame) if contains(frame, data) => frame.slice_ref(data),
-        _ => Bytes::copy_from_slice(data),
-    })
+    if data.len() >= SHARE_FROM {
+        let shared = FRAME.try_with(|frame| match &*frame.borrow() {
+            Some(frame) if contains(frame, data) => Some(frame.slice_ref(data)),
+            _ => None,
+        });
+        if let Ok(Some(shared)) = shared {
+            return shared;
+        }
+    }
+    Bytes::copy_from_slice(data)
 }
 
 fn contains(frame: &[u8], data: &[u8]) -> bool {
@@ -207,32 +212,40 @@ impl<'de> Deserialize<'de> for Blob {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_blob_decoded_inside_its_frame_shares_it() {
-        let frame = Bytes::from(postcard::to_allocvec(&Blob::from(vec![9u8; 1000])).unwrap());
-        let blob: Blob = decode_from(&frame, || postcard::from_bytes(&frame).unwrap());
-        assert_eq!(&blob[..], &[9u8; 1000][..]);
-        let inside = frame.as_ptr_range();
-        assert!(inside.contains(&blob.as_ptr()), "no copy was made");
+    fn frame_of(blob: &Blob) -> Bytes {
+        Bytes::from(postcard::to_allocvec(blob).unwrap())
     }
 
     #[test]
-    fn a_blob_decoded_elsewhere_is_copied() {
-        let encoded = postcard::to_allocvec(&Blob::from(vec![1u8, 2, 3])).unwrap();
-        let unrelated = Bytes::from_static(b"another frame");
-        let blob: Blob = decode_from(&unrelated, || postcard::from_bytes(&encoded).unwrap());
-        assert_eq!(&blob[..], [1, 2, 3]);
-        let blob: Blob = postcard::from_bytes(&encoded).unwrap();
-        assert_eq!(&blob[..], [1, 2, 3]);
+    fn a_large_blob_decoded_inside_its_frame_shares_it() {
+        let frame = frame_of(&Blob::from(vec![9u8; 10_000]));
+        let blob: Blob = {
+            let _registered = register(&frame);
+            postcard::from_bytes(&frame).unwrap()
+        };
+        assert_eq!(&blob[..], &[9u8; 10_000][..]);
+        assert!(frame.as_ptr_range().contains(&blob.as_ptr()), "no copy was made");
     }
 
     #[test]
-    fn a_released_frame_is_forgotten_and_another_does_not_release_it() {
+    fn small_blobs_and_blobs_from_elsewhere_are_copied() {
+        let small = frame_of(&Blob::from(vec![1u8, 2, 3]));
+        let _registered = register(&small);
+        let blob: Blob = postcard::from_bytes(&small).unwrap();
+        assert_eq!(&blob[..], [1, 2, 3]);
+        assert!(!small.as_ptr_range().contains(&blob.as_ptr()));
+        let large = frame_of(&Blob::from(vec![5u8; 10_000]));
+        let blob: Blob = postcard::from_bytes(&large).unwrap();
+        assert!(!large.as_ptr_range().contains(&blob.as_ptr()), "not registered: copied");
+    }
+
+    #[test]
+    fn a_registration_ends_with_its_guard_even_on_panic() {
         let frame = Bytes::from(vec![1u8; 16]);
-        decode_from(&frame, || ());
-        release(&Bytes::from(vec![1u8; 16]));
-        assert!(FRAME.with_borrow(Option::is_some));
-        release(&frame);
+        let _ = std::panic::catch_unwind(|| {
+            let _registered = register(&frame);
+            panic!("decoder bug");
+        });
         assert!(FRAME.with_borrow(Option::is_none));
     }
 }

@@ -341,11 +341,6 @@ impl Queue {
         self.lock().has_live_jobs()
     }
 
-    /// How many jobs wait, counting withdrawn ones not yet dropped.
-    pub(crate) fn len(&self) -> usize {
-        self.lock().jobs.len()
-    }
-
     /// How many jobs wait that someone still wants.
     pub(crate) fn live_len(&self) -> usize {
         self.lock().jobs.iter().filter(|job| !job.is_cancelled()).count()

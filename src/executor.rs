@@ -472,9 +472,8 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Ok(Ok(delivery))) => {
                     let mut body: &[u8] = &delivery.body;
-                    let output = crate::blob::decode_from(&delivery.body, || decode_outcome(task, &mut body));
-                    crate::blob::release(&delivery.body);
-                    Poll::Ready(output)
+                    let _registered = crate::blob::register(&delivery.body);
+                    Poll::Ready(decode_outcome(task, &mut body))
                 }
                 Poll::Ready(Ok(Err(err))) => Poll::Ready(Err(err)),
                 Poll::Ready(Err(_)) => Poll::Ready(Err(Error::Shutdown)),

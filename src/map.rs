@@ -254,19 +254,13 @@ impl Chunk {
             return Some(Err(error.clone()));
         }
         let mut rest = &self.body[self.offset..];
-        let result = crate::blob::decode_from(&self.body, || decode_outcome(task, &mut rest));
+        let result = decode_outcome(task, &mut rest);
         self.offset = self.body.len() - rest.len();
         if let Err(err @ Error::Codec { direction: Direction::Output, .. }) = &result {
             // Outputs are not self-delimiting: past an undecodable one, none can be found.
             self.error = Some(err.clone());
         }
         Some(result)
-    }
-}
-
-impl Drop for Chunk {
-    fn drop(&mut self) {
-        crate::blob::release(&self.body);
     }
 }
 
@@ -383,7 +377,10 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
                 let Some(chunk) = self.ready.front_mut() else {
                     break;
                 };
-                match chunk.next(self.task) {
+                let registered = crate::blob::register(&chunk.body);
+                let item = chunk.next(self.task);
+                drop(registered);
+                match item {
                     Some(item) => {
                         self.yielded += 1;
                         return Poll::Ready(Some(item));
@@ -420,6 +417,7 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
     /// first error (which is consumed and returned).
     fn drain_ready(&mut self, outputs: &mut Vec<O>) -> Result<()> {
         while let Some(chunk) = self.ready.front_mut() {
+            let _registered = crate::blob::register(&chunk.body);
             while let Some(result) = chunk.next(self.task) {
                 outputs.push(result?);
             }

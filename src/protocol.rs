@@ -33,8 +33,8 @@ pub(crate) const PREAMBLE: &[u8; 8] = b"\0PRCXC1\n";
 /// How much non-protocol output the parent skips while looking for the preamble.
 pub(crate) const PREAMBLE_SEARCH_LIMIT: usize = 1 << 20;
 
-/// Set in every worker's environment, to the parent's pid. `init_worker` serves when
-/// it sees it; the worker ties its life to that process.
+/// Set in every worker's environment (to the parent's pid, for diagnostics).
+/// `init_worker` serves when it sees it.
 pub(crate) const WORKER_ENV: &str = "PROCEXEC_WORKER";
 
 /// The size of the length prefix of every frame.

@@ -556,21 +556,12 @@ impl<'a> Session<'a> {
         let mut depth = self.depth();
         let busy = !self.in_flight.is_empty();
         if busy && self.head_running {
-            let ran = self.head_since.get_or_insert_with(Instant::now).elapsed().as_nanos() as u64;
-            depth = match self.service_ns {
-                // Long calls: keep one more queued in the worker, so it need not wait
-                // for this process to be scheduled between calls (with every CPU busy
-                // that can take milliseconds); but only while plenty of work waits
-                // (not near the end of a map) and this call is not unusually long.
-                Some(average) if average >= LONG_CALL_NS => {
-                    let plenty = self.shared.queue.len() >= self.shared.processes;
-                    if plenty && ran < 2 * average { 2 } else { 1 }
-                }
-                // The averages may say calls are short, but this one has run long: what
-                // would queue behind it can run elsewhere, or here once it is done.
-                _ if ran >= LONG_CALL_NS => 1,
-                _ => depth,
-            };
+            // The averages may say calls are short, but this one has run long: what
+            // would queue behind it can run elsewhere, or here once it is done.
+            let ran = self.head_since.get_or_insert_with(Instant::now).elapsed();
+            if ran >= Duration::from_nanos(LONG_CALL_NS) {
+                depth = 1;
+            }
         }
         let room = depth.saturating_sub(self.in_flight.len());
         if self.write_closed || self.retiring.is_some() || room == 0 {

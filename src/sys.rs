@@ -43,23 +43,19 @@ pub(crate) fn prepare_worker_command(cmd: &mut Command) {
 }
 
 /// In a worker: asks Linux to `SIGKILL` this process when its parent dies
-/// (`PR_SET_PDEATHSIG`), then checks that `parent` (the executor's process) is still
-/// alive, since it may have died before the request. Returns false if it is gone.
+/// (`PR_SET_PDEATHSIG`).
 ///
 /// The death signal fires when the *thread* that spawned the child exits, so workers
 /// are spawned from a thread that lives as long as the process (`process::spawn`).
-/// Elsewhere than Linux only the check runs; the hang-up watcher does the rest.
-pub(crate) fn die_with_parent(parent: u32) -> bool {
+/// A parent that died before this call, or a worker started through a wrapper
+/// program (whose death the signal then follows), is caught by the hang-up watcher:
+/// the request pipe closes when the executor's process goes away.
+pub(crate) fn die_with_parent() {
     #[cfg(target_os = "linux")]
     // SAFETY: prctl(PR_SET_PDEATHSIG) reads no memory.
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
     }
-    let Ok(parent) = libc::pid_t::try_from(parent) else {
-        return true;
-    };
-    // SAFETY: getppid and kill(pid, 0) touch no memory; signal 0 only checks existence.
-    unsafe { libc::getppid() == parent || libc::kill(parent, 0) == 0 }
 }
 
 /// Kills a worker's whole process group, so grandchildren a task started die with it.

@@ -86,10 +86,7 @@ pub fn serve_worker(tasks: &'static Registry) -> ! {
 
 fn serve(tasks: &'static Registry) -> io::Result<()> {
     // Before anything else: a worker must not outlive the executor's process.
-    let parent = std::env::var(protocol::WORKER_ENV).ok().and_then(|pid| pid.parse().ok());
-    if parent.is_some_and(|parent| !sys::die_with_parent(parent)) {
-        return Err(io::Error::other("the parent process is already gone"));
-    }
+    sys::die_with_parent();
     if let Some(name) = tasks.duplicate_name() {
         return Err(io::Error::other(format!("two tasks are named `{name}`")));
     }
@@ -146,10 +143,9 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         let items = items.get();
         let call = Call { id, task, items, body, started };
         // Blob inputs share the request frame instead of copying out of it.
-        let ended =
-            blob::decode_from(&frame, || self::call(tasks, &mut out, max_frame_len, measure_memory, call));
-        blob::release(&frame);
-        clock = Some(ended);
+        let registered = blob::register(&frame);
+        clock = Some(self::call(tasks, &mut out, max_frame_len, measure_memory, call));
+        drop(registered);
         // One write per reply, before the next call starts: a reply that left the
         // worker survives the worker, so a crash can only lose the call it was in.
         output.write_all(&out)?;

@@ -226,3 +226,14 @@ async fn map_outputs_that_fit_one_by_one_never_fail_for_their_chunk() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn long_calls_never_queue_behind_each_other_while_a_worker_can_take_one() {
+    hang_guard(async {
+        let exec = executor(2).await;
+        exec.map(sleep_then_pid, [30; 8]).await.unwrap(); // calls are known to be long
+        let pids = exec.map(sleep_then_pid, [10, 1500, 1500, 10]).await.unwrap();
+        assert_ne!(pids[1], pids[2], "the two long calls ran side by side: {pids:?}");
+    })
+    .await;
+}

@@ -75,18 +75,18 @@ async fn each_input_of_a_map_gets_the_time_limit() {
 async fn a_map_past_its_deadline_fails_and_stops_its_calls() {
     hang_guard(async {
         let exec = executor(2).await;
+        let pids: Vec<u32> = exec.map(sleep_then_pid, [30; 8]).await.unwrap();
         let err = exec
             .map(spin_ms, [10, 600_000, 600_000, 10])
             .timeout(Duration::from_millis(300))
             .await
             .unwrap_err();
         assert!(matches!(&err, Error::TimedOut { task, .. } if task == "spin_ms"), "{err:?}");
-        // The abandoned spinning calls are killed with their workers (cancel policy)
-        // or withdrawn if they had not started: nothing keeps running.
+        // The abandoned spinning calls (one on each worker) are killed with their
+        // workers, by the cancel policy: nothing keeps running.
+        eventually("the spinning workers are killed", || pids.iter().all(|&p| !alive(p))).await;
         eventually("no call of the map is left running", || exec.stats().running == 0).await;
-        let stats = exec.stats();
-        assert!(stats.exits.cancelled >= 1, "{stats:?}");
-        assert!(stats.completed <= 2, "only 10 ms calls can have run to the end: {stats:?}");
+        assert!(exec.stats().exits.cancelled >= 2, "{:?}", exec.stats());
         assert_eq!(exec.map(square, 0..4).await.unwrap(), [0, 1, 4, 9]);
     })
     .await;
