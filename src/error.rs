@@ -176,6 +176,17 @@ impl Error {
     }
 }
 
+/// The message of a panic payload (`panic!` makes it a `&str` or a `String`).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(message) = payload.downcast_ref::<&str>() {
+        (*message).to_owned()
+    } else if let Some(message) = payload.downcast_ref::<String>() {
+        message.clone()
+    } else {
+        "Box<dyn Any>".to_owned()
+    }
+}
+
 /// Which way a frame was going.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

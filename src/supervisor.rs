@@ -50,11 +50,7 @@ pub(crate) async fn run_slot(shared: Arc<Shared>, slot: usize, first: Option<Wor
     let _running = shared.supervisor_guard();
     let supervised = std::panic::AssertUnwindSafe(supervise(&shared, slot, first));
     if let Err(panic) = futures::FutureExt::catch_unwind(supervised).await {
-        let message = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
+        let message = crate::error::panic_message(&*panic);
         tracing::error!(worker = slot, "procexec supervisor panicked (a bug): {message}");
         let failure =
             WorkerStartError::new(&shared.config.program, format!("its supervisor panicked: {message}"));

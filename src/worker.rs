@@ -275,13 +275,7 @@ pub(crate) fn catch_panic<R>(f: impl FnOnce() -> R) -> Result<R, Outcome> {
     let result = panic::catch_unwind(AssertUnwindSafe(f));
     CAPTURING.set(was_capturing);
     result.map_err(|payload| {
-        let message = if let Some(message) = payload.downcast_ref::<&str>() {
-            (*message).to_owned()
-        } else if let Some(message) = payload.downcast_ref::<String>() {
-            message.clone()
-        } else {
-            "Box<dyn Any>".to_owned()
-        };
+        let message = crate::error::panic_message(&*payload);
         // A payload whose destructor panics would abort the worker; leak it instead.
         std::mem::forget(payload);
         let (location, backtrace) = match LAST_PANIC.take() {

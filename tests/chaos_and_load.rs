@@ -168,14 +168,9 @@ fn mid_map_helper() {
 #[test]
 fn workers_spinning_in_a_map_die_within_a_second_of_a_parent_sigkill() {
     let _serial = one_at_a_time();
-    let mut helper = start_helper("mid_map_helper");
+    let mut helper = helper_command("mid_map_helper").spawn().unwrap();
     let stdout = std::io::BufReader::new(helper.stdout.take().unwrap());
-    let workers: Vec<u32> = std::io::BufRead::lines(stdout)
-        .map(Result::unwrap)
-        .find_map(|line| {
-            line.strip_prefix("WORKERS ").map(|l| l.split(' ').map(|p| p.parse().unwrap()).collect())
-        })
-        .expect("the helper reports its workers");
+    let workers = read_pids(&mut std::io::BufRead::lines(stdout).map(Result::unwrap), "WORKERS ");
     std::thread::sleep(Duration::from_millis(300)); // the map is running, both workers spin
     helper.kill().unwrap();
     let killed = Instant::now();

@@ -147,23 +147,13 @@ fn orphan_helper() {
 
 fn kill_parent_and_time_the_workers(spin: bool) {
     let _guard = one_at_a_time();
-    let mut command = std::process::Command::new(std::env::current_exe().unwrap());
-    command
-        .args(["orphan_helper", "--exact", "--nocapture", "--test-threads=1", "-q"])
-        .env(HELPER_ENV, "orphan_helper")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null());
+    let mut command = helper_command("orphan_helper");
     if spin {
         command.env("ORPHAN_SPIN", "1");
     }
     let mut helper = command.spawn().unwrap();
-    let mut lines = BufReader::new(helper.stdout.take().unwrap()).lines();
-    let workers: Vec<u32> = loop {
-        let line = lines.next().expect("the helper reports its workers").unwrap();
-        if let Some(list) = line.strip_prefix("WORKERS ") {
-            break list.split(' ').map(|pid| pid.parse().unwrap()).collect();
-        }
-    };
+    let mut lines = BufReader::new(helper.stdout.take().unwrap()).lines().map(Result::unwrap);
+    let workers = read_pids(&mut lines, "WORKERS ");
     assert_eq!(workers.len(), 2);
     if spin {
         std::thread::sleep(Duration::from_millis(200)); // deep in the CPU loop

@@ -51,21 +51,10 @@ fn ctrl_c_helper() {
 
 #[test]
 fn ctrl_c_reaches_the_parent_only_and_it_shuts_down_gracefully() {
-    let mut helper = std::process::Command::new(std::env::current_exe().unwrap());
-    helper
-        .args(["ctrl_c_helper", "--exact", "--nocapture", "--test-threads=1", "-q"])
-        .env(HELPER_ENV, "ctrl_c_helper")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .process_group(0); // its own group, like a job in a terminal
-    let mut helper = helper.spawn().unwrap();
+    // Its own process group, like a job in a terminal.
+    let mut helper = helper_command("ctrl_c_helper").process_group(0).spawn().unwrap();
     let mut lines = BufReader::new(helper.stdout.take().unwrap()).lines().map(Result::unwrap);
-    let workers: Vec<u32> = lines
-        .by_ref()
-        .find_map(|line| {
-            line.strip_prefix("READY ").map(|list| list.split(' ').map(|p| p.parse().unwrap()).collect())
-        })
-        .expect("the helper is ready");
+    let workers = read_pids(&mut lines, "READY ");
     // What a terminal does on Ctrl-C: SIGINT to the whole foreground group.
     // SAFETY: kill(2) touches no memory.
     assert_eq!(unsafe { libc::kill(-(helper.id() as i32), libc::SIGINT) }, 0);

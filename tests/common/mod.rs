@@ -111,15 +111,29 @@ pub fn is_helper(name: &str) -> bool {
     std::env::var(HELPER_ENV).is_ok_and(|helper| helper == name)
 }
 
-/// Starts this test binary again, running only the test `name` as a helper process
-/// (which checks [`is_helper`]), with piped stdout and stderr.
-pub fn start_helper(name: &str) -> std::process::Child {
-    Command::new(std::env::current_exe().expect("the test binary"))
+/// A command that runs this test binary again, only the test `name`, as a helper
+/// process (which checks [`is_helper`]), with piped stdout and no stderr.
+pub fn helper_command(name: &str) -> Command {
+    let mut command = Command::new(std::env::current_exe().expect("the test binary"));
+    command
         .args([name, "--exact", "--nocapture", "--test-threads=1", "-q"])
         .env(HELPER_ENV, name)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("the helper starts")
+        .stderr(std::process::Stdio::null());
+    command
+}
+
+/// Starts helper `name` (see [`helper_command`]) with stderr piped too.
+pub fn start_helper(name: &str) -> std::process::Child {
+    helper_command(name).stderr(std::process::Stdio::piped()).spawn().expect("the helper starts")
+}
+
+/// The pids a helper prints on its first line starting with `prefix`, reading up to it.
+pub fn read_pids(lines: &mut impl Iterator<Item = String>, prefix: &str) -> Vec<u32> {
+    lines
+        .find_map(|line| {
+            line.strip_prefix(prefix).map(|list| list.split(' ').map(|p| p.parse().unwrap()).collect())
+        })
+        .unwrap_or_else(|| panic!("the helper prints a line starting with {prefix:?}"))
 }
