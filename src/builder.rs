@@ -10,9 +10,10 @@ use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::dispatch::decode_record;
 use crate::dispatch::{CallOptions, CancelPolicy};
 use crate::error::{Error, Result, WorkerStartError};
-use crate::executor::{Executor, TEST_WORKER_NAME, cpu_count, decode_outcome};
+use crate::executor::{Executor, TEST_WORKER_NAME, cpu_count};
 use crate::pool::{Limits, Shared, TaskTable};
 use crate::process::{WorkerConfig, WorkerProcess, WorkerStderr};
 use crate::protocol;
@@ -208,7 +209,10 @@ impl Builder {
     {
         let task = task.into_task();
         let mut buf = BytesMut::new();
-        self.initializer = Some(match protocol::encode_into(&mut buf, &input) {
+        let record = protocol::begin_record(&mut buf);
+        let encoded = protocol::encode_into(&mut buf, &input);
+        protocol::end_record(&mut buf, record);
+        self.initializer = Some(match encoded {
             Ok(()) => Ok(Arc::new(Initializer {
                 task: task.name(),
                 input_type: task.input_type(),
@@ -372,7 +376,7 @@ pub(crate) struct Initializer {
     pub(crate) task: &'static str,
     pub(crate) input_type: &'static str,
     pub(crate) output_type: &'static str,
-    /// The encoded input.
+    /// The encoded input, as a record.
     pub(crate) input: Bytes,
     /// Decodes the reply body: `Ok` if the initializer succeeded.
     pub(crate) check: fn(&str, &[u8]) -> std::result::Result<(), String>,
@@ -385,7 +389,7 @@ impl fmt::Debug for Initializer {
 }
 
 fn check_init<O: InitOutput>(task: &str, mut body: &[u8]) -> std::result::Result<(), String> {
-    decode_outcome::<O>(task, &mut body).map_err(|err| err.to_string())?.into_result()
+    decode_record::<O>(task, &mut body).map_err(|err| err.to_string())?.into_result()
 }
 
 /// What an [initializer](Builder::initializer) may return: `()`, or a `Result`

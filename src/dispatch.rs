@@ -10,12 +10,14 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::task::AtomicWaker;
+use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::error::Error;
-use crate::protocol::{self, Count, Request};
+use crate::error::{Direction, Error, TaskPanic};
+use crate::protocol::{self, Outcome};
+use crate::task::decode_exactly;
 
 /// What happens to a call that is running when its caller goes away (its
 /// `TaskHandle` or map is dropped). Calls not yet sent to a worker are always
@@ -49,45 +51,38 @@ pub(crate) struct CallOptions {
 /// A reply's body, as it came from the worker.
 #[derive(Debug)]
 pub(crate) struct Delivery {
-    /// `items` outcomes (see `protocol::Outcome`).
+    /// One outcome record per item (see `protocol`).
     pub(crate) body: Bytes,
     /// Time the worker spent on the call.
     pub(crate) busy_ns: u64,
 }
 
 /// How a job ends.
-pub(crate) type Completion = Result<Delivery, Error>;
+#[derive(Debug)]
+pub(crate) enum Completion {
+    /// Every item has its outcome record.
+    Done(Delivery),
+    /// Every item fails with this error.
+    Failed(Error),
+    /// A chunk's worker died in it (or it was killed): `done` holds the records of
+    /// the first items, the next item failed with `error`, and the `unstarted` items
+    /// after it never ran. Only chunks end this way: a single call is retried or
+    /// failed by its supervisor.
+    Broken { done: Delivery, error: Error, unstarted: u32 },
+}
 
 /// Where a job's completion goes.
 pub(crate) enum ReplyTo {
     /// A single `spawn`.
     Once(oneshot::Sender<Completion>),
-    /// One chunk of a map, or one part of a chunk split for a retry.
-    Chunk { seq: u64, part: Option<Part>, sink: mpsc::UnboundedSender<ChunkDone>, cancelled: Arc<AtomicBool> },
+    /// A chunk of a map: `piece` says which, among the map's calls in flight.
+    Chunk { piece: u64, sink: mpsc::UnboundedSender<ChunkDone>, cancelled: Arc<AtomicBool> },
 }
 
-/// Input `index` of a chunk of `of` inputs, sent on its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Part {
-    pub(crate) index: u32,
-    pub(crate) of: u32,
-}
-
-/// A finished chunk of a map (or part of one).
+/// A finished chunk of a map.
 pub(crate) struct ChunkDone {
-    pub(crate) seq: u64,
-    pub(crate) part: Option<Part>,
-    pub(crate) items: u32,
+    pub(crate) piece: u64,
     pub(crate) completion: Completion,
-}
-
-/// Where each input of a chunk ends in its frame, so the chunk can be split into
-/// single calls when it is retried: a poison input then fails alone.
-#[derive(Clone)]
-pub(crate) struct Split {
-    pub(crate) task_index: u32,
-    pub(crate) body_start: usize,
-    pub(crate) ends: Arc<[usize]>,
 }
 
 /// One request frame on its way to a worker.
@@ -102,7 +97,6 @@ pub(crate) struct Job {
     pub(crate) options: CallOptions,
     /// Runs that ended in a crash or a timeout so far.
     pub(crate) failures: u32,
-    pub(crate) split: Option<Split>,
 }
 
 impl Job {
@@ -114,7 +108,7 @@ impl Job {
         reply: ReplyTo,
         options: CallOptions,
     ) -> Self {
-        Job { id, task, items, frame, reply, options, failures: 0, split: None }
+        Job { id, task, items, frame, reply, options, failures: 0 }
     }
 
     /// Whether nobody waits for the result any more (the future or stream was dropped).
@@ -134,9 +128,9 @@ impl Job {
         }
     }
 
-    /// Whether a crash or timeout of this job may be retried.
-    pub(crate) fn may_retry(&self) -> bool {
-        self.failures <= self.options.retries && (self.items == 1 || self.split.is_some())
+    /// Whether the job is a map's chunk, whose failures its map handles.
+    pub(crate) fn is_chunk(&self) -> bool {
+        matches!(self.reply, ReplyTo::Chunk { .. })
     }
 
     /// Delivers the job's completion, if anyone still wants it.
@@ -145,40 +139,48 @@ impl Job {
             ReplyTo::Once(sender) => {
                 let _ = sender.send(completion);
             }
-            ReplyTo::Chunk { seq, part, sink, .. } => {
-                let _ = sink.send(ChunkDone { seq, part, items: self.items, completion });
+            ReplyTo::Chunk { piece, sink, .. } => {
+                let _ = sink.send(ChunkDone { piece, completion });
             }
         }
     }
+}
 
-    /// Splits a chunk into one job per input, with fresh ids from `next_id`.
-    pub(crate) fn into_singles(self, mut next_id: impl FnMut() -> u64) -> Vec<Job> {
-        let (Some(split), ReplyTo::Chunk { seq, sink, cancelled, .. }) = (self.split, self.reply) else {
-            return Vec::new();
-        };
-        let mut start = split.body_start;
-        let of = split.ends.len() as u32;
-        let mut singles = Vec::with_capacity(split.ends.len());
-        for (index, &end) in split.ends.iter().enumerate() {
-            let id = next_id();
-            let mut buf = BytesMut::with_capacity(end - start + 24);
-            let at = protocol::begin_frame(&mut buf);
-            let _ = protocol::encode_into(
-                &mut buf,
-                &Request::Call { id, task: split.task_index, items: Count::new(1) },
-            );
-            buf.extend_from_slice(&self.frame[start..end]);
-            // Each input fitted in the chunk, so it fits alone.
-            let _ = protocol::end_frame(&mut buf, at, usize::MAX);
-            start = end;
-            let part = Some(Part { index: index as u32, of });
-            let reply = ReplyTo::Chunk { seq, part, sink: sink.clone(), cancelled: cancelled.clone() };
-            let mut job = Job::new(id, self.task, 1, buf.freeze(), reply, self.options);
-            job.failures = self.failures;
-            singles.push(job);
+/// Decodes the next outcome record of a reply body, advancing `body` past it.
+///
+/// Each record carries its length, so an output that cannot be decoded fails alone.
+pub(crate) fn decode_record<O: DeserializeOwned>(task: &str, body: &mut &[u8]) -> Result<O, Error> {
+    let output_error = |message: String| Error::Codec {
+        task: task.into(),
+        direction: Direction::Output,
+        action: "decode",
+        message,
+    };
+    let Some(record) = protocol::take_record(body) else {
+        *body = &[];
+        return Err(output_error("the reply holds fewer outcomes than the call had inputs".into()));
+    };
+    let outcome = match record.split_first() {
+        // The common case, without going through serde.
+        Some((&protocol::OUTCOME_OK, output)) => return decode_exactly::<O>(output).map_err(output_error),
+        _ => postcard::from_bytes::<Outcome>(record).map_err(|err| output_error(err.to_string()))?,
+    };
+    Err(match outcome {
+        Outcome::Ok => return decode_exactly::<O>(&[]).map_err(output_error),
+        Outcome::Panicked { message, location, backtrace } => {
+            Error::TaskPanicked(Arc::new(TaskPanic { task: task.into(), message, location, backtrace }))
         }
-        singles
-    }
+        Outcome::BadInput { message } => {
+            Error::Codec { task: task.into(), direction: Direction::Input, action: "decode", message }
+        }
+        Outcome::BadOutput { message } => {
+            Error::Codec { task: task.into(), direction: Direction::Output, action: "encode", message }
+        }
+        Outcome::UnknownTask => Error::UnknownTask { task: task.into() },
+        Outcome::TooLarge { size, limit } => {
+            Error::FrameTooLarge { task: task.into(), direction: Direction::Output, size, limit }
+        }
+    })
 }
 
 /// The queue no longer accepts jobs: the executor is shutting down.
@@ -435,35 +437,6 @@ mod tests {
         assert!(queue.push(kept).is_ok());
         drop(dropped_receiver);
         assert_eq!(take_ids(&queue, 10), [1]);
-    }
-
-    #[test]
-    fn a_chunk_splits_into_single_calls_with_its_inputs() {
-        let (sink, _done) = mpsc::unbounded_channel();
-        let cancelled = Arc::new(AtomicBool::new(false));
-        let mut buf = BytesMut::new();
-        let at = protocol::begin_frame(&mut buf);
-        protocol::encode_into(&mut buf, &Request::Call { id: 1, task: 4, items: Count::new(3) }).unwrap();
-        let body_start = buf.len();
-        let mut ends = Vec::new();
-        for input in ["a", "bb", "ccc"] {
-            protocol::encode_into(&mut buf, input).unwrap();
-            ends.push(buf.len());
-        }
-        protocol::end_frame(&mut buf, at, usize::MAX).unwrap();
-        let reply = ReplyTo::Chunk { seq: 7, part: None, sink, cancelled };
-        let mut chunk = Job::new(1, "t", 3, buf.freeze(), reply, CallOptions::default());
-        chunk.split = Some(Split { task_index: 4, body_start, ends: ends.into() });
-        let mut ids = 10..;
-        let singles = chunk.into_singles(|| ids.next().unwrap());
-        assert_eq!(singles.len(), 3);
-        for (i, (single, input)) in singles.iter().zip(["a", "bb", "ccc"]).enumerate() {
-            let frame = &single.frame[protocol::LENGTH_PREFIX..];
-            let (header, body) = protocol::split_header::<Request>(frame).unwrap();
-            assert_eq!(header, Request::Call { id: 10 + i as u64, task: 4, items: Count::new(1) });
-            assert_eq!(postcard::from_bytes::<&str>(body).unwrap(), input);
-            assert!(matches!(single.reply, ReplyTo::Chunk { seq: 7, part: Some(Part { of: 3, .. }), .. }));
-        }
     }
 
     #[test]

@@ -14,11 +14,10 @@ use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
 use crate::builder::Builder;
-use crate::dispatch::{CallOptions, CancelPolicy, Completion};
-use crate::error::{Direction, Error, Result};
+use crate::dispatch::{CallOptions, CancelPolicy, Completion, decode_record};
+use crate::error::{Error, Result};
 use crate::map::{Map, MapStream, MapUnordered};
 use crate::pool::Shared;
-use crate::protocol::Outcome;
 use crate::stats::Stats;
 use crate::task::IntoTask;
 
@@ -470,12 +469,14 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
         match &mut self.state {
             HandleState::Waiting(receiver) => match Pin::new(receiver).poll(cx) {
                 Poll::Pending => Poll::Pending,
-                Poll::Ready(Ok(Ok(delivery))) => {
+                Poll::Ready(Ok(Completion::Done(delivery))) => {
                     let mut body: &[u8] = &delivery.body;
                     let _registered = crate::blob::register(&delivery.body);
-                    Poll::Ready(decode_outcome(task, &mut body))
+                    Poll::Ready(decode_record(task, &mut body))
                 }
-                Poll::Ready(Ok(Err(err))) => Poll::Ready(Err(err)),
+                Poll::Ready(Ok(Completion::Failed(err) | Completion::Broken { error: err, .. })) => {
+                    Poll::Ready(Err(err))
+                }
                 Poll::Ready(Err(_)) => Poll::Ready(Err(Error::Shutdown)),
             },
             HandleState::Failed(err) => Poll::Ready(Err(err.take().map_or(Error::Shutdown, |err| *err))),
@@ -486,45 +487,5 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
 impl<O> fmt::Debug for TaskHandle<O> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TaskHandle").field("task", &self.task).finish_non_exhaustive()
-    }
-}
-
-/// Decodes the next outcome of a reply body, advancing `body` past it.
-pub(crate) fn decode_outcome<O: DeserializeOwned>(task: &str, body: &mut &[u8]) -> Result<O> {
-    let outcome = match body.split_first() {
-        // The common case, without going through serde.
-        Some((&crate::protocol::OUTCOME_OK, rest)) => {
-            *body = rest;
-            Outcome::Ok
-        }
-        _ => {
-            let (outcome, rest) = postcard::take_from_bytes::<Outcome>(body)
-                .map_err(|err| Error::codec(task, Direction::Output, "decode", err))?;
-            *body = rest;
-            outcome
-        }
-    };
-    match outcome {
-        Outcome::Ok => {
-            let (output, rest) = postcard::take_from_bytes::<O>(body)
-                .map_err(|err| Error::codec(task, Direction::Output, "decode", err))?;
-            *body = rest;
-            Ok(output)
-        }
-        Outcome::Panicked { message, location, backtrace } => {
-            Err(Error::TaskPanicked(Arc::new(crate::error::TaskPanic {
-                task: task.into(),
-                message,
-                location,
-                backtrace,
-            })))
-        }
-        Outcome::BadInput { message } => {
-            Err(Error::Codec { task: task.into(), direction: Direction::Input, action: "decode", message })
-        }
-        Outcome::UnknownTask => Err(Error::UnknownTask { task: task.into() }),
-        Outcome::TooLarge { size, limit } => {
-            Err(Error::FrameTooLarge { task: task.into(), direction: Direction::Output, size, limit })
-        }
     }
 }

@@ -7,7 +7,7 @@ use bytes::BytesMut;
 use proptest::prelude::*;
 use tokio_util::codec::Decoder;
 
-use crate::executor::decode_outcome;
+use crate::dispatch::decode_record;
 use crate::process::ReplyCodec;
 use crate::protocol::{self, Fixed64, Reply};
 
@@ -34,8 +34,8 @@ fn decode_worker_output(stream: &[u8], reads: &[usize]) {
                 Ok(Some(frame)) => {
                     if let Ok((Reply::Done { .. }, mut body)) = protocol::split_header::<Reply>(&frame) {
                         for _ in 0..4 {
-                            let _ = decode_outcome::<String>("fuzz", &mut body);
-                            let _ = decode_outcome::<(u64, Vec<u8>)>("fuzz", &mut body);
+                            let _ = decode_record::<String>("fuzz", &mut body);
+                            let _ = decode_record::<(u64, Vec<u8>)>("fuzz", &mut body);
                         }
                     }
                 }
@@ -65,8 +65,10 @@ proptest! {
             let start = protocol::begin_frame(&mut frames);
             let done = Reply::Done { id: *id, busy_ns: Fixed64::new(*id), peak_rss_kib: Fixed64::new(0) };
             protocol::encode_into(&mut frames, &done).unwrap();
+            let record = protocol::begin_record(&mut frames);
             protocol::encode_into(&mut frames, &protocol::Outcome::Ok).unwrap();
             protocol::encode_into(&mut frames, &format!("output {id}")).unwrap();
+            protocol::end_record(&mut frames, record);
             protocol::end_frame(&mut frames, start, 1 << 16).unwrap();
         }
         stream.extend_from_slice(&frames);
@@ -81,21 +83,21 @@ proptest! {
 
     #[test]
     fn fuzz_the_worker_never_panics_on_call_bodies(body: Vec<u8>, items in 0u32..64) {
-        let mut out = BytesMut::new();
+        let mut out = protocol::ReplyBuf::new().unwrap();
         TASKS.get(0).unwrap().invoke(&body, items, &mut out);
         // Every input gets exactly one outcome, which the parent can read.
-        let mut replies: &[u8] = &out;
+        let mut replies: &[u8] = out.frame();
         for _ in 0..items {
-            let result = decode_outcome::<usize>("text", &mut replies);
+            let result = decode_record::<usize>("text", &mut replies);
             let unreadable = matches!(result, Err(crate::Error::Codec { direction: crate::Direction::Output, .. }));
             prop_assert!(!unreadable, "an outcome the parent cannot read");
         }
         prop_assert!(replies.is_empty());
-        let mut out = BytesMut::new();
+        let mut out = protocol::ReplyBuf::new().unwrap();
         TASKS.get(1).unwrap().invoke(&body, items, &mut out);
-        let mut replies: &[u8] = &out;
+        let mut replies: &[u8] = out.frame();
         for _ in 0..items {
-            let _ = decode_outcome::<u64>("pair", &mut replies);
+            let _ = decode_record::<u64>("pair", &mut replies);
         }
         prop_assert!(replies.is_empty());
     }

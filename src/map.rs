@@ -4,7 +4,14 @@
 //! frames. A chunk's size comes from measured task time (aiming at about a
 //! millisecond of work per chunk, like joblib's auto batching), so tiny tasks cost a
 //! fraction of a frame each while long tasks still spread one per worker. At most
-//! `window` chunks are in flight, so memory stays flat however long the input is.
+//! `window` chunks are in flight or waiting to be yielded, so memory stays flat
+//! however long the input is and however slow the consumer.
+//!
+//! A worker that dies in a chunk costs only the input it was running: the supervisor
+//! reports the chunk's fate (the outputs of the inputs done, the error of the one
+//! running, how many never started), and the map sends the unstarted inputs again
+//! as a new call, and the failed one too if it may be retried. Each input travels as
+//! a record of its own, so the map cuts them out of the chunk's frame as they are.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -23,11 +30,11 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
 
-use crate::dispatch::{CallOptions, ChunkDone, Job, ReplyTo, Split};
+use crate::dispatch::{CallOptions, ChunkDone, Completion, Delivery, Job, ReplyTo, decode_record};
 use crate::error::{Direction, Error, Result};
-use crate::executor::decode_outcome;
 use crate::pool::Shared;
-use crate::protocol::{self, Count};
+use crate::protocol::{self, Count, Request};
+use crate::stats::Counters;
 use crate::task::Task;
 
 /// Work per chunk the sizing aims at.
@@ -37,7 +44,7 @@ const MAX_CHUNK_ITEMS: u64 = 1 << 16;
 /// A chunk stops growing once its inputs take this many bytes, and is sized so its
 /// outputs take about as many (never more than a quarter of the frame limit).
 const MAX_CHUNK_BYTES: usize = 256 * 1024;
-/// Results handed out between two refills of the window.
+/// Results handed out between two looks at finished chunks, when no chunk ran out.
 const REFILL_EVERY: u32 = 64;
 
 /// The future of [`Executor::map`](crate::Executor::map): all outputs, in input order.
@@ -231,18 +238,22 @@ where
     }
 }
 
-/// The outputs of one chunk, decoded one by one as they are yielded.
+/// The outputs of one chunk (or piece of one), decoded one by one as they are yielded.
 struct Chunk {
     remaining: u32,
     body: Bytes,
     offset: usize,
-    /// The whole chunk failed: every item yields this.
+    /// Every item yields this (the call failed as a whole).
     error: Option<Error>,
 }
 
 impl Chunk {
     fn failed(items: u32, error: Error) -> Self {
         Chunk { remaining: items, body: Bytes::new(), offset: 0, error: Some(error) }
+    }
+
+    fn of(items: u32, delivery: Delivery) -> Self {
+        Chunk { remaining: items, body: delivery.body, offset: 0, error: None }
     }
 
     fn next<O: DeserializeOwned>(&mut self, task: &str) -> Option<Result<O>> {
@@ -254,22 +265,28 @@ impl Chunk {
             return Some(Err(error.clone()));
         }
         let mut rest = &self.body[self.offset..];
-        let result = decode_outcome(task, &mut rest);
+        let result = decode_record(task, &mut rest);
         self.offset = self.body.len() - rest.len();
-        if let Err(err @ Error::Codec { direction: Direction::Output, .. }) = &result {
-            // Outputs are not self-delimiting: past an undecodable one, none can be found.
-            self.error = Some(err.clone());
-        }
         Some(result)
     }
 }
 
-/// A chunk's place in an ordered map.
-enum Slot {
-    Pending,
+/// One part of a chunk's place in an ordered map: the chunk itself, or, after its
+/// worker died in it, the pieces it was cut into.
+enum Part {
+    /// Waits for the call `piece`.
+    Pending(u64),
     Done(Chunk),
-    /// The chunk was split into single calls for a retry; its parts arrive one by one.
-    Parts(Vec<Option<Chunk>>),
+}
+
+/// A call of this map in flight: what it takes to send its inputs again.
+struct Piece {
+    /// The chunk it belongs to, in input order.
+    seq: u64,
+    frame: Bytes,
+    items: u32,
+    /// Crashes or timeouts its (single) input has had.
+    failures: u32,
 }
 
 /// The engine behind both map streams.
@@ -289,13 +306,12 @@ struct MapCore<'a, O> {
     /// skipped, its running ones handled by the cancel policy.
     cancelled: Arc<AtomicBool>,
     next_seq: u64,
-    /// Chunks sent and not yet answered.
-    outstanding: usize,
-    /// Split chunks: parts still to come, by sequence number.
-    parts_left: HashMap<u64, u32>,
+    /// Calls sent and not yet answered, by piece number.
+    pieces: HashMap<u64, Piece>,
+    next_piece: u64,
     window: usize,
-    /// Ordered mode: chunks from `base_seq` on.
-    reorder: VecDeque<Slot>,
+    /// Ordered mode: the parts of each chunk from `base_seq` on.
+    reorder: VecDeque<Vec<Part>>,
     base_seq: u64,
     /// Chunks ready to yield, in yield order.
     ready: VecDeque<Chunk>,
@@ -305,7 +321,7 @@ struct MapCore<'a, O> {
     output_bytes: u64,
     /// Size of the last chunk frame, to allocate the next one at once.
     last_frame_len: usize,
-    /// Results yielded since the window was last refilled.
+    /// Results yielded since finished chunks were last looked at.
     yielded: u32,
     deadline: Option<(Pin<Box<Sleep>>, Duration)>,
     /// The stream has ended (after a deadline, or an error that stops the map).
@@ -333,8 +349,8 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             done,
             cancelled: Arc::new(AtomicBool::new(false)),
             next_seq: 0,
-            outstanding: 0,
-            parts_left: HashMap::new(),
+            pieces: HashMap::new(),
+            next_piece: 0,
             window,
             reorder: VecDeque::new(),
             base_seq: 0,
@@ -371,46 +387,51 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             }
         }
         loop {
-            // Refill now and then even while results are ready, so a slow consumer
-            // does not leave the workers idle.
-            while self.yielded < REFILL_EVERY {
-                let Some(chunk) = self.ready.front_mut() else {
-                    break;
-                };
-                let registered = crate::blob::register(&chunk.body);
-                let item = chunk.next(self.task);
-                drop(registered);
-                match item {
-                    Some(item) => {
-                        self.yielded += 1;
-                        return Poll::Ready(Some(item));
+            if self.ready.is_empty() || self.yielded >= REFILL_EVERY {
+                self.yielded = 0;
+                self.refill(cx);
+                if self.ready.is_empty() {
+                    if self.source.is_none()
+                        && self.carry.is_none()
+                        && self.pieces.is_empty()
+                        && self.reorder.is_empty()
+                    {
+                        self.finished = true;
+                        return Poll::Ready(None);
                     }
-                    None => {
-                        self.ready.pop_front();
-                    }
+                    return Poll::Pending;
                 }
             }
-            self.yielded = 0;
-            while let Poll::Ready(Some(done)) = self.done.poll_recv(cx) {
-                self.accept(done);
-            }
-            if !self.ready.is_empty() {
+            let Some(chunk) = self.ready.front_mut() else {
                 continue;
+            };
+            let registered = crate::blob::register(&chunk.body);
+            let item = chunk.next(self.task);
+            drop(registered);
+            let exhausted = chunk.remaining == 0;
+            if exhausted {
+                // Its room in the window is free: fill it now, so the workers are
+                // busy while the consumer works through what is ready.
+                self.ready.pop_front();
+                self.yielded = REFILL_EVERY;
             }
-            self.fill(cx);
-            if !self.ready.is_empty() {
-                continue;
+            if let Some(item) = item {
+                self.yielded += 1;
+                if exhausted {
+                    self.yielded = 0;
+                    self.refill(cx);
+                }
+                return Poll::Ready(Some(item));
             }
-            if self.source.is_none()
-                && self.carry.is_none()
-                && self.outstanding == 0
-                && self.reorder.is_empty()
-            {
-                self.finished = true;
-                return Poll::Ready(None);
-            }
-            return Poll::Pending;
         }
+    }
+
+    /// Takes in finished chunks and sends new ones while the window has room.
+    fn refill(&mut self, cx: &mut Context<'_>) {
+        while let Poll::Ready(Some(done)) = self.done.poll_recv(cx) {
+            self.accept(done);
+        }
+        self.fill(cx);
     }
 
     /// Moves every output of the chunks ready, in order, to `outputs`; stops at the
@@ -438,81 +459,118 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
 
     /// Withdraws queued chunks and hands running ones to the cancel policy.
     fn cancel(&mut self) {
-        if !self.cancelled.swap(true, Ordering::AcqRel) && self.outstanding > 0 {
+        if !self.cancelled.swap(true, Ordering::AcqRel) && !self.pieces.is_empty() {
             self.shared.queue.wake_all();
         }
     }
 
     fn accept(&mut self, done: ChunkDone) {
-        let chunk = match done.completion {
-            Ok(delivery) => {
-                let items = u64::from(done.items.max(1));
-                let per_item = delivery.busy_ns / items;
-                self.item_ns = Some(match self.item_ns {
-                    None => per_item,
-                    Some(average) => average.saturating_mul(3).saturating_add(per_item) / 4,
-                });
-                // Outputs can grow suddenly: follow increases at once, decreases slowly.
-                let output = delivery.body.len() as u64 / items;
-                self.output_bytes = output.max(self.output_bytes - self.output_bytes / 8);
-                Chunk { remaining: done.items, body: delivery.body, offset: 0, error: None }
+        let Some(piece) = self.pieces.remove(&done.piece) else {
+            return;
+        };
+        let seq = piece.seq;
+        let parts = match done.completion {
+            Completion::Done(delivery) => {
+                self.learn(piece.items, &delivery);
+                vec![Part::Done(Chunk::of(piece.items, delivery))]
             }
-            Err(err) => Chunk::failed(done.items, err),
+            Completion::Failed(error) => vec![Part::Done(Chunk::failed(piece.items, error))],
+            Completion::Broken { done, error, unstarted } => self.mend(piece, done, error, unstarted),
         };
-        let Some(part) = done.part else {
-            self.outstanding -= 1;
-            self.finish(done.seq, chunk);
-            return;
-        };
-        let left = self.parts_left.entry(done.seq).or_insert(part.of);
-        *left -= 1;
-        if *left == 0 {
-            self.parts_left.remove(&done.seq);
-            self.outstanding -= 1;
-        }
         if !self.ordered {
-            self.ready.push_back(chunk);
+            for part in parts {
+                if let Part::Done(chunk) = part {
+                    self.ready.push_back(chunk);
+                }
+            }
             return;
         }
-        let Some(slot) = self.reorder.get_mut((done.seq - self.base_seq) as usize) else {
+        let Some(slot) = self.slot(seq) else {
             return;
         };
-        if let Slot::Pending = slot {
-            *slot = Slot::Parts((0..part.of).map(|_| None).collect());
-        }
-        if let Slot::Parts(parts) = slot {
-            parts[part.index as usize] = Some(chunk);
+        if let Some(at) = slot.iter().position(|part| matches!(part, Part::Pending(p) if *p == done.piece)) {
+            slot.splice(at..=at, parts);
         }
         self.advance();
     }
 
-    /// Files a finished chunk under its sequence number.
+    /// A worker died in `piece`: its first items are `done`, the next one failed
+    /// with `error`, and `unstarted` more never ran. Sends what must run again and
+    /// returns the parts that now stand for the piece, in input order.
+    fn mend(&mut self, piece: Piece, done: Delivery, error: Error, unstarted: u32) -> Vec<Part> {
+        let ran = piece.items - unstarted - 1;
+        let mut parts = Vec::with_capacity(3);
+        if ran > 0 {
+            parts.push(Part::Done(Chunk::of(ran, done)));
+        }
+        let failures = piece.failures + 1;
+        let retry = failures <= self.options.retries && !matches!(error, Error::Protocol(_));
+        let resend = |this: &mut Self, from: u32, items: u32, failures: u32| {
+            let Some(inputs) = inputs_of(&piece.frame, from, items) else {
+                return Part::Done(Chunk::failed(items, error.clone()));
+            };
+            match this.send_inputs(piece.seq, inputs, items, failures) {
+                Ok(id) => Part::Pending(id),
+                Err(refused) => Part::Done(Chunk::failed(items, refused)),
+            }
+        };
+        if retry {
+            Counters::add(&self.shared.counters.retried, 1);
+            parts.push(resend(self, ran, 1, failures));
+        } else {
+            Counters::add(&self.shared.counters.failed, 1);
+            parts.push(Part::Done(Chunk::failed(1, error.clone())));
+        }
+        if unstarted > 0 {
+            // They never ran: sent again as they were, not as a retry.
+            parts.push(resend(self, ran + 1, unstarted, 0));
+        }
+        parts
+    }
+
+    /// Learns the task's time and output size per item from a finished chunk.
+    fn learn(&mut self, items: u32, delivery: &Delivery) {
+        let items = u64::from(items.max(1));
+        let per_item = delivery.busy_ns / items;
+        self.item_ns = Some(match self.item_ns {
+            None => per_item,
+            Some(average) => average.saturating_mul(3).saturating_add(per_item) / 4,
+        });
+        // Outputs can grow suddenly: follow increases at once, decreases slowly.
+        let output = delivery.body.len() as u64 / items;
+        self.output_bytes = output.max(self.output_bytes - self.output_bytes / 8);
+    }
+
+    /// Files a chunk that finished before it was sent.
     fn finish(&mut self, seq: u64, chunk: Chunk) {
         if !self.ordered {
             self.ready.push_back(chunk);
             return;
         }
-        if let Some(slot) = self.reorder.get_mut((seq - self.base_seq) as usize) {
-            *slot = Slot::Done(chunk);
+        if let Some(slot) = self.slot(seq) {
+            *slot = vec![Part::Done(chunk)];
         }
         self.advance();
     }
 
+    /// The parts of chunk `seq` in an ordered map, while it is not yet yielded.
+    fn slot(&mut self, seq: u64) -> Option<&mut Vec<Part>> {
+        let at = usize::try_from(seq.checked_sub(self.base_seq)?).ok()?;
+        self.reorder.get_mut(at)
+    }
+
     /// Moves finished chunks at the head of the order to `ready`.
     fn advance(&mut self) {
-        loop {
-            let complete = match self.reorder.front() {
-                Some(Slot::Done(_)) => true,
-                Some(Slot::Parts(parts)) => parts.iter().all(Option::is_some),
-                _ => false,
-            };
-            if !complete {
+        while let Some(slot) = self.reorder.front() {
+            // An empty slot is a chunk being sent right now.
+            if slot.is_empty() || slot.iter().any(|part| matches!(part, Part::Pending(_))) {
                 return;
             }
-            match self.reorder.pop_front() {
-                Some(Slot::Done(chunk)) => self.ready.push_back(chunk),
-                Some(Slot::Parts(parts)) => self.ready.extend(parts.into_iter().flatten()),
-                _ => {}
+            if let Some(slot) = self.reorder.pop_front() {
+                self.ready.extend(slot.into_iter().filter_map(|part| match part {
+                    Part::Done(chunk) => Some(chunk),
+                    Part::Pending(_) => None,
+                }));
             }
             self.base_seq += 1;
         }
@@ -522,15 +580,16 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
         let seq = self.next_seq;
         self.next_seq += 1;
         if self.ordered {
-            self.reorder.push_back(Slot::Pending);
+            self.reorder.push_back(Vec::new());
         }
         seq
     }
 
-    /// Whether another chunk may be sent.
+    /// Whether another chunk may be sent: chunks in flight and chunks finished but
+    /// not yet yielded share one window, so a slow consumer holds memory flat.
     fn has_room(&self) -> bool {
-        // In order, completed chunks wait behind a slow head; bound them too.
-        self.outstanding < self.window && (!self.ordered || self.reorder.len() < 4 * self.window)
+        let waiting = if self.ordered { self.reorder.len() } else { self.pieces.len() };
+        self.pieces.len() < self.window && waiting + self.ready.len() < 2 * self.window
     }
 
     /// How many items the next chunk should hold.
@@ -546,6 +605,8 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
         // Keep the reply well inside the frame limit.
         let output_budget = MAX_CHUNK_BYTES.min(self.shared.max_frame_len() / 4) as u64;
         let by_time = by_time.min((output_budget / self.output_bytes.max(1)).max(1));
+        // A worker's budget of inputs holds at least one chunk.
+        let by_time = by_time.min(self.shared.limits.max_tasks_per_worker.unwrap_or(u64::MAX));
         // Leave enough chunks for every worker until the end.
         let remaining = self.source.as_ref().map_or(0, |source| source.remaining()) as u64;
         if remaining == 0 {
@@ -560,29 +621,30 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             return;
         };
         let limit = self.shared.max_frame_len();
-        let track_inputs = self.options.retries > 0;
         while self.has_room() && (self.source.is_some() || self.carry.is_some()) {
             let target = self.chunk_target();
-            let mut chunk = ChunkBuilder::new(&self.shared, task_index, track_inputs, self.last_frame_len);
+            let mut chunk = ChunkBuilder::new(&self.shared, task_index, self.last_frame_len);
             let mut source_pending = false;
             if let Some(carried) = self.carry.take() {
                 chunk.buf.extend_from_slice(&carried);
-                chunk.push_end();
+                chunk.items += 1;
             }
-            while chunk.items() < target && chunk.body_len() < MAX_CHUNK_BYTES {
+            while chunk.items < target && chunk.body_len() < MAX_CHUNK_BYTES {
                 let Some(source) = self.source.as_mut() else {
                     break;
                 };
                 let item_start = chunk.buf.len();
+                let record = protocol::begin_record(&mut chunk.buf);
                 match source.poll_encode(cx, &mut chunk.buf) {
                     Poll::Ready(Some(Ok(()))) => {
-                        if chunk.frame_len() > limit && chunk.items() > 0 {
+                        protocol::end_record(&mut chunk.buf, record);
+                        if chunk.frame_len() > limit && chunk.items > 0 {
                             // Send what fits; this input opens the next chunk. (Alone and
                             // still too large, it fails on its own when sent.)
                             self.carry = Some(chunk.buf.split_off(item_start));
                             break;
                         }
-                        chunk.push_end();
+                        chunk.items += 1;
                         if chunk.frame_len() > limit {
                             break;
                         }
@@ -593,11 +655,15 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
                         let error = Error::codec(self.task, Direction::Input, "encode", err);
                         let seq = self.next_seq();
                         self.finish(seq, Chunk::failed(1, error));
-                        chunk = ChunkBuilder::new(&self.shared, task_index, track_inputs, 256);
+                        chunk = ChunkBuilder::new(&self.shared, task_index, 256);
                         break;
                     }
-                    Poll::Ready(None) => self.source = None,
+                    Poll::Ready(None) => {
+                        chunk.buf.truncate(item_start);
+                        self.source = None;
+                    }
                     Poll::Pending => {
+                        chunk.buf.truncate(item_start);
                         source_pending = true;
                         break;
                     }
@@ -612,7 +678,7 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
 
     /// Sends a chunk (a no-op for an empty one).
     fn send(&mut self, mut chunk: ChunkBuilder) {
-        let items = chunk.items() as u32;
+        let items = chunk.items as u32;
         if items == 0 {
             return;
         }
@@ -631,29 +697,61 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             self.finish(seq, Chunk::failed(items, error));
             return;
         }
-        let reply =
-            ReplyTo::Chunk { seq, part: None, sink: self.sink.clone(), cancelled: self.cancelled.clone() };
-        let mut job = Job::new(chunk.id, self.task, items, chunk.buf.freeze(), reply, self.options);
-        if items > 1 && self.options.retries > 0 {
-            let task_index = chunk.task_index;
-            job.split = Some(Split { task_index, body_start: chunk.body_start, ends: chunk.ends.into() });
-        }
-        match self.shared.submit(job) {
-            Ok(()) => self.outstanding += 1,
-            Err(_) => {
+        match self.submit(seq, chunk.id, chunk.buf.freeze(), items, 0) {
+            Ok(piece) => {
+                if let Some(slot) = self.slot(seq) {
+                    slot.push(Part::Pending(piece));
+                }
+            }
+            Err(error) => {
                 // The executor is shutting down: fail this chunk, read no further.
                 self.source = None;
                 self.carry = None;
-                let error = self.shared.refused();
                 self.finish(seq, Chunk::failed(items, error));
             }
         }
     }
+
+    /// Sends `items` encoded inputs (records) again, as a new call belonging to chunk
+    /// `seq`; returns its piece number.
+    fn send_inputs(&mut self, seq: u64, inputs: &[u8], items: u32, failures: u32) -> Result<u64> {
+        let task_index = self.task_index.clone()?;
+        let mut buf = BytesMut::with_capacity(inputs.len() + 32);
+        let (id, start, _) = self.shared.call_frame(task_index, items, &mut buf);
+        buf.extend_from_slice(inputs);
+        // The inputs fitted a frame before, with no larger header.
+        let _ = protocol::end_frame(&mut buf, start, usize::MAX);
+        self.submit(seq, id, buf.freeze(), items, failures)
+    }
+
+    fn submit(&mut self, seq: u64, id: u64, frame: Bytes, items: u32, failures: u32) -> Result<u64> {
+        let piece = self.next_piece;
+        self.next_piece += 1;
+        let reply = ReplyTo::Chunk { piece, sink: self.sink.clone(), cancelled: self.cancelled.clone() };
+        let mut job = Job::new(id, self.task, items, frame.clone(), reply, self.options);
+        job.failures = failures;
+        self.shared.submit(job).map_err(|_| self.shared.refused())?;
+        self.pieces.insert(piece, Piece { seq, frame, items, failures });
+        Ok(piece)
+    }
+}
+
+/// The records of inputs `from .. from + items` of a call frame, as one slice.
+fn inputs_of(frame: &[u8], from: u32, items: u32) -> Option<&[u8]> {
+    let (_, mut body) = protocol::split_header::<Request>(frame.get(protocol::LENGTH_PREFIX..)?).ok()?;
+    for _ in 0..from {
+        protocol::take_record(&mut body)?;
+    }
+    let start = body;
+    for _ in 0..items {
+        protocol::take_record(&mut body)?;
+    }
+    Some(&start[..start.len() - body.len()])
 }
 
 impl<O> Drop for MapCore<'_, O> {
     fn drop(&mut self) {
-        if !self.cancelled.swap(true, Ordering::AcqRel) && self.outstanding > 0 {
+        if !self.cancelled.swap(true, Ordering::AcqRel) && !self.pieces.is_empty() {
             self.shared.queue.wake_all();
         }
     }
@@ -662,47 +760,21 @@ impl<O> Drop for MapCore<'_, O> {
 /// A chunk frame being filled.
 struct ChunkBuilder {
     id: u64,
-    task_index: u32,
     buf: BytesMut,
     start: usize,
     count_at: usize,
     body_start: usize,
     items: u64,
-    /// Where each input ends, when the chunk may have to be split for a retry.
-    ends: Vec<usize>,
-    track_inputs: bool,
 }
 
 impl ChunkBuilder {
-    fn new(shared: &Shared, task_index: u32, track_inputs: bool, capacity: usize) -> Self {
+    fn new(shared: &Shared, task_index: u32, capacity: usize) -> Self {
         // Sized like the last chunk: growing a large frame by doubling copies it
         // over and over.
         let mut buf = BytesMut::with_capacity(capacity.clamp(256, 2 * MAX_CHUNK_BYTES + 4096));
         let (id, start, count_at) = shared.call_frame(task_index, 0, &mut buf);
         let body_start = buf.len();
-        ChunkBuilder {
-            id,
-            task_index,
-            buf,
-            start,
-            count_at,
-            body_start,
-            items: 0,
-            ends: Vec::new(),
-            track_inputs,
-        }
-    }
-
-    /// Counts the input just appended.
-    fn push_end(&mut self) {
-        self.items += 1;
-        if self.track_inputs {
-            self.ends.push(self.buf.len());
-        }
-    }
-
-    fn items(&self) -> u64 {
-        self.items
+        ChunkBuilder { id, buf, start, count_at, body_start, items: 0 }
     }
 
     fn body_len(&self) -> usize {
@@ -711,5 +783,29 @@ impl ChunkBuilder {
 
     fn frame_len(&self) -> usize {
         self.buf.len() - self.start - protocol::LENGTH_PREFIX
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inputs_are_cut_out_of_a_call_frame_by_their_records() {
+        let mut buf = BytesMut::new();
+        let start = protocol::begin_frame(&mut buf);
+        protocol::encode_into(&mut buf, &Request::Call { id: 1, task: 0, items: Count::new(3) }).unwrap();
+        for input in ["a", "bb", "ccc"] {
+            let record = protocol::begin_record(&mut buf);
+            protocol::encode_into(&mut buf, input).unwrap();
+            protocol::end_record(&mut buf, record);
+        }
+        protocol::end_frame(&mut buf, start, usize::MAX).unwrap();
+        let mut rest = inputs_of(&buf, 1, 2).unwrap();
+        let decoded: Vec<String> = std::iter::from_fn(|| protocol::take_record(&mut rest))
+            .map(|record| postcard::from_bytes(record).unwrap())
+            .collect();
+        assert_eq!(decoded, ["bb", "ccc"]);
+        assert!(inputs_of(&buf, 2, 2).is_none(), "there are only three");
     }
 }

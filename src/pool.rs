@@ -156,8 +156,10 @@ impl Shared {
         let index = self.tasks.resolve(task)?;
         let mut buf = BytesMut::with_capacity(64);
         let (id, start, _) = self.call_frame(index, 1, &mut buf);
+        let record = protocol::begin_record(&mut buf);
         protocol::encode_into(&mut buf, input)
             .map_err(|err| Error::codec(task.name(), Direction::Input, "encode", err))?;
+        protocol::end_record(&mut buf, record);
         let limit = self.config.max_frame_len;
         protocol::end_frame(&mut buf, start, limit).map_err(|size| Error::FrameTooLarge {
             task: task.name().into(),
@@ -190,7 +192,7 @@ impl Shared {
     pub(crate) fn fail(&self, jobs: impl IntoIterator<Item = Job>, error: &Error) {
         for job in jobs {
             Counters::add(&self.counters.failed, u64::from(job.items));
-            job.complete(Err(error.clone()));
+            job.complete(Completion::Failed(error.clone()));
         }
     }
 

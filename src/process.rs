@@ -77,6 +77,20 @@ pub(crate) struct WorkerProcess {
     pub(crate) replies: Replies,
     pub(crate) tasks: Vec<TaskInfo>,
     pub(crate) process: ChildProcess,
+    /// The worker's progress record (see `protocol::Progress`), opened while it
+    /// lives so it can be read after it died; `None` where it keeps none.
+    progress: Option<std::fs::File>,
+}
+
+/// How far a worker got with a call, by its progress record.
+#[derive(Debug)]
+pub(crate) enum CallProgress {
+    /// No record, or one that makes no sense.
+    Unknown,
+    /// It never started the call.
+    NotStarted,
+    /// It started it and finished `items` items, whose outcome records are `body`.
+    Done { items: u32, body: bytes::Bytes },
 }
 
 impl WorkerProcess {
@@ -117,15 +131,36 @@ impl WorkerProcess {
         };
 
         let handshake = async {
-            let (mut replies, tasks) = handshake(config, slot, &mut requests, replies).await?;
+            let (mut replies, ready) = handshake(config, slot, &mut requests, replies).await?;
             if let Some(initializer) = &config.initializer {
-                initialize(config, initializer, &tasks, &mut requests, &mut replies).await?;
+                initialize(config, initializer, &ready.tasks, &mut requests, &mut replies).await?;
             }
-            Ok((replies, tasks))
+            Ok((replies, ready))
         };
         match tokio::time::timeout(config.handshake_timeout, handshake).await {
-            Ok(Ok((replies, tasks))) => {
-                Ok(WorkerProcess { index: slot, pid, requests: Some(requests), replies, tasks, process })
+            Ok(Ok((replies, ready))) => {
+                let progress = ready.progress.and_then(|fd| match sys::open_foreign_fd(ready.pid, fd) {
+                    Ok(file) => Some(file),
+                    Err(err) => {
+                        // Crashes then cost a whole chunk instead of one input.
+                        tracing::debug!(
+                            worker = slot,
+                            pid,
+                            "cannot open the worker's progress record: {err}"
+                        );
+                        None
+                    }
+                });
+                let tasks = ready.tasks;
+                Ok(WorkerProcess {
+                    index: slot,
+                    pid,
+                    requests: Some(requests),
+                    replies,
+                    tasks,
+                    process,
+                    progress,
+                })
             }
             Ok(Err(message)) => Err(process.start_failed(config, message).await),
             Err(_) => {
@@ -139,18 +174,62 @@ impl WorkerProcess {
     pub(crate) fn close_requests(&mut self) {
         self.requests = None;
     }
+
+    /// What the worker's progress record says about call `id` of `items` items. Read
+    /// after the worker died, so nothing changes under it; checked throughout, since
+    /// a worker that broke may have written anything.
+    pub(crate) fn progress_of(&self, id: u64, items: u32, max_frame_len: usize) -> CallProgress {
+        use std::os::unix::fs::FileExt;
+        let Some(file) = &self.progress else {
+            return CallProgress::Unknown;
+        };
+        let mut header = [0; protocol::Progress::SIZE];
+        let Some(progress) =
+            file.read_exact_at(&mut header, 0).ok().and_then(|()| protocol::Progress::parse(&header))
+        else {
+            return CallProgress::Unknown;
+        };
+        if progress.call != id {
+            return CallProgress::NotStarted;
+        }
+        let len = progress.bytes.saturating_sub(progress.body);
+        if progress.items > u64::from(items) || progress.bytes < progress.body || len > max_frame_len as u64 {
+            return CallProgress::Unknown;
+        }
+        let mut body = vec![0; len as usize];
+        if file.read_exact_at(&mut body, progress.body).is_err() {
+            return CallProgress::Unknown;
+        }
+        let mut records = &body[..];
+        for _ in 0..progress.items {
+            if protocol::take_record(&mut records).is_none() {
+                return CallProgress::Unknown;
+            }
+        }
+        if !records.is_empty() {
+            return CallProgress::Unknown;
+        }
+        CallProgress::Done { items: progress.items as u32, body: body.into() }
+    }
 }
 
 /// The reply stream: frames after the worker's preamble.
 pub(crate) type Replies = FramedRead<pipe::Receiver, ReplyCodec>;
 
 /// Sends `Init` and reads `Ready`.
+/// What a worker said in its `Ready`.
+struct Ready {
+    pid: u32,
+    tasks: Vec<TaskInfo>,
+    progress: Option<u32>,
+}
+
 async fn handshake(
     config: &WorkerConfig,
     slot: usize,
     requests: &mut pipe::Sender,
     replies: pipe::Receiver,
-) -> Result<(Replies, Vec<TaskInfo>), String> {
+) -> Result<(Replies, Ready), String> {
     let mut init = BytesMut::new();
     let request = Request::Init {
         version: protocol::PROTOCOL_VERSION,
@@ -173,8 +252,8 @@ async fn handshake(
     };
     replies.decoder_mut().frames.set_max_frame_length(config.max_frame_len);
     match protocol::split_header::<Reply>(&frame) {
-        Ok((Reply::Ready { version, tasks, .. }, _)) if version == protocol::PROTOCOL_VERSION => {
-            Ok((replies, tasks))
+        Ok((Reply::Ready { version, pid, tasks, progress }, _)) if version == protocol::PROTOCOL_VERSION => {
+            Ok((replies, Ready { pid, tasks, progress }))
         }
         Ok((Reply::Ready { version, .. }, _)) => Err(format!(
             "it speaks protocol version {version}, this procexec speaks {}; rebuild the worker with the same procexec",

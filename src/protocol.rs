@@ -3,10 +3,13 @@
 //! A frame is a 4-byte big-endian length followed by that many bytes
 //! ([`LengthDelimitedCodec`]'s default layout). The bytes are a postcard-encoded
 //! header ([`Request`] or [`Reply`]) immediately followed by a body whose meaning the
-//! header gives: for a [`Request::Call`], `items` postcard-encoded inputs; for a
-//! [`Reply::Done`], `items` [`Outcome`]s, each followed by its output when it is
-//! [`Outcome::Ok`]. Bodies are written straight into the frame buffer, so a payload is
-//! encoded once and never copied into a second message.
+//! header gives: for a [`Request::Call`], `items` inputs; for a [`Reply::Done`],
+//! `items` outcome records. Each input and each record is preceded by its length (a
+//! 4-byte little-endian [record](begin_record)), so one that cannot be decoded costs
+//! only itself: the next one is found all the same. An outcome record is
+//! [`OUTCOME_OK`] followed by the postcard-encoded output, or a postcard-encoded
+//! [`Outcome`] that says why there is none. Bodies are written straight into the frame
+//! buffer, so a payload is encoded once and never copied into a second message.
 //!
 //! The conversation:
 //!
@@ -18,17 +21,19 @@
 //!    The worker runs them one at a time, in order, and answers each with one
 //!    [`Reply::Done`], flushed before it starts the next call. So when a worker dies,
 //!    every call whose reply did not arrive is either the one it was running or one it
-//!    never started.
+//!    never started. Inside a call, the worker records its progress (the call, how
+//!    many items are done, and their records) in memory the parent can read after the
+//!    worker died ([`Progress`]), so a crash costs only the input that caused it.
 
 use bytes::{BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
 use tokio_util::codec::LengthDelimitedCodec;
 
 /// Bumped whenever a message changes shape.
-pub(crate) const PROTOCOL_VERSION: u32 = 1;
+pub(crate) const PROTOCOL_VERSION: u32 = 2;
 
 /// Written by a worker before its first frame.
-pub(crate) const PREAMBLE: &[u8; 8] = b"\0PRCXC1\n";
+pub(crate) const PREAMBLE: &[u8; 8] = b"\0PRCXC2\n";
 
 /// How much non-protocol output the parent skips while looking for the preamble.
 pub(crate) const PREAMBLE_SEARCH_LIMIT: usize = 1 << 20;
@@ -68,8 +73,9 @@ pub(crate) enum Request {
 /// A message from a worker to the parent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Reply {
-    /// Answer to [`Request::Init`].
-    Ready { version: u32, pid: u32, tasks: Vec<TaskInfo> },
+    /// Answer to [`Request::Init`]. `progress` is the descriptor number, in the
+    /// worker, of the memory file where it records its [`Progress`], if it has one.
+    Ready { version: u32, pid: u32, tasks: Vec<TaskInfo>, progress: Option<u32> },
     /// Answer to the [`Request::Call`] with the same id. `busy_ns` is how long the
     /// worker spent on it (decode, run, encode), which sizes prefetch and map chunks;
     /// `peak_rss_kib` is the worker's peak resident memory, when asked for (else 0).
@@ -131,10 +137,205 @@ pub(crate) enum Outcome {
     Panicked { message: String, location: Option<String>, backtrace: Option<String> },
     /// The worker could not decode the input: the two sides disagree on its type.
     BadInput { message: String },
+    /// The worker could not encode the task's output.
+    BadOutput { message: String },
     /// The worker has no task with that number.
     UnknownTask,
     /// The reply would have exceeded the frame limit.
     TooLarge { size: u64, limit: u64 },
+}
+
+/// The size of the length that precedes every input and outcome record.
+pub(crate) const RECORD_PREFIX: usize = 4;
+
+/// Starts a record at the end of `buf`; returns where it starts.
+pub(crate) fn begin_record<B: Buf>(buf: &mut B) -> usize {
+    let start = buf.len();
+    buf.extend_from_slice(&[0; RECORD_PREFIX]);
+    start
+}
+
+/// Finishes the record begun at `start` by writing its length.
+pub(crate) fn end_record<B: Buf>(buf: &mut B, start: usize) {
+    let len = buf.len() - start - RECORD_PREFIX;
+    // A record longer than 4 GiB cannot fit a frame, whose length has 4 bytes too.
+    let len = u32::try_from(len).unwrap_or(u32::MAX);
+    buf.patch(start, &len.to_le_bytes());
+}
+
+/// Splits the next record off the front of `body`; `None` when `body` does not
+/// start with a whole record.
+pub(crate) fn take_record<'a>(body: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let (len, rest) = body.split_first_chunk::<RECORD_PREFIX>()?;
+    let len = u32::from_le_bytes(*len) as usize;
+    if rest.len() < len {
+        return None;
+    }
+    let (record, rest) = rest.split_at(len);
+    *body = rest;
+    Some(record)
+}
+
+/// Where a worker records its progress through the current call, at the start of
+/// its reply buffer: a memory file the parent reads after the worker died. Each
+/// field is a little-endian `u64`; offsets count from the start of the file.
+///
+/// The worker sets `call` when it starts a call (before it decodes any input), and
+/// after each item `bytes` (where its outcome record ends) and then `items`. So
+/// after a death the parent knows, for the call it was running, which items were
+/// done (with their records, from `body` to `bytes`), which one was running, and
+/// that the rest never started. Nothing is flushed or sent for this: a crash, even
+/// `SIGKILL`, cannot lose what is already in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Progress {
+    /// The call being run ([`Progress::NO_CALL`] before the first).
+    pub(crate) call: u64,
+    /// Items of it done.
+    pub(crate) items: u64,
+    /// Where the records of the items done start.
+    pub(crate) body: u64,
+    /// Where they end.
+    pub(crate) bytes: u64,
+}
+
+impl Progress {
+    /// The file starts with this, so the parent knows it reads the right thing.
+    pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"PRCXPRG2");
+    pub(crate) const NO_CALL: u64 = u64::MAX;
+    pub(crate) const MAGIC_AT: usize = 0;
+    pub(crate) const CALL_AT: usize = 8;
+    pub(crate) const ITEMS_AT: usize = 16;
+    pub(crate) const BODY_AT: usize = 24;
+    pub(crate) const BYTES_AT: usize = 32;
+    /// Bytes the record takes at the start of the file; the reply frame follows.
+    pub(crate) const SIZE: usize = 64;
+
+    /// Reads the record from the start of a progress file; `None` if it is not one.
+    pub(crate) fn parse(header: &[u8; Progress::SIZE]) -> Option<Progress> {
+        let field = |at: usize| {
+            let mut bytes = [0; 8];
+            bytes.copy_from_slice(&header[at..at + 8]);
+            u64::from_le_bytes(bytes)
+        };
+        (field(Self::MAGIC_AT) == Self::MAGIC).then(|| Progress {
+            call: field(Self::CALL_AT),
+            items: field(Self::ITEMS_AT),
+            body: field(Self::BODY_AT),
+            bytes: field(Self::BYTES_AT),
+        })
+    }
+}
+
+/// A buffer frames are written into: a `BytesMut` in the parent, the shared reply
+/// buffer in a worker.
+pub(crate) trait Buf {
+    fn len(&self) -> usize;
+    fn extend_from_slice(&mut self, data: &[u8]);
+    fn push(&mut self, byte: u8);
+    fn truncate(&mut self, len: usize);
+    /// Overwrites bytes already written, from `at`.
+    fn patch(&mut self, at: usize, data: &[u8]);
+}
+
+impl Buf for BytesMut {
+    fn len(&self) -> usize {
+        BytesMut::len(self)
+    }
+
+    fn extend_from_slice(&mut self, data: &[u8]) {
+        BytesMut::extend_from_slice(self, data)
+    }
+
+    fn push(&mut self, byte: u8) {
+        self.put_u8(byte)
+    }
+
+    fn truncate(&mut self, len: usize) {
+        BytesMut::truncate(self, len)
+    }
+
+    fn patch(&mut self, at: usize, data: &[u8]) {
+        self[at..at + data.len()].copy_from_slice(data)
+    }
+}
+
+/// A worker's reply buffer: the [`Progress`] record, then the reply frame being
+/// built, in memory the parent can read after the worker died
+/// ([`SharedBuf`](crate::sys::SharedBuf)). Positions count from the start of the
+/// buffer, record included.
+pub(crate) struct ReplyBuf {
+    buf: crate::sys::SharedBuf,
+}
+
+impl ReplyBuf {
+    pub(crate) fn new() -> std::io::Result<Self> {
+        let mut buf = crate::sys::SharedBuf::new(1 << 20)?;
+        buf.extend_from_slice(&[0; Progress::SIZE]);
+        buf.publish(Progress::CALL_AT, Progress::NO_CALL);
+        buf.publish(Progress::MAGIC_AT, Progress::MAGIC);
+        Ok(ReplyBuf { buf })
+    }
+
+    /// The descriptor of the memory file, when the parent can read it.
+    pub(crate) fn file(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.buf.file()
+    }
+
+    /// Drops the frame, keeping the progress record.
+    pub(crate) fn clear(&mut self) {
+        self.buf.truncate(Progress::SIZE);
+    }
+
+    /// The frame built so far.
+    pub(crate) fn frame(&self) -> &[u8] {
+        &self.buf.as_slice()[Progress::SIZE..]
+    }
+
+    /// Records that call `id` started, its item records beginning here.
+    pub(crate) fn begin_call(&mut self, id: u64) {
+        let here = self.buf.len() as u64;
+        self.buf.publish(Progress::ITEMS_AT, 0);
+        self.buf.publish(Progress::BODY_AT, here);
+        self.buf.publish(Progress::BYTES_AT, here);
+        self.buf.publish(Progress::CALL_AT, id);
+    }
+
+    /// The progress record as another process would read it.
+    #[cfg(test)]
+    pub(crate) fn progress(&self) -> Progress {
+        let mut header = [0; Progress::SIZE];
+        header.copy_from_slice(&self.buf.as_slice()[..Progress::SIZE]);
+        Progress::parse(&header).expect("a progress record")
+    }
+
+    /// Records that `items` items of the call are done, their records ending here.
+    pub(crate) fn items_done(&mut self, items: u32) {
+        self.buf.publish(Progress::BYTES_AT, self.buf.len() as u64);
+        self.buf.publish(Progress::ITEMS_AT, u64::from(items));
+    }
+}
+
+impl Buf for ReplyBuf {
+    fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn extend_from_slice(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data)
+    }
+
+    fn push(&mut self, byte: u8) {
+        self.buf.push(byte)
+    }
+
+    fn truncate(&mut self, len: usize) {
+        // Never into the progress record.
+        self.buf.truncate(len.max(Progress::SIZE))
+    }
+
+    fn patch(&mut self, at: usize, data: &[u8]) {
+        self.buf.patch(at, data)
+    }
 }
 
 /// The codec both sides frame with.
@@ -145,10 +346,10 @@ pub(crate) fn codec(max_frame_len: usize) -> LengthDelimitedCodec {
         .new_codec()
 }
 
-/// A postcard flavor that appends to a `BytesMut`, copying byte strings in one go.
-pub(crate) struct Append<'a>(pub(crate) &'a mut BytesMut);
+/// A postcard flavor that appends to a [`Buf`], copying byte strings in one go.
+pub(crate) struct Append<'a, B>(pub(crate) &'a mut B);
 
-impl postcard::ser_flavors::Flavor for Append<'_> {
+impl<B: Buf> postcard::ser_flavors::Flavor for Append<'_, B> {
     type Output = ();
 
     fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
@@ -157,7 +358,7 @@ impl postcard::ser_flavors::Flavor for Append<'_> {
     }
 
     fn try_push(&mut self, data: u8) -> postcard::Result<()> {
-        self.0.put_u8(data);
+        self.0.push(data);
         Ok(())
     }
 
@@ -167,14 +368,14 @@ impl postcard::ser_flavors::Flavor for Append<'_> {
 }
 
 /// Appends the postcard encoding of `value` to `buf`.
-pub(crate) fn encode_into<T: Serialize + ?Sized>(buf: &mut BytesMut, value: &T) -> postcard::Result<()> {
+pub(crate) fn encode_into<B: Buf, T: Serialize + ?Sized>(buf: &mut B, value: &T) -> postcard::Result<()> {
     postcard::serialize_with_flavor(value, Append(buf))
 }
 
 /// Starts a frame at the end of `buf`; returns where it starts.
-pub(crate) fn begin_frame(buf: &mut BytesMut) -> usize {
+pub(crate) fn begin_frame<B: Buf>(buf: &mut B) -> usize {
     let start = buf.len();
-    buf.put_u32(0);
+    buf.extend_from_slice(&[0; LENGTH_PREFIX]);
     start
 }
 
@@ -182,18 +383,18 @@ pub(crate) fn begin_frame(buf: &mut BytesMut) -> usize {
 ///
 /// Fails with the body's size when it exceeds `max_frame_len`; the caller then drops
 /// the frame (`buf.truncate(start)`).
-pub(crate) fn end_frame(buf: &mut BytesMut, start: usize, max_frame_len: usize) -> Result<(), usize> {
+pub(crate) fn end_frame<B: Buf>(buf: &mut B, start: usize, max_frame_len: usize) -> Result<(), usize> {
     let len = buf.len() - start - LENGTH_PREFIX;
     if len > max_frame_len || len > u32::MAX as usize {
         return Err(len);
     }
-    buf[start..start + LENGTH_PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
+    buf.patch(start, &(len as u32).to_be_bytes());
     Ok(())
 }
 
 /// Appends one whole frame holding `header` and no body.
-pub(crate) fn write_message<T: Serialize>(
-    buf: &mut BytesMut,
+pub(crate) fn write_message<B: Buf, T: Serialize>(
+    buf: &mut B,
     header: &T,
     max_frame_len: usize,
 ) -> Result<(), FrameError> {
@@ -276,6 +477,39 @@ mod tests {
     }
 
     #[test]
+    fn records_are_found_by_their_length_whatever_they_hold() {
+        let mut buf = BytesMut::new();
+        for record in [&b"first"[..], b"", b"\xff\xff not postcard"] {
+            let start = begin_record(&mut buf);
+            buf.extend_from_slice(record);
+            end_record(&mut buf, start);
+        }
+        let mut body = &buf[..];
+        assert_eq!(take_record(&mut body), Some(&b"first"[..]));
+        assert_eq!(take_record(&mut body), Some(&b""[..]));
+        assert_eq!(take_record(&mut body), Some(&b"\xff\xff not postcard"[..]));
+        assert_eq!(take_record(&mut body), None);
+        // A length running past the body is no record.
+        assert_eq!(take_record(&mut &[9, 0, 0, 0, 1][..]), None);
+    }
+
+    #[test]
+    fn a_progress_record_is_read_only_behind_its_magic() {
+        let mut header = [0u8; Progress::SIZE];
+        assert_eq!(Progress::parse(&header), None);
+        for (at, value) in [
+            (Progress::MAGIC_AT, Progress::MAGIC),
+            (Progress::CALL_AT, 7),
+            (Progress::ITEMS_AT, 3),
+            (Progress::BODY_AT, 100),
+            (Progress::BYTES_AT, 130),
+        ] {
+            header[at..at + 8].copy_from_slice(&value.to_le_bytes());
+        }
+        assert_eq!(Progress::parse(&header), Some(Progress { call: 7, items: 3, body: 100, bytes: 130 }));
+    }
+
+    #[test]
     fn the_codec_rejects_frames_above_its_limit() {
         let mut buf = BytesMut::new();
         buf.put_u32(1000);
@@ -298,6 +532,7 @@ mod tests {
                     version: PROTOCOL_VERSION,
                     pid,
                     tasks: vec![TaskInfo { name: name.clone(), input: "u64".into(), output: "()".into() }],
+                    progress: Some(pid / 2),
                 },
             ] {
                 let mut buf = BytesMut::new();

@@ -17,10 +17,10 @@ use futures::Stream;
 use tokio::io::AsyncWrite;
 use tokio::time::{Instant, Sleep};
 
-use crate::dispatch::{CancelPolicy, Delivery, Job};
+use crate::dispatch::{CancelPolicy, Completion, Delivery, Job};
 use crate::error::{Error, ExitReason, ProtocolViolation, WorkerCrash, WorkerStartError};
 use crate::pool::{RunState, Shared};
-use crate::process::WorkerProcess;
+use crate::process::{CallProgress, WorkerProcess};
 use crate::protocol::{self, Reply};
 use crate::stats::{Counters, ExitCause, WorkerExit};
 
@@ -118,16 +118,19 @@ async fn supervise(shared: &Shared, slot: usize, first: Option<WorkerProcess>) {
                     (Some(job), ExitCause::TimedOut { task }) if job.id == id => {
                         tracing::warn!(worker = slot, pid, task, "call timed out; worker killed");
                         let timeout = job.options.timeout.unwrap_or_default();
-                        retry_or_fail(shared, job, Error::TimedOut { task: task.clone(), timeout });
+                        let error = Error::TimedOut { task: task.clone(), timeout };
+                        judge_running(shared, &worker, job, |_| error);
                     }
                     (Some(job), ExitCause::Cancelled { .. }) if job.id == id => {
                         Counters::add(&shared.counters.cancelled, u64::from(job.items));
                     }
                     (Some(job), _) => {
                         // The call at the limit answered just in time; this one had
-                        // started after it when the kill came.
-                        let crash = crash_report(&worker, &job, exit, String::new());
-                        retry_or_fail(shared, job, Error::WorkerCrashed(Arc::new(crash)));
+                        // started after it when the kill came (or not: the worker's
+                        // progress record tells).
+                        judge_running(shared, &worker, job, |job| {
+                            Error::WorkerCrashed(Arc::new(crash_report(&worker, job, exit, String::new())))
+                        });
                     }
                     (None, _) => {}
                 }
@@ -178,7 +181,7 @@ async fn drain_replies(shared: &Shared, worker: &mut WorkerProcess, in_flight: &
             let body = frame.slice(frame.len() - body.len()..);
             if let Some(job) = in_flight.pop_front() {
                 Counters::add(&shared.counters.completed, u64::from(job.items));
-                job.complete(Ok(Delivery { body, busy_ns: busy_ns.get() }));
+                job.complete(Completion::Done(Delivery { body, busy_ns: busy_ns.get() }));
             }
         }
     };
@@ -186,23 +189,47 @@ async fn drain_replies(shared: &Shared, worker: &mut WorkerProcess, in_flight: &
     let _ = tokio::time::timeout(EXIT_GRACE, drained).await;
 }
 
-/// A call crashed or timed out: sends it again if it may be retried (a chunk as
-/// single calls, so a poison input fails alone), or fails it with `error`.
-fn retry_or_fail(shared: &Shared, mut job: Job, error: Error) {
+/// The call at the head of a worker that died (or was killed) may have been
+/// running: the worker's progress record says how far it got. Items done are
+/// delivered, the one running fails with `error` (or, for a single call, is retried
+/// if allowed), and items never started go back to the queue (a chunk's to its map):
+/// they never ran, so that is no retry.
+fn judge_running(shared: &Shared, worker: &WorkerProcess, mut job: Job, error: impl FnOnce(&Job) -> Error) {
+    let (done, body) = match worker.progress_of(job.id, job.items, shared.max_frame_len()) {
+        CallProgress::NotStarted => {
+            shared.requeue(std::iter::once(job));
+            return;
+        }
+        CallProgress::Done { items, body } if items == job.items => {
+            // It finished, but died before its reply got out: nothing is lost.
+            Counters::add(&shared.counters.completed, u64::from(job.items));
+            job.complete(Completion::Done(Delivery { body, busy_ns: 0 }));
+            return;
+        }
+        CallProgress::Done { items, body } => (items, Some(body)),
+        CallProgress::Unknown => (0, None),
+    };
     job.failures += 1;
+    let error = error(&job);
     if job.is_cancelled() {
         Counters::add(&shared.counters.cancelled, u64::from(job.items));
         return;
     }
-    if !job.may_retry() {
-        shared.fail(std::iter::once(job), &error);
-        return;
-    }
-    Counters::add(&shared.counters.retried, u64::from(job.items));
-    if job.items == 1 {
-        shared.requeue(std::iter::once(job));
-    } else {
-        shared.requeue(job.into_singles(|| shared.next_id()).into_iter());
+    match body {
+        Some(body) if job.is_chunk() => {
+            // The map decides about the failed item (retry or report) and sends the
+            // unstarted ones again.
+            Counters::add(&shared.counters.completed, u64::from(done));
+            let unstarted = job.items - done - 1;
+            job.complete(Completion::Broken { done: Delivery { body, busy_ns: 0 }, error, unstarted });
+        }
+        // A single call; or a chunk of a worker without a progress record, whose
+        // items may each have run: they all fail, none runs twice.
+        _ if job.items == 1 && job.failures <= job.options.retries && !job.is_chunk() => {
+            Counters::add(&shared.counters.retried, 1);
+            shared.requeue(std::iter::once(job));
+        }
+        _ => shared.fail(std::iter::once(job), &error),
     }
 }
 
@@ -213,7 +240,8 @@ fn crash_report(worker: &WorkerProcess, job: &Job, exit: ExitReason, stderr_tail
         pid: worker.pid,
         exit,
         stderr_tail,
-        attempts: job.failures + 1,
+        // The run that crashed is counted by the time the report is made.
+        attempts: job.failures,
     }
 }
 
@@ -234,8 +262,9 @@ async fn died(shared: &Shared, worker: &mut WorkerProcess, in_flight: VecDeque<J
     shared.counters.record_exit(WorkerExit { worker: worker.index, pid: worker.pid, cause });
     shared.requeue(jobs);
     if let Some(job) = running {
-        let crash = crash_report(worker, &job, exit, stderr_tail);
-        retry_or_fail(shared, job, Error::WorkerCrashed(Arc::new(crash)));
+        judge_running(shared, worker, job, |job| {
+            Error::WorkerCrashed(Arc::new(crash_report(worker, job, exit, stderr_tail)))
+        });
     }
 }
 
@@ -470,7 +499,7 @@ impl<'a> Session<'a> {
         } else if limits.max_tasks_per_worker.is_some_and(|max| self.served >= max) {
             self.retiring.get_or_insert(ExitCause::MaxTasks);
         }
-        job.complete(Ok(Delivery { body, busy_ns }));
+        job.complete(Completion::Done(Delivery { body, busy_ns }));
         Ok(())
     }
 

@@ -147,6 +147,169 @@ pub(crate) fn read_into(fd: BorrowedFd<'_>, buf: &mut BytesMut, reserve: usize) 
     }
 }
 
+/// A growable byte buffer another process can read after this one died: a memory
+/// file (`memfd`) mapped shared, whose descriptor the parent opens through `/proc`.
+/// Where there is no memory file, private memory that only this process sees.
+///
+/// Writing to it costs what writing to a `Vec` costs: no system call per write, only
+/// when it grows.
+pub(crate) struct SharedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    cap: usize,
+    len: usize,
+    file: Option<OwnedFd>,
+}
+
+// SAFETY: `SharedBuf` owns its mapping exclusively (like a `Vec` owns its heap
+// block); nothing else in this process aliases it.
+unsafe impl Send for SharedBuf {}
+
+impl SharedBuf {
+    /// A buffer of `capacity` bytes (rounded up to whole pages), all zero.
+    pub(crate) fn new(capacity: usize) -> io::Result<Self> {
+        let cap = round_to_page(capacity.max(1));
+        #[cfg(target_os = "linux")]
+        {
+            use rustix::fs::{MemfdFlags, ftruncate, memfd_create};
+            use rustix::mm::{MapFlags, ProtFlags, mmap};
+            if let Ok(file) = memfd_create("procexec-progress", MemfdFlags::CLOEXEC) {
+                ftruncate(&file, cap as u64)?;
+                // SAFETY: a fresh shared mapping of `cap` bytes of a file of that size;
+                // the kernel picks the address, so no existing memory is affected.
+                let ptr = unsafe {
+                    mmap(
+                        std::ptr::null_mut(),
+                        cap,
+                        ProtFlags::READ | ProtFlags::WRITE,
+                        MapFlags::SHARED,
+                        &file,
+                        0,
+                    )
+                }?;
+                let ptr =
+                    std::ptr::NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap gave null"))?;
+                return Ok(SharedBuf { ptr, cap, len: 0, file: Some(file) });
+            }
+        }
+        use rustix::mm::{MapFlags, ProtFlags, mmap_anonymous};
+        // SAFETY: a fresh private anonymous mapping; the kernel picks the address.
+        let ptr = unsafe {
+            mmap_anonymous(std::ptr::null_mut(), cap, ProtFlags::READ | ProtFlags::WRITE, MapFlags::PRIVATE)
+        }?;
+        let ptr = std::ptr::NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap gave null"))?;
+        Ok(SharedBuf { ptr, cap, len: 0, file: None })
+    }
+
+    /// The memory file's descriptor, if other processes can read the buffer.
+    pub(crate) fn file(&self) -> Option<BorrowedFd<'_>> {
+        self.file.as_ref().map(|file| file.as_fd())
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        // SAFETY: the first `len` bytes are mapped and initialized (mappings start
+        // zeroed), and `&self` keeps the mapping alive and unmoved.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Makes room for `additional` more bytes. Panics when the memory cannot be had,
+    /// as a `Vec` would.
+    fn reserve(&mut self, additional: usize) {
+        let needed = self.len.checked_add(additional).expect("a reply buffer above usize::MAX");
+        if needed <= self.cap {
+            return;
+        }
+        let cap = round_to_page(needed.max(self.cap.saturating_mul(2)));
+        if let Err(err) = self.grow(cap) {
+            panic!("cannot grow the reply buffer to {cap} bytes: {err}");
+        }
+    }
+
+    fn grow(&mut self, cap: usize) -> io::Result<()> {
+        if let Some(file) = &self.file {
+            rustix::fs::ftruncate(file, cap as u64)?;
+        }
+        #[cfg(target_os = "linux")]
+        {
+            use rustix::mm::{MremapFlags, mremap};
+            // SAFETY: `ptr` and `cap` describe our whole mapping; MAYMOVE lets the
+            // kernel move it, and nothing borrows it while `&mut self` is held.
+            let ptr = unsafe { mremap(self.ptr.as_ptr().cast(), self.cap, cap, MremapFlags::MAYMOVE) }?;
+            self.ptr =
+                std::ptr::NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mremap gave null"))?;
+            self.cap = cap;
+            Ok(())
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let mut bigger = SharedBuf::new(cap)?;
+            bigger.extend_from_slice(self.as_slice());
+            *self = bigger;
+            Ok(())
+        }
+    }
+
+    pub(crate) fn extend_from_slice(&mut self, data: &[u8]) {
+        self.reserve(data.len());
+        // SAFETY: `reserve` made `len + data.len()` bytes mapped; `data` cannot
+        // overlap the mapping, which only `&mut self` reaches.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(self.len), data.len()) };
+        self.len += data.len();
+    }
+
+    pub(crate) fn push(&mut self, byte: u8) {
+        self.reserve(1);
+        // SAFETY: `reserve` made byte `len` mapped.
+        unsafe { self.ptr.as_ptr().add(self.len).write(byte) };
+        self.len += 1;
+    }
+
+    /// Shortens the buffer (a no-op when it is shorter already).
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Overwrites bytes already written, from `at`.
+    pub(crate) fn patch(&mut self, at: usize, data: &[u8]) {
+        assert!(at + data.len() <= self.len, "patching bytes never written");
+        // SAFETY: the range lies within the first `len` (mapped) bytes, checked above.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(at), data.len()) };
+    }
+
+    /// Stores `value` at `at` (a multiple of 8 within the written bytes) as one
+    /// atomic write, so a reader in another process sees all of it or none.
+    pub(crate) fn publish(&self, at: usize, value: u64) {
+        assert!(at.is_multiple_of(8) && at + 8 <= self.len, "a misplaced progress field");
+        // SAFETY: the mapping is page-aligned and `at` a multiple of 8, so the
+        // address is aligned for an `AtomicU64`; it lies within the mapping (checked
+        // above); and all access to these bytes from this process goes through
+        // atomics (`publish`) while others only read them.
+        let field = unsafe { std::sync::atomic::AtomicU64::from_ptr(self.ptr.as_ptr().add(at).cast()) };
+        field.store(value.to_le(), std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl Drop for SharedBuf {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, unmapped once; nothing borrows it any more.
+        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.cap) };
+    }
+}
+
+fn round_to_page(bytes: usize) -> usize {
+    const PAGE: usize = 4096;
+    bytes.div_ceil(PAGE).saturating_mul(PAGE)
+}
+
+/// Opens descriptor `fd` of process `pid` (same user) through `/proc`: a new open
+/// file of the same memory file, readable after that process died.
+pub(crate) fn open_foreign_fd(pid: u32, fd: u32) -> io::Result<std::fs::File> {
+    std::fs::File::open(format!("/proc/{pid}/fd/{fd}"))
+}
+
 /// This process's peak resident memory so far, in KiB (`getrusage`'s `ru_maxrss`).
 pub(crate) fn peak_rss_kib() -> u64 {
     // SAFETY: `usage` is a properly sized, writable rusage that getrusage fills in.
@@ -255,6 +418,39 @@ mod tests {
         let touched = vec![1u8; 64 << 20];
         assert!(peak_rss_kib() >= 64 * 1024, "{}", peak_rss_kib());
         drop(std::hint::black_box(touched));
+    }
+
+    #[test]
+    fn a_shared_buffer_grows_and_keeps_its_bytes() {
+        let mut buf = SharedBuf::new(16).unwrap();
+        for i in 0..100_000u32 {
+            buf.extend_from_slice(&i.to_le_bytes());
+        }
+        buf.push(7);
+        assert_eq!(buf.len(), 400_001);
+        assert_eq!(&buf.as_slice()[4 * 99_999..4 * 100_000], 99_999u32.to_le_bytes());
+        buf.patch(0, &[1, 2]);
+        buf.truncate(3);
+        assert_eq!(buf.as_slice(), [1, 2, 0]);
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn another_process_reads_a_shared_buffer_through_proc_after_it_grew() {
+        use std::os::unix::fs::FileExt;
+        let mut buf = SharedBuf::new(8).unwrap();
+        buf.extend_from_slice(&[0; 8]);
+        buf.publish(0, 42);
+        buf.extend_from_slice(&vec![5u8; 1 << 20]);
+        let fd = buf.file().expect("a memfd").as_raw_fd() as u32;
+        let file = open_foreign_fd(std::process::id(), fd).unwrap();
+        drop(buf); // the file outlives the writer's mapping
+        let mut head = [0u8; 8];
+        file.read_exact_at(&mut head, 0).unwrap();
+        assert_eq!(u64::from_le_bytes(head), 42);
+        let mut tail = [0u8; 4];
+        file.read_exact_at(&mut tail, (1 << 20) + 4).unwrap();
+        assert_eq!(tail, [5; 4]);
     }
 
     #[test]

@@ -3,11 +3,10 @@
 use std::any::type_name;
 use std::fmt;
 
-use bytes::{BufMut, BytesMut};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::protocol::{self, Outcome, TaskInfo};
+use crate::protocol::{self, Buf, Outcome, ReplyBuf, TaskInfo};
 use crate::worker::catch_panic;
 
 /// A function that can run in a worker process: a stable name plus a plain
@@ -144,8 +143,15 @@ where
     }
 }
 
-mod sealed {
-    pub trait Sealed {}
+pub(crate) mod sealed {
+    /// Keeps [`AnyTask`](super::AnyTask) to procexec, and carries its worker-side half.
+    // Users can name neither this trait nor the buffer, so the buffer stays private.
+    #[allow(private_interfaces)]
+    pub trait Sealed {
+        /// Runs the task on each of `items` inputs (records in `body`), appending one
+        /// outcome record per input to `out`.
+        fn invoke(&self, body: &[u8], items: u32, out: &mut crate::protocol::ReplyBuf);
+    }
 }
 
 /// A [`Task`] with its types erased, as a [`Registry`] holds it.
@@ -158,9 +164,6 @@ pub trait AnyTask: sealed::Sealed + Sync {
 
     #[doc(hidden)]
     fn info(&self) -> TaskInfoRef;
-
-    #[doc(hidden)]
-    fn invoke(&self, body: &[u8], items: u32, out: &mut BytesMut);
 }
 
 /// The type signature of a task, as the handshake reports it.
@@ -171,8 +174,6 @@ pub struct TaskInfoRef {
     pub(crate) input: &'static str,
     pub(crate) output: &'static str,
 }
-
-impl<I, O> sealed::Sealed for Task<I, O> {}
 
 impl<I, O> AnyTask for Task<I, O>
 where
@@ -186,77 +187,83 @@ where
     fn info(&self) -> TaskInfoRef {
         TaskInfoRef { name: self.name, input: type_name::<I>(), output: type_name::<O>() }
     }
+}
 
-    fn invoke(&self, body: &[u8], items: u32, out: &mut BytesMut) {
+#[allow(private_interfaces)]
+impl<I, O> sealed::Sealed for Task<I, O>
+where
+    I: DeserializeOwned + 'static,
+    O: Serialize + 'static,
+{
+    fn invoke(&self, body: &[u8], items: u32, out: &mut ReplyBuf) {
         let mut rest = body;
         let mut done = 0;
         while done < items {
-            // Where the current input's outcome starts, and whether the input was
-            // decoded: a panic in a `Deserialize` impl leaves the rest of the body
-            // unreadable, one after it does not.
+            // Where the current input's record starts.
             let mut start = out.len();
-            let mut decoded = false;
             // Decoding, the call, encoding and dropping the output all run under
             // `catch_panic`, once for a whole run of inputs rather than per input: a
             // panicking task or serde impl or destructor fails its input only.
             let step = catch_panic(|| {
                 while done < items {
-                    start = out.len();
-                    decoded = false;
-                    let (input, tail) =
-                        postcard::take_from_bytes::<I>(rest).map_err(|err| Outcome::BadInput {
-                            message: format!("cannot decode a `{}`: {err}", type_name::<I>()),
-                        })?;
-                    rest = tail;
-                    decoded = true;
-                    let output = (self.function)(input);
-                    out.put_u8(protocol::OUTCOME_OK);
-                    if let Err(err) = protocol::encode_into(out, &output) {
-                        out.truncate(start);
-                        encode_outcome(
-                            out,
-                            &Outcome::Panicked {
-                                message: format!(
-                                    "cannot encode the `{}` it returned: {err}",
-                                    type_name::<O>()
-                                ),
-                                location: None,
-                                backtrace: None,
-                            },
-                        );
+                    start = protocol::begin_record(out);
+                    if let Err(failure) = self.run_one(&mut rest, out) {
+                        out.truncate(start + protocol::RECORD_PREFIX);
+                        encode_outcome(out, &failure);
                     }
-                    drop(output);
+                    protocol::end_record(out, start);
                     done += 1;
+                    out.items_done(done);
                 }
-                Ok(())
             });
-            let failure = match step {
-                Ok(Ok(())) => return,
-                Ok(Err(bad_input)) => bad_input,
-                Err(panic) => panic,
-            };
-            out.truncate(start);
-            encode_outcome(out, &failure);
-            done += 1;
-            if !decoded {
-                // Inputs are not self-delimiting: past one that could not be
-                // decoded, the rest of the call is lost with it.
-                let lost = Outcome::BadInput {
-                    message: format!(
-                        "an earlier input of this call could not be decoded as `{}`",
-                        type_name::<I>()
-                    ),
-                };
-                for _ in done..items {
-                    encode_outcome(out, &lost);
-                }
-                return;
+            if let Err(panic) = step {
+                out.truncate(start);
+                let start = protocol::begin_record(out);
+                encode_outcome(out, &panic);
+                protocol::end_record(out, start);
+                done += 1;
+                out.items_done(done);
             }
         }
     }
 }
 
-fn encode_outcome(out: &mut BytesMut, outcome: &Outcome) {
+impl<I, O> Task<I, O>
+where
+    I: DeserializeOwned + 'static,
+    O: Serialize + 'static,
+{
+    /// Runs the task on the next input of `inputs`, appending its output to `out`.
+    /// Each input is a record of its own, so one that cannot be decoded fails alone.
+    fn run_one(&self, inputs: &mut &[u8], out: &mut ReplyBuf) -> Result<(), Outcome> {
+        let Some(input) = protocol::take_record(inputs) else {
+            *inputs = &[];
+            return Err(Outcome::BadInput { message: "the call holds fewer inputs than it says".into() });
+        };
+        let input = decode_exactly::<I>(input).map_err(|message| Outcome::BadInput { message })?;
+        let output = (self.function)(input);
+        out.push(protocol::OUTCOME_OK);
+        protocol::encode_into(out, &output).map_err(|err| Outcome::BadOutput {
+            message: format!("cannot encode the `{}` it returned: {err}", type_name::<O>()),
+        })?;
+        drop(output);
+        Ok(())
+    }
+}
+
+/// Decodes a whole record as a `T`: bytes left over mean the two sides disagree on
+/// the type as surely as bytes missing do.
+pub(crate) fn decode_exactly<T: DeserializeOwned>(record: &[u8]) -> Result<T, String> {
+    match postcard::take_from_bytes::<T>(record) {
+        Ok((value, [])) => Ok(value),
+        Ok((_, rest)) => {
+            Err(format!("{} bytes left over after decoding a `{}`", rest.len(), type_name::<T>()))
+        }
+        Err(err) => Err(format!("cannot decode a `{}`: {err}", type_name::<T>())),
+    }
+}
+
+fn encode_outcome(out: &mut ReplyBuf, outcome: &Outcome) {
     // An `Outcome` holds only strings and integers, which postcard always encodes.
     let _ = protocol::encode_into(out, outcome);
 }
@@ -422,6 +429,7 @@ macro_rules! __task_pattern {
 
 #[cfg(test)]
 mod tests {
+    use super::sealed::Sealed;
     use super::*;
 
     crate::tasks! {
@@ -431,27 +439,35 @@ mod tests {
         fn unit() {}
     }
 
-    fn decode_outcomes<O: DeserializeOwned>(mut body: &[u8], items: usize) -> Vec<Result<O, Outcome>> {
-        (0..items)
+    use bytes::BytesMut;
+
+    fn decode_outcomes<O: DeserializeOwned>(out: &ReplyBuf, items: usize) -> Vec<Result<O, Outcome>> {
+        let mut body = out.frame();
+        let results = (0..items)
             .map(|_| {
-                let (outcome, rest) = postcard::take_from_bytes::<Outcome>(body).unwrap();
-                body = rest;
-                if outcome != Outcome::Ok {
-                    return Err(outcome);
+                let record = protocol::take_record(&mut body).unwrap();
+                match record.split_first() {
+                    Some((&protocol::OUTCOME_OK, output)) => Ok(decode_exactly::<O>(output).unwrap()),
+                    _ => Err(postcard::from_bytes::<Outcome>(record).unwrap()),
                 }
-                let (output, rest) = postcard::take_from_bytes::<O>(body).unwrap();
-                body = rest;
-                Ok(output)
             })
-            .collect()
+            .collect();
+        assert!(body.is_empty(), "one record per item");
+        results
     }
 
     fn encode_inputs<I: Serialize>(inputs: &[I]) -> BytesMut {
         let mut body = BytesMut::new();
         for input in inputs {
+            let start = protocol::begin_record(&mut body);
             protocol::encode_into(&mut body, input).unwrap();
+            protocol::end_record(&mut body, start);
         }
         body
+    }
+
+    fn reply_buf() -> ReplyBuf {
+        ReplyBuf::new().unwrap()
     }
 
     #[test]
@@ -467,7 +483,7 @@ mod tests {
 
     #[test]
     fn invoke_runs_every_item_of_a_call() {
-        let mut out = BytesMut::new();
+        let mut out = reply_buf();
         TASKS.get(0).unwrap().invoke(&encode_inputs(&[1u64, 2, 3]), 3, &mut out);
         let results: Vec<u64> = decode_outcomes(&out, 3).into_iter().map(Result::unwrap).collect();
         assert_eq!(results, [2, 4, 6]);
@@ -475,7 +491,7 @@ mod tests {
 
     #[test]
     fn a_panic_fails_its_item_only() {
-        let mut out = BytesMut::new();
+        let mut out = reply_buf();
         let inputs = encode_inputs(&["one".to_string(), "two".to_string()]);
         TASKS.get(2).unwrap().invoke(&inputs, 2, &mut out);
         let results = decode_outcomes::<u8>(&out, 2);
@@ -491,12 +507,42 @@ mod tests {
     }
 
     #[test]
-    fn an_undecodable_input_fails_the_rest_of_the_call() {
-        let mut out = BytesMut::new();
-        // A string whose declared length runs past the body.
-        TASKS.get(1).unwrap().invoke(&[200, 1, b'x'], 2, &mut out);
-        let results = decode_outcomes::<String>(&out, 2);
-        assert!(results.iter().all(|r| matches!(r, Err(Outcome::BadInput { .. }))));
+    fn an_undecodable_input_fails_alone() {
+        let mut out = reply_buf();
+        let mut inputs = encode_inputs(&[("a".to_string(), "b".to_string())]);
+        // A pair whose first string's declared length runs past its record.
+        let start = protocol::begin_record(&mut inputs);
+        inputs.extend_from_slice(&[200, 1, b'x']);
+        protocol::end_record(&mut inputs, start);
+        inputs.extend_from_slice(&encode_inputs(&[("c".to_string(), "d".to_string())]));
+        TASKS.get(1).unwrap().invoke(&inputs, 3, &mut out);
+        let results = decode_outcomes::<String>(&out, 3);
+        assert_eq!(results[0], Ok("ab".into()));
+        assert!(matches!(&results[1], Err(Outcome::BadInput { message }) if message.contains("String")));
+        assert_eq!(results[2], Ok("cd".into()));
+    }
+
+    #[test]
+    fn bytes_left_over_after_an_input_are_a_bad_input() {
+        let mut out = reply_buf();
+        // Two u64s where one is expected.
+        let mut inputs = BytesMut::new();
+        let start = protocol::begin_record(&mut inputs);
+        protocol::encode_into(&mut inputs, &(1u64, 2u64)).unwrap();
+        protocol::end_record(&mut inputs, start);
+        TASKS.get(0).unwrap().invoke(&inputs, 1, &mut out);
+        let results = decode_outcomes::<u64>(&out, 1);
+        assert!(matches!(&results[0], Err(Outcome::BadInput { message }) if message.contains("left over")));
+    }
+
+    #[test]
+    fn the_progress_record_counts_every_item_done() {
+        let mut out = reply_buf();
+        out.begin_call(9);
+        TASKS.get(0).unwrap().invoke(&encode_inputs(&[1u64, 2, 3]), 3, &mut out);
+        let progress = out.progress();
+        assert_eq!((progress.call, progress.items), (9, 3));
+        assert_eq!(progress.bytes as usize, protocol::Progress::SIZE + out.frame().len());
     }
 
     /// A type whose serde impls panic on demand.
@@ -521,9 +567,9 @@ mod tests {
     #[test]
     fn panicking_serde_impls_fail_their_input_only() {
         const ECHO: Task<Touchy, Touchy> = Task::new("echo", |x| x);
-        let mut out = BytesMut::new();
+        let mut out = reply_buf();
         // 0 is fine, 2 panics when its output is encoded, 3 is fine, 1 panics
-        // when decoded (and takes the rest of the call with it), 0 is lost.
+        // when decoded, 0 is fine again.
         let body = encode_inputs(&[0u8, 2, 3, 1, 0]);
         ECHO.invoke(&body, 5, &mut out);
         let results = decode_outcomes::<u8>(&out, 5);
@@ -535,7 +581,31 @@ mod tests {
         assert!(
             matches!(&results[3], Err(Outcome::Panicked { message, .. }) if message == "cannot deserialize 1")
         );
-        assert!(matches!(&results[4], Err(Outcome::BadInput { .. })));
+        assert_eq!(results[4], Ok(0));
+    }
+
+    /// Fails to serialize (without panicking) when it holds 2.
+    #[derive(Debug)]
+    struct Refusing(u8);
+
+    impl Serialize for Refusing {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            if self.0 == 2 {
+                return Err(serde::ser::Error::custom("injected: output encode failure"));
+            }
+            serializer.serialize_u8(self.0)
+        }
+    }
+
+    #[test]
+    fn an_output_that_cannot_be_encoded_is_a_bad_output_of_its_item_only() {
+        const REFUSE: Task<u8, Refusing> = Task::new("refuse", Refusing);
+        let mut out = reply_buf();
+        REFUSE.invoke(&encode_inputs(&[1u8, 2, 3]), 3, &mut out);
+        let results = decode_outcomes::<u8>(&out, 3);
+        assert_eq!(results[0], Ok(1));
+        assert!(matches!(&results[1], Err(Outcome::BadOutput { .. })), "{:?}", results[1]);
+        assert_eq!(results[2], Ok(3));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use bytes::BytesMut;
 use tokio_util::codec::{Decoder, LengthDelimitedCodec};
 
 use crate::blob;
-use crate::protocol::{self, Fixed64, Outcome, Reply, Request};
+use crate::protocol::{self, Buf, Fixed64, Outcome, Reply, ReplyBuf, Request};
 use crate::sys;
 use crate::task::Registry;
 
@@ -101,10 +101,8 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
 
     let mut reader = FrameReader::new(File::from(fds.input));
     let mut output = File::from(fds.output);
-    let mut out = BytesMut::with_capacity(64 * 1024);
-    out.extend_from_slice(protocol::PREAMBLE);
-    output.write_all(&out)?;
-    out.clear();
+    output.write_all(protocol::PREAMBLE)?;
+    let mut replies = ReplyBuf::new()?;
 
     let Some(frame) = reader.next_frame()? else {
         return Ok(());
@@ -116,12 +114,17 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
     };
     let max_frame_len = max_frame_len as usize;
     reader.codec = protocol::codec(max_frame_len);
-    let ready =
-        Reply::Ready { version: protocol::PROTOCOL_VERSION, pid: std::process::id(), tasks: tasks.infos() };
+    let ready = Reply::Ready {
+        version: protocol::PROTOCOL_VERSION,
+        pid: std::process::id(),
+        tasks: tasks.infos(),
+        progress: replies.file().map(|fd| std::os::fd::AsRawFd::as_raw_fd(&fd) as u32),
+    };
+    let mut out = BytesMut::new();
     protocol::write_message(&mut out, &ready, max_frame_len.max(protocol::READY_FRAME_LIMIT))
         .map_err(invalid)?;
     output.write_all(&out)?;
-    out.clear();
+    drop(out);
     if version != protocol::PROTOCOL_VERSION {
         // The parent reads our version from Ready and reports the mismatch.
         return Ok(());
@@ -144,12 +147,13 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         let call = Call { id, task, items, body, started };
         // Blob inputs share the request frame instead of copying out of it.
         let registered = blob::register(&frame);
-        clock = Some(self::call(tasks, &mut out, max_frame_len, measure_memory, call));
+        clock = Some(self::call(tasks, &mut replies, max_frame_len, measure_memory, call));
         drop(registered);
         // One write per reply, before the next call starts: a reply that left the
-        // worker survives the worker, so a crash can only lose the call it was in.
-        output.write_all(&out)?;
-        out.clear();
+        // worker survives the worker, and the progress record covers the call it is
+        // in, so a crash can only lose the input it was running.
+        output.write_all(replies.frame())?;
+        replies.clear();
     }
     Ok(())
 }
@@ -166,7 +170,7 @@ struct Call<'a> {
 /// Runs one call and appends its whole reply frame to `out`; returns when it ended.
 fn call(
     tasks: &Registry,
-    out: &mut BytesMut,
+    out: &mut ReplyBuf,
     max_frame_len: usize,
     measure_memory: bool,
     call: Call<'_>,
@@ -179,30 +183,36 @@ fn call(
     // in place once the call is done.
     let busy_at = out.len() - 2 * Fixed64::WIDTH;
     let header_end = out.len();
+    out.begin_call(id);
     match tasks.get(task) {
         Some(task) => task.invoke(body, items, out),
-        None => (0..items).for_each(|_| {
-            let _ = protocol::encode_into(out, &Outcome::UnknownTask);
-        }),
+        None => write_outcomes(out, items, &Outcome::UnknownTask),
     }
     if let Err(size) = protocol::end_frame(out, start, max_frame_len) {
         out.truncate(header_end);
-        let too_large = Outcome::TooLarge { size: size as u64, limit: max_frame_len as u64 };
-        for _ in 0..items {
-            let _ = protocol::encode_into(out, &too_large);
-        }
+        write_outcomes(out, items, &Outcome::TooLarge { size: size as u64, limit: max_frame_len as u64 });
         // Should even the small outcomes exceed the limit, the parent's codec refuses the
         // frame and reports a protocol error.
         let _ = protocol::end_frame(out, start, usize::MAX);
     }
     let ended = Instant::now();
     let busy_ns = u64::try_from(ended.duration_since(started).as_nanos()).unwrap_or(u64::MAX);
-    out[busy_at..busy_at + Fixed64::WIDTH].copy_from_slice(&Fixed64::new(busy_ns).0);
+    out.patch(busy_at, &Fixed64::new(busy_ns).0);
     if measure_memory {
-        let peak = sys::peak_rss_kib();
-        out[busy_at + Fixed64::WIDTH..header_end].copy_from_slice(&Fixed64::new(peak).0);
+        out.patch(busy_at + Fixed64::WIDTH, &Fixed64::new(sys::peak_rss_kib()).0);
     }
     ended
+}
+
+/// Writes the same failure as the outcome of each of `items` items.
+fn write_outcomes(out: &mut ReplyBuf, items: u32, outcome: &Outcome) {
+    for done in 1..=items {
+        let start = protocol::begin_record(out);
+        // An `Outcome` holds only strings and integers, which postcard always encodes.
+        let _ = protocol::encode_into(out, outcome);
+        protocol::end_record(out, start);
+        out.items_done(done);
+    }
 }
 
 fn invalid(err: impl std::fmt::Display) -> io::Error {

@@ -158,6 +158,26 @@ procexec::tasks! {
         x
     }
 
+    /// Doubles the value, or fails the way its input says (see [`Fault`]).
+    pub fn faulty(input: FaultyInput) -> FaultyOutput {
+        match input.fault {
+            Fault::Panic => panic!("injected: panic"),
+            Fault::Abort => std::process::abort(),
+            Fault::Exit3 => std::process::exit(3),
+            Fault::KillSelf => {
+                // SAFETY: kill(2) on our own pid touches no memory.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                unreachable!("SIGKILL is not caught")
+            }
+            Fault::Segfault => {
+                // SAFETY: none: the point is to crash. A volatile read is not optimised away.
+                let value = unsafe { std::ptr::read_volatile(std::ptr::null::<u64>()) };
+                FaultyOutput { value, fault: Fault::None }
+            }
+            fault => FaultyOutput { value: 2 * input.value, fault },
+        }
+    }
+
     /// Aborts the worker the first time (creating `path`), succeeds afterwards.
     pub fn crash_once(path: String) -> u64 {
         if std::fs::metadata(&path).is_err() {
@@ -208,6 +228,120 @@ procexec::tasks! {
             .spawn()
             .expect("sleep starts")
             .id()
+    }
+}
+
+/// A way for a call of [`faulty`] to fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Fault {
+    /// None: the call succeeds.
+    None,
+    /// The task panics.
+    Panic,
+    /// The worker aborts (SIGABRT).
+    Abort,
+    /// The worker calls `exit(3)`.
+    Exit3,
+    /// The worker sends itself SIGKILL.
+    KillSelf,
+    /// The worker dereferences a null pointer (SIGSEGV).
+    Segfault,
+    /// The input fails to serialize in the parent.
+    InputEncode,
+    /// The input fails to deserialize in the worker.
+    InputDecode,
+    /// The output fails to serialize in the worker.
+    OutputEncode,
+    /// The output fails to deserialize in the parent.
+    OutputDecode,
+}
+
+impl Fault {
+    /// Every fault, `None` first.
+    pub const ALL: [Fault; 10] = [
+        Fault::None,
+        Fault::Panic,
+        Fault::Abort,
+        Fault::Exit3,
+        Fault::KillSelf,
+        Fault::Segfault,
+        Fault::InputEncode,
+        Fault::InputDecode,
+        Fault::OutputEncode,
+        Fault::OutputDecode,
+    ];
+
+    fn from_u8(byte: u8) -> Option<Fault> {
+        Fault::ALL.get(usize::from(byte)).copied()
+    }
+}
+
+/// The input of [`faulty`]: its serde impls fail when its fault says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultyInput {
+    /// What the task doubles.
+    pub value: u64,
+    /// How the call fails.
+    pub fault: Fault,
+}
+
+/// The output of [`faulty`]: its serde impls fail when its fault says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultyOutput {
+    /// Twice the input's value.
+    pub value: u64,
+    /// The input's fault.
+    pub fault: Fault,
+}
+
+fn serialize_faulty<S: serde::Serializer>(
+    value: u64,
+    fault: Fault,
+    fails: Fault,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    if fault == fails {
+        return Err(serde::ser::Error::custom(format!("injected: {fault:?} failure")));
+    }
+    serde::Serialize::serialize(&(value, fault as u8), s)
+}
+
+fn deserialize_faulty<'de, D: serde::Deserializer<'de>>(
+    fails: Fault,
+    d: D,
+) -> Result<(u64, Fault), D::Error> {
+    let (value, fault): (u64, u8) = serde::Deserialize::deserialize(d)?;
+    let fault = Fault::from_u8(fault).ok_or_else(|| serde::de::Error::custom("no such fault"))?;
+    if fault == fails {
+        return Err(serde::de::Error::custom(format!("injected: {fault:?} failure")));
+    }
+    Ok((value, fault))
+}
+
+impl serde::Serialize for FaultyInput {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serialize_faulty(self.value, self.fault, Fault::InputEncode, s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for FaultyInput {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (value, fault) = deserialize_faulty(Fault::InputDecode, d)?;
+        Ok(FaultyInput { value, fault })
+    }
+}
+
+impl serde::Serialize for FaultyOutput {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serialize_faulty(self.value, self.fault, Fault::OutputEncode, s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for FaultyOutput {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (value, fault) = deserialize_faulty(Fault::OutputDecode, d)?;
+        Ok(FaultyOutput { value, fault })
     }
 }
 
