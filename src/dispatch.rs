@@ -183,6 +183,25 @@ pub(crate) fn decode_record<O: DeserializeOwned>(task: &str, body: &mut &[u8]) -
     })
 }
 
+/// How much work a slot may take from the queue.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Room {
+    /// Calls.
+    pub(crate) jobs: usize,
+    /// Inputs, over all those calls (a worker's remaining `max_tasks_per_worker`).
+    pub(crate) items: u64,
+    /// The slot's worker already has calls.
+    pub(crate) busy: bool,
+}
+
+/// What a slot got from the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Took {
+    Jobs(usize),
+    /// The next call has more inputs than the slot's worker may still serve.
+    OverBudget,
+}
+
 /// The queue no longer accepts jobs: the executor is shutting down.
 #[derive(Debug)]
 pub(crate) struct Closed;
@@ -264,49 +283,79 @@ impl Queue {
         Vec::new()
     }
 
-    /// Takes up to `max` live jobs for `slot`, passing each to `take`; returns how
+    /// Takes live jobs for `slot` within `room`, passing each to `take`; returns how
     /// many, and counts withdrawn jobs it dropped into `withdrawn`.
     ///
     /// A slot that already has calls (`busy`) takes nothing while another slot is
     /// idle: the idle one should run it now rather than this one later. A slot that
-    /// gets nothing is woken by the next push (if idle, it is first in line).
+    /// gets nothing is woken by the next push (if idle, it is first in line). When
+    /// jobs are left waiting and no slot is idle, a slot without a worker is woken to
+    /// start one: the pool grows while calls wait.
     pub(crate) fn poll_take(
         &self,
         cx: &mut Context<'_>,
         slot: usize,
-        max: usize,
-        busy: bool,
+        room: Room,
         withdrawn: &mut u64,
         mut take: impl FnMut(Job),
-    ) -> Poll<usize> {
+    ) -> Poll<Took> {
         self.slots[slot].register(cx.waker());
         let mut state = self.lock();
-        if busy {
+        if room.busy {
             state.leave_idle(slot);
             if !state.idle.is_empty() {
                 return Poll::Pending;
             }
         }
-        let mut taken = 0;
-        while taken < max {
-            let Some(job) = state.jobs.pop_front() else {
+        let (mut taken, mut items) = (0, 0);
+        let mut over_budget = false;
+        while taken < room.jobs {
+            let Some(job) = state.jobs.front() else {
                 break;
             };
             if job.is_cancelled() {
                 *withdrawn += u64::from(job.items);
+                state.jobs.pop_front();
                 continue;
             }
+            if items + u64::from(job.items) > room.items {
+                over_budget = taken == 0;
+                break;
+            }
+            let Some(job) = state.jobs.pop_front() else {
+                break;
+            };
+            items += u64::from(job.items);
             take(job);
             taken += 1;
         }
+        let grow = if !state.jobs.is_empty() && state.idle.is_empty() { state.dormant.pop() } else { None };
+        if let Some(dormant) = grow {
+            self.slots[dormant].wake();
+        }
         if taken > 0 {
             state.leave_idle(slot);
-            return Poll::Ready(taken);
+            return Poll::Ready(Took::Jobs(taken));
         }
-        if !busy && !state.idle.contains(&slot) {
+        if over_budget {
+            state.leave_idle(slot);
+            return Poll::Ready(Took::OverBudget);
+        }
+        if !room.busy && !state.idle.contains(&slot) {
             state.idle.push(slot);
         }
         Poll::Pending
+    }
+
+    /// A slot gave up starting a worker: the wake-up it got for waiting work goes to
+    /// another slot without a worker, so the work is not stranded.
+    pub(crate) fn pass_demand(&self) {
+        let mut state = self.lock();
+        let next = if state.jobs.is_empty() { None } else { state.dormant.pop() };
+        drop(state);
+        if let Some(slot) = next {
+            self.slots[slot].wake();
+        }
     }
 
     /// Registers `slot`'s waker without taking work (its window is full, or it is
@@ -404,11 +453,15 @@ mod tests {
         (job, receiver)
     }
 
+    fn room(jobs: usize, busy: bool) -> Room {
+        Room { jobs, items: u64::MAX, busy }
+    }
+
     fn take_ids(queue: &Queue, max: usize) -> Vec<u64> {
         let waker = noop_waker();
         let mut cx = Context::from_waker(&waker);
         let mut ids = Vec::new();
-        let _ = queue.poll_take(&mut cx, 0, max, false, &mut 0, |job| ids.push(job.id));
+        let _ = queue.poll_take(&mut cx, 0, room(max, false), &mut 0, |job| ids.push(job.id));
         ids
     }
 
@@ -423,7 +476,7 @@ mod tests {
         }
         let mut first = Vec::new();
         let waker = noop_waker();
-        let _ = queue.poll_take(&mut Context::from_waker(&waker), 0, 2, false, &mut 0, |job| first.push(job));
+        let _ = queue.poll_take(&mut Context::from_waker(&waker), 0, room(2, false), &mut 0, |job| first.push(job));
         assert!(queue.requeue(first.into_iter()).is_empty());
         assert_eq!(take_ids(&queue, 10), [0, 1, 2, 3, 4]);
     }
@@ -445,14 +498,77 @@ mod tests {
         let waker = noop_waker();
         let mut cx = Context::from_waker(&waker);
         // Slot 1 finds nothing and becomes idle.
-        assert!(queue.poll_take(&mut cx, 1, 10, false, &mut 0, |_| {}).is_pending());
+        assert!(queue.poll_take(&mut cx, 1, room(10, false), &mut 0, |_| {}).is_pending());
         let (job, _receiver) = job(1);
         assert!(queue.push(job).is_ok());
         // Slot 0, busy, would prefetch: it must not.
-        assert!(queue.poll_take(&mut cx, 0, 10, true, &mut 0, |_| {}).is_pending());
+        assert!(queue.poll_take(&mut cx, 0, room(10, true), &mut 0, |_| {}).is_pending());
         let mut taken = Vec::new();
-        assert_eq!(queue.poll_take(&mut cx, 1, 10, false, &mut 0, |job| taken.push(job.id)), Poll::Ready(1));
+        let took = queue.poll_take(&mut cx, 1, room(10, false), &mut 0, |job| taken.push(job.id));
+        assert_eq!(took, Poll::Ready(Took::Jobs(1)));
         assert_eq!(taken, [1]);
+    }
+
+    #[test]
+    fn a_slot_takes_no_more_inputs_than_its_budget() {
+        let queue = Queue::new(1);
+        let mut receivers = Vec::new();
+        for id in 0..4 {
+            let (job, receiver) = job(id);
+            receivers.push(receiver);
+            assert!(queue.push(job).is_ok());
+        }
+        let waker = noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut taken = Vec::new();
+        let budget = Room { jobs: 10, items: 3, busy: false };
+        assert_eq!(queue.poll_take(&mut cx, 0, budget, &mut 0, |job| taken.push(job.id)), Poll::Ready(Took::Jobs(3)));
+        let none = Room { jobs: 10, items: 0, busy: false };
+        assert_eq!(queue.poll_take(&mut cx, 0, none, &mut 0, |_| {}), Poll::Ready(Took::OverBudget));
+        assert_eq!(take_ids(&queue, 10), [3]);
+    }
+
+    #[test]
+    fn work_left_waiting_wakes_a_slot_without_a_worker() {
+        let queue = Queue::new(2);
+        let counter = Arc::new(WakeCounter::default());
+        let waker = futures::task::waker(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        // Slot 1 has no worker: it waits for demand.
+        assert!(queue.poll_demand(&mut cx, 1).is_pending());
+        let (first, _r1) = job(1);
+        let (second, _r2) = job(2);
+        assert!(queue.push(first).is_ok());
+        assert!(queue.push(second).is_ok());
+        let woken = counter.0.load(Ordering::SeqCst);
+        // Slot 0 takes one call; one is left and nobody is idle: slot 1 is woken.
+        let noop = noop_waker();
+        let took = queue.poll_take(&mut Context::from_waker(&noop), 0, room(1, false), &mut 0, |_| {});
+        assert_eq!(took, Poll::Ready(Took::Jobs(1)));
+        assert!(counter.0.load(Ordering::SeqCst) > woken, "the slot without a worker is woken");
+    }
+
+    #[test]
+    fn a_slot_that_gives_up_passes_its_wake_up_on() {
+        let queue = Queue::new(3);
+        let counter = Arc::new(WakeCounter::default());
+        let waker = futures::task::waker(counter.clone());
+        assert!(queue.poll_demand(&mut Context::from_waker(&waker), 2).is_pending());
+        let (job, _receiver) = job(1);
+        assert!(queue.push(job).is_ok());
+        let woken = counter.0.load(Ordering::SeqCst);
+        // Slot 1 was woken for it (it was dormant too, and popped), then gave up.
+        queue.pass_demand();
+        assert!(counter.0.load(Ordering::SeqCst) > woken, "slot 2 is woken in its place");
+    }
+
+    #[derive(Default)]
+    struct WakeCounter(std::sync::atomic::AtomicUsize);
+
+    impl futures::task::ArcWake for WakeCounter {
+        fn wake_by_ref(arc_self: &Arc<Self>) {
+            arc_self.0.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     #[test]

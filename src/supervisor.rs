@@ -17,7 +17,7 @@ use futures::Stream;
 use tokio::io::AsyncWrite;
 use tokio::time::{Instant, Sleep};
 
-use crate::dispatch::{CancelPolicy, Completion, Delivery, Job};
+use crate::dispatch::{CancelPolicy, Completion, Delivery, Job, Room, Took};
 use crate::error::{Error, ExitReason, ProtocolViolation, WorkerCrash, WorkerStartError};
 use crate::pool::{RunState, Shared};
 use crate::process::{CallProgress, WorkerProcess};
@@ -294,6 +294,9 @@ async fn restart(shared: &Shared, slot: usize) -> Option<WorkerProcess> {
         tracing::error!(worker = slot, failures, "{failure}");
         if failures >= MAX_START_FAILURES {
             shared.slot_gave_up(Error::WorkerStart(Arc::new(failure)));
+            // This slot may have been woken for waiting work: another one tries.
+            shared.queue.leave(slot);
+            shared.queue.pass_demand();
             return None;
         }
         tokio::time::sleep(delay).await;
@@ -313,6 +316,24 @@ async fn start_on_demand(shared: &Shared, slot: usize) -> Option<WorkerProcess> 
         return None;
     }
     restart(shared, slot).await
+}
+
+/// When the running call must be stopped, and whether that is its time limit
+/// (`true`) or the grace after its cancellation (`false`): whichever comes first. A
+/// limit too far away to represent is no limit.
+fn head_deadline(
+    started: Instant,
+    timeout: Option<Duration>,
+    cancelled_at: Option<Instant>,
+) -> Option<(Instant, bool)> {
+    let limit = timeout.and_then(|timeout| Some((started.checked_add(timeout)?, true)));
+    // The grace counts from the cancellation: a call cancelled late in a long run
+    // still gets it.
+    let grace = cancelled_at.and_then(|at| Some((at.checked_add(CANCEL_GRACE)?, false)));
+    match (limit, grace) {
+        (Some(limit), Some(grace)) => Some(if grace.0 < limit.0 { grace } else { limit }),
+        (limit, grace) => limit.or(grace),
+    }
 }
 
 /// Why a session ended.
@@ -356,6 +377,8 @@ struct Session<'a> {
     head_running: bool,
     /// When it started, read from the clock only when a limit needs it.
     head_since: Option<Instant>,
+    /// When its caller was seen gone.
+    head_cancelled_at: Option<Instant>,
     /// Fires at the head call's time limit (or cancellation grace).
     head_timer: Option<Pin<Box<Sleep>>>,
     /// Fires when the worker has been idle for `idle_timeout`.
@@ -381,6 +404,7 @@ impl<'a> Session<'a> {
             service_ns,
             head_running: false,
             head_since: None,
+            head_cancelled_at: None,
             head_timer: None,
             idle_timer: None,
             served: 0,
@@ -477,6 +501,7 @@ impl<'a> Session<'a> {
         // The next call starts as soon as this reply is written: now, if it was sent.
         self.head_running = self.head_written();
         self.head_since = None;
+        self.head_cancelled_at = None;
         self.head_timer = None;
 
         let body = frame.slice(frame.len() - body.len()..);
@@ -520,14 +545,8 @@ impl<'a> Session<'a> {
             return None;
         }
         let since = *self.head_since.get_or_insert_with(Instant::now);
-        // A limit too far away to represent is no limit.
-        let mut deadline = head.options.timeout.and_then(|timeout| Some((since.checked_add(timeout)?, true)));
-        if cancelled {
-            let grace = since + CANCEL_GRACE;
-            if deadline.is_none_or(|(at, _)| grace < at) {
-                deadline = Some((grace, false));
-            }
-        }
+        let cancelled_at = cancelled.then(|| *self.head_cancelled_at.get_or_insert_with(Instant::now));
+        let deadline = head_deadline(since, head.options.timeout, cancelled_at);
         let (at, timed_out) = deadline?;
         let id = head.id;
         let cause = || {
@@ -594,18 +613,31 @@ impl<'a> Session<'a> {
             self.shared.queue.register(cx, self.worker.index);
             return false;
         }
+        // `max_tasks_per_worker` is a promise per worker: never hand it more inputs
+        // than it may still serve.
+        let budget = self.shared.limits.max_tasks_per_worker.map_or(u64::MAX, |max| {
+            let held: u64 = self.in_flight.iter().map(|job| u64::from(job.items)).sum();
+            max.saturating_sub(self.served + held)
+        });
+        let room = Room { jobs: room, items: budget, busy };
         let (in_flight, mut withdrawn) = (&mut self.in_flight, 0);
         let slot = self.worker.index;
-        let taken =
-            self.shared.queue.poll_take(cx, slot, room, busy, &mut withdrawn, |job| in_flight.push_back(job));
+        let taken = self.shared.queue.poll_take(cx, slot, room, &mut withdrawn, |job| in_flight.push_back(job));
         Counters::add(&self.shared.counters.cancelled, withdrawn);
-        if let Poll::Ready(taken) = taken {
-            self.unwritten += taken;
-            self.shared.counters.running.fetch_add(taken, Ordering::AcqRel);
-            self.idle_timer = None;
-            return true;
+        match taken {
+            Poll::Ready(Took::Jobs(taken)) => {
+                self.unwritten += taken;
+                self.shared.counters.running.fetch_add(taken, Ordering::AcqRel);
+                self.idle_timer = None;
+                true
+            }
+            Poll::Ready(Took::OverBudget) => {
+                // A fresh worker has the budget for it; this one is done once idle.
+                self.retiring.get_or_insert(ExitCause::MaxTasks);
+                true
+            }
+            Poll::Pending => false,
         }
-        false
     }
 
     /// Writes pending frames until the pipe is full or nothing is left.
@@ -659,5 +691,29 @@ impl<'a> Session<'a> {
                 Poll::Pending => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cancel_grace_counts_from_the_cancellation_not_the_start() {
+        let start = Instant::now();
+        let cancelled = start + Duration::from_millis(500);
+        assert_eq!(head_deadline(start, None, Some(cancelled)), Some((cancelled + CANCEL_GRACE, false)));
+    }
+
+    #[test]
+    fn the_earlier_of_limit_and_grace_applies() {
+        let start = Instant::now();
+        let limit = Duration::from_millis(100);
+        let late = start + Duration::from_millis(95);
+        assert_eq!(head_deadline(start, Some(limit), Some(late)), Some((start + limit, true)));
+        let early = start + Duration::from_millis(20);
+        assert_eq!(head_deadline(start, Some(limit), Some(early)), Some((early + CANCEL_GRACE, false)));
+        assert_eq!(head_deadline(start, None, None), None);
+        assert_eq!(head_deadline(start, Some(Duration::MAX), None), None, "too far away is no limit");
     }
 }

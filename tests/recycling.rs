@@ -139,3 +139,55 @@ async fn an_initializer_failing_on_restart_is_retried_then_reported() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn max_tasks_per_worker_holds_for_calls_sent_at_once() {
+    hang_guard(async {
+        let exec = builder(2).max_tasks_per_worker(5).build().await.unwrap();
+        let calls: Vec<_> = (0..50).map(|_| exec.spawn(pid, ())).collect();
+        let mut served = std::collections::HashMap::<u32, usize>::new();
+        for call in calls {
+            *served.entry(call.await.unwrap()).or_default() += 1;
+        }
+        assert!(served.values().all(|&calls| calls <= 5), "no worker serves more than 5: {served:?}");
+        assert!(served.len() >= 10, "{served:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_burst_of_spawns_grows_the_pool_every_time() {
+    hang_guard(async {
+        for _ in 0..3 {
+            let exec = builder(3).min_processes(1).build().await.unwrap();
+            let calls: Vec<_> = (0..30).map(|_| exec.spawn(sleep_then_pid, 30)).collect();
+            let mut pids = HashSet::new();
+            for call in calls {
+                pids.insert(call.await.unwrap());
+            }
+            assert_eq!(pids.len(), 3, "the burst was served by every worker the pool may have");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn work_is_not_stranded_when_the_slot_woken_for_it_cannot_start_a_worker() {
+    hang_guard(async {
+        let poisoned = marker("initializer-fails-elastic");
+        let exec = builder(3)
+            .min_processes(1)
+            .initializer(init_unless_exists, poisoned.display().to_string())
+            .build()
+            .await
+            .unwrap();
+        std::fs::write(&poisoned, b"").unwrap();
+        assert!(exec.spawn(abort, ()).await.unwrap_err().is_worker_crash());
+        // Every slot now fails to start a worker. Each one woken for this call gives
+        // up after its tries and passes the call on; the last one fails it.
+        let err = exec.spawn(square, 4).await.unwrap_err();
+        assert!(matches!(err, Error::WorkerStart(_)), "{err}");
+        std::fs::remove_file(&poisoned).unwrap();
+    })
+    .await;
+}

@@ -71,3 +71,23 @@ async fn a_poison_input_in_a_chunked_map_fails_alone() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn only_the_input_that_crashed_is_charged_a_retry() {
+    hang_guard(async {
+        let exec = executor(2).await;
+        let paths: Vec<_> = (0..20).map(|i| marker(&format!("crash-once-{i}"))).collect();
+        let inputs = stream::iter(paths.iter().map(|path| path.display().to_string()));
+        let results: Vec<_> = exec.with_retries(1).map_stream(crash_once, inputs).collect().await;
+        // Each input crashes its worker once, then succeeds: chunk-mates that never
+        // ran when a worker died are sent again without being charged an attempt.
+        assert!(results.iter().all(|result| matches!(result, Ok(1))), "{results:?}");
+        let stats = exec.stats();
+        assert_eq!(stats.retried, 20, "one re-run per input: {stats:?}");
+        assert_eq!(stats.exits.crashed, 20);
+        for path in paths {
+            std::fs::remove_file(path).unwrap();
+        }
+    })
+    .await;
+}

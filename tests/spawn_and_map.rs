@@ -237,3 +237,35 @@ async fn long_calls_never_queue_behind_each_other_while_a_worker_can_take_one() 
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_slow_consumer_keeps_the_workers_busy_without_unbounded_read_ahead() {
+    hang_guard(async {
+        let exec = executor(2).await;
+        let pulled = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = pulled.clone();
+        let inputs = stream::iter(0..40u64).map(move |_| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            10u64
+        });
+        let mut results = exec.map_unordered(sleep_ms, inputs);
+        let mut received = 0;
+        while let Some(result) = results.next().await {
+            result.unwrap();
+            received += 1;
+            let stats = exec.stats();
+            let taken = pulled.load(std::sync::atomic::Ordering::SeqCst);
+            if taken < 40 {
+                // Inputs remain: the map keeps work with the workers while the
+                // consumer works through what is ready.
+                assert!(stats.queued + stats.running > 0, "workers idle at result {received}: {stats:?}");
+            }
+            // Read-ahead stays bounded by the window, not by the consumer's lag.
+            assert!(taken - received <= 4 * 3 * 2, "{taken} inputs pulled, {received} consumed");
+            // The consumer is slower than the workers.
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        assert_eq!(received, 40);
+    })
+    .await;
+}
