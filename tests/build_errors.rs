@@ -21,7 +21,7 @@ fn clashing_worker() {
 
 fn start_error(result: procexec::Result<Executor>) -> String {
     match result {
-        Err(Error::WorkerStart(err)) => err.to_string(),
+        Err(Error::WorkerStart { 0: err, .. }) => err.to_string(),
         other => panic!("expected a start error, got {other:?}"),
     }
 }
@@ -36,7 +36,7 @@ async fn sizes_out_of_range_are_config_errors() {
         builder().pipe_capacity(1).build().await,
         builder().handshake_timeout(Duration::ZERO).build().await,
     ] {
-        assert!(matches!(result, Err(Error::Config(_))), "{result:?}");
+        assert!(matches!(result, Err(Error::Config { .. })), "{result:?}");
     }
 }
 
@@ -44,7 +44,7 @@ async fn sizes_out_of_range_are_config_errors() {
 fn build_outside_a_runtime_is_a_config_error() {
     let result = futures::executor::block_on(Executor::builder().program(worker_program()).build());
     assert!(
-        matches!(&result, Err(Error::Config(message)) if message.contains("Tokio runtime")),
+        matches!(&result, Err(Error::Config { 0: message, .. }) if message.contains("Tokio runtime")),
         "{result:?}"
     );
 }
