@@ -431,6 +431,7 @@ async fn forward_stderr(
 ) {
     let mut reader = BufReader::with_capacity(8 * 1024, pipe);
     let mut line = Vec::with_capacity(256);
+    let mut forwarded = false;
     loop {
         line.clear();
         // A "line" without a newline ends at MAX_LINE bytes, so output without
@@ -448,7 +449,8 @@ async fn forward_stderr(
                 if let Some(writer) = stderr_writer() {
                     // Waits while the writer is behind: the worker's stderr pipe then
                     // fills and slows the worker, never the runtime.
-                    let _ = writer.send(format!("[procexec worker {slot} pid {pid}] {text}\n")).await;
+                    let line = format!("[procexec worker {slot} pid {pid}] {text}\n");
+                    forwarded |= writer.send(ToStderr::Line(line)).await.is_ok();
                 }
             }
             WorkerStderr::Tracing => {
@@ -457,7 +459,25 @@ async fn forward_stderr(
             WorkerStderr::Discard => {}
         }
     }
+    // A worker stopped at shutdown has its last lines written before `closed`
+    // fires, so they are not lost when the program exits right after.
+    if forwarded {
+        if let Some(writer) = stderr_writer() {
+            let (ack, written) = oneshot::channel();
+            if writer.send(ToStderr::Flush(ack)).await.is_ok() {
+                let _ = written.await;
+            }
+        }
+    }
     let _ = done.send(());
+}
+
+/// What forwarders send the `procexec-stderr` thread.
+enum ToStderr {
+    /// A line to write, newline included.
+    Line(String),
+    /// Answered once every line sent before it is written.
+    Flush(oneshot::Sender<()>),
 }
 
 /// The lines the `procexec-stderr` thread writes to this process's stderr, or
@@ -466,14 +486,21 @@ async fn forward_stderr(
 /// Writing to stderr blocks when it is a pipe nobody drains; on a runtime thread
 /// that would stall every task (all of them, on a current-thread runtime). One
 /// thread for the whole process does the writing instead.
-fn stderr_writer() -> Option<&'static mpsc::Sender<String>> {
-    static WRITER: OnceLock<Option<mpsc::Sender<String>>> = OnceLock::new();
+fn stderr_writer() -> Option<&'static mpsc::Sender<ToStderr>> {
+    static WRITER: OnceLock<Option<mpsc::Sender<ToStderr>>> = OnceLock::new();
     WRITER
         .get_or_init(|| {
-            let (sender, mut lines) = mpsc::channel::<String>(STDERR_BACKLOG);
+            let (sender, mut messages) = mpsc::channel(STDERR_BACKLOG);
             let started = std::thread::Builder::new().name("procexec-stderr".into()).spawn(move || {
-                while let Some(line) = lines.blocking_recv() {
-                    let _ = io::stderr().lock().write_all(line.as_bytes());
+                while let Some(message) = messages.blocking_recv() {
+                    match message {
+                        ToStderr::Line(line) => {
+                            let _ = io::stderr().lock().write_all(line.as_bytes());
+                        }
+                        ToStderr::Flush(ack) => {
+                            let _ = ack.send(());
+                        }
+                    }
                 }
             });
             match started {
