@@ -139,10 +139,14 @@ async fn main() -> procexec::Result<()> {
     println!("  -> waiting is what async does best; a process per concurrent wait is the wrong tool.\n");
 
     println!("Where processes win");
-    // A runaway thread cannot be stopped: a timeout only stops waiting for it.
+    // A runaway thread cannot be stopped: a timeout only stops waiting for it. A
+    // plain thread, because the runtime's shutdown waits for `spawn_blocking` work
+    // and this program would never end; `finished` would fire if the thread did.
     let spins = Arc::new(AtomicU64::new(0));
     let counter = spins.clone();
-    let runaway_thread = tokio::task::spawn_blocking(move || {
+    let (finished, runaway_thread) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let _finished = finished;
         loop {
             counter.fetch_add(1, Ordering::Relaxed);
         }
@@ -200,5 +204,9 @@ async fn main() -> procexec::Result<()> {
 
     println!("\nIn short: threads (or rayon) for CPU work you trust, async for waiting, and");
     println!("processes for work you must be able to stop, that may crash, or that leaks.");
+    println!(
+        "\n(The runaway thread is still spinning: nothing can stop a thread, so it ends only when this \
+         process exits, now.)"
+    );
     Ok(())
 }

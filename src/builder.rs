@@ -261,11 +261,13 @@ impl Builder {
     /// (and initializer).
     ///
     /// Must be called within a Tokio runtime with IO and time enabled (as
-    /// `#[tokio::main]` and `#[tokio::test]` provide).
+    /// `#[tokio::main]` and `#[tokio::test]` provide, and `enable_all()` on a
+    /// runtime builder).
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] for a value out of range or a missing runtime;
+    /// [`Error::Config`] for a value out of range, a missing runtime, or a runtime
+    /// without the IO or the time driver;
     /// [`Error::WorkerStart`] if the program is missing or not executable, or a
     /// worker fails to start, to complete the handshake or to run its initializer
     /// (the error quotes its stderr). No process outlives a failed `build`.
@@ -337,6 +339,7 @@ impl Builder {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Error::Config("build() must be called within a Tokio runtime".into()));
         }
+        crate::drivers::check().map_err(Error::Config)?;
         let program = match &self.program {
             Some(program) => program.clone(),
             None => std::env::current_exe().map_err(|err| {

@@ -31,26 +31,36 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 ///     }
 /// }
 ///
-/// let err = Error::UnknownTask { task: "resize".into() };
+/// let err = Error::Shutdown;
 /// assert_eq!(describe(&err), "something else");
-/// assert_eq!(err.to_string(), "the worker has no task named `resize` (is the worker binary up to date?)");
+/// assert!(err.is_shutdown());
+/// assert_eq!(err.to_string(), "the executor has shut down");
 /// ```
+///
+/// Variants with fields are `#[non_exhaustive]`: match them with `..`, a tuple
+/// variant in braces (`Error::Config { 0: message, .. }`). The reports
+/// the variants carry are the error itself, not its cause: `source()` skips them and
+/// returns what they wrap (a [`WorkerStartError`]'s IO error), so printing each
+/// `source()` in turn never repeats a message.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The task panicked. The worker caught the panic and serves on.
-    #[error("{0}")]
+    #[error(transparent)]
+    #[non_exhaustive]
     TaskPanicked(Arc<TaskPanic>),
 
     /// The worker process died while running the task: it aborted, called `exit`,
     /// was killed, or crashed. The worker has been replaced.
-    #[error("{0}")]
+    #[error(transparent)]
+    #[non_exhaustive]
     WorkerCrashed(Arc<WorkerCrash>),
 
     /// The call ran longer than its timeout (measured from when it started running
     /// in a worker), or a map passed its deadline. A call that timed out had its
     /// worker killed and replaced.
     #[error("task `{task}` ran past its time limit of {timeout:?}")]
+    #[non_exhaustive]
     TimedOut {
         /// The task that ran too long.
         task: String,
@@ -60,6 +70,7 @@ pub enum Error {
 
     /// The worker binary has no task of this name.
     #[error("the worker has no task named `{task}` (is the worker binary up to date?)")]
+    #[non_exhaustive]
     UnknownTask {
         /// The task that was called.
         task: String,
@@ -67,6 +78,7 @@ pub enum Error {
 
     /// The worker has a task of this name, but with other input or output types.
     #[error("task `{task}` is `{parent}` here but `{worker}` in the worker binary (rebuild the worker?)")]
+    #[non_exhaustive]
     TaskMismatch {
         /// The task that was called.
         task: String,
@@ -80,6 +92,7 @@ pub enum Error {
     /// large is refused before anything is sent; a reply that is too large fails its
     /// call in the worker, which serves on.
     #[error("task `{task}`: the {direction} is {size} bytes, above the frame limit of {limit} bytes")]
+    #[non_exhaustive]
     FrameTooLarge {
         /// The task whose input or output was too large.
         task: String,
@@ -95,6 +108,7 @@ pub enum Error {
     /// task's output. A decode failure means the two sides disagree on a type's
     /// shape even though its name matches.
     #[error("task `{task}`: cannot {action} its {direction}: {message}")]
+    #[non_exhaustive]
     Codec {
         /// The task concerned.
         task: String,
@@ -108,15 +122,18 @@ pub enum Error {
 
     /// The worker broke the protocol (a corrupt, oversized or unexpected frame). It
     /// has been killed and replaced; every call it held fails with this error.
-    #[error("{0}")]
+    #[error(transparent)]
+    #[non_exhaustive]
     Protocol(Arc<ProtocolViolation>),
 
     /// A worker process could not be started, or did not complete the handshake.
-    #[error("{0}")]
+    #[error(transparent)]
+    #[non_exhaustive]
     WorkerStart(Arc<WorkerStartError>),
 
     /// The executor's configuration is invalid.
     #[error("invalid executor configuration: {0}")]
+    #[non_exhaustive]
     Config(String),
 
     /// The executor was shut down or dropped before the task could finish.
@@ -148,6 +165,36 @@ impl Error {
     /// Whether the executor had shut down.
     pub fn is_shutdown(&self) -> bool {
         matches!(self, Error::Shutdown)
+    }
+
+    /// Whether the worker binary has no task of the called name.
+    pub fn is_unknown_task(&self) -> bool {
+        matches!(self, Error::UnknownTask { .. })
+    }
+
+    /// Whether the worker's task of that name has other input or output types.
+    pub fn is_task_mismatch(&self) -> bool {
+        matches!(self, Error::TaskMismatch { .. })
+    }
+
+    /// Whether an input or output was above the frame limit.
+    pub fn is_frame_too_large(&self) -> bool {
+        matches!(self, Error::FrameTooLarge { .. })
+    }
+
+    /// Whether an input or output could not be serialized or deserialized.
+    pub fn is_codec(&self) -> bool {
+        matches!(self, Error::Codec { .. })
+    }
+
+    /// Whether a worker process could not be started.
+    pub fn is_worker_start(&self) -> bool {
+        matches!(self, Error::WorkerStart(_))
+    }
+
+    /// Whether the executor's configuration (or its runtime) was invalid.
+    pub fn is_config(&self) -> bool {
+        matches!(self, Error::Config(_))
     }
 
     /// The panic, if the task panicked.
@@ -262,6 +309,8 @@ impl fmt::Display for TaskPanic {
         write!(f, ": {}", self.message)
     }
 }
+
+impl std::error::Error for TaskPanic {}
 
 /// How a process ended.
 ///
@@ -391,6 +440,8 @@ impl fmt::Display for WorkerCrash {
     }
 }
 
+impl std::error::Error for WorkerCrash {}
+
 fn write_tail(f: &mut fmt::Formatter<'_>, tail: &str) -> fmt::Result {
     let tail = tail.trim_end();
     if tail.is_empty() { Ok(()) } else { write!(f, "; its stderr ended with:\n{tail}") }
@@ -428,13 +479,18 @@ impl fmt::Display for ProtocolViolation {
     }
 }
 
+impl std::error::Error for ProtocolViolation {}
+
 /// Why a worker process could not be started.
+///
+/// The IO error behind it, when there is one (the spawn or a pipe failed), is its
+/// [`source()`](std::error::Error::source), not part of its message.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
 /// let err = procexec::Executor::builder().program("/bin/true").build().await.unwrap_err();
-/// let procexec::Error::WorkerStart(start) = err else { panic!("{err}") };
+/// let procexec::Error::WorkerStart { 0: start, .. } = err else { panic!("{err}") };
 /// assert_eq!(start.program(), std::path::Path::new("/bin/true"));
 /// assert!(start.message().starts_with("it exited before the handshake"));
 /// # }
@@ -475,10 +531,9 @@ impl WorkerStartError {
 
 impl fmt::Display for WorkerStartError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The IO error, if any, is the `source()`: printing it here too would repeat
+        // it in every report that walks the chain.
         write!(f, "cannot start worker `{}`: {}", self.program.display(), self.message)?;
-        if let Some(source) = &self.source {
-            write!(f, ": {source}")?;
-        }
         write_tail(f, &self.stderr_tail)
     }
 }
@@ -521,6 +576,94 @@ mod tests {
         let err = Error::TaskPanicked(Arc::new(panic));
         assert!(err.is_panic());
         assert_eq!(err.to_string(), "task `divide` panicked at src/lib.rs:3:5: attempt to divide by zero");
+    }
+
+    /// The message of `err`, then of each `source()` in turn.
+    fn chain(err: &dyn std::error::Error) -> Vec<String> {
+        std::iter::successors(Some(err), |err| err.source()).map(|err| err.to_string()).collect()
+    }
+
+    fn start_error(source: Option<std::io::Error>) -> Error {
+        let mut start = WorkerStartError::new(std::path::Path::new("/bin/worker"), "cannot spawn it");
+        start.stderr_tail = "last words\n".into();
+        start.source = source;
+        Error::WorkerStart(Arc::new(start))
+    }
+
+    #[test]
+    fn printing_the_source_chain_never_repeats_a_message() {
+        let errors = [
+            Error::TaskPanicked(Arc::new(TaskPanic {
+                task: "divide".into(),
+                message: "attempt to divide by zero".into(),
+                location: None,
+                backtrace: None,
+            })),
+            Error::WorkerCrashed(Arc::new(WorkerCrash {
+                task: "explode".into(),
+                worker: 0,
+                pid: 7,
+                exit: ExitReason::Code(3),
+                stderr_tail: "last words\n".into(),
+                attempts: 1,
+            })),
+            Error::Protocol(Arc::new(ProtocolViolation { worker: 0, pid: 7, message: "garbage".into() })),
+            start_error(None),
+            start_error(Some(std::io::Error::other("the disk is on fire"))),
+            Error::Config("processes must be 1 to 4096, not 0".into()),
+            Error::Shutdown,
+        ];
+        for err in &errors {
+            let chain = chain(err);
+            for (at, outer) in chain.iter().enumerate() {
+                for inner in &chain[at + 1..] {
+                    assert!(!outer.contains(inner.as_str()), "{chain:?}");
+                }
+            }
+        }
+        // The IO error is printed once, as the last link.
+        let chain = chain(&errors[4]);
+        assert_eq!(
+            chain,
+            [
+                "cannot start worker `/bin/worker`: cannot spawn it; its stderr ended with:\nlast words",
+                "the disk is on fire"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_start_error_caused_by_io_has_that_io_error_as_its_source() {
+        let err = start_error(Some(std::io::Error::from(std::io::ErrorKind::PermissionDenied)));
+        let source = std::error::Error::source(&err).expect("the IO error is the source");
+        let io = source.downcast_ref::<std::io::Error>().expect("an io::Error");
+        assert_eq!(io.kind(), std::io::ErrorKind::PermissionDenied);
+        assert!(std::error::Error::source(&start_error(None)).is_none());
+    }
+
+    #[test]
+    fn each_predicate_names_its_variant() {
+        let unknown = Error::UnknownTask { task: "t".into() };
+        let mismatch =
+            Error::TaskMismatch { task: "t".into(), parent: "u8 -> u8".into(), worker: "u16 -> u16".into() };
+        let large = Error::FrameTooLarge { task: "t".into(), direction: Direction::Input, size: 2, limit: 1 };
+        let codec = Error::codec("t", Direction::Output, "decode", "eof");
+        let start = start_error(None);
+        let config = Error::Config("bad".into());
+        let all = [&unknown, &mismatch, &large, &codec, &start, &config];
+        let predicates: [fn(&Error) -> bool; 6] = [
+            Error::is_unknown_task,
+            Error::is_task_mismatch,
+            Error::is_frame_too_large,
+            Error::is_codec,
+            Error::is_worker_start,
+            Error::is_config,
+        ];
+        for (i, predicate) in predicates.iter().enumerate() {
+            for (j, err) in all.iter().enumerate() {
+                assert_eq!(predicate(err), i == j, "predicate {i} on {err:?}");
+            }
+        }
     }
 
     #[test]

@@ -66,6 +66,7 @@
 mod blob;
 mod builder;
 mod dispatch;
+mod drivers;
 mod error;
 mod executor;
 #[cfg(test)]

@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use futures::StreamExt;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::pipe;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::codec::{Decoder, FramedRead, LengthDelimitedCodec};
 
@@ -510,6 +510,7 @@ async fn forward_stderr(
 ) {
     let mut reader = BufReader::with_capacity(8 * 1024, pipe);
     let mut line = Vec::with_capacity(256);
+    let mut forwarded = false;
     loop {
         line.clear();
         // A "line" without a newline ends at MAX_LINE bytes, so output without
@@ -520,20 +521,83 @@ async fn forward_stderr(
         }
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end_matches(['\n', '\r']);
+        // Kept before forwarding, so a slow stderr does not delay what crash reports quote.
+        tail.lock().unwrap_or_else(|p| p.into_inner()).push(text);
         match mode {
             WorkerStderr::Forward => {
-                let mut stderr = io::stderr().lock();
-                let _ = writeln!(stderr, "[procexec worker {slot} pid {pid}] {text}");
+                if let Some(writer) = stderr_writer() {
+                    // Waits while the writer is behind: the worker's stderr pipe then
+                    // fills and slows the worker, never the runtime.
+                    let line = format!("[procexec worker {slot} pid {pid}] {text}\n");
+                    forwarded |= writer.send(ToStderr::Line(line)).await.is_ok();
+                }
             }
             WorkerStderr::Tracing => {
                 tracing::info!(target: "procexec::worker", worker = slot, pid, "{text}");
             }
             WorkerStderr::Discard => {}
         }
-        tail.lock().unwrap_or_else(|p| p.into_inner()).push(text);
+    }
+    // A worker stopped at shutdown has its last lines written before `closed`
+    // fires, so they are not lost when the program exits right after.
+    if forwarded {
+        if let Some(writer) = stderr_writer() {
+            let (ack, written) = oneshot::channel();
+            if writer.send(ToStderr::Flush(ack)).await.is_ok() {
+                let _ = written.await;
+            }
+        }
     }
     let _ = done.send(());
 }
+
+/// What forwarders send the `procexec-stderr` thread.
+enum ToStderr {
+    /// A line to write, newline included.
+    Line(String),
+    /// Answered once every line sent before it is written.
+    Flush(oneshot::Sender<()>),
+}
+
+/// The lines the `procexec-stderr` thread writes to this process's stderr, or
+/// `None` if it cannot be started.
+///
+/// Writing to stderr blocks when it is a pipe nobody drains; on a runtime thread
+/// that would stall every task (all of them, on a current-thread runtime). One
+/// thread for the whole process does the writing instead.
+fn stderr_writer() -> Option<&'static mpsc::Sender<ToStderr>> {
+    static WRITER: OnceLock<Option<mpsc::Sender<ToStderr>>> = OnceLock::new();
+    WRITER
+        .get_or_init(|| {
+            let (sender, mut messages) = mpsc::channel(STDERR_BACKLOG);
+            let started = std::thread::Builder::new().name("procexec-stderr".into()).spawn(move || {
+                while let Some(message) = messages.blocking_recv() {
+                    match message {
+                        ToStderr::Line(line) => {
+                            let _ = io::stderr().lock().write_all(line.as_bytes());
+                        }
+                        ToStderr::Flush(ack) => {
+                            let _ = ack.send(());
+                        }
+                    }
+                }
+            });
+            match started {
+                Ok(_) => Some(sender),
+                Err(err) => {
+                    tracing::error!(
+                        "cannot start the procexec-stderr thread, worker stderr is not forwarded: {err}"
+                    );
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// Lines waiting for the `procexec-stderr` thread, across all workers: enough to
+/// ride out a burst, few enough to bound memory (lines are at most `MAX_LINE`).
+const STDERR_BACKLOG: usize = 64;
 
 /// Longest stderr line forwarded as one.
 const MAX_LINE: u64 = 64 * 1024;

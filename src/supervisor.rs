@@ -291,7 +291,11 @@ async fn restart(shared: &Shared, slot: usize) -> Option<WorkerProcess> {
             Err(err) => err,
         };
         failures += 1;
-        tracing::error!(worker = slot, failures, "{failure}");
+        // The IO cause is the error's source, no longer part of its message.
+        match std::error::Error::source(&failure) {
+            Some(cause) => tracing::error!(worker = slot, failures, "{failure}: {cause}"),
+            None => tracing::error!(worker = slot, failures, "{failure}"),
+        }
         if failures >= MAX_START_FAILURES {
             shared.slot_gave_up(Error::WorkerStart(Arc::new(failure)));
             // This slot may have been woken for waiting work: another one tries.

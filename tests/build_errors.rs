@@ -21,7 +21,7 @@ fn clashing_worker() {
 
 fn start_error(result: procexec::Result<Executor>) -> String {
     match result {
-        Err(Error::WorkerStart(err)) => err.to_string(),
+        Err(Error::WorkerStart { 0: err, .. }) => err.to_string(),
         other => panic!("expected a start error, got {other:?}"),
     }
 }
@@ -36,7 +36,7 @@ async fn sizes_out_of_range_are_config_errors() {
         builder().pipe_capacity(1).build().await,
         builder().handshake_timeout(Duration::ZERO).build().await,
     ] {
-        assert!(matches!(result, Err(Error::Config(_))), "{result:?}");
+        assert!(matches!(result, Err(Error::Config { .. })), "{result:?}");
     }
 }
 
@@ -44,9 +44,67 @@ async fn sizes_out_of_range_are_config_errors() {
 fn build_outside_a_runtime_is_a_config_error() {
     let result = futures::executor::block_on(Executor::builder().program(worker_program()).build());
     assert!(
-        matches!(&result, Err(Error::Config(message)) if message.contains("Tokio runtime")),
+        matches!(&result, Err(Error::Config { 0: message, .. }) if message.contains("Tokio runtime")),
         "{result:?}"
     );
+}
+
+/// Runtimes that lack the IO driver, the time driver, and both, with what each lacks.
+fn runtimes_without_drivers() -> [(tokio::runtime::Runtime, &'static str); 3] {
+    let runtime = |io: bool, time: bool| {
+        let mut builder = tokio::runtime::Builder::new_current_thread();
+        if io {
+            builder.enable_io();
+        }
+        if time {
+            builder.enable_time();
+        }
+        builder.build().unwrap()
+    };
+    [
+        (runtime(false, true), "lacks the IO driver"),
+        (runtime(true, false), "lacks the time driver"),
+        (runtime(false, false), "lacks the IO and time drivers"),
+    ]
+}
+
+fn build_on(runtime: &tokio::runtime::Runtime) -> procexec::Result<Executor> {
+    runtime.block_on(Executor::builder().program(worker_program()).processes(1).build())
+}
+
+#[test]
+fn build_on_a_runtime_without_io_or_time_is_a_config_error_naming_what_is_missing() {
+    for (runtime, missing) in runtimes_without_drivers() {
+        match build_on(&runtime) {
+            Err(Error::Config { 0: message, .. }) => {
+                assert!(message.contains(missing), "{message}");
+                assert!(message.contains("enable_all()"), "{message}");
+            }
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn driver_probe_helper() {
+    if !is_helper("driver_probe_helper") {
+        return;
+    }
+    for (runtime, _) in runtimes_without_drivers() {
+        assert!(build_on(&runtime).is_err_and(|err| err.is_config()));
+    }
+    // Panics elsewhere still reach the panic hook that was there before.
+    let _ = std::panic::catch_unwind(|| panic!("a panic outside the probe"));
+    println!("OK");
+}
+
+#[test]
+fn probing_the_runtime_for_its_drivers_prints_no_panic_and_keeps_the_panic_hook() {
+    let output = start_helper("driver_probe_helper").wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success() && stdout.contains("OK"), "{stdout}\n{stderr}");
+    assert!(stderr.contains("a panic outside the probe"), "{stderr}");
+    assert_eq!(stderr.matches("panicked").count(), 1, "{stderr}");
 }
 
 #[tokio::test]

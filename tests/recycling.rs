@@ -99,7 +99,7 @@ async fn without_the_initializer_a_task_reading_state_says_why() {
 
 fn start_message(result: procexec::Result<procexec::Executor>) -> String {
     match result {
-        Err(Error::WorkerStart(err)) => err.to_string(),
+        Err(Error::WorkerStart { 0: err, .. }) => err.to_string(),
         other => panic!("expected a start error, got {other:?}"),
     }
 }
@@ -133,7 +133,10 @@ async fn an_initializer_failing_on_restart_is_retried_then_reported() {
         // Replacements fail their initializer; after a few tries, backing off, the
         // executor reports it instead of looping.
         let err = exec.spawn(square, 4).await.unwrap_err();
-        assert!(matches!(&err, Error::WorkerStart(start) if start.message().contains("exists")), "{err}");
+        assert!(
+            matches!(&err, Error::WorkerStart { 0: start, .. } if start.message().contains("exists")),
+            "{err}"
+        );
         assert!(exec.spawn(square, 5).await.unwrap_err().to_string().contains("initializer"));
         std::fs::remove_file(&poisoned).unwrap();
     })

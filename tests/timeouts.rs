@@ -16,7 +16,7 @@ async fn a_spinning_call_past_its_timeout_is_killed_with_its_worker() {
         let before = exec.spawn(pid, ()).await.unwrap();
         let err = exec.with_timeout(Duration::from_millis(200)).spawn(spin_forever, ()).await.unwrap_err();
         match &err {
-            Error::TimedOut { task, timeout } => {
+            Error::TimedOut { task, timeout, .. } => {
                 assert_eq!(task, "spin_forever");
                 assert_eq!(*timeout, Duration::from_millis(200));
             }

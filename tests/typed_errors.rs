@@ -33,7 +33,7 @@ async fn a_task_the_worker_lacks_is_an_unknown_task_error() {
     hang_guard(async {
         let exec = executor(1).await;
         let err = exec.spawn(stale::not_in_the_worker, 1).await.unwrap_err();
-        assert!(matches!(&err, Error::UnknownTask { task } if task == "not_in_the_worker"), "{err:?}");
+        assert!(matches!(&err, Error::UnknownTask { task, .. } if task == "not_in_the_worker"), "{err:?}");
         let err = exec.map(stale::not_in_the_worker, 0..10).await.unwrap_err();
         assert!(matches!(err, Error::UnknownTask { .. }));
         assert_eq!(exec.spawn(square, 3).await.unwrap(), 9);
@@ -46,7 +46,7 @@ async fn a_task_with_other_types_is_a_mismatch_error() {
     hang_guard(async {
         let exec = executor(1).await;
         match exec.spawn(stale::typed, 1).await.unwrap_err() {
-            Error::TaskMismatch { task, parent, worker } => {
+            Error::TaskMismatch { task, parent, worker, .. } => {
                 assert_eq!(task, "typed");
                 assert_eq!(parent, "u64 -> u64");
                 assert_eq!(worker, "u32 -> u32");
@@ -64,7 +64,7 @@ async fn an_input_above_the_frame_limit_is_refused_before_sending() {
         let exec = small_frames().await;
         let worker = exec.spawn(pid, ()).await.unwrap();
         match exec.spawn(echo, ByteBuf::from(vec![0; 2000])).await.unwrap_err() {
-            Error::FrameTooLarge { task, direction: Direction::Input, size, limit } => {
+            Error::FrameTooLarge { task, direction: Direction::Input, size, limit, .. } => {
                 assert_eq!(task, "echo");
                 assert!(size > 2000, "{size}");
                 assert_eq!(limit, 1024);

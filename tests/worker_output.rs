@@ -2,8 +2,11 @@
 //! labelled with the worker's slot and pid.
 mod common;
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsFd;
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use common::*;
 use procexec::{Executor, WorkerStderr};
@@ -48,6 +51,51 @@ fn worker_stderr_and_prints_are_forwarded_with_slot_and_pid() {
     assert!(stderr.contains(&format!("{prefix} stdout: hello from a task\n")), "{stderr}");
     assert!(stderr.contains(&format!("{prefix} stderr: hello from a task\n")), "{stderr}");
     assert!(!stdout.contains("hello from a task"), "a task's stdout goes to stderr: {stdout}");
+}
+
+#[test]
+fn unread_stderr_helper() {
+    if !is_helper("unread_stderr_helper") {
+        return;
+    }
+    // Fill this process's stderr first, from a thread that then stays blocked on
+    // it: from here on, every write to stderr blocks.
+    let stderr = std::io::stderr().as_fd().try_clone_to_owned().unwrap();
+    std::thread::spawn(move || std::fs::File::from(stderr).write_all(&vec![b'.'; 1 << 20]));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let exec = builder(2).stderr(WorkerStderr::Forward).build().await.unwrap();
+        // More than the pipes hold: it never finishes, and its worker waits on stderr.
+        let _flood = exec.spawn(flood_stderr, 1 << 20);
+        for x in 0..100 {
+            assert_eq!(exec.spawn(square, x).await.unwrap(), x * x);
+        }
+        println!("OK");
+    });
+}
+
+#[test]
+fn a_stderr_nobody_reads_stalls_the_forwarding_but_not_the_runtime() {
+    let mut helper = helper_command("unread_stderr_helper").stderr(Stdio::piped()).spawn().unwrap();
+    let stdout = helper.stdout.take().unwrap();
+    let (sender, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = sender.send(line);
+        }
+    });
+    // Hang guard: a stalled helper never prints OK.
+    let said_ok = loop {
+        match lines.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) if line == "OK" => break true,
+            Ok(_) => continue,
+            Err(_) => break false,
+        }
+    };
+    // Its stderr (still held, never read) may keep it from ending by itself.
+    let _ = helper.kill();
+    let _ = helper.wait();
+    assert!(said_ok, "the helper's runtime stalled behind its stderr, or the helper failed");
 }
 
 /// Collects the messages of `procexec::worker` events.

@@ -76,6 +76,19 @@ procexec::tasks! {
         text.len() as u64
     }
 
+    /// Writes `bytes` bytes to stderr in lines of 100, then returns how many it wrote.
+    pub fn flood_stderr(bytes: u64) -> u64 {
+        use std::io::Write;
+        let line = format!("{}\n", "e".repeat(99));
+        let mut stderr = std::io::stderr().lock();
+        let mut written = 0;
+        while written < bytes {
+            stderr.write_all(line.as_bytes()).expect("stderr is writable");
+            written += line.len() as u64;
+        }
+        written
+    }
+
     /// Writes `text` to stderr, then aborts.
     pub fn complain_and_abort(text: String) -> u64 {
         eprintln!("{text}");
