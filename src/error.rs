@@ -37,8 +37,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// assert_eq!(err.to_string(), "the executor has shut down");
 /// ```
 ///
-/// Variants with fields are `#[non_exhaustive]`: match them with `..`, a tuple
-/// variant in braces (`Error::Config { 0: message, .. }`). The reports
+/// Variants with named fields are `#[non_exhaustive]` (match them with `..`); the
+/// others carry one opaque report with accessors, which can grow without a new
+/// field: match them as `Error::WorkerCrashed(crash)`. The reports
 /// the variants carry are the error itself, not its cause: `source()` skips them and
 /// returns what they wrap (a [`WorkerStartError`]'s IO error), so printing each
 /// `source()` in turn never repeats a message.
@@ -47,13 +48,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// The task panicked. The worker caught the panic and serves on.
     #[error(transparent)]
-    #[non_exhaustive]
     TaskPanicked(Arc<TaskPanic>),
 
     /// The worker process died while running the task: it aborted, called `exit`,
     /// was killed, or crashed. The worker has been replaced.
     #[error(transparent)]
-    #[non_exhaustive]
     WorkerCrashed(Arc<WorkerCrash>),
 
     /// The call ran longer than its timeout (measured from when it started running
@@ -123,17 +122,14 @@ pub enum Error {
     /// The worker broke the protocol (a corrupt, oversized or unexpected frame). It
     /// has been killed and replaced; every call it held fails with this error.
     #[error(transparent)]
-    #[non_exhaustive]
     Protocol(Arc<ProtocolViolation>),
 
     /// A worker process could not be started, or did not complete the handshake.
     #[error(transparent)]
-    #[non_exhaustive]
     WorkerStart(Arc<WorkerStartError>),
 
     /// The executor's configuration is invalid.
     #[error("invalid executor configuration: {0}")]
-    #[non_exhaustive]
     Config(String),
 
     /// The executor was shut down or dropped before the task could finish.
@@ -490,7 +486,7 @@ impl std::error::Error for ProtocolViolation {}
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
 /// let err = procexec::Executor::builder().program("/bin/true").build().await.unwrap_err();
-/// let procexec::Error::WorkerStart { 0: start, .. } = err else { panic!("{err}") };
+/// let procexec::Error::WorkerStart(start) = err else { panic!("{err}") };
 /// assert_eq!(start.program(), std::path::Path::new("/bin/true"));
 /// assert!(start.message().starts_with("it exited before the handshake"));
 /// # }

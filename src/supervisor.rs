@@ -626,7 +626,8 @@ impl<'a> Session<'a> {
         let room = Room { jobs: room, items: budget, busy };
         let (in_flight, mut withdrawn) = (&mut self.in_flight, 0);
         let slot = self.worker.index;
-        let taken = self.shared.queue.poll_take(cx, slot, room, &mut withdrawn, |job| in_flight.push_back(job));
+        let taken =
+            self.shared.queue.poll_take(cx, slot, room, &mut withdrawn, |job| in_flight.push_back(job));
         Counters::add(&self.shared.counters.cancelled, withdrawn);
         match taken {
             Poll::Ready(Took::Jobs(taken)) => {

@@ -21,7 +21,7 @@ fn clashing_worker() {
 
 fn start_error(result: procexec::Result<Executor>) -> String {
     match result {
-        Err(Error::WorkerStart { 0: err, .. }) => err.to_string(),
+        Err(Error::WorkerStart(err)) => err.to_string(),
         other => panic!("expected a start error, got {other:?}"),
     }
 }
@@ -44,7 +44,7 @@ async fn sizes_out_of_range_are_config_errors() {
 fn build_outside_a_runtime_is_a_config_error() {
     let result = futures::executor::block_on(Executor::builder().program(worker_program()).build());
     assert!(
-        matches!(&result, Err(Error::Config { 0: message, .. }) if message.contains("Tokio runtime")),
+        matches!(&result, Err(Error::Config(message)) if message.contains("Tokio runtime")),
         "{result:?}"
     );
 }
@@ -76,7 +76,7 @@ fn build_on(runtime: &tokio::runtime::Runtime) -> procexec::Result<Executor> {
 fn build_on_a_runtime_without_io_or_time_is_a_config_error_naming_what_is_missing() {
     for (runtime, missing) in runtimes_without_drivers() {
         match build_on(&runtime) {
-            Err(Error::Config { 0: message, .. }) => {
+            Err(Error::Config(message)) => {
                 assert!(message.contains(missing), "{message}");
                 assert!(message.contains("enable_all()"), "{message}");
             }

@@ -20,7 +20,7 @@ async fn corrupt_with(bytes: ByteBuf) {
     let before = exec.spawn(pid, ()).await.unwrap();
     let err = exec.spawn(corrupt_replies, bytes).await.unwrap_err();
     let violation = match &err {
-        Error::Protocol { 0: violation, .. } => violation,
+        Error::Protocol(violation) => violation,
         other => panic!("expected a protocol error, got {other:?}"),
     };
     assert_eq!(violation.pid(), before);
