@@ -1,7 +1,10 @@
 //! `spawn` and the `map` family, against real companion workers.
 mod common;
 
+use std::cell::Cell;
 use std::collections::HashSet;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use common::*;
 use futures::{StreamExt, stream};
@@ -234,6 +237,46 @@ async fn long_calls_never_queue_behind_each_other_while_a_worker_can_take_one() 
         exec.map(sleep_then_pid, [30; 8]).await.unwrap(); // calls are known to be long
         let pids = exec.map(sleep_then_pid, [10, 1500, 1500, 10]).await.unwrap();
         assert_ne!(pids[1], pids[2], "the two long calls ran side by side: {pids:?}");
+    })
+    .await;
+}
+
+/// Counts how often the wrapped future is polled.
+struct CountPolls<'a, F> {
+    inner: F,
+    polls: &'a Cell<u64>,
+}
+
+impl<F: Future + Unpin> Future for CountPolls<'_, F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.polls.set(self.polls.get() + 1);
+        Pin::new(&mut self.inner).poll(cx)
+    }
+}
+
+// Finished calls whose handles wait in a `FuturesUnordered` once cost O(n) polls per
+// 128 results on a current-thread runtime (tokio's budget yield was invisible to it).
+#[tokio::test(flavor = "current_thread")]
+async fn a_backlog_of_finished_handles_is_collected_in_linear_polls() {
+    hang_guard(async {
+        const CALLS: u64 = 20_000;
+        let exec = executor(2).await;
+        let handles: Vec<_> = (0..CALLS).map(|i| exec.spawn(double, i)).collect();
+        // Every call finishes before any handle is polled: the worst backlog.
+        eventually("every call to finish", || exec.stats().completed >= CALLS).await;
+        let polls = Cell::new(0);
+        let mut all: stream::FuturesUnordered<_> =
+            handles.into_iter().map(|inner| CountPolls { inner, polls: &polls }).collect();
+        let mut outputs = 0;
+        while let Some(output) = all.next().await {
+            output.unwrap();
+            outputs += 1;
+        }
+        assert_eq!(outputs, CALLS);
+        assert!(polls.get() <= 2 * CALLS, "{} polls for {CALLS} finished calls", polls.get());
+        exec.shutdown().await;
     })
     .await;
 }
