@@ -468,7 +468,10 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
         let task = self.task;
         match &mut self.state {
             HandleState::Waiting(receiver) => match Pin::new(receiver).poll(cx) {
-                Poll::Pending => Poll::Pending,
+                Poll::Pending => {
+                    yield_visibly(cx);
+                    Poll::Pending
+                }
                 Poll::Ready(Ok(Completion::Done(delivery))) => {
                     let mut body: &[u8] = &delivery.body;
                     let _registered = crate::blob::register(&delivery.body);
@@ -487,5 +490,22 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
 impl<O> fmt::Debug for TaskHandle<O> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TaskHandle").field("task", &self.task).finish_non_exhaustive()
+    }
+}
+
+/// Makes a yield forced by tokio's task budget visible to the combinator polling
+/// this handle.
+///
+/// Once the budget is spent, the receiver returns `Pending` even when its result
+/// has arrived, and tokio wakes it only after the whole task returns (its defer
+/// list). `FuturesUnordered` (and so `join_all` over more than 30 handles) stops
+/// early only when a future wakes itself while being polled; without that it polls
+/// every queued handle in vain, tokio wakes them all again, and the next poll does
+/// it again: with a backlog of n finished calls, O(n) polls per 128 results, which
+/// made 100,000 joined spawns 40-70x slower than 10,000. Waking now lets it stop
+/// after two; the deferred wake-up that follows is absorbed.
+fn yield_visibly(cx: &Context<'_>) {
+    if !tokio::task::coop::has_budget_remaining() {
+        cx.waker().wake_by_ref();
     }
 }

@@ -1,7 +1,10 @@
 //! `spawn` and the `map` family, against real companion workers.
 mod common;
 
+use std::cell::Cell;
 use std::collections::HashSet;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use common::*;
 use futures::{StreamExt, stream};
@@ -266,6 +269,46 @@ async fn a_slow_consumer_keeps_the_workers_busy_without_unbounded_read_ahead() {
             tokio::time::sleep(std::time::Duration::from_millis(25)).await;
         }
         assert_eq!(received, 40);
+    })
+    .await;
+}
+
+/// Counts how often the wrapped future is polled.
+struct CountPolls<'a, F> {
+    inner: F,
+    polls: &'a Cell<u64>,
+}
+
+impl<F: Future + Unpin> Future for CountPolls<'_, F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.polls.set(self.polls.get() + 1);
+        Pin::new(&mut self.inner).poll(cx)
+    }
+}
+
+// Finished calls whose handles wait in a `FuturesUnordered` once cost O(n) polls per
+// 128 results on a current-thread runtime (tokio's budget yield was invisible to it).
+#[tokio::test(flavor = "current_thread")]
+async fn a_backlog_of_finished_handles_is_collected_in_linear_polls() {
+    hang_guard(async {
+        const CALLS: u64 = 20_000;
+        let exec = executor(2).await;
+        let handles: Vec<_> = (0..CALLS).map(|i| exec.spawn(double, i)).collect();
+        // Every call finishes before any handle is polled: the worst backlog.
+        eventually("every call to finish", || exec.stats().completed >= CALLS).await;
+        let polls = Cell::new(0);
+        let mut all: stream::FuturesUnordered<_> =
+            handles.into_iter().map(|inner| CountPolls { inner, polls: &polls }).collect();
+        let mut outputs = 0;
+        while let Some(output) = all.next().await {
+            output.unwrap();
+            outputs += 1;
+        }
+        assert_eq!(outputs, CALLS);
+        assert!(polls.get() <= 2 * CALLS, "{} polls for {CALLS} finished calls", polls.get());
+        exec.shutdown().await;
     })
     .await;
 }

@@ -1,7 +1,9 @@
 //! procexec's benchmark: every workload against every peer in one run, one table.
 //!
 //! Run: `cargo run --release --example bench` (`-- --quick` for fewer repetitions,
-//! `-- W1 W5` for some workloads only). The peers: Python's multiprocessing
+//! `-- W1 W5` for some workloads only; in W1, W3 and W6, `-- --row=raw` for the
+//! rows whose label contains "raw" only, the Python rows being selected as
+//! "Python"). The peers: Python's multiprocessing
 //! (bench/peers.py, skipped with a note if python3 is absent), the procspawn crate,
 //! rayon and tokio's blocking pool (in-process bounds), and the limit: a minimal
 //! parent/child pair over raw pipes (raw.rs). Every figure is the median of several
@@ -48,15 +50,24 @@ const W2_TASK: Duration = Duration::from_millis(20);
 const W3_TASKS: usize = 2_000;
 const W3_SIZE: usize = 256 * 1024;
 const W5_CALLS: usize = 2_000;
+const W6_FEW: u64 = 10_000;
+const W6_MANY: u64 = 100_000;
 
 struct Config {
     reps: usize,
     only: Vec<String>,
+    /// Lower-case texts; a row runs when its label contains one (or none are given).
+    rows: Vec<String>,
 }
 
 impl Config {
     fn runs(&self, workload: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|w| w.eq_ignore_ascii_case(workload))
+    }
+
+    fn wants(&self, label: &str) -> bool {
+        let label = label.to_lowercase();
+        self.rows.is_empty() || self.rows.iter().any(|text| label.contains(text.as_str()))
     }
 }
 
@@ -72,6 +83,7 @@ fn main() {
     let config = Config {
         reps: if quick { 3 } else { 7 },
         only: args[1..].iter().filter(|a| !a.starts_with("--")).cloned().collect(),
+        rows: args.iter().filter_map(|a| a.strip_prefix("--row=")).map(str::to_lowercase).collect(),
     };
     let mut table = Table::default();
     println!("procexec benchmark: {} repetitions per figure, medians; 2 workers unless noted\n", config.reps);
@@ -91,6 +103,9 @@ fn main() {
     }
     if config.runs("W3") {
         w3(&config, &mut table);
+    }
+    if config.runs("W6") {
+        w6(&config, &mut table);
     }
     table.print();
 }
@@ -144,72 +159,74 @@ fn w1(config: &Config, table: &mut Table) {
     let name = "W1 tiny tasks: 100,000 calls of i -> 2*i, outputs in input order";
     table.workload("W1", name, "µs/task", Better::Lower);
     for multi in [true, false] {
+        let map_label = format!("(a) procexec map, {}", flavor(multi));
+        let spawn_label = format!("(b) procexec spawn each, {}", flavor(multi));
+        if !config.wants(&map_label) && !config.wants(&spawn_label) {
+            continue;
+        }
         runtime(multi).block_on(async {
             let exec = executor().await;
             exec.map(double, 0..10_000u64).await.unwrap();
-            let maps = timed_async(config.reps, || async {
-                let out = exec.map(double, 0..W1_CALLS).await.unwrap();
-                assert_eq!(out[W1_CALLS as usize - 1], 2 * (W1_CALLS - 1));
-            })
-            .await;
-            table.row(
-                Kind::Procexec,
-                &format!("(a) procexec map, {}", flavor(multi)),
-                per_item(&maps, W1_CALLS),
-            );
-            let spawns = timed_async(config.reps, || async {
-                let handles: Vec<_> = (0..W1_CALLS).map(|i| exec.spawn(double, i)).collect();
-                for (i, handle) in handles.into_iter().enumerate() {
-                    assert_eq!(handle.await.unwrap(), 2 * i as u64);
-                }
-            })
-            .await;
-            table.row(
-                Kind::Procexec,
-                &format!("(b) procexec spawn each, {}", flavor(multi)),
-                per_item(&spawns, W1_CALLS),
-            );
+            if config.wants(&map_label) {
+                let maps = timed_async(config.reps, || async {
+                    let out = exec.map(double, 0..W1_CALLS).await.unwrap();
+                    assert_eq!(out[W1_CALLS as usize - 1], 2 * (W1_CALLS - 1));
+                })
+                .await;
+                table.row(Kind::Procexec, &map_label, per_item(&maps, W1_CALLS));
+            }
+            if config.wants(&spawn_label) {
+                let spawns = timed_async(config.reps, || async {
+                    let handles: Vec<_> = (0..W1_CALLS).map(|i| exec.spawn(double, i)).collect();
+                    for (i, handle) in handles.into_iter().enumerate() {
+                        assert_eq!(handle.await.unwrap(), 2 * i as u64);
+                    }
+                })
+                .await;
+                table.row(Kind::Procexec, &spawn_label, per_item(&spawns, W1_CALLS));
+            }
             exec.shutdown().await;
         });
     }
-    if let Some(results) =
-        peers::python("W1", config.reps, &[W1_CALLS.to_string(), W1_SLOW_CALLS.to_string()])
-    {
-        for result in results {
-            table.row(
-                Kind::Peer,
-                &format!("Python {}", result.peer),
-                per_item(&result.samples, result.items),
-            );
-        }
+    let args = [W1_CALLS.to_string(), W1_SLOW_CALLS.to_string()];
+    let python = if config.wants("Python") { peers::python("W1", config.reps, &args) } else { None };
+    for result in python.unwrap_or_default() {
+        table.row(Kind::Peer, &format!("Python {}", result.peer), per_item(&result.samples, result.items));
     }
-    let procspawn = peers::procspawn_tiny(config.reps.min(3), W1_SLOW_CALLS);
-    table.row(Kind::Peer, "procspawn Pool::spawn + join", per_item(&procspawn, W1_SLOW_CALLS));
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-    let rayon = timed(config.reps, || {
-        use rayon::prelude::*;
-        let out: Vec<u64> = pool.install(|| (0..W1_CALLS).into_par_iter().map(peers::double).collect());
-        assert_eq!(out.len(), W1_CALLS as usize);
-    });
-    table.row(Kind::InProcess, "rayon par_iter (2 threads, in-process)", per_item(&rayon, W1_CALLS));
-    let blocking =
-        tokio::runtime::Builder::new_multi_thread().max_blocking_threads(2).enable_all().build().unwrap();
-    let spawn_blocking = blocking.block_on(timed_async(config.reps, || async {
-        let handles: Vec<_> =
-            (0..W1_CALLS).map(|i| tokio::task::spawn_blocking(move || peers::double(i))).collect();
-        for handle in handles {
-            handle.await.unwrap();
-        }
-    }));
-    table.row(
-        Kind::InProcess,
-        "tokio spawn_blocking (2 threads, in-process)",
-        per_item(&spawn_blocking, W1_CALLS),
-    );
-    let limit = timed(config.reps, || {
-        raw::batched_items(W1_CALLS as usize);
-    });
-    table.row(Kind::Limit, "raw pipes, batched 8-byte items", per_item(&limit, W1_CALLS));
+    let label = "procspawn Pool::spawn + join";
+    if config.wants(label) {
+        let procspawn = peers::procspawn_tiny(config.reps.min(3), W1_SLOW_CALLS);
+        table.row(Kind::Peer, label, per_item(&procspawn, W1_SLOW_CALLS));
+    }
+    let label = "rayon par_iter (2 threads, in-process)";
+    if config.wants(label) {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let rayon = timed(config.reps, || {
+            use rayon::prelude::*;
+            let out: Vec<u64> = pool.install(|| (0..W1_CALLS).into_par_iter().map(peers::double).collect());
+            assert_eq!(out.len(), W1_CALLS as usize);
+        });
+        table.row(Kind::InProcess, label, per_item(&rayon, W1_CALLS));
+    }
+    let label = "tokio spawn_blocking (2 threads, in-process)";
+    if config.wants(label) {
+        let blocking =
+            tokio::runtime::Builder::new_multi_thread().max_blocking_threads(2).enable_all().build().unwrap();
+        let spawn_blocking = blocking.block_on(timed_async(config.reps, || async {
+            let handles: Vec<_> =
+                (0..W1_CALLS).map(|i| tokio::task::spawn_blocking(move || peers::double(i))).collect();
+            for handle in handles {
+                handle.await.unwrap();
+            }
+        }));
+        table.row(Kind::InProcess, label, per_item(&spawn_blocking, W1_CALLS));
+    }
+    // Timed inside, from the moment both children run.
+    let label = "raw pipes, batched 8-byte items";
+    if config.wants(label) {
+        let limit: Vec<Duration> = (0..config.reps).map(|_| raw::batched_items(W1_CALLS as usize)).collect();
+        table.row(Kind::Limit, label, per_item(&limit, W1_CALLS));
+    }
 }
 
 fn w2(config: &Config, table: &mut Table) {
@@ -296,35 +313,42 @@ fn w3(config: &Config, table: &mut Table) {
     let throughput = |samples: Vec<Duration>| -> Vec<f64> {
         samples.iter().map(|d| bytes / d.as_secs_f64() / 1e6).collect()
     };
-    runtime(true).block_on(async {
-        let exec = executor().await;
-        let payload = procexec::Blob::from(vec![7u8; W3_SIZE]);
-        let maps = timed_async(config.reps.min(5), || async {
-            let inputs = std::iter::repeat_n(payload.clone(), W3_TASKS);
-            let mut outputs = exec.map_unordered(echo, futures::stream::iter(inputs));
-            while let Some(output) = outputs.next().await {
-                assert_eq!(output.unwrap().len(), W3_SIZE);
-            }
-        })
-        .await;
-        table.row(Kind::Procexec, "procexec map_unordered", throughput(maps));
-        exec.shutdown().await;
-    });
-    let args = [W3_TASKS.to_string(), W3_SIZE.to_string()];
-    if let Some(results) = peers::python("W3", config.reps.min(3), &args) {
-        for result in results {
-            table.row(Kind::Peer, &format!("Python {}", result.peer), throughput(result.samples));
-        }
+    let label = "procexec map_unordered";
+    if config.wants(label) {
+        runtime(true).block_on(async {
+            let exec = executor().await;
+            let payload = procexec::Blob::from(vec![7u8; W3_SIZE]);
+            let maps = timed_async(config.reps.min(5), || async {
+                let inputs = std::iter::repeat_n(payload.clone(), W3_TASKS);
+                let mut outputs = exec.map_unordered(echo, futures::stream::iter(inputs));
+                while let Some(output) = outputs.next().await {
+                    assert_eq!(output.unwrap().len(), W3_SIZE);
+                }
+            })
+            .await;
+            table.row(Kind::Procexec, label, throughput(maps));
+            exec.shutdown().await;
+        });
     }
-    table.row(
-        Kind::Peer,
-        "procspawn Pool::spawn + join",
-        throughput(peers::procspawn_echo(config.reps.min(3), W3_TASKS, W3_SIZE)),
-    );
-    let limit = timed(config.reps.min(5), || {
-        raw::echo(W3_TASKS, W3_SIZE);
-    });
-    table.row(Kind::Limit, "raw pipes, echo (same 1 MiB pipes)", throughput(limit));
+    let args = [W3_TASKS.to_string(), W3_SIZE.to_string()];
+    let python = if config.wants("Python") { peers::python("W3", config.reps.min(3), &args) } else { None };
+    for result in python.unwrap_or_default() {
+        table.row(Kind::Peer, &format!("Python {}", result.peer), throughput(result.samples));
+    }
+    let label = "procspawn Pool::spawn + join";
+    if config.wants(label) {
+        table.row(
+            Kind::Peer,
+            label,
+            throughput(peers::procspawn_echo(config.reps.min(3), W3_TASKS, W3_SIZE)),
+        );
+    }
+    // Timed inside, from the moment both children run.
+    let label = "raw pipes, echo (same 1 MiB pipes)";
+    if config.wants(label) {
+        let limit = (0..config.reps.min(5)).map(|_| raw::echo(W3_TASKS, W3_SIZE)).collect();
+        table.row(Kind::Limit, label, throughput(limit));
+    }
 }
 
 fn w4(config: &Config, table: &mut Table) {
@@ -434,6 +458,41 @@ fn w5(config: &Config, table: &mut Table) {
         "raw pipes, 8-byte ping-pong",
         micros(&raw::ping_pong(calls, pin::Placement::Free)),
     );
+}
+
+fn w6(config: &Config, table: &mut Table) {
+    let name = "W6 many calls: spawns awaited together with join_all, current-thread runtime";
+    table.workload("W6", name, "ms", Better::Lower);
+    let few_label = "procexec 10,000 spawns + join_all";
+    let many_label = "procexec 100,000 spawns + join_all";
+    // The point is the ratio of the two, so both run, interleaved, or neither.
+    if !config.wants(few_label) && !config.wants(many_label) {
+        return;
+    }
+    let (mut few, mut many) = (Vec::new(), Vec::new());
+    runtime(false).block_on(async {
+        let exec = executor().await;
+        exec.map(double, 0..10_000u64).await.unwrap();
+        let join_all = |calls: u64| {
+            let exec = &exec;
+            async move {
+                let start = Instant::now();
+                let handles: Vec<_> = (0..calls).map(|i| exec.spawn(double, i)).collect();
+                let outputs = futures::future::join_all(handles).await;
+                let took = start.elapsed();
+                assert_eq!(*outputs[calls as usize - 1].as_ref().unwrap(), 2 * (calls - 1));
+                took
+            }
+        };
+        for _ in 0..config.reps {
+            few.push(join_all(W6_FEW).await);
+            many.push(join_all(W6_MANY).await);
+        }
+        exec.shutdown().await;
+    });
+    let ms = |samples: &[Duration]| -> Vec<f64> { samples.iter().map(|d| d.as_secs_f64() * 1e3).collect() };
+    table.row(Kind::Procexec, few_label, ms(&few));
+    table.row(Kind::Procexec, many_label, ms(&many));
 }
 
 fn median(samples: &[Duration]) -> Duration {

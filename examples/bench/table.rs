@@ -64,7 +64,7 @@ impl Table {
     }
 
     pub fn print(&self) {
-        for workload in &self.workloads {
+        for workload in self.workloads.iter().filter(|w| !w.rows.is_empty()) {
             let direction =
                 if workload.better == Better::Lower { "lower is better" } else { "higher is better" };
             println!("\n{} ({}, {})", workload.name, workload.unit, direction);
@@ -172,6 +172,12 @@ impl Table {
             ratio(self.value("W4", "Python Pool(2) fork: start"), start),
             3.0,
             true,
+        );
+        check(
+            "W6 many calls: 100,000 spawns + join_all / 10,000 (total time)",
+            ratio(self.value("W6", "procexec 100,000"), self.value("W6", "procexec 10,000")),
+            12.0,
+            false,
         );
         for (id, placement) in [("W5", "across CPUs"), ("W5s", "same CPU")] {
             for flavor in ["multi-thread", "current-thread"] {
