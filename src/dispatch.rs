@@ -97,6 +97,8 @@ pub(crate) struct Job {
     pub(crate) options: CallOptions,
     /// Runs that ended in a crash or a timeout so far.
     pub(crate) failures: u32,
+    /// Its worker was told to skip it: its caller left before it started.
+    pub(crate) withdrawn: bool,
 }
 
 impl Job {
@@ -108,7 +110,7 @@ impl Job {
         reply: ReplyTo,
         options: CallOptions,
     ) -> Self {
-        Job { id, task, items, frame, reply, options, failures: 0 }
+        Job { id, task, items, frame, reply, options, failures: 0, withdrawn: false }
     }
 
     /// Whether nobody waits for the result any more (the future or stream was dropped).
@@ -177,6 +179,8 @@ pub(crate) fn decode_record<O: DeserializeOwned>(task: &str, body: &mut &[u8]) -
             Error::Codec { task: task.into(), direction: Direction::Output, action: "encode", message }
         }
         Outcome::UnknownTask => Error::UnknownTask { task: task.into() },
+        // Only a withdrawn call is skipped, and nobody waits for it.
+        Outcome::Skipped => Error::Shutdown,
         Outcome::TooLarge { size, limit } => {
             Error::FrameTooLarge { task: task.into(), direction: Direction::Output, size, limit }
         }

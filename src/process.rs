@@ -80,6 +80,9 @@ pub(crate) struct WorkerProcess {
     /// The worker's progress record (see `protocol::Progress`), opened while it
     /// lives so it can be read after it died; `None` where it keeps none.
     progress: Option<std::fs::File>,
+    /// Its first page, mapped, to withdraw calls sent ahead.
+    withdrawals: Option<sys::ForeignPage>,
+    next_withdrawal: usize,
 }
 
 /// How far a worker got with a call, by its progress record.
@@ -151,15 +154,17 @@ impl WorkerProcess {
                         None
                     }
                 });
-                let tasks = ready.tasks;
+                let withdrawals = progress.as_ref().and_then(|file| sys::ForeignPage::map(file).ok());
                 Ok(WorkerProcess {
                     index: slot,
                     pid,
                     requests: Some(requests),
                     replies,
-                    tasks,
+                    tasks: ready.tasks,
                     process,
                     progress,
+                    withdrawals,
+                    next_withdrawal: 0,
                 })
             }
             Ok(Err(message)) => Err(process.start_failed(config, message).await),
@@ -173,6 +178,18 @@ impl WorkerProcess {
     /// Closes the request pipe: the worker exits as soon as it notices.
     pub(crate) fn close_requests(&mut self) {
         self.requests = None;
+    }
+
+    /// Tells the worker to skip call `id`, sent ahead, if it has not started it yet
+    /// (it then answers `Outcome::Skipped`). Returns false where it cannot be told.
+    pub(crate) fn withdraw(&mut self, id: u64) -> bool {
+        let Some(page) = &self.withdrawals else {
+            return false;
+        };
+        let slot = self.next_withdrawal % protocol::Progress::CANCEL_SLOTS;
+        self.next_withdrawal += 1;
+        page.store(protocol::Progress::CANCEL_AT + 8 * slot, id);
+        true
     }
 
     /// What the worker's progress record says about call `id` of `items` items. Read

@@ -143,6 +143,8 @@ pub(crate) enum Outcome {
     UnknownTask,
     /// The reply would have exceeded the frame limit.
     TooLarge { size: u64, limit: u64 },
+    /// The parent withdrew the call before it started: it did not run.
+    Skipped,
 }
 
 /// The size of the length that precedes every input and outcome record.
@@ -207,8 +209,13 @@ impl Progress {
     pub(crate) const ITEMS_AT: usize = 16;
     pub(crate) const BODY_AT: usize = 24;
     pub(crate) const BYTES_AT: usize = 32;
+    /// Written by the parent: ids of calls sent ahead whose callers left, which the
+    /// worker skips instead of starting ([`Progress::CANCEL_SLOTS`] of them, reused
+    /// in turn).
+    pub(crate) const CANCEL_AT: usize = 64;
+    pub(crate) const CANCEL_SLOTS: usize = 8;
     /// Bytes the record takes at the start of the file; the reply frame follows.
-    pub(crate) const SIZE: usize = 64;
+    pub(crate) const SIZE: usize = 128;
 
     /// Reads the record from the start of a progress file; `None` if it is not one.
     pub(crate) fn parse(header: &[u8; Progress::SIZE]) -> Option<Progress> {
@@ -272,6 +279,9 @@ impl ReplyBuf {
         let mut buf = crate::sys::SharedBuf::new(1 << 20)?;
         buf.extend_from_slice(&[0; Progress::SIZE]);
         buf.publish(Progress::CALL_AT, Progress::NO_CALL);
+        for slot in 0..Progress::CANCEL_SLOTS {
+            buf.publish(Progress::CANCEL_AT + 8 * slot, Progress::NO_CALL);
+        }
         buf.publish(Progress::MAGIC_AT, Progress::MAGIC);
         Ok(ReplyBuf { buf })
     }
@@ -298,6 +308,11 @@ impl ReplyBuf {
         self.buf.publish(Progress::BODY_AT, here);
         self.buf.publish(Progress::BYTES_AT, here);
         self.buf.publish(Progress::CALL_AT, id);
+    }
+
+    /// Whether the parent withdrew call `id` (see [`Progress::CANCEL_AT`]).
+    pub(crate) fn is_withdrawn(&self, id: u64) -> bool {
+        (0..Progress::CANCEL_SLOTS).any(|slot| self.buf.load(Progress::CANCEL_AT + 8 * slot) == id)
     }
 
     /// The progress record as another process would read it.

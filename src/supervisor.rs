@@ -436,6 +436,7 @@ impl<'a> Session<'a> {
             if let Some(end) = self.poll_head(cx) {
                 return Poll::Ready(end);
             }
+            self.withdraw_abandoned(cx);
             if self.in_flight.is_empty() {
                 if let Some(cause) = self.retiring.take() {
                     return Poll::Ready(End::Retire(cause));
@@ -501,7 +502,9 @@ impl<'a> Session<'a> {
             return Ok(());
         };
         self.shared.counters.running.fetch_sub(1, Ordering::AcqRel);
-        Counters::add(&self.shared.counters.completed, u64::from(job.items));
+        let outcome =
+            if job.withdrawn { &self.shared.counters.cancelled } else { &self.shared.counters.completed };
+        Counters::add(outcome, u64::from(job.items));
         // The next call starts as soon as this reply is written: now, if it was sent.
         self.head_running = self.head_written();
         self.head_since = None;
@@ -566,6 +569,21 @@ impl<'a> Session<'a> {
             return Some(cause());
         }
         None
+    }
+
+    /// Calls sent ahead may lose their callers while an earlier call runs: the
+    /// worker is told to skip those rather than start them (and then be killed by the
+    /// cancel policy). Registers to be woken when a caller leaves.
+    fn withdraw_abandoned(&mut self, cx: &mut Context<'_>) {
+        if self.in_flight.len() < 2 {
+            return;
+        }
+        let written = self.in_flight.len() - self.unwritten;
+        for job in self.in_flight.range_mut(1..written) {
+            if !job.withdrawn && job.poll_cancelled(cx) && self.worker.withdraw(job.id) {
+                job.withdrawn = true;
+            }
+        }
     }
 
     /// With nothing in flight: true once the worker has been idle for

@@ -292,6 +292,71 @@ impl SharedBuf {
     }
 }
 
+impl SharedBuf {
+    /// Loads the `u64` at `at` (as [`publish`](SharedBuf::publish) stores it): the
+    /// parent writes some fields of a worker's buffer.
+    pub(crate) fn load(&self, at: usize) -> u64 {
+        assert!(at.is_multiple_of(8) && at + 8 <= self.len, "a misplaced progress field");
+        // SAFETY: as in `publish`: aligned, within the mapping, accessed atomically.
+        let field = unsafe { std::sync::atomic::AtomicU64::from_ptr(self.ptr.as_ptr().add(at).cast()) };
+        u64::from_le(field.load(std::sync::atomic::Ordering::Acquire))
+    }
+}
+
+/// The first page of another process's [`SharedBuf`], mapped writable: how the
+/// parent writes into a worker's progress record.
+pub(crate) struct ForeignPage {
+    ptr: std::ptr::NonNull<u8>,
+}
+
+// SAFETY: the mapping is owned by this value alone, and written only atomically.
+unsafe impl Send for ForeignPage {}
+// SAFETY: as above: every access is an atomic store.
+unsafe impl Sync for ForeignPage {}
+
+impl ForeignPage {
+    const LEN: usize = 4096;
+
+    /// Maps the first page of `file` (at least a page long).
+    pub(crate) fn map(file: &std::fs::File) -> io::Result<Self> {
+        use rustix::mm::{MapFlags, ProtFlags, mmap};
+        if file.metadata()?.len() < Self::LEN as u64 {
+            return Err(io::Error::other("the file is shorter than a page"));
+        }
+        // SAFETY: a fresh shared mapping of the file's first page, which exists (checked
+        // above) and cannot shrink below it (only the worker sizes it, and it only grows);
+        // the kernel picks the address.
+        let ptr = unsafe {
+            mmap(
+                std::ptr::null_mut(),
+                Self::LEN,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                file,
+                0,
+            )
+        }?;
+        let ptr = std::ptr::NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap gave null"))?;
+        Ok(ForeignPage { ptr })
+    }
+
+    /// Stores `value` at `at` (a multiple of 8 within the page) atomically.
+    pub(crate) fn store(&self, at: usize, value: u64) {
+        assert!(at.is_multiple_of(8) && at + 8 <= Self::LEN, "a misplaced progress field");
+        // SAFETY: page-aligned mapping, `at` a multiple of 8 within it (checked above);
+        // the other process reads these bytes only atomically.
+        let field = unsafe { std::sync::atomic::AtomicU64::from_ptr(self.ptr.as_ptr().add(at).cast()) };
+        field.store(value.to_le(), std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl Drop for ForeignPage {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, unmapped once.
+        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), Self::LEN) };
+    }
+}
+
 impl Drop for SharedBuf {
     fn drop(&mut self) {
         // SAFETY: our own mapping, unmapped once; nothing borrows it any more.
@@ -307,7 +372,7 @@ fn round_to_page(bytes: usize) -> usize {
 /// Opens descriptor `fd` of process `pid` (same user) through `/proc`: a new open
 /// file of the same memory file, readable after that process died.
 pub(crate) fn open_foreign_fd(pid: u32, fd: u32) -> io::Result<std::fs::File> {
-    std::fs::File::open(format!("/proc/{pid}/fd/{fd}"))
+    std::fs::OpenOptions::new().read(true).write(true).open(format!("/proc/{pid}/fd/{fd}"))
 }
 
 /// This process's peak resident memory so far, in KiB (`getrusage`'s `ru_maxrss`).
@@ -444,6 +509,9 @@ mod tests {
         buf.extend_from_slice(&vec![5u8; 1 << 20]);
         let fd = buf.file().expect("a memfd").as_raw_fd() as u32;
         let file = open_foreign_fd(std::process::id(), fd).unwrap();
+        let page = ForeignPage::map(&file).unwrap();
+        page.store(8, 7);
+        assert_eq!(buf.load(8), 7, "the parent's stores reach the worker's mapping");
         drop(buf); // the file outlives the writer's mapping
         let mut head = [0u8; 8];
         file.read_exact_at(&mut head, 0).unwrap();

@@ -185,6 +185,8 @@ fn call(
     let header_end = out.len();
     out.begin_call(id);
     match tasks.get(task) {
+        // Sent ahead, then its caller left: cheaper to skip than to run and kill.
+        _ if out.is_withdrawn(id) => write_outcomes(out, items, &Outcome::Skipped),
         Some(task) => task.invoke(body, items, out),
         None => write_outcomes(out, items, &Outcome::UnknownTask),
     }

@@ -124,3 +124,26 @@ async fn a_drop_is_noticed_even_right_after_a_burst_of_calls() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_call_sent_ahead_and_then_dropped_is_skipped_not_killed() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        // Short calls first: the worker is then sent calls ahead of the one it runs.
+        for i in 0..20 {
+            exec.spawn(square, i).await.unwrap();
+        }
+        let before = exec.spawn(pid, ()).await.unwrap();
+        let long = exec.spawn(sleep_then_pid, 400);
+        let touched = marker("withdrawn-ahead");
+        let ahead = exec.spawn(sleep_then_touch, (50, touched.display().to_string()));
+        eventually("both calls are with the worker", || exec.stats().running == 2).await;
+        drop(ahead);
+        assert_eq!(long.await.unwrap(), before);
+        assert_eq!(exec.spawn(pid, ()).await.unwrap(), before, "the worker was not killed");
+        assert!(!touched.exists(), "the withdrawn call never ran");
+        let stats = exec.stats();
+        assert_eq!((stats.exits.cancelled, stats.cancelled), (0, 1), "{stats:?}");
+    })
+    .await;
+}
