@@ -180,6 +180,18 @@ impl WorkerProcess {
         self.requests = None;
     }
 
+    /// Asks the worker to exit normally ([`Request::Exit`]).
+    pub(crate) async fn ask_to_exit(&mut self) {
+        let mut frame = BytesMut::new();
+        if protocol::write_message(&mut frame, &Request::Exit, usize::MAX).is_err() {
+            return;
+        }
+        if let Some(requests) = &mut self.requests {
+            // A worker gone already is what we want anyway.
+            let _ = requests.write_all(&frame).await;
+        }
+    }
+
     /// Tells the worker to skip call `id`, sent ahead, if it has not started it yet
     /// (it then answers `Outcome::Skipped`). Returns false where it cannot be told.
     pub(crate) fn withdraw(&mut self, id: u64) -> bool {

@@ -68,6 +68,8 @@ pub(crate) enum Request {
     },
     /// Run task number `task` on each of `items` inputs in the body.
     Call { id: u64, task: u32, items: Count },
+    /// Exit now, as a program does: run exit handlers and flush buffered output.
+    Exit,
 }
 
 /// A message from a worker to the parent.

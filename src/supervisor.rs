@@ -40,6 +40,8 @@ const STAGE_LIMIT: usize = 64 * 1024;
 const MAX_START_FAILURES: u32 = 5;
 /// How long a worker told to exit may take before it is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
+/// How long an idle worker asked to stop may take to exit by itself.
+const STOP_GRACE: Duration = Duration::from_secs(1);
 /// How long a cancelled call may still run before its worker is killed: cancelling
 /// a tiny call should not cost a worker restart.
 const CANCEL_GRACE: Duration = Duration::from_millis(10);
@@ -155,9 +157,16 @@ async fn supervise(shared: &Shared, slot: usize, first: Option<WorkerProcess>) {
     }
 }
 
-/// Stops a worker that holds no call: closes its requests and kills its process
-/// group, so nothing a task started outlives it, then reaps it.
+/// Stops a worker that holds no call: asks it to exit, so it flushes what its tasks
+/// left buffered (and `Drop`s and exit handlers run), gives it [`STOP_GRACE`], then
+/// kills its process group, so nothing a task started outlives it, and reaps it.
 async fn stop_idle_worker(worker: &mut WorkerProcess) {
+    let asked = async {
+        worker.ask_to_exit().await;
+        // The reply pipe ends when the worker has exited (it is not inherited).
+        while let Some(Ok(_)) = futures::StreamExt::next(&mut worker.replies).await {}
+    };
+    let _ = tokio::time::timeout(STOP_GRACE, asked).await;
     worker.close_requests();
     worker.process.kill();
     let exit = worker.process.wait_exit(EXIT_GRACE).await;

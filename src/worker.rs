@@ -136,8 +136,11 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
     while let Some(frame) = reader.next_frame()? {
         let frame = frame.freeze();
         let (request, body) = protocol::split_header::<Request>(&frame).map_err(invalid)?;
-        let Request::Call { id, task, items } = request else {
-            return Err(invalid("Init sent twice"));
+        let (id, task, items) = match request {
+            Request::Call { id, task, items } => (id, task, items),
+            // A normal exit (`std::process::exit`) flushes what tasks left buffered.
+            Request::Exit => return Ok(()),
+            Request::Init { .. } => return Err(invalid("Init sent twice")),
         };
         let started = match clock.take() {
             Some(end) if !std::mem::take(&mut reader.waited) => end,

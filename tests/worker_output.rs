@@ -165,3 +165,33 @@ async fn a_grandchild_holding_stderr_neither_delays_nor_outlives_a_crash() {
     })
     .await;
 }
+
+#[test]
+fn unfinished_print_helper() {
+    if !is_helper("unfinished_print_helper") {
+        return;
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let exec = Executor::builder().program(worker_program()).processes(1).build().await.unwrap();
+        let worker = exec.spawn(pid, ()).await.unwrap();
+        exec.spawn(print_unfinished, "no newline yet".into()).await.unwrap();
+        exec.shutdown().await;
+        println!("WORKER {worker}");
+        println!("EXITS {}", exec.stats().recent_exits.len());
+    });
+}
+
+#[test]
+fn a_worker_stopped_by_shutdown_exits_normally_and_flushes_what_tasks_left_buffered() {
+    let mut helper = start_helper("unfinished_print_helper");
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    helper.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    helper.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(helper.wait().unwrap().success(), "{stdout}\n{stderr}");
+    let worker =
+        stdout.lines().find_map(|line| line.strip_prefix("WORKER ")).expect("the helper reports its worker");
+    // A killed worker would have lost the line still in its stdout buffer.
+    assert!(stderr.contains(&format!("[procexec worker 0 pid {worker}] no newline yet\n")), "{stderr}");
+    assert!(stdout.contains("EXITS 0"), "a normal stop is no exit to report: {stdout}");
+}

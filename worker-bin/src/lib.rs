@@ -171,6 +171,12 @@ procexec::tasks! {
         x
     }
 
+    /// Prints `text` to stdout without a newline: it stays in the buffer until the
+    /// worker exits normally.
+    pub fn print_unfinished(text: String) {
+        print!("{text}");
+    }
+
     /// Doubles the value, or fails the way its input says (see [`Fault`]).
     pub fn faulty(input: FaultyInput) -> FaultyOutput {
         match input.fault {
