@@ -60,6 +60,15 @@ pub fn cpu_count() -> usize {
 /// stderr; calls it had received but not started are sent to another worker, and a
 /// new worker takes its place. Nobody else notices.
 ///
+/// # Caveats
+///
+/// An executor belongs to the Tokio runtime that built it, as a
+/// `tokio::process::Child` does: its supervisors and pipes live on that runtime.
+/// When that runtime shuts down, the executor stops working (its workers are
+/// killed; calls fail with [`Error::Shutdown`]). So a `static` executor shared by
+/// several `#[tokio::test]`s (each with its own runtime) breaks after the first
+/// test: build one per test, or run the tests on one runtime you keep.
+///
 /// # Drop
 ///
 /// When the last clone is dropped the workers are killed, calls still waiting fail
@@ -197,7 +206,8 @@ impl Executor {
     /// The call is queued at once, whether or not the handle is polled (like
     /// `tokio::spawn`); await the [`TaskHandle`] for the output. Errors found before
     /// sending (an unknown task, a type mismatch, an input above the frame limit)
-    /// come out of the handle too.
+    /// come out of the handle too. Dropping the handle cancels the call (unlike
+    /// `tokio::spawn`'s `JoinHandle`); [`TaskHandle::detach`] lets it run.
     ///
     /// # Examples
     ///
@@ -423,10 +433,12 @@ impl fmt::Debug for Executor {
 ///
 /// # Cancel safety
 ///
-/// Dropping a `TaskHandle` withdraws the call if no worker has received it yet. A
-/// call already running is handled by the executor's [`CancelPolicy`]: by default
-/// its worker is killed (and replaced) if the call is still running 10 ms later;
-/// under [`CancelPolicy::Finish`] it runs to the end and its output is discarded.
+/// Unlike a `tokio::task::JoinHandle`, dropping a `TaskHandle` **cancels** the call
+/// (use [`detach`](TaskHandle::detach) to let it run). A call no worker has started
+/// is withdrawn (one sent ahead to a worker is skipped by it). A call already
+/// running is handled by the executor's [`CancelPolicy`]: by default its worker is
+/// killed (and replaced) if the call is still running 10 ms after the drop; under
+/// [`CancelPolicy::Finish`] it runs to the end and its output is discarded.
 #[must_use = "a TaskHandle does nothing useful unless awaited; dropping it withdraws the call"]
 pub struct TaskHandle<O> {
     task: &'static str,
@@ -441,6 +453,39 @@ enum HandleState {
 }
 
 impl<O> TaskHandle<O> {
+    /// Lets the call run to completion without waiting for it; its output (or error)
+    /// is discarded.
+    ///
+    /// A `TaskHandle` is not a `tokio::task::JoinHandle`: dropping it *cancels* the
+    /// call. Detach it instead when the work should happen anyway, like a spawned
+    /// task whose handle is dropped.
+    ///
+    /// ```
+    /// procexec::tasks! {
+    ///     pub fn touch(path: String) { std::fs::write(path, b"done").unwrap() }
+    /// }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> procexec::Result<()> {
+    /// # procexec::init_worker(&TASKS);
+    /// let exec = procexec::Executor::builder().processes(1).build().await?;
+    /// let path = std::env::temp_dir().join(format!("detached-{}", std::process::id()));
+    /// exec.spawn(touch, path.display().to_string()).detach();
+    /// exec.shutdown().await; // finishes what was accepted, detached calls included
+    /// assert!(path.exists());
+    /// # std::fs::remove_file(path).unwrap();
+    /// # Ok(()) }
+    /// ```
+    pub fn detach(self) {
+        if let HandleState::Waiting(receiver) = self.state {
+            // The call counts as cancelled once nobody holds its receiver.
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn(async move { drop(receiver.await) })),
+                // Outside a runtime nobody could await it either: keep it open for good.
+                Err(_) => std::mem::forget(receiver),
+            }
+        }
+    }
+
     /// The name of the task this handle runs.
     ///
     /// ```

@@ -92,7 +92,7 @@ pub use executor::{Executor, TaskHandle, cpu_count};
 pub use map::{Map, MapStream, MapUnordered};
 pub use process::WorkerStderr;
 pub use state::WorkerState;
-pub use stats::{ExitCause, ExitCounts, Stats, WorkerExit};
+pub use stats::{ExitCause, ExitCounts, LiveWorker, Stats, WorkerExit};
 pub use task::{AnyTask, IntoTask, Registry, Task};
 pub use worker::{init_worker, serve_worker};
 

@@ -105,7 +105,7 @@ impl Shared {
             queue: Queue::new(processes),
             tasks,
             processes,
-            counters: Counters::default(),
+            counters: Counters::new(processes),
             next_id: AtomicU64::new(0),
             state: AtomicU8::new(RunState::Running as u8),
             supervisors: AtomicUsize::new(0),

@@ -200,7 +200,7 @@ impl WorkerProcess {
         };
         let slot = self.next_withdrawal % protocol::Progress::CANCEL_SLOTS;
         self.next_withdrawal += 1;
-        page.store(protocol::Progress::CANCEL_AT + 8 * slot, id);
+        page.store(protocol::Progress::CANCEL_AT + 8 * slot, id.wrapping_add(1));
         true
     }
 

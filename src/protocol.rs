@@ -211,9 +211,9 @@ impl Progress {
     pub(crate) const ITEMS_AT: usize = 16;
     pub(crate) const BODY_AT: usize = 24;
     pub(crate) const BYTES_AT: usize = 32;
-    /// Written by the parent: ids of calls sent ahead whose callers left, which the
-    /// worker skips instead of starting ([`Progress::CANCEL_SLOTS`] of them, reused
-    /// in turn).
+    /// Written by the parent: ids of calls sent ahead whose callers left, plus one,
+    /// which the worker skips instead of starting ([`Progress::CANCEL_SLOTS`] of
+    /// them, reused in turn; zero is empty).
     pub(crate) const CANCEL_AT: usize = 64;
     pub(crate) const CANCEL_SLOTS: usize = 8;
     /// Bytes the record takes at the start of the file; the reply frame follows.
@@ -281,9 +281,6 @@ impl ReplyBuf {
         let mut buf = crate::sys::SharedBuf::new(1 << 20)?;
         buf.extend_from_slice(&[0; Progress::SIZE]);
         buf.publish(Progress::CALL_AT, Progress::NO_CALL);
-        for slot in 0..Progress::CANCEL_SLOTS {
-            buf.publish(Progress::CANCEL_AT + 8 * slot, Progress::NO_CALL);
-        }
         buf.publish(Progress::MAGIC_AT, Progress::MAGIC);
         Ok(ReplyBuf { buf })
     }
@@ -314,7 +311,12 @@ impl ReplyBuf {
 
     /// Whether the parent withdrew call `id` (see [`Progress::CANCEL_AT`]).
     pub(crate) fn is_withdrawn(&self, id: u64) -> bool {
-        (0..Progress::CANCEL_SLOTS).any(|slot| self.buf.load(Progress::CANCEL_AT + 8 * slot) == id)
+        // Slots hold `id + 1`: a zeroed slot withdraws nothing. (Only the
+        // initializer's call has the id `u64::MAX`, and it is never withdrawn.)
+        let Some(marked) = id.checked_add(1) else {
+            return false;
+        };
+        (0..Progress::CANCEL_SLOTS).any(|slot| self.buf.load(Progress::CANCEL_AT + 8 * slot) == marked)
     }
 
     /// The progress record as another process would read it.

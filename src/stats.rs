@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::error::ExitReason;
 
@@ -51,6 +51,42 @@ pub struct Stats {
     pub exits: ExitCounts,
     /// The most recent worker exits (up to 32), oldest first.
     pub recent_exits: Vec<WorkerExit>,
+    /// Every live worker process, by slot.
+    pub live: Vec<LiveWorker>,
+}
+
+/// One live worker process, as [`Stats::live`] lists it.
+///
+/// ```
+/// procexec::tasks! {
+///     pub fn pid() -> u32 { std::process::id() }
+/// }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> procexec::Result<()> {
+/// # procexec::init_worker(&TASKS);
+/// let exec = procexec::Executor::builder().processes(1).build().await?;
+/// let pid = exec.spawn(pid, ()).await?;
+/// let live = &exec.stats().live;
+/// assert_eq!((live[0].slot, live[0].pid, live[0].calls), (0, pid, 1));
+/// assert!(!live[0].busy);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LiveWorker {
+    /// Its slot in the executor (`0..processes`).
+    pub slot: usize,
+    /// Its process id.
+    pub pid: u32,
+    /// Whether it holds a call.
+    pub busy: bool,
+    /// Calls it answered (a map chunk is one call).
+    pub calls: u64,
+    /// Inputs it served.
+    pub inputs: u64,
+    /// Its peak resident memory in bytes, as of its last reply, when measured (with
+    /// `Builder::max_worker_memory`).
+    pub peak_rss: Option<u64>,
 }
 
 /// How many worker processes stopped, by cause. The first four are failures; the
@@ -125,9 +161,62 @@ pub enum ExitCause {
     Idle,
 }
 
+/// What a slot's current worker has done, readable without a lock.
+#[derive(Default)]
+pub(crate) struct SlotCounters {
+    /// 0 while the slot has no worker.
+    pid: AtomicU32,
+    busy: AtomicBool,
+    calls: AtomicU64,
+    inputs: AtomicU64,
+    /// KiB; 0 when not measured.
+    peak_rss_kib: AtomicU64,
+}
+
+impl SlotCounters {
+    pub(crate) fn started(&self, pid: u32) {
+        self.calls.store(0, Ordering::Relaxed);
+        self.inputs.store(0, Ordering::Relaxed);
+        self.peak_rss_kib.store(0, Ordering::Relaxed);
+        self.busy.store(false, Ordering::Relaxed);
+        self.pid.store(pid, Ordering::Release);
+    }
+
+    pub(crate) fn stopped(&self) {
+        self.pid.store(0, Ordering::Release);
+    }
+
+    pub(crate) fn answered(&self, inputs: u32, peak_rss_kib: u64) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inputs.fetch_add(u64::from(inputs), Ordering::Relaxed);
+        if peak_rss_kib > 0 {
+            self.peak_rss_kib.store(peak_rss_kib, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn set_busy(&self, busy: bool) {
+        self.busy.store(busy, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self, slot: usize) -> Option<LiveWorker> {
+        let pid = self.pid.load(Ordering::Acquire);
+        (pid != 0).then(|| LiveWorker {
+            slot,
+            pid,
+            busy: self.busy.load(Ordering::Relaxed),
+            calls: self.calls.load(Ordering::Relaxed),
+            inputs: self.inputs.load(Ordering::Relaxed),
+            peak_rss: Some(self.peak_rss_kib.load(Ordering::Relaxed))
+                .filter(|&kib| kib > 0)
+                .map(|kib| kib * 1024),
+        })
+    }
+}
+
 /// The live counters behind [`Stats`].
 #[derive(Default)]
 pub(crate) struct Counters {
+    pub(crate) slots: Box<[SlotCounters]>,
     pub(crate) workers: AtomicUsize,
     pub(crate) running: AtomicUsize,
     pub(crate) completed: AtomicU64,
@@ -146,6 +235,10 @@ struct ExitLog {
 const RECENT_EXITS: usize = 32;
 
 impl Counters {
+    pub(crate) fn new(slots: usize) -> Self {
+        Counters { slots: (0..slots).map(|_| SlotCounters::default()).collect(), ..Counters::default() }
+    }
+
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
@@ -180,6 +273,12 @@ impl Counters {
             cancelled: self.cancelled.load(Ordering::Relaxed),
             exits: log.counts,
             recent_exits: log.recent.iter().cloned().collect(),
+            live: self
+                .slots
+                .iter()
+                .enumerate()
+                .filter_map(|(slot, counters)| counters.snapshot(slot))
+                .collect(),
         }
     }
 }

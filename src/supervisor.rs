@@ -74,9 +74,12 @@ async fn supervise(shared: &Shared, slot: usize, first: Option<WorkerProcess>) {
                 None => return,
             },
         };
+        let counters = &shared.counters.slots[slot];
+        counters.started(worker.pid);
         let mut session = Session::new(shared, &mut worker, service_ns);
         let end = poll_fn(|cx| session.poll(cx)).await;
         let (mut in_flight, head_started) = session.finish();
+        counters.stopped();
         service_ns = session.service_ns;
         shared.queue.leave(slot);
         if !matches!(end, End::Retire(ExitCause::Idle)) {
@@ -540,6 +543,9 @@ impl<'a> Session<'a> {
         } else if limits.max_tasks_per_worker.is_some_and(|max| self.served >= max) {
             self.retiring.get_or_insert(ExitCause::MaxTasks);
         }
+        let slot = &self.shared.counters.slots[self.worker.index];
+        slot.answered(job.items, peak_rss_kib.get());
+        slot.set_busy(!self.in_flight.is_empty());
         job.complete(Completion::Done(Delivery { body, busy_ns }));
         Ok(())
     }
@@ -584,10 +590,11 @@ impl<'a> Session<'a> {
     /// worker is told to skip those rather than start them (and then be killed by the
     /// cancel policy). Registers to be woken when a caller leaves.
     fn withdraw_abandoned(&mut self, cx: &mut Context<'_>) {
-        if self.in_flight.len() < 2 {
+        // Only calls fully written, behind the first, can be waiting in the worker.
+        let written = self.in_flight.len() - self.unwritten;
+        if written < 2 {
             return;
         }
-        let written = self.in_flight.len() - self.unwritten;
         for job in self.in_flight.range_mut(1..written) {
             if !job.withdrawn && job.poll_cancelled(cx) && self.worker.withdraw(job.id) {
                 job.withdrawn = true;
@@ -658,6 +665,7 @@ impl<'a> Session<'a> {
         Counters::add(&self.shared.counters.cancelled, withdrawn);
         match taken {
             Poll::Ready(Took::Jobs(taken)) => {
+                self.shared.counters.slots[slot].set_busy(true);
                 self.unwritten += taken;
                 self.shared.counters.running.fetch_add(taken, Ordering::AcqRel);
                 self.idle_timer = None;

@@ -147,3 +147,17 @@ async fn a_call_sent_ahead_and_then_dropped_is_skipped_not_killed() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_detached_call_runs_to_the_end() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let touched = marker("detached");
+        exec.spawn(sleep_then_touch, (50, touched.display().to_string())).detach();
+        eventually("the detached call finished", || touched.exists()).await;
+        let stats = exec.stats();
+        assert_eq!((stats.cancelled, stats.exits.cancelled), (0, 0), "{stats:?}");
+        std::fs::remove_file(touched).unwrap();
+    })
+    .await;
+}

@@ -193,3 +193,26 @@ async fn work_is_not_stranded_when_the_slot_woken_for_it_cannot_start_a_worker()
     })
     .await;
 }
+
+#[tokio::test]
+async fn stats_list_each_live_worker_with_its_pid_and_what_it_served() {
+    hang_guard(async {
+        let exec = executor(2).await;
+        exec.map(square, 0..100).await.unwrap();
+        let live = exec.stats().live;
+        assert_eq!(live.iter().map(|worker| worker.slot).collect::<Vec<_>>(), [0, 1]);
+        assert!(live.iter().all(|worker| alive(worker.pid) && !worker.busy), "{live:?}");
+        assert_eq!(live.iter().map(|worker| worker.inputs).sum::<u64>(), 100);
+        let before: HashSet<u32> = live.iter().map(|worker| worker.pid).collect();
+        let crash = exec.spawn(abort, ()).await.unwrap_err();
+        let crashed = crash.crash().unwrap().pid();
+        assert!(before.contains(&crashed));
+        eventually("the replacement is listed", || {
+            let live = exec.stats().live;
+            let now: HashSet<u32> = live.iter().map(|worker| worker.pid).collect();
+            now.len() == 2 && !now.contains(&crashed) && now.iter().all(|&pid| alive(pid))
+        })
+        .await;
+    })
+    .await;
+}
