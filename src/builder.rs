@@ -10,6 +10,7 @@ use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::codec;
 use crate::dispatch::decode_record;
 use crate::dispatch::{CallOptions, CancelPolicy};
 use crate::error::{Error, Result, WorkerStartError};
@@ -220,7 +221,9 @@ impl Builder {
                 input: buf.freeze(),
                 check: check_init::<T::Output>,
             })),
-            Err(err) => Err(format!("cannot encode the input of initializer `{}`: {err}", task.name())),
+            Err(err) => {
+                Err(format!("initializer `{}`: {}", task.name(), codec::encode_error_message(&input, &err)))
+            }
         });
         self
     }

@@ -65,6 +65,7 @@
 
 mod blob;
 mod builder;
+mod codec;
 mod dispatch;
 mod error;
 mod executor;

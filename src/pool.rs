@@ -9,6 +9,7 @@ use bytes::BytesMut;
 use serde::Serialize;
 use tokio::sync::{Notify, oneshot};
 
+use crate::codec;
 use crate::dispatch::{CallOptions, Closed, Completion, Job, Queue, ReplyTo};
 use crate::error::{Direction, Error, Result};
 use crate::process::WorkerConfig;
@@ -157,8 +158,9 @@ impl Shared {
         let mut buf = BytesMut::with_capacity(64);
         let (id, start, _) = self.call_frame(index, 1, &mut buf);
         let record = protocol::begin_record(&mut buf);
-        protocol::encode_into(&mut buf, input)
-            .map_err(|err| Error::codec(task.name(), Direction::Input, "encode", err))?;
+        protocol::encode_into(&mut buf, input).map_err(|err| {
+            Error::codec(task.name(), Direction::Input, "encode", codec::encode_error_message(input, &err))
+        })?;
         protocol::end_record(&mut buf, record);
         let limit = self.config.max_frame_len;
         protocol::end_frame(&mut buf, start, limit).map_err(|size| Error::FrameTooLarge {

@@ -6,6 +6,7 @@ use std::fmt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::codec;
 use crate::protocol::{self, Buf, Outcome, ReplyBuf, TaskInfo};
 use crate::worker::catch_panic;
 
@@ -243,9 +244,8 @@ where
         let input = decode_exactly::<I>(input).map_err(|message| Outcome::BadInput { message })?;
         let output = (self.function)(input);
         out.push(protocol::OUTCOME_OK);
-        protocol::encode_into(out, &output).map_err(|err| Outcome::BadOutput {
-            message: format!("cannot encode the `{}` it returned: {err}", type_name::<O>()),
-        })?;
+        protocol::encode_into(out, &output)
+            .map_err(|err| Outcome::BadOutput { message: codec::encode_error_message(&output, &err) })?;
         drop(output);
         Ok(())
     }
@@ -259,7 +259,7 @@ pub(crate) fn decode_exactly<T: DeserializeOwned>(record: &[u8]) -> Result<T, St
         Ok((_, rest)) => {
             Err(format!("{} bytes left over after decoding a `{}`", rest.len(), type_name::<T>()))
         }
-        Err(err) => Err(format!("cannot decode a `{}`: {err}", type_name::<T>())),
+        Err(err) => Err(codec::decode_error_message::<T>(record, &err)),
     }
 }
 
@@ -604,7 +604,11 @@ mod tests {
         REFUSE.invoke(&encode_inputs(&[1u8, 2, 3]), 3, &mut out);
         let results = decode_outcomes::<u8>(&out, 3);
         assert_eq!(results[0], Ok(1));
-        assert!(matches!(&results[1], Err(Outcome::BadOutput { .. })), "{:?}", results[1]);
+        assert!(
+            matches!(&results[1], Err(Outcome::BadOutput { message }) if message.contains("injected: output encode failure")),
+            "{:?}",
+            results[1]
+        );
         assert_eq!(results[2], Ok(3));
     }
 

@@ -18,22 +18,26 @@ fn inputs(fault: Fault) -> impl Iterator<Item = FaultyInput> {
         .map(move |value| FaultyInput { value, fault: if value == POISON { fault } else { Fault::None } })
 }
 
-/// Whether `err` is what `fault` should produce.
+/// Whether `err` is what `fault` should produce. A codec fault must also carry the
+/// message the serde impl failed with, whichever side it failed on.
 fn expected(fault: Fault, err: &Error) -> bool {
+    let says_why = |err: &Error| matches!(err, Error::Codec { message, .. } if message.contains("injected"));
     match fault {
         Fault::Panic => err.is_panic(),
         Fault::Abort | Fault::Exit3 | Fault::KillSelf | Fault::Segfault => err.is_worker_crash(),
         Fault::InputEncode => {
-            matches!(err, Error::Codec { direction: Direction::Input, action: "encode", .. })
+            matches!(err, Error::Codec { direction: Direction::Input, action: "encode", .. }) && says_why(err)
         }
         Fault::InputDecode => {
-            matches!(err, Error::Codec { direction: Direction::Input, action: "decode", .. })
+            matches!(err, Error::Codec { direction: Direction::Input, action: "decode", .. }) && says_why(err)
         }
         Fault::OutputEncode => {
             matches!(err, Error::Codec { direction: Direction::Output, action: "encode", .. })
+                && says_why(err)
         }
         Fault::OutputDecode => {
             matches!(err, Error::Codec { direction: Direction::Output, action: "decode", .. })
+                && says_why(err)
         }
         Fault::None => false,
     }
