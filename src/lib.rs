@@ -75,6 +75,7 @@ mod map;
 mod pool;
 mod process;
 mod protocol;
+mod shape;
 mod state;
 mod stats;
 mod supervisor;

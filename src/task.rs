@@ -1,13 +1,14 @@
 //! Typed tasks and the registry a worker serves them from.
 
-use std::any::type_name;
+use std::any::{TypeId, type_name};
 use std::fmt;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::codec;
-use crate::protocol::{self, Buf, Outcome, ReplyBuf, TaskInfo};
+use crate::protocol::{self, Buf, Outcome, ReplyBuf, Shape, TaskInfo};
+use crate::shape::shape_of;
 use crate::worker::catch_panic;
 
 /// A function that can run in a worker process: a stable name plus a plain
@@ -40,15 +41,25 @@ use crate::worker::catch_panic;
 pub struct Task<I, O> {
     name: &'static str,
     function: fn(I) -> O,
+    // Functions rather than values so that a `Task` stays a constant and its types
+    // are traced only when a check needs them.
+    type_ids: fn() -> [TypeId; 2],
+    shapes: fn() -> [Shape; 2],
 }
 
 impl<I, O> Task<I, O> {
     /// A task called `name` that runs `function`.
     ///
     /// The name is what the parent and the worker agree on, so it must be unique in
-    /// a registry (a worker refuses to start otherwise).
-    pub const fn new(name: &'static str, function: fn(I) -> O) -> Self {
-        Task { name, function }
+    /// a registry (a worker refuses to start otherwise). Both types must be
+    /// deserializable, the output too: each side traces them to check that the
+    /// other has the same.
+    pub const fn new(name: &'static str, function: fn(I) -> O) -> Self
+    where
+        I: DeserializeOwned + 'static,
+        O: DeserializeOwned + 'static,
+    {
+        Task { name, function, type_ids: type_ids::<I, O>, shapes: shapes::<I, O> }
     }
 
     /// The name the task is called by.
@@ -76,13 +87,34 @@ impl<I, O> Task<I, O> {
         (self.function)(input)
     }
 
-    pub(crate) fn input_type(&self) -> &'static str {
-        type_name::<I>()
+    /// What the other side must agree with.
+    pub(crate) fn signature(&self) -> Signature {
+        let [input_shape, output_shape] = (self.shapes)();
+        Signature { input: type_name::<I>(), output: type_name::<O>(), input_shape, output_shape }
     }
 
-    pub(crate) fn output_type(&self) -> &'static str {
-        type_name::<O>()
+    /// Which types these are, in this process: what a check already passed can be
+    /// recognized by.
+    pub(crate) fn type_ids(&self) -> [TypeId; 2] {
+        (self.type_ids)()
     }
+}
+
+fn type_ids<I: 'static, O: 'static>() -> [TypeId; 2] {
+    [TypeId::of::<I>(), TypeId::of::<O>()]
+}
+
+fn shapes<I: DeserializeOwned + 'static, O: DeserializeOwned + 'static>() -> [Shape; 2] {
+    [shape_of::<I>(), shape_of::<O>()]
+}
+
+/// A task's types, by name and by shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Signature {
+    pub(crate) input: &'static str,
+    pub(crate) output: &'static str,
+    pub(crate) input_shape: Shape,
+    pub(crate) output_shape: Shape,
 }
 
 impl<I, O> Clone for Task<I, O> {
@@ -174,6 +206,7 @@ pub struct TaskInfoRef {
     pub(crate) name: &'static str,
     pub(crate) input: &'static str,
     pub(crate) output: &'static str,
+    pub(crate) shapes: fn() -> [Shape; 2],
 }
 
 impl<I, O> AnyTask for Task<I, O>
@@ -186,7 +219,12 @@ where
     }
 
     fn info(&self) -> TaskInfoRef {
-        TaskInfoRef { name: self.name, input: type_name::<I>(), output: type_name::<O>() }
+        TaskInfoRef {
+            name: self.name,
+            input: type_name::<I>(),
+            output: type_name::<O>(),
+            shapes: self.shapes,
+        }
     }
 }
 
@@ -320,7 +358,14 @@ impl Registry {
             .iter()
             .map(|task| {
                 let info = task.info();
-                TaskInfo { name: info.name.into(), input: info.input.into(), output: info.output.into() }
+                let [input_shape, output_shape] = (info.shapes)();
+                TaskInfo {
+                    name: info.name.into(),
+                    input: info.input.into(),
+                    output: info.output.into(),
+                    input_shape,
+                    output_shape,
+                }
             })
             .collect()
     }
@@ -594,6 +639,12 @@ mod tests {
                 return Err(serde::ser::Error::custom("injected: output encode failure"));
             }
             serializer.serialize_u8(self.0)
+        }
+    }
+
+    impl<'de> serde::Deserialize<'de> for Refusing {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            u8::deserialize(deserializer).map(Refusing)
         }
     }
 
