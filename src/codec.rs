@@ -804,6 +804,19 @@ mod tests {
     }
 
     #[test]
+    fn a_field_skipped_when_encoding_fails_the_decode_where_the_bytes_shift() {
+        #[derive(Debug, Serialize, Deserialize)]
+        struct Sparse {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            note: Option<String>,
+            count: u32,
+        }
+        let bytes = postcard::to_stdvec(&Sparse { note: None, count: 300 }).unwrap();
+        let message = decode_message::<Sparse>(&bytes);
+        assert!(message.ends_with("(at note)"), "{message}");
+    }
+
+    #[test]
     fn an_overlong_varint_is_refused_as_postcard_refuses_it() {
         // A u16 whose third byte sets bits past 16.
         let message = decode_message::<u16>(&[0xff, 0xff, 0x7f]);

@@ -400,6 +400,28 @@ impl fmt::Debug for Registry {
 /// Compile the block into both the parent and the worker (for a self-executing
 /// binary that is automatic; otherwise put it in a library both depend on).
 ///
+/// # Types
+///
+/// Inputs and outputs are encoded with postcard, so they must implement both
+/// `Serialize` and `DeserializeOwned` (each side traces both through
+/// `Deserialize`). The parent checks the worker's types before anything is sent,
+/// by a fingerprint of their serde shape: kinds, and the types of fields, elements
+/// and variants in order, but no names. A type renamed, or a field renamed, still
+/// matches; a field of another type is [`Error::TaskMismatch`](crate::Error::TaskMismatch).
+/// A type the tracer cannot build (its `Deserialize` refuses made-up values, as
+/// `NonZeroU64`'s does) is compared by its type name instead.
+///
+/// postcard is not self-describing, and some serde features need a format that is:
+///
+/// | feature | what procexec reports |
+/// |---|---|
+/// | `deserialize_any`: `#[serde(untagged)]`, `#[serde(tag = "...")]` (internally or adjacently tagged enums), `serde_json::Value` | [`Error::Codec`](crate::Error::Codec) naming the feature, on every call, before anything is sent |
+/// | `#[serde(flatten)]` (needs `deserialize_identifier`) | the same |
+/// | `#[serde(skip_serializing_if = ...)]` | nothing up front (tracing sees `Deserialize` only): the skipped field shifts the bytes after it, so decoding fails with `Error::Codec` naming the field where they stop making sense, or, where they happen to line up, misreads. Do not use it |
+///
+/// Any codec error carries the message the serde impl failed with and, when
+/// known, the path to the field (``cannot decode a `Order`: ... (at lines[2].qty)``).
+///
 /// # Examples
 ///
 /// ```
