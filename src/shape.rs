@@ -18,7 +18,8 @@ use serde_reflection::{
     ContainerFormat, Format, Named, Registry, Samples, Tracer, TracerConfig, VariantFormat,
 };
 
-use crate::protocol::Shape;
+use crate::protocol::{Outcome, Shape};
+use crate::worker::catch_panic;
 
 /// The shape of `T`, traced once per process: a worker describes every task at
 /// its handshake, and tasks share types (`u64`, `String`, `()`) more often than not.
@@ -29,7 +30,12 @@ pub(crate) fn shape_of<T: DeserializeOwned + 'static>() -> Shape {
         return shape;
     }
     // Traced outside the lock: a `Deserialize` impl may panic, or trace other tasks.
-    let shape = trace_shape::<T>();
+    // A panic must not kill a worker in its handshake, nor a caller in its check.
+    let shape = match catch_panic(trace_shape::<T>) {
+        Ok(shape) => shape,
+        Err(Outcome::Panicked { message, .. }) => Shape::Untraced(format!("tracing panicked: {message}")),
+        Err(other) => Shape::Untraced(format!("tracing failed: {other:?}")),
+    };
     if let Ok(mut shapes) = SHAPES.lock() {
         shapes.insert(id, shape.clone());
     }
@@ -408,5 +414,20 @@ mod tests {
     #[test]
     fn a_type_the_tracer_cannot_build_falls_back_to_its_name() {
         assert!(matches!(shape_of::<std::num::NonZeroU64>(), Shape::Untraced(_)));
+    }
+
+    #[test]
+    fn a_deserialize_impl_that_panics_while_traced_falls_back_to_its_name() {
+        struct Fragile;
+        impl<'de> Deserialize<'de> for Fragile {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                assert_ne!(u8::deserialize(d)?, 0, "zero is not a fragile thing");
+                Ok(Fragile)
+            }
+        }
+        match shape_of::<Fragile>() {
+            Shape::Untraced(why) => assert!(why.contains("zero is not a fragile thing"), "{why}"),
+            other => panic!("expected untraced, got {other:?}"),
+        }
     }
 }
