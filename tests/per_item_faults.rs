@@ -100,3 +100,15 @@ async fn each_fault_fails_its_item_alone_with_five_workers() {
 async fn each_fault_fails_its_item_alone_in_an_unordered_map() {
     hang_guard(one_poison_costs_one_item(2, false)).await;
 }
+
+#[tokio::test]
+async fn a_single_call_reports_each_codec_fault_with_its_message() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        for fault in [Fault::InputEncode, Fault::InputDecode, Fault::OutputEncode, Fault::OutputDecode] {
+            let err = exec.spawn(faulty, FaultyInput { value: 1, fault }).await.unwrap_err();
+            assert!(expected(fault, &err), "{fault:?} gave {err:?}");
+        }
+    })
+    .await;
+}
