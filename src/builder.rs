@@ -10,6 +10,7 @@ use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::codec;
 use crate::dispatch::decode_record;
 use crate::dispatch::{CallOptions, CancelPolicy};
 use crate::error::{Error, Result, WorkerStartError};
@@ -17,7 +18,7 @@ use crate::executor::{Executor, TEST_WORKER_NAME, cpu_count};
 use crate::pool::{Limits, Shared, TaskTable};
 use crate::process::{WorkerConfig, WorkerProcess, WorkerStderr};
 use crate::protocol;
-use crate::task::IntoTask;
+use crate::task::{IntoTask, Signature};
 
 /// Largest accepted `processes`.
 const MAX_PROCESSES: usize = 4096;
@@ -215,12 +216,13 @@ impl Builder {
         self.initializer = Some(match encoded {
             Ok(()) => Ok(Arc::new(Initializer {
                 task: task.name(),
-                input_type: task.input_type(),
-                output_type: task.output_type(),
+                signature: task.signature(),
                 input: buf.freeze(),
                 check: check_init::<T::Output>,
             })),
-            Err(err) => Err(format!("cannot encode the input of initializer `{}`: {err}", task.name())),
+            Err(err) => {
+                Err(format!("initializer `{}`: {}", task.name(), codec::encode_error_message(&input, &err)))
+            }
         });
         self
     }
@@ -377,8 +379,8 @@ impl Builder {
 /// A task every new worker runs before taking calls.
 pub(crate) struct Initializer {
     pub(crate) task: &'static str,
-    pub(crate) input_type: &'static str,
-    pub(crate) output_type: &'static str,
+    /// Its types, traced once here rather than in every new worker's check.
+    pub(crate) signature: Signature,
     /// The encoded input, as a record.
     pub(crate) input: Bytes,
     /// Decodes the reply body: `Ok` if the initializer succeeded.

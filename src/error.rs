@@ -104,8 +104,8 @@ pub enum Error {
     },
 
     /// A value could not be serialized or deserialized: the caller's input, or the
-    /// task's output. A decode failure means the two sides disagree on a type's
-    /// shape even though its name matches.
+    /// task's output. Also returned before anything is sent for a type that needs a
+    /// serde feature postcard cannot carry (see [`tasks!`](crate::tasks#types)).
     #[error("task `{task}`: cannot {action} its {direction}: {message}")]
     #[non_exhaustive]
     Codec {
@@ -115,7 +115,9 @@ pub enum Error {
         direction: Direction,
         /// `"encode"` or `"decode"`.
         action: &'static str,
-        /// What serde or postcard said.
+        /// What went wrong, as the type's serde impl (or postcard) said it, with
+        /// the path to the failing field when it is known: ``cannot decode a
+        /// `Order`: invalid quantity (at lines[2].qty)``.
         message: String,
     },
 

@@ -65,6 +65,7 @@
 
 mod blob;
 mod builder;
+mod codec;
 mod dispatch;
 mod drivers;
 mod error;
@@ -75,6 +76,7 @@ mod map;
 mod pool;
 mod process;
 mod protocol;
+mod shape;
 mod state;
 mod stats;
 mod supervisor;

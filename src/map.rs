@@ -30,6 +30,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
 
+use crate::codec;
 use crate::dispatch::{CallOptions, ChunkDone, Completion, Delivery, Job, ReplyTo, decode_record};
 use crate::error::{Direction, Error, Result};
 use crate::pool::Shared;
@@ -211,9 +212,9 @@ impl<O> fmt::Debug for MapUnordered<'_, O> {
 
 /// Pulls inputs and encodes them, with the input type erased.
 trait Source: Send {
-    /// Appends the next input's encoding to `buf`.
-    fn poll_encode(&mut self, cx: &mut Context<'_>, buf: &mut BytesMut)
-    -> Poll<Option<postcard::Result<()>>>;
+    /// Appends the next input's encoding to `buf`; an input that cannot be encoded
+    /// gives why.
+    fn poll_encode(&mut self, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<Option<Result<(), String>>>;
     /// Inputs known to remain (a lower bound).
     fn remaining(&self) -> usize;
 }
@@ -225,12 +226,12 @@ where
     S: Stream + Send,
     S::Item: Serialize,
 {
-    fn poll_encode(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut BytesMut,
-    ) -> Poll<Option<postcard::Result<()>>> {
-        self.0.as_mut().poll_next(cx).map(|item| item.map(|item| protocol::encode_into(buf, &item)))
+    fn poll_encode(&mut self, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<Option<Result<(), String>>> {
+        self.0.as_mut().poll_next(cx).map(|item| {
+            item.map(|item| {
+                protocol::encode_into(buf, &item).map_err(|err| codec::encode_error_message(&item, &err))
+            })
+        })
     }
 
     fn remaining(&self) -> usize {

@@ -1,5 +1,6 @@
 //! The state an executor's handles, supervisors and maps share.
 
+use std::any::TypeId;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -9,12 +10,13 @@ use bytes::BytesMut;
 use serde::Serialize;
 use tokio::sync::{Notify, oneshot};
 
+use crate::codec;
 use crate::dispatch::{CallOptions, Closed, Completion, Job, Queue, ReplyTo};
 use crate::error::{Direction, Error, Result};
 use crate::process::WorkerConfig;
-use crate::protocol::{self, Count, Request, TaskInfo};
+use crate::protocol::{self, Count, Request, Shape, TaskInfo};
 use crate::stats::{Counters, Stats};
-use crate::task::Task;
+use crate::task::{Signature, Task};
 
 /// The executor's lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +42,9 @@ pub(crate) struct Limits {
 pub(crate) struct TaskTable {
     infos: Vec<TaskInfo>,
     by_name: HashMap<String, u32>,
+    /// Per task, the types (in this process) that passed the check: tracing them
+    /// again on every call would cost more than the call's bookkeeping.
+    checked: Vec<OnceLock<[TypeId; 2]>>,
 }
 
 impl TaskTable {
@@ -48,7 +53,8 @@ impl TaskTable {
         for (index, info) in infos.iter().enumerate() {
             by_name.entry(info.name.clone()).or_insert(index as u32);
         }
-        TaskTable { infos, by_name }
+        let checked = infos.iter().map(|_| OnceLock::new()).collect();
+        TaskTable { infos, by_name, checked }
     }
 
     pub(crate) fn infos(&self) -> &[TaskInfo] {
@@ -60,17 +66,46 @@ impl TaskTable {
         let Some(&index) = self.by_name.get(task.name()) else {
             return Err(Error::UnknownTask { task: task.name().into() });
         };
-        check_types(task.name(), task.input_type(), task.output_type(), &self.infos[index as usize])?;
+        let type_ids = task.type_ids();
+        let checked = &self.checked[index as usize];
+        if checked.get() != Some(&type_ids) {
+            check_types(task.name(), &task.signature(), &self.infos[index as usize])?;
+            let _ = checked.set(type_ids);
+        }
         Ok(index)
     }
 }
 
-/// Checks that the worker's `info` has the types this process knows `task` by.
-pub(crate) fn check_types(task: &str, input: &str, output: &str, info: &TaskInfo) -> Result<()> {
-    if info.input != input || info.output != output {
+/// Checks that the worker's `info` has the types this process knows `task` by,
+/// and that postcard can carry them.
+pub(crate) fn check_types(task: &str, ours: &Signature, info: &TaskInfo) -> Result<()> {
+    for (direction, name, shape) in [
+        (Direction::Input, ours.input, &ours.input_shape),
+        (Direction::Output, ours.output, &ours.output_shape),
+    ] {
+        if let Shape::Unsupported(feature) = shape {
+            let action = if direction == Direction::Input { "encode" } else { "decode" };
+            return Err(Error::codec(
+                task,
+                direction,
+                action,
+                format!("`{name}` needs {feature}, which postcard cannot carry"),
+            ));
+        }
+    }
+    let agree = |name: &str, shape: &Shape, their_name: &str, their_shape: &Shape| match (shape, their_shape)
+    {
+        (Shape::Fingerprint(ours), Shape::Fingerprint(theirs)) => ours == theirs,
+        _ => name == their_name,
+    };
+    if !agree(ours.input, &ours.input_shape, &info.input, &info.input_shape)
+        || !agree(ours.output, &ours.output_shape, &info.output, &info.output_shape)
+    {
+        let same_names = ours.input == info.input && ours.output == info.output;
+        let note = if same_names { " (same names, other shapes)" } else { "" };
         return Err(Error::TaskMismatch {
             task: task.into(),
-            parent: format!("{input} -> {output}"),
+            parent: format!("{} -> {}{note}", ours.input, ours.output),
             worker: format!("{} -> {}", info.input, info.output),
         });
     }
@@ -157,8 +192,9 @@ impl Shared {
         let mut buf = BytesMut::with_capacity(64);
         let (id, start, _) = self.call_frame(index, 1, &mut buf);
         let record = protocol::begin_record(&mut buf);
-        protocol::encode_into(&mut buf, input)
-            .map_err(|err| Error::codec(task.name(), Direction::Input, "encode", err))?;
+        protocol::encode_into(&mut buf, input).map_err(|err| {
+            Error::codec(task.name(), Direction::Input, "encode", codec::encode_error_message(input, &err))
+        })?;
         protocol::end_record(&mut buf, record);
         let limit = self.config.max_frame_len;
         protocol::end_frame(&mut buf, start, limit).map_err(|size| Error::FrameTooLarge {

@@ -308,8 +308,7 @@ async fn initialize(
     let Some(index) = tasks.iter().position(|info| info.name == name) else {
         return Err(format!("it has no initializer task named `{name}`"));
     };
-    check_types(name, initializer.input_type, initializer.output_type, &tasks[index])
-        .map_err(|err| format!("initializer: {err}"))?;
+    check_types(name, &initializer.signature, &tasks[index]).map_err(|err| format!("initializer: {err}"))?;
     let mut frame = BytesMut::with_capacity(initializer.input.len() + 24);
     let start = protocol::begin_frame(&mut frame);
     let call = Request::Call { id: INIT_CALL_ID, task: index as u32, items: Count::new(1) };

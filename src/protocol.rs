@@ -118,12 +118,26 @@ impl Fixed64 {
     }
 }
 
-/// A task as a worker's registry describes it.
+/// A task as a worker's registry describes it. The type names are for messages;
+/// the shapes are what is compared.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct TaskInfo {
     pub(crate) name: String,
     pub(crate) input: String,
     pub(crate) output: String,
+    pub(crate) input_shape: Shape,
+    pub(crate) output_shape: Shape,
+}
+
+/// What a type looks like on the wire (see `shape.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Shape {
+    /// A hash of its serde data model, names left out.
+    Fingerprint(u64),
+    /// It needs this serde feature, which postcard cannot carry.
+    Unsupported(String),
+    /// It could not be traced, for this reason: only its name can be compared.
+    Untraced(String),
 }
 
 /// How postcard encodes [`Outcome::Ok`] (variant 0): checked and written as a raw
@@ -550,7 +564,13 @@ mod tests {
                 Reply::Ready {
                     version: PROTOCOL_VERSION,
                     pid,
-                    tasks: vec![TaskInfo { name: name.clone(), input: "u64".into(), output: "()".into() }],
+                    tasks: vec![TaskInfo {
+                        name: name.clone(),
+                        input: "u64".into(),
+                        output: "()".into(),
+                        input_shape: Shape::Fingerprint(1),
+                        output_shape: Shape::Untraced("no reason".into()),
+                    }],
                     progress: Some(pid / 2),
                 },
             ] {

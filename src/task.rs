@@ -1,12 +1,14 @@
 //! Typed tasks and the registry a worker serves them from.
 
-use std::any::type_name;
+use std::any::{TypeId, type_name};
 use std::fmt;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::protocol::{self, Buf, Outcome, ReplyBuf, TaskInfo};
+use crate::codec;
+use crate::protocol::{self, Buf, Outcome, ReplyBuf, Shape, TaskInfo};
+use crate::shape::shape_of;
 use crate::worker::catch_panic;
 
 /// A function that can run in a worker process: a stable name plus a plain
@@ -39,15 +41,25 @@ use crate::worker::catch_panic;
 pub struct Task<I, O> {
     name: &'static str,
     function: fn(I) -> O,
+    // Functions rather than values so that a `Task` stays a constant and its types
+    // are traced only when a check needs them.
+    type_ids: fn() -> [TypeId; 2],
+    shapes: fn() -> [Shape; 2],
 }
 
 impl<I, O> Task<I, O> {
     /// A task called `name` that runs `function`.
     ///
     /// The name is what the parent and the worker agree on, so it must be unique in
-    /// a registry (a worker refuses to start otherwise).
-    pub const fn new(name: &'static str, function: fn(I) -> O) -> Self {
-        Task { name, function }
+    /// a registry (a worker refuses to start otherwise). Both types must be
+    /// deserializable, the output too: each side traces them to check that the
+    /// other has the same.
+    pub const fn new(name: &'static str, function: fn(I) -> O) -> Self
+    where
+        I: DeserializeOwned + 'static,
+        O: DeserializeOwned + 'static,
+    {
+        Task { name, function, type_ids: type_ids::<I, O>, shapes: shapes::<I, O> }
     }
 
     /// The name the task is called by.
@@ -75,13 +87,34 @@ impl<I, O> Task<I, O> {
         (self.function)(input)
     }
 
-    pub(crate) fn input_type(&self) -> &'static str {
-        type_name::<I>()
+    /// What the other side must agree with.
+    pub(crate) fn signature(&self) -> Signature {
+        let [input_shape, output_shape] = (self.shapes)();
+        Signature { input: type_name::<I>(), output: type_name::<O>(), input_shape, output_shape }
     }
 
-    pub(crate) fn output_type(&self) -> &'static str {
-        type_name::<O>()
+    /// Which types these are, in this process: what a check already passed can be
+    /// recognized by.
+    pub(crate) fn type_ids(&self) -> [TypeId; 2] {
+        (self.type_ids)()
     }
+}
+
+fn type_ids<I: 'static, O: 'static>() -> [TypeId; 2] {
+    [TypeId::of::<I>(), TypeId::of::<O>()]
+}
+
+fn shapes<I: DeserializeOwned + 'static, O: DeserializeOwned + 'static>() -> [Shape; 2] {
+    [shape_of::<I>(), shape_of::<O>()]
+}
+
+/// A task's types, by name and by shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Signature {
+    pub(crate) input: &'static str,
+    pub(crate) output: &'static str,
+    pub(crate) input_shape: Shape,
+    pub(crate) output_shape: Shape,
 }
 
 impl<I, O> Clone for Task<I, O> {
@@ -173,6 +206,7 @@ pub struct TaskInfoRef {
     pub(crate) name: &'static str,
     pub(crate) input: &'static str,
     pub(crate) output: &'static str,
+    pub(crate) shapes: fn() -> [Shape; 2],
 }
 
 impl<I, O> AnyTask for Task<I, O>
@@ -185,7 +219,12 @@ where
     }
 
     fn info(&self) -> TaskInfoRef {
-        TaskInfoRef { name: self.name, input: type_name::<I>(), output: type_name::<O>() }
+        TaskInfoRef {
+            name: self.name,
+            input: type_name::<I>(),
+            output: type_name::<O>(),
+            shapes: self.shapes,
+        }
     }
 }
 
@@ -243,9 +282,8 @@ where
         let input = decode_exactly::<I>(input).map_err(|message| Outcome::BadInput { message })?;
         let output = (self.function)(input);
         out.push(protocol::OUTCOME_OK);
-        protocol::encode_into(out, &output).map_err(|err| Outcome::BadOutput {
-            message: format!("cannot encode the `{}` it returned: {err}", type_name::<O>()),
-        })?;
+        protocol::encode_into(out, &output)
+            .map_err(|err| Outcome::BadOutput { message: codec::encode_error_message(&output, &err) })?;
         drop(output);
         Ok(())
     }
@@ -259,7 +297,7 @@ pub(crate) fn decode_exactly<T: DeserializeOwned>(record: &[u8]) -> Result<T, St
         Ok((_, rest)) => {
             Err(format!("{} bytes left over after decoding a `{}`", rest.len(), type_name::<T>()))
         }
-        Err(err) => Err(format!("cannot decode a `{}`: {err}", type_name::<T>())),
+        Err(err) => Err(codec::decode_error_message::<T>(record, &err)),
     }
 }
 
@@ -320,7 +358,14 @@ impl Registry {
             .iter()
             .map(|task| {
                 let info = task.info();
-                TaskInfo { name: info.name.into(), input: info.input.into(), output: info.output.into() }
+                let [input_shape, output_shape] = (info.shapes)();
+                TaskInfo {
+                    name: info.name.into(),
+                    input: info.input.into(),
+                    output: info.output.into(),
+                    input_shape,
+                    output_shape,
+                }
             })
             .collect()
     }
@@ -354,6 +399,28 @@ impl fmt::Debug for Registry {
 ///
 /// Compile the block into both the parent and the worker (for a self-executing
 /// binary that is automatic; otherwise put it in a library both depend on).
+///
+/// # Types
+///
+/// Inputs and outputs are encoded with postcard, so they must implement both
+/// `Serialize` and `DeserializeOwned` (each side traces both through
+/// `Deserialize`). The parent checks the worker's types before anything is sent,
+/// by a fingerprint of their serde shape: kinds, and the types of fields, elements
+/// and variants in order, but no names. A type renamed, or a field renamed, still
+/// matches; a field of another type is [`Error::TaskMismatch`](crate::Error::TaskMismatch).
+/// A type the tracer cannot build (its `Deserialize` refuses made-up values, as
+/// `NonZeroU64`'s does) is compared by its type name instead.
+///
+/// postcard is not self-describing, and some serde features need a format that is:
+///
+/// | feature | what procexec reports |
+/// |---|---|
+/// | `deserialize_any`: `#[serde(untagged)]`, `#[serde(tag = "...")]` (internally or adjacently tagged enums), `serde_json::Value` | [`Error::Codec`](crate::Error::Codec) naming the feature, on every call, before anything is sent |
+/// | `#[serde(flatten)]` (needs `deserialize_identifier`) | the same |
+/// | `#[serde(skip_serializing_if = ...)]` | nothing up front (tracing sees `Deserialize` only): the skipped field shifts the bytes after it, so decoding fails with `Error::Codec` naming the field where they stop making sense, or, where they happen to line up, misreads. Do not use it |
+///
+/// Any codec error carries the message the serde impl failed with and, when
+/// known, the path to the field (``cannot decode a `Order`: ... (at lines[2].qty)``).
 ///
 /// # Examples
 ///
@@ -597,6 +664,12 @@ mod tests {
         }
     }
 
+    impl<'de> serde::Deserialize<'de> for Refusing {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            u8::deserialize(deserializer).map(Refusing)
+        }
+    }
+
     #[test]
     fn an_output_that_cannot_be_encoded_is_a_bad_output_of_its_item_only() {
         const REFUSE: Task<u8, Refusing> = Task::new("refuse", Refusing);
@@ -604,7 +677,11 @@ mod tests {
         REFUSE.invoke(&encode_inputs(&[1u8, 2, 3]), 3, &mut out);
         let results = decode_outcomes::<u8>(&out, 3);
         assert_eq!(results[0], Ok(1));
-        assert!(matches!(&results[1], Err(Outcome::BadOutput { .. })), "{:?}", results[1]);
+        assert!(
+            matches!(&results[1], Err(Outcome::BadOutput { message }) if message.contains("injected: output encode failure")),
+            "{:?}",
+            results[1]
+        );
         assert_eq!(results[2], Ok(3));
     }
 

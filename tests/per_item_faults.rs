@@ -18,22 +18,26 @@ fn inputs(fault: Fault) -> impl Iterator<Item = FaultyInput> {
         .map(move |value| FaultyInput { value, fault: if value == POISON { fault } else { Fault::None } })
 }
 
-/// Whether `err` is what `fault` should produce.
+/// Whether `err` is what `fault` should produce. A codec fault must also carry the
+/// message the serde impl failed with, whichever side it failed on.
 fn expected(fault: Fault, err: &Error) -> bool {
+    let says_why = |err: &Error| matches!(err, Error::Codec { message, .. } if message.contains("injected"));
     match fault {
         Fault::Panic => err.is_panic(),
         Fault::Abort | Fault::Exit3 | Fault::KillSelf | Fault::Segfault => err.is_worker_crash(),
         Fault::InputEncode => {
-            matches!(err, Error::Codec { direction: Direction::Input, action: "encode", .. })
+            matches!(err, Error::Codec { direction: Direction::Input, action: "encode", .. }) && says_why(err)
         }
         Fault::InputDecode => {
-            matches!(err, Error::Codec { direction: Direction::Input, action: "decode", .. })
+            matches!(err, Error::Codec { direction: Direction::Input, action: "decode", .. }) && says_why(err)
         }
         Fault::OutputEncode => {
             matches!(err, Error::Codec { direction: Direction::Output, action: "encode", .. })
+                && says_why(err)
         }
         Fault::OutputDecode => {
             matches!(err, Error::Codec { direction: Direction::Output, action: "decode", .. })
+                && says_why(err)
         }
         Fault::None => false,
     }
@@ -95,4 +99,16 @@ async fn each_fault_fails_its_item_alone_with_five_workers() {
 #[tokio::test]
 async fn each_fault_fails_its_item_alone_in_an_unordered_map() {
     hang_guard(one_poison_costs_one_item(2, false)).await;
+}
+
+#[tokio::test]
+async fn a_single_call_reports_each_codec_fault_with_its_message() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        for fault in [Fault::InputEncode, Fault::InputDecode, Fault::OutputEncode, Fault::OutputDecode] {
+            let err = exec.spawn(faulty, FaultyInput { value: 1, fault }).await.unwrap_err();
+            assert!(expected(fault, &err), "{fault:?} gave {err:?}");
+        }
+    })
+    .await;
 }

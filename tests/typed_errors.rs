@@ -14,6 +14,28 @@ mod stale {
         pub fn not_in_the_worker(x: u64) -> u64 { x }
         /// The worker's `typed` is `u32 -> u32`.
         pub fn typed(x: u64) -> u64 { x }
+        /// The worker's `norm` takes a `Point` of two `f64`s.
+        pub fn norm(p: Vector) -> f64 { p.dx.hypot(p.dy) }
+    }
+
+    /// The worker's `Point` under other names.
+    #[derive(serde::Serialize, serde::Deserialize)]
+    pub struct Vector {
+        pub dx: f64,
+        pub dy: f64,
+    }
+
+    /// A stale `Point`, from before its fields were widened.
+    pub mod narrow {
+        procexec::tasks! {
+            pub fn norm(p: Point) -> f64 { f64::from(p.x).hypot(f64::from(p.y)) }
+        }
+
+        #[derive(serde::Serialize, serde::Deserialize)]
+        pub struct Point {
+            pub x: f32,
+            pub y: f32,
+        }
     }
 }
 
@@ -104,6 +126,56 @@ async fn an_output_above_the_frame_limit_fails_the_call_and_the_worker_serves_on
         }
         assert_eq!(exec.spawn(make_bytes, 100).await.unwrap().len(), 100);
         assert_eq!(exec.spawn(pid, ()).await.unwrap(), worker, "the same worker serves on");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_type_of_another_name_and_the_same_shape_is_accepted() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let norm = exec.spawn(stale::norm, stale::Vector { dx: 3.0, dy: 4.0 }).await.unwrap();
+        assert_eq!(norm, 5.0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_type_of_the_same_name_and_another_shape_is_a_mismatch_error() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let point = stale::narrow::Point { x: 3.0, y: 4.0 };
+        match exec.spawn(stale::narrow::norm, point).await.unwrap_err() {
+            Error::TaskMismatch { task, parent, worker } => {
+                assert_eq!(task, "norm");
+                assert!(parent.contains("narrow::Point"), "{parent}");
+                assert!(worker.contains("procexec_worker::Point"), "{worker}");
+            }
+            other => panic!("expected a mismatch, got {other:?}"),
+        }
+        assert_eq!(exec.spawn(norm, Point { x: 3.0, y: 4.0 }).await.unwrap(), 5.0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_type_postcard_cannot_carry_fails_before_anything_is_sent() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let worker = exec.spawn(pid, ()).await.unwrap();
+        let err = exec.spawn(untagged, NumberOrText::Number(3)).await.unwrap_err();
+        match &err {
+            Error::Codec { task, direction: Direction::Input, action: "encode", message } => {
+                assert_eq!(task, "untagged");
+                assert!(message.contains("NumberOrText"), "{message}");
+                assert!(message.contains("deserialize_any"), "{message}");
+            }
+            other => panic!("expected a codec error, got {other:?}"),
+        }
+        let err = exec.map(untagged, [NumberOrText::Text("ab".into())]).await.unwrap_err();
+        assert!(matches!(err, Error::Codec { .. }), "{err:?}");
+        assert_eq!(exec.spawn(pid, ()).await.unwrap(), worker, "the worker was not touched");
+        assert_eq!(exec.stats().completed, 2, "only the two `pid` calls ran: {:?}", exec.stats());
     })
     .await;
 }

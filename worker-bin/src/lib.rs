@@ -115,6 +115,19 @@ procexec::tasks! {
     /// Same name and shape as a parent-side task with other types (see the tests).
     pub fn typed(x: u32) -> u32 { x }
 
+    /// The length of a point: the tests call it with a type of another name and
+    /// the same shape, and with one of another shape.
+    pub fn norm(p: Point) -> f64 { (p.x * p.x + p.y * p.y).sqrt() }
+
+    /// Takes an untagged enum, which postcard cannot carry: every call fails
+    /// before anything is sent.
+    pub fn untagged(n: NumberOrText) -> u64 {
+        match n {
+            NumberOrText::Number(n) => n,
+            NumberOrText::Text(t) => t.len() as u64,
+        }
+    }
+
     /// Adds two numbers: a task of several arguments.
     pub fn add(a: i64, b: i64) -> i64 { a + b }
 
@@ -248,6 +261,25 @@ procexec::tasks! {
             .expect("sleep starts")
             .id()
     }
+}
+
+/// A point in the plane: the input of [`norm`].
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Point {
+    /// Abscissa.
+    pub x: f64,
+    /// Ordinate.
+    pub y: f64,
+}
+
+/// A number, or a text whose length counts: the input of [`untagged`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum NumberOrText {
+    /// A number.
+    Number(u64),
+    /// A text.
+    Text(String),
 }
 
 /// A way for a call of [`faulty`] to fail.
