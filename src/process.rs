@@ -433,6 +433,13 @@ impl ChildProcess {
     pub(crate) async fn stderr_tail(&mut self) -> String {
         self.stderr.tail_after_close(Duration::from_millis(500)).await
     }
+
+    /// Waits until the worker's last lines are forwarded: after a normal stop, when
+    /// its process group is gone and nothing else should hold the pipe, so `patience`
+    /// only guards against a process that left the group.
+    pub(crate) async fn stderr_forwarded(&mut self, patience: Duration) {
+        let _ = self.stderr.tail_after_close(patience).await;
+    }
 }
 
 impl Drop for ChildProcess {

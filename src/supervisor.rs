@@ -173,8 +173,9 @@ async fn stop_idle_worker(worker: &mut WorkerProcess) {
     worker.close_requests();
     worker.process.kill();
     let exit = worker.process.wait_exit(EXIT_GRACE).await;
-    // Lets the forwarder pass on the worker's last lines.
-    let _ = worker.process.stderr_tail().await;
+    // Lets the forwarder pass on the worker's last lines, so a program that exits
+    // right after `shutdown` still prints them.
+    worker.process.stderr_forwarded(EXIT_GRACE).await;
     tracing::debug!(worker = worker.index, pid = worker.pid, %exit, "worker stopped");
 }
 

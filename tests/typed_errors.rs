@@ -146,7 +146,7 @@ async fn a_type_of_the_same_name_and_another_shape_is_a_mismatch_error() {
         let exec = executor(1).await;
         let point = stale::narrow::Point { x: 3.0, y: 4.0 };
         match exec.spawn(stale::narrow::norm, point).await.unwrap_err() {
-            Error::TaskMismatch { task, parent, worker } => {
+            Error::TaskMismatch { task, parent, worker, .. } => {
                 assert_eq!(task, "norm");
                 assert!(parent.contains("narrow::Point"), "{parent}");
                 assert!(worker.contains("procexec_worker::Point"), "{worker}");
@@ -165,7 +165,7 @@ async fn a_type_postcard_cannot_carry_fails_before_anything_is_sent() {
         let worker = exec.spawn(pid, ()).await.unwrap();
         let err = exec.spawn(untagged, NumberOrText::Number(3)).await.unwrap_err();
         match &err {
-            Error::Codec { task, direction: Direction::Input, action: "encode", message } => {
+            Error::Codec { task, direction: Direction::Input, action: "encode", message, .. } => {
                 assert_eq!(task, "untagged");
                 assert!(message.contains("NumberOrText"), "{message}");
                 assert!(message.contains("deserialize_any"), "{message}");
