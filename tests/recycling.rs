@@ -2,6 +2,9 @@
 //! demand and shrinks when idle, and an initializer builds per-worker state.
 mod common;
 
+// The workers of `common::builder` are this test binary, serving these tasks.
+procexec::test_worker!(procexec_worker::TASKS);
+
 use std::collections::HashSet;
 use std::time::Duration;
 

@@ -1,6 +1,9 @@
 //! `spawn` and the `map` family, against real companion workers.
 mod common;
 
+// The workers of `common::builder` are this test binary, serving these tasks.
+procexec::test_worker!(procexec_worker::TASKS);
+
 use std::cell::Cell;
 use std::collections::HashSet;
 use std::pin::Pin;
