@@ -59,3 +59,15 @@ async fn tasks_the_companion_binary_lacks_or_types_differently_are_refused() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_companion_binary_started_by_a_task_is_not_a_worker() {
+    hang_guard(async {
+        let exec = companion(1).await;
+        assert_eq!(exec.spawn(env_var, "PROCEXEC_WORKER".into()).await.unwrap(), None);
+        // Run without the marker, the companion explains itself and exits 2.
+        let (code, stdout) = exec.spawn(run_own_program, Vec::new()).await.unwrap();
+        assert_eq!(code, Some(2), "{stdout:?}");
+    })
+    .await;
+}
