@@ -23,7 +23,7 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
-/// Live workers of this process (companion worker binaries).
+/// Live workers of this process (the test binary run again, by its absolute path).
 fn my_workers() -> Vec<u32> {
     children_of(std::process::id())
         .into_iter()
