@@ -35,6 +35,7 @@ async fn sizes_out_of_range_are_config_errors() {
     for result in [
         builder().processes(0).build().await,
         builder().processes(100_000).build().await,
+        builder().processes(2).min_processes(3).build().await,
         builder().max_frame_len(10).build().await,
         builder().pipe_capacity(1).build().await,
         builder().handshake_timeout(Duration::ZERO).build().await,
