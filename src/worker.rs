@@ -61,7 +61,9 @@ pub fn init_worker(tasks: &'static Registry) {
 /// Serves `tasks` until the parent hangs up, then exits the process: the `main` of
 /// a companion worker binary.
 ///
-/// Run by hand (not by an executor) it explains itself and exits with code 2.
+/// Run by hand (not by an executor) it explains itself and exits with code 2. It
+/// removes the executor's marker from its environment before serving, so the
+/// programs its tasks start (this binary among them) inherit none.
 ///
 /// # Examples
 ///
