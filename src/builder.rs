@@ -246,14 +246,20 @@ impl Builder {
     /// The fewest worker processes kept alive. Below [`processes`](Builder::processes),
     /// the executor starts this many, starts more when calls wait and no worker is
     /// idle, and stops workers idle for [`idle_timeout`](Builder::idle_timeout).
-    /// Default: `processes` (a fixed pool).
+    /// Default: `processes` (a fixed pool). Must be 0 to `processes`.
+    ///
+    /// 0 scales the pool to zero when idle: `build` still starts one worker (its
+    /// handshake checks the program and tells the task table), which stops after
+    /// `idle_timeout` like any other, and the next call starts one again. Without an
+    /// `idle_timeout` no worker ever stops, whatever the minimum.
     pub fn min_processes(mut self, processes: usize) -> Self {
         self.min_processes = Some(processes);
         self
     }
 
     /// How long a worker may sit without work before it is stopped, while more than
-    /// [`min_processes`](Builder::min_processes) are alive. Default: never.
+    /// [`min_processes`](Builder::min_processes) are alive. Default: never. Must not
+    /// be zero.
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.limits.idle_timeout = Some(timeout);
         self
@@ -275,7 +281,9 @@ impl Builder {
     /// (the error quotes its stderr). No process outlives a failed `build`.
     pub async fn build(self) -> Result<Executor> {
         let (config, limits, processes) = self.validate()?;
-        let starts = (0..limits.min_processes).map(|slot| WorkerProcess::start(&config, slot));
+        // At least one, even for a pool that may scale to zero: the task table and
+        // the check that the program is a worker come from a handshake.
+        let starts = (0..limits.min_processes.max(1)).map(|slot| WorkerProcess::start(&config, slot));
         let mut workers = Vec::with_capacity(processes);
         for started in futures::future::join_all(starts).await {
             // Dropping the workers already started kills them.
@@ -303,9 +311,9 @@ impl Builder {
             return Err(Error::Config(format!("processes must be 1 to {MAX_PROCESSES}, not {processes}")));
         }
         let min_processes = self.min_processes.unwrap_or(processes);
-        if min_processes == 0 || min_processes > processes {
+        if min_processes > processes {
             return Err(Error::Config(format!(
-                "min_processes must be 1 to processes ({processes}), not {min_processes}"
+                "min_processes must be 0 to processes ({processes}), not {min_processes}"
             )));
         }
         if !(1024..=u32::MAX as usize).contains(&self.max_frame_len) {

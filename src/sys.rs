@@ -58,6 +58,25 @@ pub(crate) fn die_with_parent() {
     }
 }
 
+/// In a worker: removes the marker `key` from this process's environment, so a
+/// process a task starts (the same program again, in self-exec mode) is not taken
+/// for a worker and left waiting on a stdin that never speaks the protocol.
+///
+/// Must be called before the worker starts any thread, and by a program whose own
+/// threads (if any) do not read or write the environment meanwhile: the contract of
+/// [`init_worker`](crate::init_worker).
+pub(crate) fn remove_worker_marker(key: &str) {
+    // SAFETY: `remove_var` races only with other threads reading or writing the
+    // environment (`getenv`, `setenv`, `std::env::var`...). It runs first thing in
+    // `serve`, before the worker's hang-up watcher or any task runs, so no thread of
+    // procexec exists yet. A companion binary (`serve_worker` in `main`) has no
+    // other thread. In self-exec mode `init_worker` documents that it must come
+    // before the program starts threads that use the environment; threads started
+    // earlier by a runtime (a Tokio runtime's idle workers, the test harness's main
+    // thread waiting for its test) are parked and do not touch it.
+    unsafe { std::env::remove_var(key) }
+}
+
 /// Kills a worker's whole process group, so grandchildren a task started die with it.
 ///
 /// Call it before the worker is reaped: a reaped leader's group id can be reused.

@@ -29,6 +29,12 @@ use crate::task::Registry;
 /// current executable with a marker in its environment; in that child this function
 /// never returns.
 ///
+/// The worker removes the marker from its environment before it starts serving, so
+/// a task that runs the current executable again gets the program, not another
+/// worker. That removal is only sound while no other thread reads or writes the
+/// environment: threads the program started before this call (a runtime's idle
+/// workers, say) must not use `std::env` or `getenv` at the same time.
+///
 /// [`Builder::program`]: crate::Builder::program
 ///
 /// # Examples
@@ -55,7 +61,9 @@ pub fn init_worker(tasks: &'static Registry) {
 /// Serves `tasks` until the parent hangs up, then exits the process: the `main` of
 /// a companion worker binary.
 ///
-/// Run by hand (not by an executor) it explains itself and exits with code 2.
+/// Run by hand (not by an executor) it explains itself and exits with code 2. It
+/// removes the executor's marker from its environment before serving, so the
+/// programs its tasks start (this binary among them) inherit none.
 ///
 /// # Examples
 ///
@@ -85,7 +93,9 @@ pub fn serve_worker(tasks: &'static Registry) -> ! {
 }
 
 fn serve(tasks: &'static Registry) -> io::Result<()> {
-    // Before anything else: a worker must not outlive the executor's process.
+    // Before the worker starts a thread of its own (see `remove_worker_marker`).
+    sys::remove_worker_marker(protocol::WORKER_ENV);
+    // Before anything that can fail: a worker must not outlive the executor's process.
     sys::die_with_parent();
     if let Some(name) = tasks.duplicate_name() {
         return Err(io::Error::other(format!("two tasks are named `{name}`")));

@@ -2,6 +2,9 @@
 //! a message that says why; nothing is left running.
 mod common;
 
+// The workers of `common::builder` are this test binary, serving these tasks.
+procexec::test_worker!(procexec_worker::TASKS);
+
 use std::time::Duration;
 
 use common::*;
@@ -28,10 +31,11 @@ fn start_error(result: procexec::Result<Executor>) -> String {
 
 #[tokio::test]
 async fn sizes_out_of_range_are_config_errors() {
-    let builder = || Executor::builder().program(worker_program());
+    let builder = || Executor::builder().test_harness();
     for result in [
         builder().processes(0).build().await,
         builder().processes(100_000).build().await,
+        builder().processes(2).min_processes(3).build().await,
         builder().max_frame_len(10).build().await,
         builder().pipe_capacity(1).build().await,
         builder().handshake_timeout(Duration::ZERO).build().await,
@@ -42,7 +46,7 @@ async fn sizes_out_of_range_are_config_errors() {
 
 #[test]
 fn build_outside_a_runtime_is_a_config_error() {
-    let result = futures::executor::block_on(Executor::builder().program(worker_program()).build());
+    let result = futures::executor::block_on(Executor::builder().test_harness().build());
     assert!(
         matches!(&result, Err(Error::Config(message)) if message.contains("Tokio runtime")),
         "{result:?}"
@@ -69,7 +73,7 @@ fn runtimes_without_drivers() -> [(tokio::runtime::Runtime, &'static str); 3] {
 }
 
 fn build_on(runtime: &tokio::runtime::Runtime) -> procexec::Result<Executor> {
-    runtime.block_on(Executor::builder().program(worker_program()).processes(1).build())
+    runtime.block_on(Executor::builder().test_harness().processes(1).build())
 }
 
 #[test]

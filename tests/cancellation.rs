@@ -3,6 +3,9 @@
 //! stays healthy through cancellation storms.
 mod common;
 
+// The workers of `common::builder` are this test binary, serving these tasks.
+procexec::test_worker!(procexec_worker::TASKS);
+
 use std::time::Duration;
 
 use common::*;

@@ -3,6 +3,9 @@
 //! runs in flat memory. The tests run one at a time, so process counts are theirs.
 mod common;
 
+// The workers of `common::builder` are this test binary, serving these tasks.
+procexec::test_worker!(procexec_worker::TASKS);
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -20,7 +23,7 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
-/// Live workers of this process (companion worker binaries).
+/// Live workers of this process (the test binary run again, by its absolute path).
 fn my_workers() -> Vec<u32> {
     children_of(std::process::id())
         .into_iter()

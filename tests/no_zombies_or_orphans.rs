@@ -2,6 +2,9 @@
 //! counted under `/proc`. The tests run one at a time, so the counts are theirs.
 mod common;
 
+// The workers of `common::builder` are this test binary, serving these tasks.
+procexec::test_worker!(procexec_worker::TASKS);
+
 use std::collections::HashSet;
 use std::future::Future;
 use std::io::{BufRead, BufReader};

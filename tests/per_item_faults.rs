@@ -5,6 +5,9 @@
 
 mod common;
 
+// The workers of `common::builder` are this test binary, serving these tasks.
+procexec::test_worker!(procexec_worker::TASKS);
+
 use common::*;
 use futures::StreamExt;
 use procexec::{Direction, Error};

@@ -3,6 +3,9 @@
 //! replaced, and never panics the parent.
 mod common;
 
+// The workers of `common::builder` are this test binary, serving these tasks.
+procexec::test_worker!(procexec_worker::TASKS);
+
 use common::*;
 use procexec::{Error, ExitReason};
 use procexec_worker::*;

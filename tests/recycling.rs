@@ -2,6 +2,9 @@
 //! demand and shrinks when idle, and an initializer builds per-worker state.
 mod common;
 
+// The workers of `common::builder` are this test binary, serving these tasks.
+procexec::test_worker!(procexec_worker::TASKS);
+
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -65,10 +68,41 @@ async fn the_pool_grows_under_load_and_shrinks_when_idle() {
         let pids: HashSet<u32> = exec.map(sleep_then_pid, [100; 12]).await.unwrap().into_iter().collect();
         assert!(pids.len() > 1, "more workers started under load: {pids:?}");
         eventually("idle workers stop, down to the minimum", || exec.stats().workers == 1).await;
-        assert!(exec.stats().exits.idle >= 1);
+        // An exit is recorded once the worker is reaped, after it stopped being counted.
+        eventually("the idle exits are recorded", || exec.stats().exits.idle >= 1).await;
         eventually("the stopped workers are gone", || pids.iter().filter(|&&p| alive(p)).count() <= 1).await;
         let again: HashSet<u32> = exec.map(sleep_then_pid, [100; 12]).await.unwrap().into_iter().collect();
         assert!(again.len() > 1, "and it grows again: {again:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn with_min_processes_zero_the_pool_stops_every_idle_worker_and_starts_one_on_the_next_call() {
+    hang_guard(async {
+        let exec =
+            builder(2).min_processes(0).idle_timeout(Duration::from_millis(100)).build().await.unwrap();
+        let first = exec.spawn(pid, ()).await.unwrap();
+        eventually("the idle pool scales to zero", || exec.stats().workers == 0).await;
+        eventually("the stopped worker is gone", || !alive(first)).await;
+        // Recorded once the worker is reaped, a little after it is no longer counted.
+        eventually("its exit is recorded as idle", || exec.stats().exits.idle == 1).await;
+        let second = exec.spawn(pid, ()).await.unwrap();
+        assert_ne!(second, first, "a new worker serves the next call");
+        assert_eq!(exec.map(square, 0..4).await.unwrap(), [0, 1, 4, 9]);
+        eventually("and scales to zero again", || exec.stats().workers == 0).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn min_processes_zero_still_starts_one_worker_at_build() {
+    hang_guard(async {
+        let exec = builder(2).min_processes(0).build().await.unwrap();
+        assert_eq!(exec.stats().workers, 1, "build starts one worker for the handshake");
+        let first = exec.spawn(pid, ()).await.unwrap();
+        assert_eq!(exec.spawn(pid, ()).await.unwrap(), first);
+        assert_eq!(exec.stats().workers, 1);
     })
     .await;
 }

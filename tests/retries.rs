@@ -2,6 +2,9 @@
 //! poison input fails alone once its retries are spent.
 mod common;
 
+// The workers of `common::builder` are this test binary, serving these tasks.
+procexec::test_worker!(procexec_worker::TASKS);
+
 use common::*;
 use futures::{StreamExt, stream};
 use procexec_worker::*;

@@ -2,6 +2,9 @@
 //! parent only: the parent decides.
 mod common;
 
+// The workers of `common::builder` are this test binary, serving these tasks.
+procexec::test_worker!(procexec_worker::TASKS);
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 

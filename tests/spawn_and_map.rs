@@ -1,5 +1,8 @@
-//! `spawn` and the `map` family, against real companion workers.
+//! `spawn` and the `map` family, against real worker processes.
 mod common;
+
+// The workers of `common::builder` are this test binary, serving these tasks.
+procexec::test_worker!(procexec_worker::TASKS);
 
 use std::cell::Cell;
 use std::collections::HashSet;
@@ -309,6 +312,24 @@ async fn a_backlog_of_finished_handles_is_collected_in_linear_polls() {
         assert_eq!(outputs, CALLS);
         assert!(polls.get() <= 2 * CALLS, "{} polls for {CALLS} finished calls", polls.get());
         exec.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_process_a_task_starts_does_not_inherit_the_worker_marker() {
+    hang_guard(async {
+        let exec = builder(1).env("PROCEXEC_TEST_PASSED_ON", "yes").build().await.unwrap();
+        // What the builder sets does reach the task's environment; the marker does not.
+        let passed_on = exec.spawn(env_var, "PROCEXEC_TEST_PASSED_ON".into()).await.unwrap();
+        assert_eq!(passed_on.as_deref(), Some("yes"));
+        assert_eq!(exec.spawn(env_var, "PROCEXEC_WORKER".into()).await.unwrap(), None);
+        // The worker's own command line again: without the marker its worker test
+        // passes at once, where a worker would write the preamble and serve.
+        let args = ["procexec_test_worker", "--test-threads=1"].map(String::from).to_vec();
+        let (code, stdout) = exec.spawn(run_own_program, args).await.unwrap();
+        assert_eq!(code, Some(0), "{stdout:?}");
+        assert!(stdout.contains("1 passed") && !stdout.contains("PRCXC"), "{stdout:?}");
     })
     .await;
 }

@@ -2,6 +2,9 @@
 //! with `Error::TimedOut`; the limit counts run time, not queue time.
 mod common;
 
+// The workers of `common::builder` are this test binary, serving these tasks.
+procexec::test_worker!(procexec_worker::TASKS);
+
 use std::time::Duration;
 
 use common::*;

@@ -2,6 +2,9 @@
 //! executor serves on.
 mod common;
 
+// The workers of `common::builder` are this test binary, serving these tasks.
+procexec::test_worker!(procexec_worker::TASKS);
+
 use common::*;
 use procexec::{Direction, Error, Executor, WorkerStderr};
 use procexec_worker::*;
@@ -41,7 +44,7 @@ mod stale {
 
 async fn small_frames() -> Executor {
     Executor::builder()
-        .program(worker_program())
+        .test_harness()
         .processes(1)
         .max_frame_len(1024)
         .stderr(WorkerStderr::Discard)

@@ -2,6 +2,9 @@
 //! running, is replaced, and the calls it had not started run elsewhere.
 mod common;
 
+// The workers of `common::builder` are this test binary, serving these tasks.
+procexec::test_worker!(procexec_worker::TASKS);
+
 use common::*;
 use procexec::{Error, ExitReason};
 use procexec_worker::*;

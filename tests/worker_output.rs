@@ -2,6 +2,9 @@
 //! labelled with the worker's slot and pid.
 mod common;
 
+// The workers of `common::builder` are this test binary, serving these tasks.
+procexec::test_worker!(procexec_worker::TASKS);
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsFd;
 use std::process::Stdio;
@@ -30,7 +33,7 @@ fn forwarding_helper() {
     }
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let exec = Executor::builder().program(worker_program()).processes(1).build().await.unwrap();
+        let exec = Executor::builder().test_harness().processes(1).build().await.unwrap();
         let worker = exec.spawn(pid, ()).await.unwrap();
         exec.spawn(print, "hello from a task".into()).await.unwrap();
         exec.shutdown().await;
@@ -135,7 +138,7 @@ fn worker_stderr_can_go_to_tracing() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(hang_guard(async {
         let exec = Executor::builder()
-            .program(worker_program())
+            .test_harness()
             .processes(1)
             .stderr(WorkerStderr::Tracing)
             .build()

@@ -1,51 +1,25 @@
-//! Shared by the integration tests: finding the companion worker, building an
-//! executor on it, and guarding against hangs.
+//! Shared by the integration tests: building an executor whose workers are the
+//! test binary itself, helper processes, and guarding against hangs.
+//!
+//! Each test file serves `procexec_worker::TASKS` with its own
+//! `procexec::test_worker!` (not here: a file with tasks of its own serves those
+//! instead, and the worker filter must match exactly one test per binary).
 #![allow(dead_code)]
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use procexec::{Executor, WorkerStderr};
 
-/// The companion worker binary, next to the test binaries' directory.
-///
-/// Cargo builds a dependency's library for tests but not its binaries, so the first
-/// call builds (or freshens) it with the same profile: a stale worker would answer
-/// with yesterday's task table.
-pub fn worker_program() -> PathBuf {
-    static PROGRAM: OnceLock<PathBuf> = OnceLock::new();
-    PROGRAM
-        .get_or_init(|| {
-            let exe = std::env::current_exe().expect("the test binary's path");
-            // target/<profile>/deps/<test> -> target/<profile>/procexec-worker
-            let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>");
-            let mut build = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into()));
-            build.args(["build", "--quiet", "-p", "procexec-worker"]).current_dir(env!("CARGO_MANIFEST_DIR"));
-            if dir.file_name().is_some_and(|profile| profile == "release") {
-                build.arg("--release");
-            }
-            let output = build.output().expect("cargo runs");
-            assert!(
-                output.status.success(),
-                "cannot build the worker: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            let program = dir.join("procexec-worker");
-            assert!(program.exists(), "{} is missing after the build", program.display());
-            program
-        })
-        .clone()
-}
-
-/// A builder for `processes` companion workers whose stderr is kept quiet.
+/// A builder for `processes` workers (this test binary, re-run through its
+/// `test_worker!` test) whose stderr is kept quiet.
 pub fn builder(processes: usize) -> procexec::Builder {
-    Executor::builder().program(worker_program()).processes(processes).stderr(WorkerStderr::Discard)
+    Executor::builder().test_harness().processes(processes).stderr(WorkerStderr::Discard)
 }
 
-/// An executor of `processes` companion workers whose stderr is kept quiet.
+/// An executor of `processes` workers (see [`builder`]) whose stderr is kept quiet.
 pub async fn executor(processes: usize) -> Executor {
     builder(processes).build().await.expect("the executor starts")
 }
@@ -136,4 +110,17 @@ pub fn read_pids(lines: &mut impl Iterator<Item = String>, prefix: &str) -> Vec<
             line.strip_prefix(prefix).map(|list| list.split(' ').map(|p| p.parse().unwrap()).collect())
         })
         .unwrap_or_else(|| panic!("the helper prints a line starting with {prefix:?}"))
+}
+
+/// The harness re-runs the test binary with a name filter that must select exactly
+/// one test: a second `test_worker!` (another module's) would serve first or instead.
+#[test]
+fn this_test_binary_has_exactly_one_worker_test() {
+    let output = Command::new(std::env::current_exe().expect("the test binary"))
+        .args(["procexec_test_worker", "--list"])
+        .output()
+        .expect("the test binary lists its tests");
+    let listing = String::from_utf8_lossy(&output.stdout);
+    let workers: Vec<_> = listing.lines().filter(|line| line.ends_with(": test")).collect();
+    assert_eq!(workers.len(), 1, "{listing}");
 }

@@ -252,6 +252,23 @@ procexec::tasks! {
         std::process::abort()
     }
 
+    /// The value of environment variable `name` as the worker sees it.
+    pub fn env_var(name: String) -> Option<String> { std::env::var(name).ok() }
+
+    /// Runs the worker's own program again with `args` and stdin closed, and returns
+    /// its exit code and stdout: a child that took itself for a worker would print
+    /// the protocol's preamble there (and end at the closed stdin, not hang).
+    pub fn run_own_program(args: Vec<String>) -> (Option<i32>, String) {
+        let program = std::env::current_exe().expect("the worker's program");
+        let output = std::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+            .expect("the worker's program runs again");
+        (output.status.code(), String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
     /// Starts `sleep <secs>` as a grandchild that inherits the worker's stderr, and
     /// returns its pid.
     pub fn start_grandchild(secs: u64) -> u32 {
