@@ -176,7 +176,7 @@ fn unfinished_print_helper() {
     }
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let exec = Executor::builder().program(worker_program()).processes(1).build().await.unwrap();
+        let exec = Executor::builder().test_harness().processes(1).build().await.unwrap();
         let worker = exec.spawn(pid, ()).await.unwrap();
         exec.spawn(print_unfinished, "no newline yet".into()).await.unwrap();
         exec.shutdown().await;
