@@ -61,6 +61,7 @@ pub struct Builder {
     limits: Limits,
     min_processes: Option<usize>,
     initializer: Option<std::result::Result<Arc<Initializer>, String>>,
+    max_queued_bytes: usize,
 }
 
 impl Default for Builder {
@@ -79,6 +80,7 @@ impl Default for Builder {
             limits: Limits::default(),
             min_processes: None,
             initializer: None,
+            max_queued_bytes: 64 << 20,
         }
     }
 }
@@ -257,6 +259,18 @@ impl Builder {
         self
     }
 
+    /// How much [`spawn`](Executor::spawn)ed work may wait in the queue for a
+    /// worker, in bytes of encoded input. Past it, a new call waits in its
+    /// [`TaskHandle`](crate::TaskHandle) (queued when the handle is polled and room
+    /// frees up), and [`Executor::try_spawn`] refuses it, so a burst of large calls
+    /// cannot pile up memory. A call larger than the whole bound is queued alone.
+    /// Maps are not counted: each bounds its own read-ahead. Default: 64 MiB. Must
+    /// be 1 KiB to 1 TiB.
+    pub fn max_queued_bytes(mut self, bytes: usize) -> Self {
+        self.max_queued_bytes = bytes;
+        self
+    }
+
     /// How long a worker may sit without work before it is stopped, while more than
     /// [`min_processes`](Builder::min_processes) are alive. Default: never. Must not
     /// be zero.
@@ -294,7 +308,7 @@ impl Builder {
             let message = format!("worker {} serves other tasks than worker 0", odd.index);
             return Err(Error::WorkerStart(Arc::new(WorkerStartError::new(&config.program, message))));
         }
-        let shared = Arc::new(Shared::new(config, limits, tasks, processes));
+        let shared = Arc::new(Shared::new(config, limits, tasks, processes, self.max_queued_bytes));
         shared.counters.workers.store(workers.len(), std::sync::atomic::Ordering::Release);
         let mut workers = workers.into_iter();
         for slot in 0..processes {
@@ -320,6 +334,12 @@ impl Builder {
             return Err(Error::Config(format!(
                 "max_frame_len must be 1 KiB to 4 GiB - 1, not {}",
                 self.max_frame_len
+            )));
+        }
+        if !(1024..=1 << 40).contains(&self.max_queued_bytes) {
+            return Err(Error::Config(format!(
+                "max_queued_bytes must be 1 KiB to 1 TiB, not {}",
+                self.max_queued_bytes
             )));
         }
         if !(4096..=1 << 30).contains(&self.pipe_capacity) {

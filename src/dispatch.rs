@@ -99,6 +99,8 @@ pub(crate) struct Job {
     pub(crate) failures: u32,
     /// Its worker was told to skip it: its caller left before it started.
     pub(crate) withdrawn: bool,
+    /// Its room in the spawn queue, given back when a worker takes it.
+    pub(crate) admission: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Job {
@@ -110,7 +112,7 @@ impl Job {
         reply: ReplyTo,
         options: CallOptions,
     ) -> Self {
-        Job { id, task, items, frame, reply, options, failures: 0, withdrawn: false }
+        Job { id, task, items, frame, reply, options, failures: 0, withdrawn: false, admission: None }
     }
 
     /// Whether nobody waits for the result any more (the future or stream was dropped).
@@ -326,10 +328,12 @@ impl Queue {
                 over_budget = taken == 0;
                 break;
             }
-            let Some(job) = state.jobs.pop_front() else {
+            let Some(mut job) = state.jobs.pop_front() else {
                 break;
             };
             items += u64::from(job.items);
+            // It no longer waits: its room goes to the next spawn.
+            job.admission = None;
             take(job);
             taken += 1;
         }

@@ -11,10 +11,10 @@ use std::time::Duration;
 use futures::Stream;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
 use crate::builder::Builder;
-use crate::dispatch::{CallOptions, CancelPolicy, Completion, decode_record};
+use crate::dispatch::{CallOptions, CancelPolicy, Completion, Job, decode_record};
 use crate::error::{Error, Result};
 use crate::map::{Map, MapStream, MapUnordered};
 use crate::pool::Shared;
@@ -233,11 +233,69 @@ impl Executor {
         T::Output: DeserializeOwned,
     {
         let task = task.into_task();
-        let state = match self.shared().submit_one(&task, &input, self.options) {
-            Ok(receiver) => HandleState::Waiting(receiver),
+        let shared = self.shared();
+        let state = match shared.encode_one(&task, &input, self.options) {
+            Ok((mut job, receiver)) => {
+                if shared.try_admit(&mut job) {
+                    queue(shared, job, receiver)
+                } else {
+                    // The queue is full: the call waits in its handle until room frees up.
+                    let room = shared.room_for(&job);
+                    let admission = Box::pin(shared.queue_room.semaphore.clone().acquire_many_owned(room));
+                    let (job, receiver) = (Some(job), Some(receiver));
+                    HandleState::Admitting { shared: shared.clone(), job, receiver, admission }
+                }
+            }
             Err(err) => HandleState::Failed(Some(Box::new(err))),
         };
         TaskHandle { task: task.name(), state, _output: PhantomData }
+    }
+
+    /// Like [`spawn`](Executor::spawn), but refuses the call, handing the input
+    /// back, when the queue has no room for it now (see
+    /// [`Builder::max_queued_bytes`]): for services that shed load rather than wait.
+    ///
+    /// Errors found before sending still come out of the handle, as with `spawn`.
+    ///
+    /// ```
+    /// procexec::tasks! {
+    ///     pub fn nap(ms: u64) { std::thread::sleep(std::time::Duration::from_millis(ms)) }
+    /// }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> procexec::Result<()> {
+    /// # procexec::init_worker(&TASKS);
+    /// let exec = procexec::Executor::builder().processes(1).max_queued_bytes(1024).build().await?;
+    /// let mut accepted = Vec::new();
+    /// let refused = loop {
+    ///     match exec.try_spawn(nap, 100) {
+    ///         Ok(call) => accepted.push(call),
+    ///         Err(full) => break full,
+    ///     }
+    /// };
+    /// assert_eq!(refused.into_input(), 100); // shed: answer "503, retry later"
+    /// for call in accepted {
+    ///     call.await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn try_spawn<T>(&self, task: T, input: T::Input) -> Result<TaskHandle<T::Output>, QueueFull<T::Input>>
+    where
+        T: IntoTask,
+        T::Input: Serialize,
+        T::Output: DeserializeOwned,
+    {
+        let task = task.into_task();
+        let shared = self.shared();
+        let state = match shared.encode_one(&task, &input, self.options) {
+            Ok((mut job, receiver)) => {
+                if !shared.try_admit(&mut job) {
+                    return Err(QueueFull { input });
+                }
+                queue(shared, job, receiver)
+            }
+            Err(err) => HandleState::Failed(Some(Box::new(err))),
+        };
+        Ok(TaskHandle { task: task.name(), state, _output: PhantomData })
     }
 
     /// Runs `task` on every item and collects the outputs in input order: Python's
@@ -446,8 +504,54 @@ pub struct TaskHandle<O> {
     _output: PhantomData<fn() -> O>,
 }
 
+/// Queues an admitted job; the handle then waits for its completion.
+fn queue(shared: &Shared, job: Job, receiver: oneshot::Receiver<Completion>) -> HandleState {
+    match shared.submit(job) {
+        Ok(()) => HandleState::Waiting(receiver),
+        Err(_) => HandleState::Failed(Some(Box::new(shared.refused()))),
+    }
+}
+
+/// The call [`Executor::try_spawn`] refused because the queue was full, with its
+/// input.
+pub struct QueueFull<I> {
+    input: I,
+}
+
+impl<I> QueueFull<I> {
+    /// The input of the refused call.
+    pub fn into_input(self) -> I {
+        self.input
+    }
+}
+
+impl<I> fmt::Debug for QueueFull<I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueueFull").finish_non_exhaustive()
+    }
+}
+
+impl<I> fmt::Display for QueueFull<I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the executor's queue is full")
+    }
+}
+
+impl<I> std::error::Error for QueueFull<I> {}
+
+type Admission =
+    Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send + Sync>>;
+
 enum HandleState {
+    /// Queued (or running): waits for the completion.
     Waiting(oneshot::Receiver<Completion>),
+    /// Not queued yet: waits for room in the queue.
+    Admitting {
+        shared: Arc<Shared>,
+        job: Option<Job>,
+        receiver: Option<oneshot::Receiver<Completion>>,
+        admission: Admission,
+    },
     /// Boxed: handles are often collected by the thousand, and failing early is rare.
     Failed(Option<Box<Error>>),
 }
@@ -476,13 +580,29 @@ impl<O> TaskHandle<O> {
     /// # Ok(()) }
     /// ```
     pub fn detach(self) {
-        if let HandleState::Waiting(receiver) = self.state {
+        let runtime = tokio::runtime::Handle::try_current();
+        match (self.state, runtime) {
             // The call counts as cancelled once nobody holds its receiver.
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => drop(runtime.spawn(async move { drop(receiver.await) })),
-                // Outside a runtime nobody could await it either: keep it open for good.
-                Err(_) => std::mem::forget(receiver),
+            (HandleState::Waiting(receiver), Ok(runtime)) => {
+                drop(runtime.spawn(async move { drop(receiver.await) }));
             }
+            // Not queued yet: it still needs someone to get it in when there is room.
+            (
+                HandleState::Admitting { shared, job: Some(mut job), receiver: Some(receiver), admission },
+                Ok(runtime),
+            ) => {
+                drop(runtime.spawn(async move {
+                    if let Ok(permit) = admission.await {
+                        job.admission = Some(permit);
+                        if let HandleState::Waiting(receiver) = queue(&shared, job, receiver) {
+                            drop(receiver.await);
+                        }
+                    }
+                }));
+            }
+            // Outside a runtime nobody could await it either: keep it open for good.
+            (HandleState::Waiting(receiver), Err(_)) => std::mem::forget(receiver),
+            _ => {}
         }
     }
 
@@ -511,6 +631,20 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<O>> {
         let task = self.task;
+        if let HandleState::Admitting { shared, job, receiver, admission } = &mut self.state {
+            let permit = std::task::ready!(admission.as_mut().poll(cx));
+            let (Some(mut job), Some(receiver)) = (job.take(), receiver.take()) else {
+                return Poll::Ready(Err(Error::Shutdown));
+            };
+            let next = match permit {
+                Ok(permit) => {
+                    job.admission = Some(permit);
+                    queue(shared, job, receiver)
+                }
+                Err(_) => HandleState::Failed(Some(Box::new(Error::Shutdown))),
+            };
+            self.state = next;
+        }
         match &mut self.state {
             HandleState::Waiting(receiver) => match Pin::new(receiver).poll(cx) {
                 Poll::Pending => {
@@ -528,6 +662,7 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
                 Poll::Ready(Err(_)) => Poll::Ready(Err(Error::Shutdown)),
             },
             HandleState::Failed(err) => Poll::Ready(Err(err.take().map_or(Error::Shutdown, |err| *err))),
+            HandleState::Admitting { .. } => Poll::Pending,
         }
     }
 }

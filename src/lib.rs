@@ -90,7 +90,7 @@ pub use dispatch::CancelPolicy;
 pub use error::{
     Direction, Error, ExitReason, ProtocolViolation, Result, TaskPanic, WorkerCrash, WorkerStartError,
 };
-pub use executor::{Executor, TaskHandle, cpu_count};
+pub use executor::{Executor, QueueFull, TaskHandle, cpu_count};
 pub use map::{Map, MapStream, MapUnordered};
 pub use process::WorkerStderr;
 pub use state::WorkerState;

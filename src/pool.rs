@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use serde::Serialize;
-use tokio::sync::{Notify, oneshot};
+use std::sync::Arc;
+
+use tokio::sync::{Notify, Semaphore, oneshot};
 
 use crate::codec;
 use crate::dispatch::{CallOptions, Closed, Completion, Job, Queue, ReplyTo};
@@ -112,6 +114,13 @@ pub(crate) fn check_types(task: &str, ours: &Signature, info: &TaskInfo) -> Resu
     Ok(())
 }
 
+/// The bound on spawned calls waiting in the queue.
+pub(crate) struct QueueRoom {
+    pub(crate) semaphore: Arc<Semaphore>,
+    /// All the room there is, in bytes.
+    pub(crate) max: usize,
+}
+
 /// State shared by the executor's handles, its supervisors and its maps.
 pub(crate) struct Shared {
     pub(crate) config: WorkerConfig,
@@ -120,6 +129,8 @@ pub(crate) struct Shared {
     pub(crate) tasks: TaskTable,
     pub(crate) processes: usize,
     pub(crate) counters: Counters,
+    /// Room for spawned calls waiting in the queue, in bytes of their frames.
+    pub(crate) queue_room: QueueRoom,
     next_id: AtomicU64,
     state: AtomicU8,
     /// Supervisor tasks still running.
@@ -133,7 +144,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(config: WorkerConfig, limits: Limits, tasks: TaskTable, processes: usize) -> Self {
+    pub(crate) fn new(
+        config: WorkerConfig,
+        limits: Limits,
+        tasks: TaskTable,
+        processes: usize,
+        queue_bytes: usize,
+    ) -> Self {
         Shared {
             config,
             limits,
@@ -141,6 +158,7 @@ impl Shared {
             tasks,
             processes,
             counters: Counters::new(processes),
+            queue_room: QueueRoom { semaphore: Arc::new(Semaphore::new(queue_bytes)), max: queue_bytes },
             next_id: AtomicU64::new(0),
             state: AtomicU8::new(RunState::Running as u8),
             supervisors: AtomicUsize::new(0),
@@ -181,13 +199,13 @@ impl Shared {
         (id, start, buf.len() - Count::WIDTH)
     }
 
-    /// Encodes and queues one call.
-    pub(crate) fn submit_one<I: Serialize, O>(
+    /// Encodes one call as a job, with the receiver of its completion.
+    pub(crate) fn encode_one<I: Serialize, O>(
         &self,
         task: &Task<I, O>,
         input: &I,
         options: CallOptions,
-    ) -> Result<oneshot::Receiver<Completion>> {
+    ) -> Result<(Job, oneshot::Receiver<Completion>)> {
         let index = self.tasks.resolve(task)?;
         let mut buf = BytesMut::with_capacity(64);
         let (id, start, _) = self.call_frame(index, 1, &mut buf);
@@ -205,8 +223,24 @@ impl Shared {
         })?;
         let (sender, receiver) = oneshot::channel();
         let job = Job::new(id, task.name(), 1, buf.freeze(), ReplyTo::Once(sender), options);
-        self.submit(job).map_err(|_| self.refused())?;
-        Ok(receiver)
+        Ok((job, receiver))
+    }
+
+    /// The share of the spawn queue's room a job needs: its frame's size, but no
+    /// more than all of it, so a call larger than the queue still goes alone.
+    pub(crate) fn room_for(&self, job: &Job) -> u32 {
+        job.frame.len().clamp(1, self.queue_room.max) as u32
+    }
+
+    /// Takes room in the spawn queue for `job` at once, if there is enough.
+    pub(crate) fn try_admit(&self, job: &mut Job) -> bool {
+        match self.queue_room.semaphore.clone().try_acquire_many_owned(self.room_for(job)) {
+            Ok(permit) => {
+                job.admission = Some(permit);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     /// Queues a job, or drops it when the executor no longer accepts work.

@@ -333,3 +333,25 @@ async fn a_process_a_task_starts_does_not_inherit_the_worker_marker() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_spawn_queue_is_bounded_and_calls_past_it_wait_in_their_handles() {
+    hang_guard(async {
+        let exec = builder(1).max_queued_bytes(4 << 20).build().await.unwrap();
+        let busy = exec.spawn(sleep_ms, 300);
+        eventually("the worker is busy", || exec.stats().running == 1).await;
+        let payload = || serde_bytes::ByteBuf::from(vec![7u8; 1 << 20]);
+        let calls: Vec<_> = (0..50).map(|_| exec.spawn(echo, payload())).collect();
+        // 50 MiB asked for, 4 MiB of room: the rest waits in the callers' handles.
+        let queued = exec.stats().queued;
+        assert!((1..=4).contains(&queued), "{queued} calls of 1 MiB queued");
+        let refused = exec.try_spawn(echo, payload()).unwrap_err();
+        assert_eq!(refused.into_input().len(), 1 << 20, "the input comes back");
+        assert_eq!(busy.await.unwrap(), 300);
+        for call in calls {
+            assert_eq!(call.await.unwrap().len(), 1 << 20);
+        }
+        assert!(exec.try_spawn(square, 3).unwrap().await.unwrap() == 9, "room again");
+    })
+    .await;
+}
