@@ -167,6 +167,7 @@ pub(crate) enum Outcome {
 pub(crate) const RECORD_PREFIX: usize = 4;
 
 /// Starts a record at the end of `buf`; returns where it starts.
+#[inline]
 pub(crate) fn begin_record<B: Buf>(buf: &mut B) -> usize {
     let start = buf.len();
     buf.extend_from_slice(&[0; RECORD_PREFIX]);
@@ -174,6 +175,7 @@ pub(crate) fn begin_record<B: Buf>(buf: &mut B) -> usize {
 }
 
 /// Finishes the record begun at `start` by writing its length.
+#[inline]
 pub(crate) fn end_record<B: Buf>(buf: &mut B, start: usize) {
     let len = buf.len() - start - RECORD_PREFIX;
     // A record longer than 4 GiB cannot fit a frame, whose length has 4 bytes too.
@@ -183,6 +185,7 @@ pub(crate) fn end_record<B: Buf>(buf: &mut B, start: usize) {
 
 /// Splits the next record off the front of `body`; `None` when `body` does not
 /// start with a whole record.
+#[inline]
 pub(crate) fn take_record<'a>(body: &mut &'a [u8]) -> Option<&'a [u8]> {
     let (len, rest) = body.split_first_chunk::<RECORD_PREFIX>()?;
     let len = u32::from_le_bytes(*len) as usize;
@@ -261,22 +264,27 @@ pub(crate) trait Buf {
 }
 
 impl Buf for BytesMut {
+    #[inline]
     fn len(&self) -> usize {
         BytesMut::len(self)
     }
 
+    #[inline]
     fn extend_from_slice(&mut self, data: &[u8]) {
         BytesMut::extend_from_slice(self, data)
     }
 
+    #[inline]
     fn push(&mut self, byte: u8) {
         self.put_u8(byte)
     }
 
+    #[inline]
     fn truncate(&mut self, len: usize) {
         BytesMut::truncate(self, len)
     }
 
+    #[inline]
     fn patch(&mut self, at: usize, data: &[u8]) {
         self[at..at + data.len()].copy_from_slice(data)
     }
@@ -315,6 +323,7 @@ impl ReplyBuf {
     }
 
     /// Records that call `id` started, its item records beginning here.
+    #[inline]
     pub(crate) fn begin_call(&mut self, id: u64) {
         let here = self.buf.len() as u64;
         self.buf.publish(Progress::ITEMS_AT, 0);
@@ -342,6 +351,7 @@ impl ReplyBuf {
     }
 
     /// Records that `items` items of the call are done, their records ending here.
+    #[inline]
     pub(crate) fn items_done(&mut self, items: u32) {
         self.buf.publish(Progress::BYTES_AT, self.buf.len() as u64);
         self.buf.publish(Progress::ITEMS_AT, u64::from(items));
@@ -349,23 +359,28 @@ impl ReplyBuf {
 }
 
 impl Buf for ReplyBuf {
+    #[inline]
     fn len(&self) -> usize {
         self.buf.len()
     }
 
+    #[inline]
     fn extend_from_slice(&mut self, data: &[u8]) {
         self.buf.extend_from_slice(data)
     }
 
+    #[inline]
     fn push(&mut self, byte: u8) {
         self.buf.push(byte)
     }
 
+    #[inline]
     fn truncate(&mut self, len: usize) {
         // Never into the progress record.
         self.buf.truncate(len.max(Progress::SIZE))
     }
 
+    #[inline]
     fn patch(&mut self, at: usize, data: &[u8]) {
         self.buf.patch(at, data)
     }
@@ -385,11 +400,13 @@ pub(crate) struct Append<'a, B>(pub(crate) &'a mut B);
 impl<B: Buf> postcard::ser_flavors::Flavor for Append<'_, B> {
     type Output = ();
 
+    #[inline]
     fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
         self.0.extend_from_slice(data);
         Ok(())
     }
 
+    #[inline]
     fn try_push(&mut self, data: u8) -> postcard::Result<()> {
         self.0.push(data);
         Ok(())
@@ -401,11 +418,13 @@ impl<B: Buf> postcard::ser_flavors::Flavor for Append<'_, B> {
 }
 
 /// Appends the postcard encoding of `value` to `buf`.
+#[inline]
 pub(crate) fn encode_into<B: Buf, T: Serialize + ?Sized>(buf: &mut B, value: &T) -> postcard::Result<()> {
     postcard::serialize_with_flavor(value, Append(buf))
 }
 
 /// Starts a frame at the end of `buf`; returns where it starts.
+#[inline]
 pub(crate) fn begin_frame<B: Buf>(buf: &mut B) -> usize {
     let start = buf.len();
     buf.extend_from_slice(&[0; LENGTH_PREFIX]);
@@ -416,6 +435,7 @@ pub(crate) fn begin_frame<B: Buf>(buf: &mut B) -> usize {
 ///
 /// Fails with the body's size when it exceeds `max_frame_len`; the caller then drops
 /// the frame (`buf.truncate(start)`).
+#[inline]
 pub(crate) fn end_frame<B: Buf>(buf: &mut B, start: usize, max_frame_len: usize) -> Result<(), usize> {
     let len = buf.len() - start - LENGTH_PREFIX;
     if len > max_frame_len || len > u32::MAX as usize {

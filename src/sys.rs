@@ -224,10 +224,12 @@ impl SharedBuf {
         self.file.as_ref().map(|file| file.as_fd())
     }
 
+    #[inline]
     pub(crate) fn len(&self) -> usize {
         self.len
     }
 
+    #[inline]
     pub(crate) fn as_slice(&self) -> &[u8] {
         // SAFETY: the first `len` bytes are mapped and initialized (mappings start
         // zeroed), and `&self` keeps the mapping alive and unmoved.
@@ -236,11 +238,17 @@ impl SharedBuf {
 
     /// Makes room for `additional` more bytes. Panics when the memory cannot be had,
     /// as a `Vec` would.
+    #[inline]
     fn reserve(&mut self, additional: usize) {
-        let needed = self.len.checked_add(additional).expect("a reply buffer above usize::MAX");
-        if needed <= self.cap {
-            return;
+        if additional > self.cap - self.len {
+            self.grow_for(additional);
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn grow_for(&mut self, additional: usize) {
+        let needed = self.len.checked_add(additional).expect("a reply buffer above usize::MAX");
         let cap = round_to_page(needed.max(self.cap.saturating_mul(2)));
         if let Err(err) = self.grow(cap) {
             panic!("cannot grow the reply buffer to {cap} bytes: {err}");
@@ -271,6 +279,7 @@ impl SharedBuf {
         }
     }
 
+    #[inline]
     pub(crate) fn extend_from_slice(&mut self, data: &[u8]) {
         self.reserve(data.len());
         // SAFETY: `reserve` made `len + data.len()` bytes mapped; `data` cannot
@@ -279,6 +288,7 @@ impl SharedBuf {
         self.len += data.len();
     }
 
+    #[inline]
     pub(crate) fn push(&mut self, byte: u8) {
         self.reserve(1);
         // SAFETY: `reserve` made byte `len` mapped.
@@ -287,11 +297,13 @@ impl SharedBuf {
     }
 
     /// Shortens the buffer (a no-op when it is shorter already).
+    #[inline]
     pub(crate) fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
 
     /// Overwrites bytes already written, from `at`.
+    #[inline]
     pub(crate) fn patch(&mut self, at: usize, data: &[u8]) {
         assert!(at + data.len() <= self.len, "patching bytes never written");
         // SAFETY: the range lies within the first `len` (mapped) bytes, checked above.
@@ -300,6 +312,7 @@ impl SharedBuf {
 
     /// Stores `value` at `at` (a multiple of 8 within the written bytes) as one
     /// atomic write, so a reader in another process sees all of it or none.
+    #[inline]
     pub(crate) fn publish(&self, at: usize, value: u64) {
         assert!(at.is_multiple_of(8) && at + 8 <= self.len, "a misplaced progress field");
         // SAFETY: the mapping is page-aligned and `at` a multiple of 8, so the
@@ -314,6 +327,7 @@ impl SharedBuf {
 impl SharedBuf {
     /// Loads the `u64` at `at` (as [`publish`](SharedBuf::publish) stores it): the
     /// parent writes some fields of a worker's buffer.
+    #[inline]
     pub(crate) fn load(&self, at: usize) -> u64 {
         assert!(at.is_multiple_of(8) && at + 8 <= self.len, "a misplaced progress field");
         // SAFETY: as in `publish`: aligned, within the mapping, accessed atomically.
