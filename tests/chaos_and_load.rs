@@ -98,6 +98,9 @@ fn chaos(retries: u32) {
         if retries > 0 {
             assert_eq!(crashed, 0, "with retries every item ends Ok");
         }
+        // A kill costs at most the one input its worker was running: never its
+        // chunk-mates, whether they had finished or not yet started.
+        assert!(crashed <= kills, "{crashed} items failed for {kills} kills");
         let stats = exec.stats();
         println!(
             "chaos (retries {retries}): 10000 tasks in {elapsed:?}, {kills} workers killed, {crashed} items \
