@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::Stream;
-use tokio::io::AsyncWrite;
 use tokio::time::{Instant, Sleep};
 
 use crate::dispatch::{CancelPolicy, Completion, Delivery, Job, Room, Took};
@@ -24,6 +23,10 @@ use crate::process::{CallProgress, WorkerProcess};
 use crate::protocol::{self, Reply};
 use crate::stats::{Counters, ExitCause, WorkerExit};
 
+mod writer;
+
+use writer::FrameWriter;
+
 /// Queued work a worker may hold beyond its current call, in expected run time:
 /// enough to cover a pipe round trip, so the worker never waits for the parent.
 const PREFETCH_NS: u64 = 300_000;
@@ -32,10 +35,6 @@ const PREFETCH_NS: u64 = 300_000;
 const LONG_CALL_NS: u64 = 2_000_000;
 /// Upper bound on calls in flight to one worker.
 const MAX_DEPTH: usize = 256;
-/// Frames up to this size are copied into one buffer and written together.
-const SMALL_FRAME: usize = 8 * 1024;
-/// How much to stage before writing.
-const STAGE_LIMIT: usize = 64 * 1024;
 /// Consecutive failed starts after which a slot gives up.
 const MAX_START_FAILURES: u32 = 5;
 /// How long a worker told to exit may take before it is killed.
@@ -375,18 +374,9 @@ struct Session<'a> {
     shared: &'a Shared,
     worker: &'a mut WorkerProcess,
     in_flight: VecDeque<Job>,
-    /// How many jobs at the back of `in_flight` are not yet fully written.
-    unwritten: usize,
-    /// Bytes already written of the first of those, when it is written directly.
-    written: usize,
-    /// Copies of the oldest unwritten frames, when small, to write in one go.
-    staged: BytesMut,
-    /// Where each staged frame ends in `staged`.
-    staged_ends: VecDeque<usize>,
-    /// Bytes of `staged` already written.
-    staged_pos: usize,
-    /// The request pipe broke; replies are read until the stream ends.
-    write_closed: bool,
+    /// How far their request frames are written. Once the pipe broke, replies are
+    /// read until the stream ends.
+    writer: FrameWriter,
     /// Moving average of the worker's time per call.
     service_ns: Option<u64>,
     /// The call at the head of `in_flight` is running (its frame is written and
@@ -412,12 +402,7 @@ impl<'a> Session<'a> {
             shared,
             worker,
             in_flight: VecDeque::new(),
-            unwritten: 0,
-            written: 0,
-            staged: BytesMut::new(),
-            staged_ends: VecDeque::new(),
-            staged_pos: 0,
-            write_closed: false,
+            writer: FrameWriter::default(),
             service_ns,
             head_running: false,
             head_since: None,
@@ -553,7 +538,7 @@ impl<'a> Session<'a> {
 
     /// Whether the head call's frame has been fully written (so it may be running).
     fn head_written(&self) -> bool {
-        self.unwritten < self.in_flight.len()
+        self.writer.head_written(self.in_flight.len())
     }
 
     /// Enforces the running call's time limit, and its cancellation under
@@ -592,7 +577,7 @@ impl<'a> Session<'a> {
     /// cancel policy). Registers to be woken when a caller leaves.
     fn withdraw_abandoned(&mut self, cx: &mut Context<'_>) {
         // Only calls fully written, behind the first, can be waiting in the worker.
-        let written = self.in_flight.len() - self.unwritten;
+        let written = self.writer.written(self.in_flight.len());
         if written < 2 {
             return;
         }
@@ -647,7 +632,7 @@ impl<'a> Session<'a> {
             }
         }
         let room = depth.saturating_sub(self.in_flight.len());
-        if self.write_closed || self.retiring.is_some() || room == 0 {
+        if self.writer.is_closed() || self.retiring.is_some() || room == 0 {
             // Still be woken for shutdown and cancellations.
             self.shared.queue.register(cx, self.worker.index);
             return false;
@@ -667,7 +652,7 @@ impl<'a> Session<'a> {
         match taken {
             Poll::Ready(Took::Jobs(taken)) => {
                 self.shared.counters.slots[slot].set_busy(true);
-                self.unwritten += taken;
+                self.writer.queued(taken);
                 self.shared.counters.running.fetch_add(taken, Ordering::AcqRel);
                 self.idle_timer = None;
                 true
@@ -683,54 +668,8 @@ impl<'a> Session<'a> {
 
     /// Writes pending frames until the pipe is full or nothing is left.
     fn poll_write(&mut self, cx: &mut Context<'_>) {
-        let Some(requests) = self.worker.requests.as_mut() else {
-            return;
-        };
-        while self.unwritten > 0 && !self.write_closed {
-            let first = self.in_flight.len() - self.unwritten;
-            if self.staged_ends.is_empty() {
-                // Small frames go out copied into one buffer: one long write costs the
-                // kernel far less than dozens of tiny ones in a vector.
-                for job in self.in_flight.range(first..) {
-                    if job.frame.len() > SMALL_FRAME || self.staged.len() >= STAGE_LIMIT {
-                        break;
-                    }
-                    self.staged.extend_from_slice(&job.frame);
-                    self.staged_ends.push_back(self.staged.len());
-                }
-            }
-            let staging = !self.staged_ends.is_empty();
-            let bytes = if staging {
-                &self.staged[self.staged_pos..]
-            } else {
-                &self.in_flight[first].frame[self.written..]
-            };
-            match Pin::new(&mut *requests).poll_write(cx, bytes) {
-                Poll::Ready(Ok(0)) => self.write_closed = true,
-                Poll::Ready(Ok(n)) if staging => {
-                    self.staged_pos += n;
-                    while self.staged_ends.front().is_some_and(|&end| end <= self.staged_pos) {
-                        self.staged_ends.pop_front();
-                        self.unwritten -= 1;
-                    }
-                    if self.staged_ends.is_empty() {
-                        self.staged.clear();
-                        self.staged_pos = 0;
-                    }
-                }
-                // A large frame goes out as it is, without a copy.
-                Poll::Ready(Ok(n)) => {
-                    self.written += n;
-                    if self.written == self.in_flight[first].frame.len() {
-                        self.written = 0;
-                        self.unwritten -= 1;
-                    }
-                }
-                Poll::Ready(Err(err)) if err.kind() == io::ErrorKind::Interrupted => {}
-                // The worker is gone; its replies are still read to the end.
-                Poll::Ready(Err(_)) => self.write_closed = true,
-                Poll::Pending => return,
-            }
+        if let Some(requests) = self.worker.requests.as_mut() {
+            self.writer.poll_write(cx, requests, &self.in_flight);
         }
     }
 }
