@@ -20,11 +20,12 @@ use crate::dispatch::{CancelPolicy, Completion, Delivery, Job, Room, Took};
 use crate::error::{Error, ExitReason, ProtocolViolation, WorkerCrash, WorkerStartError};
 use crate::pool::{RunState, Shared};
 use crate::process::{CallProgress, WorkerProcess};
-use crate::protocol::{self, Reply};
 use crate::stats::{Counters, ExitCause, WorkerExit};
 
+mod replies;
 mod writer;
 
+use replies::Answer;
 use writer::FrameWriter;
 
 /// Queued work a worker may hold beyond its current call, in expected run time:
@@ -183,17 +184,14 @@ async fn stop_idle_worker(worker: &mut WorkerProcess) {
 async fn drain_replies(shared: &Shared, worker: &mut WorkerProcess, in_flight: &mut VecDeque<Job>) {
     let drained = async {
         while let Some(Ok(frame)) = futures::StreamExt::next(&mut worker.replies).await {
-            let frame = frame.freeze();
-            let Ok((Reply::Done { id, busy_ns, .. }, body)) = protocol::split_header::<Reply>(&frame) else {
+            // The worker is dead: a request it replied to was written whole.
+            let head = in_flight.front().map(|job| job.id);
+            let Ok(Answer { body, busy_ns, .. }) = replies::match_reply(frame, head, true) else {
                 return;
             };
-            if in_flight.front().is_none_or(|job| job.id != id) {
-                return;
-            }
-            let body = frame.slice(frame.len() - body.len()..);
             if let Some(job) = in_flight.pop_front() {
                 Counters::add(&shared.counters.completed, u64::from(job.items));
-                job.complete(Completion::Done(Delivery { body, busy_ns: busy_ns.get() }));
+                job.complete(Completion::Done(Delivery { body, busy_ns }));
             }
         }
     };
@@ -484,18 +482,8 @@ impl<'a> Session<'a> {
     }
 
     fn on_reply(&mut self, frame: BytesMut) -> Result<(), String> {
-        let frame = frame.freeze();
-        let (reply, body) =
-            protocol::split_header::<Reply>(&frame).map_err(|e| format!("undecodable reply: {e}"))?;
-        let Reply::Done { id, busy_ns, peak_rss_kib } = reply else {
-            return Err(format!("unexpected message {reply:?}"));
-        };
-        match self.in_flight.front() {
-            Some(_) if !self.head_written() => return Err(format!("reply for call {id} before it was sent")),
-            Some(job) if job.id == id => {}
-            Some(job) => return Err(format!("reply for call {id} while call {} was running", job.id)),
-            None => return Err(format!("reply for call {id}, but no call was in flight")),
-        }
+        let head = self.in_flight.front().map(|job| job.id);
+        let Answer { body, busy_ns, peak_rss_kib } = replies::match_reply(frame, head, self.head_written())?;
         let Some(job) = self.in_flight.pop_front() else {
             return Ok(());
         };
@@ -509,15 +497,13 @@ impl<'a> Session<'a> {
         self.head_cancelled_at = None;
         self.head_timer = None;
 
-        let body = frame.slice(frame.len() - body.len()..);
-        let busy_ns = busy_ns.get();
         self.service_ns = Some(match self.service_ns {
             None => busy_ns,
             Some(average) => average.saturating_mul(7).saturating_add(busy_ns) / 8,
         });
         self.served += u64::from(job.items);
         let limits = &self.shared.limits;
-        let peak_rss = peak_rss_kib.get().saturating_mul(1024);
+        let peak_rss = peak_rss_kib.saturating_mul(1024);
         if limits.max_worker_memory.is_some_and(|ceiling| peak_rss > ceiling) {
             tracing::info!(
                 worker = self.worker.index,
@@ -530,7 +516,7 @@ impl<'a> Session<'a> {
             self.retiring.get_or_insert(ExitCause::MaxTasks);
         }
         let slot = &self.shared.counters.slots[self.worker.index];
-        slot.answered(job.items, peak_rss_kib.get());
+        slot.answered(job.items, peak_rss_kib);
         slot.set_busy(!self.in_flight.is_empty());
         job.complete(Completion::Done(Delivery { body, busy_ns }));
         Ok(())
