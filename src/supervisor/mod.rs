@@ -22,20 +22,13 @@ use crate::pool::{RunState, Shared};
 use crate::process::{CallProgress, WorkerProcess};
 use crate::stats::{Counters, ExitCause, WorkerExit};
 
+mod pull;
 mod replies;
 mod writer;
 
 use replies::Answer;
 use writer::FrameWriter;
 
-/// Queued work a worker may hold beyond its current call, in expected run time:
-/// enough to cover a pipe round trip, so the worker never waits for the parent.
-const PREFETCH_NS: u64 = 300_000;
-/// Calls at least this long are not prefetched: the round trip is noise next to
-/// them, and a call queued behind a long one could have run on a worker that is idle.
-const LONG_CALL_NS: u64 = 2_000_000;
-/// Upper bound on calls in flight to one worker.
-const MAX_DEPTH: usize = 256;
 /// Consecutive failed starts after which a slot gives up.
 const MAX_START_FAILURES: u32 = 5;
 /// How long a worker told to exit may take before it is killed.
@@ -595,40 +588,19 @@ impl<'a> Session<'a> {
         false
     }
 
-    /// How many calls this worker should hold: one, plus enough queued work to
-    /// cover a round trip when calls are short.
-    fn depth(&self) -> usize {
-        match self.service_ns {
-            None => 1,
-            Some(ns) if ns >= LONG_CALL_NS => 1,
-            Some(ns) => (1 + PREFETCH_NS.div_ceil(ns.max(1)) as usize).min(MAX_DEPTH),
-        }
-    }
-
     /// Pulls jobs while the window has room; true if any came.
     fn pull(&mut self, cx: &mut Context<'_>) -> bool {
-        let mut depth = self.depth();
         let busy = !self.in_flight.is_empty();
-        if busy && self.head_running {
-            // The averages may say calls are short, but this one has run long: what
-            // would queue behind it can run elsewhere, or here once it is done.
-            let ran = self.head_since.get_or_insert_with(Instant::now).elapsed();
-            if ran >= Duration::from_nanos(LONG_CALL_NS) {
-                depth = 1;
-            }
-        }
-        let room = depth.saturating_sub(self.in_flight.len());
+        let head_ran =
+            (busy && self.head_running).then(|| self.head_since.get_or_insert_with(Instant::now).elapsed());
+        let room = pull::depth(self.service_ns, head_ran).saturating_sub(self.in_flight.len());
         if self.writer.is_closed() || self.retiring.is_some() || room == 0 {
             // Still be woken for shutdown and cancellations.
             self.shared.queue.register(cx, self.worker.index);
             return false;
         }
-        // `max_tasks_per_worker` is a promise per worker: never hand it more inputs
-        // than it may still serve.
-        let budget = self.shared.limits.max_tasks_per_worker.map_or(u64::MAX, |max| {
-            let held: u64 = self.in_flight.iter().map(|job| u64::from(job.items)).sum();
-            max.saturating_sub(self.served + held)
-        });
+        let held = self.in_flight.iter().map(|job| job.items);
+        let budget = pull::budget(self.shared.limits.max_tasks_per_worker, self.served, held);
         let room = Room { jobs: room, items: budget, busy };
         let (in_flight, mut withdrawn) = (&mut self.in_flight, 0);
         let slot = self.worker.index;
