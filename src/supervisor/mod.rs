@@ -4,7 +4,7 @@
 //! (or retries it), re-queues the calls it never started, and starts a replacement.
 
 use std::collections::VecDeque;
-use std::future::{Future, poll_fn};
+use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::Stream;
-use tokio::time::{Instant, Sleep};
 
 use crate::dispatch::{CancelPolicy, Completion, Delivery, Job, Room, Took};
 use crate::error::{Error, ExitReason, ProtocolViolation, WorkerCrash, WorkerStartError};
@@ -24,9 +23,11 @@ use crate::stats::{Counters, ExitCause, WorkerExit};
 
 mod pull;
 mod replies;
+mod timers;
 mod writer;
 
 use replies::Answer;
+use timers::{HeadTimer, IdleTimer};
 use writer::FrameWriter;
 
 /// Consecutive failed starts after which a slot gives up.
@@ -35,9 +36,6 @@ const MAX_START_FAILURES: u32 = 5;
 const EXIT_GRACE: Duration = Duration::from_secs(5);
 /// How long an idle worker asked to stop may take to exit by itself.
 const STOP_GRACE: Duration = Duration::from_secs(1);
-/// How long a cancelled call may still run before its worker is killed: cancelling
-/// a tiny call should not cost a worker restart.
-const CANCEL_GRACE: Duration = Duration::from_millis(10);
 
 /// Runs one slot until the executor shuts down or the slot gives up, containing
 /// a panic of the supervisor itself (a bug) to this slot.
@@ -325,24 +323,6 @@ async fn start_on_demand(shared: &Shared, slot: usize) -> Option<WorkerProcess> 
     restart(shared, slot).await
 }
 
-/// When the running call must be stopped, and whether that is its time limit
-/// (`true`) or the grace after its cancellation (`false`): whichever comes first. A
-/// limit too far away to represent is no limit.
-fn head_deadline(
-    started: Instant,
-    timeout: Option<Duration>,
-    cancelled_at: Option<Instant>,
-) -> Option<(Instant, bool)> {
-    let limit = timeout.and_then(|timeout| Some((started.checked_add(timeout)?, true)));
-    // The grace counts from the cancellation: a call cancelled late in a long run
-    // still gets it.
-    let grace = cancelled_at.and_then(|at| Some((at.checked_add(CANCEL_GRACE)?, false)));
-    match (limit, grace) {
-        (Some(limit), Some(grace)) => Some(if grace.0 < limit.0 { grace } else { limit }),
-        (limit, grace) => limit.or(grace),
-    }
-}
-
 /// Why a session ended.
 #[derive(Debug)]
 enum End {
@@ -373,14 +353,10 @@ struct Session<'a> {
     /// The call at the head of `in_flight` is running (its frame is written and
     /// the reply before it arrived).
     head_running: bool,
-    /// When it started, read from the clock only when a limit needs it.
-    head_since: Option<Instant>,
-    /// When its caller was seen gone.
-    head_cancelled_at: Option<Instant>,
-    /// Fires at the head call's time limit (or cancellation grace).
-    head_timer: Option<Pin<Box<Sleep>>>,
+    /// Its time limit and cancellation grace.
+    head_timer: HeadTimer,
     /// Fires when the worker has been idle for `idle_timeout`.
-    idle_timer: Option<Pin<Box<Sleep>>>,
+    idle_timer: IdleTimer,
     /// Inputs this worker has served.
     served: u64,
     /// Set when the worker should stop once its calls are done.
@@ -396,10 +372,8 @@ impl<'a> Session<'a> {
             writer: FrameWriter::default(),
             service_ns,
             head_running: false,
-            head_since: None,
-            head_cancelled_at: None,
-            head_timer: None,
-            idle_timer: None,
+            head_timer: HeadTimer::default(),
+            idle_timer: IdleTimer::default(),
             served: 0,
             retiring: None,
         }
@@ -434,7 +408,7 @@ impl<'a> Session<'a> {
                     return Poll::Ready(End::Retire(ExitCause::Idle));
                 }
             } else {
-                self.idle_timer = None;
+                self.idle_timer.stop();
             }
             let pulled = self.pull(cx);
             self.poll_write(cx);
@@ -486,9 +460,7 @@ impl<'a> Session<'a> {
         Counters::add(outcome, u64::from(job.items));
         // The next call starts as soon as this reply is written: now, if it was sent.
         self.head_running = self.head_written();
-        self.head_since = None;
-        self.head_cancelled_at = None;
-        self.head_timer = None;
+        self.head_timer.reset();
 
         self.service_ns = Some(match self.service_ns {
             None => busy_ns,
@@ -531,24 +503,10 @@ impl<'a> Session<'a> {
         if head.options.timeout.is_none() && !cancelled {
             return None;
         }
-        let since = *self.head_since.get_or_insert_with(Instant::now);
-        let cancelled_at = cancelled.then(|| *self.head_cancelled_at.get_or_insert_with(Instant::now));
-        let deadline = head_deadline(since, head.options.timeout, cancelled_at);
-        let (at, timed_out) = deadline?;
-        let id = head.id;
-        let cause = || {
-            let task = head.task.to_string();
-            let cause = if timed_out { ExitCause::TimedOut { task } } else { ExitCause::Cancelled { task } };
-            End::Kill { cause, id }
-        };
-        let timer = self.head_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
-        if timer.deadline() != at {
-            timer.as_mut().reset(at);
-        }
-        if Instant::now() >= at || timer.as_mut().poll(cx).is_ready() {
-            return Some(cause());
-        }
-        None
+        let timed_out = self.head_timer.poll_expired(cx, head.options.timeout, cancelled)?;
+        let task = head.task.to_string();
+        let cause = if timed_out { ExitCause::TimedOut { task } } else { ExitCause::Cancelled { task } };
+        Some(End::Kill { cause, id: head.id })
     }
 
     /// Calls sent ahead may lose their callers while an earlier call runs: the
@@ -575,24 +533,21 @@ impl<'a> Session<'a> {
         else {
             return false;
         };
-        let timer = self.idle_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        if timer.as_mut().poll(cx).is_pending() {
+        if !self.idle_timer.poll_elapsed(cx, timeout) {
             return false;
         }
         if !self.shared.queue.has_live_jobs() && self.shared.claim_idle_exit() {
             return true;
         }
         // Needed, or work is waiting: stay, and look again later.
-        timer.as_mut().reset(Instant::now() + timeout);
-        let _ = timer.as_mut().poll(cx);
+        self.idle_timer.restart(cx, timeout);
         false
     }
 
     /// Pulls jobs while the window has room; true if any came.
     fn pull(&mut self, cx: &mut Context<'_>) -> bool {
         let busy = !self.in_flight.is_empty();
-        let head_ran =
-            (busy && self.head_running).then(|| self.head_since.get_or_insert_with(Instant::now).elapsed());
+        let head_ran = (busy && self.head_running).then(|| self.head_timer.ran());
         let room = pull::depth(self.service_ns, head_ran).saturating_sub(self.in_flight.len());
         if self.writer.is_closed() || self.retiring.is_some() || room == 0 {
             // Still be woken for shutdown and cancellations.
@@ -612,7 +567,7 @@ impl<'a> Session<'a> {
                 self.shared.counters.slots[slot].set_busy(true);
                 self.writer.queued(taken);
                 self.shared.counters.running.fetch_add(taken, Ordering::AcqRel);
-                self.idle_timer = None;
+                self.idle_timer.stop();
                 true
             }
             Poll::Ready(Took::OverBudget) => {
@@ -629,29 +584,5 @@ impl<'a> Session<'a> {
         if let Some(requests) = self.worker.requests.as_mut() {
             self.writer.poll_write(cx, requests, &self.in_flight);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_cancel_grace_counts_from_the_cancellation_not_the_start() {
-        let start = Instant::now();
-        let cancelled = start + Duration::from_millis(500);
-        assert_eq!(head_deadline(start, None, Some(cancelled)), Some((cancelled + CANCEL_GRACE, false)));
-    }
-
-    #[test]
-    fn the_earlier_of_limit_and_grace_applies() {
-        let start = Instant::now();
-        let limit = Duration::from_millis(100);
-        let late = start + Duration::from_millis(95);
-        assert_eq!(head_deadline(start, Some(limit), Some(late)), Some((start + limit, true)));
-        let early = start + Duration::from_millis(20);
-        assert_eq!(head_deadline(start, Some(limit), Some(early)), Some((early + CANCEL_GRACE, false)));
-        assert_eq!(head_deadline(start, None, None), None);
-        assert_eq!(head_deadline(start, Some(Duration::MAX), None), None, "too far away is no limit");
     }
 }
