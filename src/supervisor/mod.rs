@@ -2,20 +2,21 @@
 //! pulls from the queue, matches replies to them, enforces time limits and
 //! cancellation, and when the worker dies fails exactly the call it was running
 //! (or retries it), re-queues the calls it never started, and starts a replacement.
+//!
+//! This module runs slots and handles how each session ends. The session itself
+//! ([`session`]) is a loop over parts that each stand alone, so they can be tested
+//! without a process: [`writer`] (request frames out), [`replies`] (a reply matched
+//! to its call), [`timers`] (the head call's limits, the idle worker's timeout) and
+//! [`pull`] (how much to take from the queue).
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use futures::Stream;
-
-use crate::dispatch::{CancelPolicy, Completion, Delivery, Job, Room, Took};
+use crate::dispatch::{Completion, Delivery, Job};
 use crate::error::{Error, ExitReason, ProtocolViolation, WorkerCrash, WorkerStartError};
 use crate::pool::{RunState, Shared};
 use crate::process::{CallProgress, WorkerProcess};
@@ -23,12 +24,12 @@ use crate::stats::{Counters, ExitCause, WorkerExit};
 
 mod pull;
 mod replies;
+mod session;
 mod timers;
 mod writer;
 
 use replies::Answer;
-use timers::{HeadTimer, IdleTimer};
-use writer::FrameWriter;
+use session::{End, Session};
 
 /// Consecutive failed starts after which a slot gives up.
 const MAX_START_FAILURES: u32 = 5;
@@ -321,268 +322,4 @@ async fn start_on_demand(shared: &Shared, slot: usize) -> Option<WorkerProcess> 
         return None;
     }
     restart(shared, slot).await
-}
-
-/// Why a session ended.
-#[derive(Debug)]
-enum End {
-    /// Shutdown asked for, and nothing is left to do.
-    Drained,
-    /// The executor was dropped or terminated.
-    Terminated,
-    /// The worker's reply stream ended.
-    Died,
-    /// The worker sent something that is not a valid reply.
-    Protocol(String),
-    /// The running call (`id`) timed out or was cancelled: the worker must be killed.
-    Kill { cause: ExitCause, id: u64 },
-    /// The worker is done for a planned reason, with nothing in flight.
-    Retire(ExitCause),
-}
-
-/// One connected worker: the calls written to it and not yet answered, in order.
-struct Session<'a> {
-    shared: &'a Shared,
-    worker: &'a mut WorkerProcess,
-    in_flight: VecDeque<Job>,
-    /// How far their request frames are written. Once the pipe broke, replies are
-    /// read until the stream ends.
-    writer: FrameWriter,
-    /// Moving average of the worker's time per call.
-    service_ns: Option<u64>,
-    /// The call at the head of `in_flight` is running (its frame is written and
-    /// the reply before it arrived).
-    head_running: bool,
-    /// Its time limit and cancellation grace.
-    head_timer: HeadTimer,
-    /// Fires when the worker has been idle for `idle_timeout`.
-    idle_timer: IdleTimer,
-    /// Inputs this worker has served.
-    served: u64,
-    /// Set when the worker should stop once its calls are done.
-    retiring: Option<ExitCause>,
-}
-
-impl<'a> Session<'a> {
-    fn new(shared: &'a Shared, worker: &'a mut WorkerProcess, service_ns: Option<u64>) -> Self {
-        Session {
-            shared,
-            worker,
-            in_flight: VecDeque::new(),
-            writer: FrameWriter::default(),
-            service_ns,
-            head_running: false,
-            head_timer: HeadTimer::default(),
-            idle_timer: IdleTimer::default(),
-            served: 0,
-            retiring: None,
-        }
-    }
-
-    /// Hands back the calls still in flight, and whether the first had been fully
-    /// sent (so the worker may have started it).
-    fn finish(&mut self) -> (VecDeque<Job>, bool) {
-        let head_sent = self.head_written();
-        let jobs = std::mem::take(&mut self.in_flight);
-        self.shared.counters.running.fetch_sub(jobs.len(), Ordering::AcqRel);
-        (jobs, head_sent)
-    }
-
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<End> {
-        loop {
-            if let Poll::Ready(end) = self.poll_replies(cx) {
-                return Poll::Ready(end);
-            }
-            if self.shared.state() == RunState::Terminated {
-                return Poll::Ready(End::Terminated);
-            }
-            if let Some(end) = self.poll_head(cx) {
-                return Poll::Ready(end);
-            }
-            self.withdraw_abandoned(cx);
-            if self.in_flight.is_empty() {
-                if let Some(cause) = self.retiring.take() {
-                    return Poll::Ready(End::Retire(cause));
-                }
-                if self.poll_idle(cx) {
-                    return Poll::Ready(End::Retire(ExitCause::Idle));
-                }
-            } else {
-                self.idle_timer.stop();
-            }
-            let pulled = self.pull(cx);
-            self.poll_write(cx);
-            if !self.head_running && self.head_written() {
-                self.head_running = true;
-                continue; // arm the head's timer
-            }
-            // Checked after pulling, which drops withdrawn calls: a queue of only
-            // withdrawn calls is empty.
-            if self.shared.state() == RunState::Draining
-                && self.in_flight.is_empty()
-                && !self.shared.queue.has_live_jobs()
-            {
-                return Poll::Ready(End::Drained);
-            }
-            if !pulled {
-                return Poll::Pending;
-            }
-        }
-    }
-
-    /// Handles every reply that has arrived.
-    fn poll_replies(&mut self, cx: &mut Context<'_>) -> Poll<End> {
-        loop {
-            match Pin::new(&mut self.worker.replies).poll_next(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Err(message) = self.on_reply(frame) {
-                        return Poll::Ready(End::Protocol(message));
-                    }
-                }
-                Poll::Ready(Some(Err(err))) if err.kind() == io::ErrorKind::InvalidData => {
-                    return Poll::Ready(End::Protocol(format!("unreadable frame: {err}")));
-                }
-                Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(End::Died),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
-
-    fn on_reply(&mut self, frame: BytesMut) -> Result<(), String> {
-        let head = self.in_flight.front().map(|job| job.id);
-        let Answer { body, busy_ns, peak_rss_kib } = replies::match_reply(frame, head, self.head_written())?;
-        let Some(job) = self.in_flight.pop_front() else {
-            return Ok(());
-        };
-        self.shared.counters.running.fetch_sub(1, Ordering::AcqRel);
-        let outcome =
-            if job.withdrawn { &self.shared.counters.cancelled } else { &self.shared.counters.completed };
-        Counters::add(outcome, u64::from(job.items));
-        // The next call starts as soon as this reply is written: now, if it was sent.
-        self.head_running = self.head_written();
-        self.head_timer.reset();
-
-        self.service_ns = Some(match self.service_ns {
-            None => busy_ns,
-            Some(average) => average.saturating_mul(7).saturating_add(busy_ns) / 8,
-        });
-        self.served += u64::from(job.items);
-        let limits = &self.shared.limits;
-        let peak_rss = peak_rss_kib.saturating_mul(1024);
-        if limits.max_worker_memory.is_some_and(|ceiling| peak_rss > ceiling) {
-            tracing::info!(
-                worker = self.worker.index,
-                task = job.task,
-                peak_rss,
-                "worker passed its memory ceiling"
-            );
-            self.retiring = Some(ExitCause::Memory { task: job.task.into(), peak_rss });
-        } else if limits.max_tasks_per_worker.is_some_and(|max| self.served >= max) {
-            self.retiring.get_or_insert(ExitCause::MaxTasks);
-        }
-        let slot = &self.shared.counters.slots[self.worker.index];
-        slot.answered(job.items, peak_rss_kib);
-        slot.set_busy(!self.in_flight.is_empty());
-        job.complete(Completion::Done(Delivery { body, busy_ns }));
-        Ok(())
-    }
-
-    /// Whether the head call's frame has been fully written (so it may be running).
-    fn head_written(&self) -> bool {
-        self.writer.head_written(self.in_flight.len())
-    }
-
-    /// Enforces the running call's time limit, and its cancellation under
-    /// [`CancelPolicy::Kill`].
-    fn poll_head(&mut self, cx: &mut Context<'_>) -> Option<End> {
-        if !self.head_running {
-            return None;
-        }
-        let head = self.in_flight.front_mut()?;
-        let cancelled = head.options.cancel == CancelPolicy::Kill && head.poll_cancelled(cx);
-        if head.options.timeout.is_none() && !cancelled {
-            return None;
-        }
-        let timed_out = self.head_timer.poll_expired(cx, head.options.timeout, cancelled)?;
-        let task = head.task.to_string();
-        let cause = if timed_out { ExitCause::TimedOut { task } } else { ExitCause::Cancelled { task } };
-        Some(End::Kill { cause, id: head.id })
-    }
-
-    /// Calls sent ahead may lose their callers while an earlier call runs: the
-    /// worker is told to skip those rather than start them (and then be killed by the
-    /// cancel policy). Registers to be woken when a caller leaves.
-    fn withdraw_abandoned(&mut self, cx: &mut Context<'_>) {
-        // Only calls fully written, behind the first, can be waiting in the worker.
-        let written = self.writer.written(self.in_flight.len());
-        if written < 2 {
-            return;
-        }
-        for job in self.in_flight.range_mut(1..written) {
-            if !job.withdrawn && job.poll_cancelled(cx) && self.worker.withdraw(job.id) {
-                job.withdrawn = true;
-            }
-        }
-    }
-
-    /// With nothing in flight: true once the worker has been idle for
-    /// `idle_timeout` and may stop (more than `min_processes` are alive).
-    fn poll_idle(&mut self, cx: &mut Context<'_>) -> bool {
-        let limits = &self.shared.limits;
-        let Some(timeout) = limits.idle_timeout.filter(|_| limits.min_processes < self.shared.processes)
-        else {
-            return false;
-        };
-        if !self.idle_timer.poll_elapsed(cx, timeout) {
-            return false;
-        }
-        if !self.shared.queue.has_live_jobs() && self.shared.claim_idle_exit() {
-            return true;
-        }
-        // Needed, or work is waiting: stay, and look again later.
-        self.idle_timer.restart(cx, timeout);
-        false
-    }
-
-    /// Pulls jobs while the window has room; true if any came.
-    fn pull(&mut self, cx: &mut Context<'_>) -> bool {
-        let busy = !self.in_flight.is_empty();
-        let head_ran = (busy && self.head_running).then(|| self.head_timer.ran());
-        let room = pull::depth(self.service_ns, head_ran).saturating_sub(self.in_flight.len());
-        if self.writer.is_closed() || self.retiring.is_some() || room == 0 {
-            // Still be woken for shutdown and cancellations.
-            self.shared.queue.register(cx, self.worker.index);
-            return false;
-        }
-        let held = self.in_flight.iter().map(|job| job.items);
-        let budget = pull::budget(self.shared.limits.max_tasks_per_worker, self.served, held);
-        let room = Room { jobs: room, items: budget, busy };
-        let (in_flight, mut withdrawn) = (&mut self.in_flight, 0);
-        let slot = self.worker.index;
-        let taken =
-            self.shared.queue.poll_take(cx, slot, room, &mut withdrawn, |job| in_flight.push_back(job));
-        Counters::add(&self.shared.counters.cancelled, withdrawn);
-        match taken {
-            Poll::Ready(Took::Jobs(taken)) => {
-                self.shared.counters.slots[slot].set_busy(true);
-                self.writer.queued(taken);
-                self.shared.counters.running.fetch_add(taken, Ordering::AcqRel);
-                self.idle_timer.stop();
-                true
-            }
-            Poll::Ready(Took::OverBudget) => {
-                // A fresh worker has the budget for it; this one is done once idle.
-                self.retiring.get_or_insert(ExitCause::MaxTasks);
-                true
-            }
-            Poll::Pending => false,
-        }
-    }
-
-    /// Writes pending frames until the pipe is full or nothing is left.
-    fn poll_write(&mut self, cx: &mut Context<'_>) {
-        if let Some(requests) = self.worker.requests.as_mut() {
-            self.writer.poll_write(cx, requests, &self.in_flight);
-        }
-    }
 }
