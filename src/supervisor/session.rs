@@ -319,3 +319,187 @@ impl<'a, L: Link> Session<'a, L> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::{CallOptions, ReplyTo};
+    use crate::pool::{Limits, TaskTable};
+    use crate::process::{WorkerConfig, WorkerStderr};
+    use crate::protocol::{self, Count, Fixed64, Reply, Request};
+    use bytes::Bytes;
+    use futures::{SinkExt, StreamExt};
+    use std::future::poll_fn;
+    use tokio::io::DuplexStream;
+    use tokio::sync::oneshot;
+    use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+    const MAX_FRAME: usize = 1 << 20;
+
+    /// The parent's ends of a fake worker's pipes.
+    struct FakeLink {
+        requests: Option<DuplexStream>,
+        replies: FramedRead<DuplexStream, LengthDelimitedCodec>,
+    }
+
+    impl Link for FakeLink {
+        type Requests = DuplexStream;
+
+        fn slot(&self) -> usize {
+            0
+        }
+
+        fn requests(&mut self) -> Option<&mut DuplexStream> {
+            self.requests.as_mut()
+        }
+
+        fn poll_reply(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<BytesMut>>> {
+            Pin::new(&mut self.replies).poll_next(cx)
+        }
+
+        fn withdraw(&mut self, _: u64) -> bool {
+            false
+        }
+    }
+
+    /// A worker in memory: it answers the first `answers` calls it reads, each with
+    /// one outcome record holding the call's id; then, if `die_mid_call`, it reads
+    /// one more call and dies (drops its pipes), else it answers nothing more. Its
+    /// replies say they answer call `reply_id(id)`.
+    fn fake_worker(answers: usize, die_mid_call: bool, reply_id: fn(u64) -> u64) -> FakeLink {
+        let (parent_requests, worker_requests) = tokio::io::duplex(64 * 1024);
+        let (worker_replies, parent_replies) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut calls = FramedRead::new(worker_requests, protocol::codec(MAX_FRAME));
+            let mut replies = FramedWrite::new(worker_replies, protocol::codec(MAX_FRAME));
+            for _ in 0..answers {
+                let Some(Ok(frame)) = calls.next().await else { return };
+                let Ok((Request::Call { id, .. }, _)) = protocol::split_header::<Request>(&frame) else {
+                    return;
+                };
+                let mut reply = BytesMut::new();
+                let done = Reply::Done {
+                    id: reply_id(id),
+                    busy_ns: Fixed64::new(1_000),
+                    peak_rss_kib: Fixed64::new(0),
+                };
+                if protocol::encode_into(&mut reply, &done).is_err() {
+                    return;
+                }
+                reply.extend_from_slice(&record(id));
+                if replies.send(reply.freeze()).await.is_err() {
+                    return;
+                }
+            }
+            if die_mid_call {
+                let _ = calls.next().await;
+                return;
+            }
+            // As a real worker does, it lives until the parent hangs up.
+            while let Some(Ok(_)) = calls.next().await {}
+        });
+        let replies = FramedRead::new(parent_replies, protocol::codec(MAX_FRAME));
+        FakeLink { requests: Some(parent_requests), replies }
+    }
+
+    fn record(id: u64) -> Vec<u8> {
+        let mut body = BytesMut::new();
+        body.extend_from_slice(&[protocol::OUTCOME_OK]);
+        body.extend_from_slice(&id.to_le_bytes());
+        let mut record = BytesMut::new();
+        let start = protocol::begin_record(&mut record);
+        record.extend_from_slice(&body);
+        protocol::end_record(&mut record, start);
+        record.to_vec()
+    }
+
+    fn shared() -> Shared {
+        let config = WorkerConfig {
+            program: "fake".into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            max_frame_len: MAX_FRAME,
+            handshake_timeout: std::time::Duration::from_secs(1),
+            stderr: WorkerStderr::Discard,
+            pipe_capacity: 0,
+            measure_memory: false,
+            initializer: None,
+        };
+        Shared::new(config, Limits::default(), TaskTable::new(Vec::new()), 1, MAX_FRAME)
+    }
+
+    /// Queues a call with id `id`; its completion comes on the receiver.
+    fn queue_call(shared: &Shared, id: u64) -> oneshot::Receiver<Completion> {
+        let mut frame = BytesMut::new();
+        let call = Request::Call { id, task: 0, items: Count::new(1) };
+        protocol::write_message(&mut frame, &call, MAX_FRAME).expect("a call frame encodes");
+        let (sender, receiver) = oneshot::channel();
+        let job = Job::new(id, "fake", 1, frame.freeze(), ReplyTo::Once(sender), CallOptions::default());
+        assert!(shared.queue.push(job).is_ok(), "the queue is open");
+        receiver
+    }
+
+    fn body_of(completion: Result<Completion, oneshot::error::RecvError>) -> Option<Bytes> {
+        match completion {
+            Ok(Completion::Done(delivery)) => Some(delivery.body),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn queued_calls_are_written_answered_and_completed_in_order() {
+        let shared = shared();
+        let mut worker = fake_worker(3, false, |id| id);
+        let receivers: Vec<_> = (0..3).map(|id| queue_call(&shared, id)).collect();
+        let mut session = Session::new(&shared, &mut worker, None);
+        let answered = async {
+            let mut bodies = Vec::new();
+            for receiver in receivers {
+                bodies.push(body_of(receiver.await));
+            }
+            // Everything answered: shutting down ends the session.
+            shared.drain();
+            bodies
+        };
+        let (end, bodies) = tokio::join!(poll_fn(|cx| session.poll(cx)), answered);
+        assert!(matches!(end, End::Drained), "{end:?}");
+        let expected: Vec<_> = (0..3).map(|id| Some(Bytes::from(record(id)))).collect();
+        assert_eq!(bodies, expected);
+        let (in_flight, _) = session.finish();
+        assert!(in_flight.is_empty());
+        assert_eq!(session.service_ns, Some(1_000), "the worker's time per call was learnt");
+    }
+
+    #[tokio::test]
+    async fn a_worker_dying_mid_call_ends_the_session_with_that_call_started() {
+        let shared = shared();
+        let mut worker = fake_worker(1, true, |id| id);
+        let first = queue_call(&shared, 0);
+        let second = queue_call(&shared, 1);
+        let mut session = Session::new(&shared, &mut worker, None);
+        let end = poll_fn(|cx| session.poll(cx)).await;
+        assert!(matches!(end, End::Died), "{end:?}");
+        assert_eq!(body_of(first.await), Some(Bytes::from(record(0))));
+        let (in_flight, head_started) = session.finish();
+        let ids: Vec<_> = in_flight.iter().map(|job| job.id).collect();
+        assert_eq!(ids, [1], "the call it died in is handed back");
+        assert!(head_started, "its request was written whole, so it may have run");
+        drop(in_flight);
+        assert!(second.await.is_err(), "nobody completed it here: the supervisor judges it");
+    }
+
+    #[tokio::test]
+    async fn a_reply_out_of_order_ends_the_session_as_a_protocol_violation() {
+        let shared = shared();
+        let mut worker = fake_worker(1, false, |id| id + 9);
+        let _call = queue_call(&shared, 0);
+        let mut session = Session::new(&shared, &mut worker, None);
+        let end = poll_fn(|cx| session.poll(cx)).await;
+        assert!(
+            matches!(&end, End::Protocol(message) if message == "reply for call 9 while call 0 was running"),
+            "{end:?}"
+        );
+        let (in_flight, _) = session.finish();
+        assert_eq!(in_flight.len(), 1);
+    }
+}
