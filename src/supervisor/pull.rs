@@ -15,6 +15,7 @@ const MAX_DEPTH: usize = 256;
 /// How many calls a worker should hold: one, plus enough queued work to cover a
 /// round trip when calls are short (`service_ns`, its average, when known).
 /// `head_ran` is how long its current call has run, if one is running.
+#[inline]
 pub(super) fn depth(service_ns: Option<u64>, head_ran: Option<Duration>) -> usize {
     if head_ran.is_some_and(|ran| ran >= Duration::from_nanos(LONG_CALL_NS)) {
         // The averages may say calls are short, but this one has run long: what
@@ -31,6 +32,7 @@ pub(super) fn depth(service_ns: Option<u64>, head_ran: Option<Duration>) -> usiz
 /// How many more inputs a worker may be handed: `max_tasks_per_worker` is a promise
 /// per worker, so never more than it may still serve, counting the inputs of the
 /// calls it holds (`held`, read only when there is a limit).
+#[inline]
 pub(super) fn budget(max_tasks: Option<u64>, served: u64, held: impl Iterator<Item = u32>) -> u64 {
     max_tasks.map_or(u64::MAX, |max| {
         let held: u64 = held.map(u64::from).sum();

@@ -56,18 +56,22 @@ pub(super) trait Link {
 impl Link for WorkerProcess {
     type Requests = tokio::net::unix::pipe::Sender;
 
+    #[inline]
     fn slot(&self) -> usize {
         self.index
     }
 
+    #[inline]
     fn requests(&mut self) -> Option<&mut Self::Requests> {
         self.requests.as_mut()
     }
 
+    #[inline]
     fn poll_reply(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<BytesMut>>> {
         Pin::new(&mut self.replies).poll_next(cx)
     }
 
+    #[inline]
     fn withdraw(&mut self, id: u64) -> bool {
         WorkerProcess::withdraw(self, id)
     }

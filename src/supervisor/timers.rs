@@ -27,11 +27,13 @@ pub(super) struct HeadTimer {
 
 impl HeadTimer {
     /// A new call is at the head (or none is): its clock starts when first asked.
+    #[inline]
     pub(super) fn reset(&mut self) {
         *self = HeadTimer::default();
     }
 
     /// How long the head call has run, starting its clock if nothing did yet.
+    #[inline]
     pub(super) fn ran(&mut self) -> Duration {
         self.since.get_or_insert_with(Instant::now).elapsed()
     }
@@ -88,6 +90,7 @@ pub(super) struct IdleTimer {
 
 impl IdleTimer {
     /// The worker has work: the next idle spell starts from zero.
+    #[inline]
     pub(super) fn stop(&mut self) {
         self.sleep = None;
     }

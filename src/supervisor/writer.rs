@@ -25,6 +25,7 @@ pub(super) trait Framed {
 }
 
 impl Framed for Job {
+    #[inline]
     fn frame(&self) -> &[u8] {
         &self.frame
     }
@@ -49,21 +50,25 @@ pub(super) struct FrameWriter {
 
 impl FrameWriter {
     /// `count` calls were pushed at the back of the queue.
+    #[inline]
     pub(super) fn queued(&mut self, count: usize) {
         self.unwritten += count;
     }
 
     /// How many calls at the front of a queue of `in_flight` are fully written.
+    #[inline]
     pub(super) fn written(&self, in_flight: usize) -> usize {
         in_flight - self.unwritten
     }
 
     /// Whether the first of `in_flight` calls is fully written (so it may be running).
+    #[inline]
     pub(super) fn head_written(&self, in_flight: usize) -> bool {
         self.unwritten < in_flight
     }
 
     /// The pipe broke (or was closed): the worker reads no more.
+    #[inline]
     pub(super) fn is_closed(&self) -> bool {
         self.closed
     }
