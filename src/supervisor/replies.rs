@@ -1,0 +1,99 @@
+//! Matching a worker's reply frame to the call it answers.
+//!
+//! A worker answers its calls one at a time, in the order they were written: a
+//! reply can only be for the oldest call in flight, once its request was fully
+//! written. Anything else means the stream cannot be trusted.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::protocol::{self, Reply};
+
+/// A reply that answers the head call.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Answer {
+    /// The outcome records, sharing the frame's buffer.
+    pub(super) body: Bytes,
+    pub(super) busy_ns: u64,
+    pub(super) peak_rss_kib: u64,
+}
+
+/// Matches `frame` to the head call (`head`, its id, if a call is in flight), whose
+/// request is fully written if `head_written`. An error is a protocol violation.
+pub(super) fn match_reply(frame: BytesMut, head: Option<u64>, head_written: bool) -> Result<Answer, String> {
+    let frame = frame.freeze();
+    let (reply, body) =
+        protocol::split_header::<Reply>(&frame).map_err(|e| format!("undecodable reply: {e}"))?;
+    let Reply::Done { id, busy_ns, peak_rss_kib } = reply else {
+        return Err(format!("unexpected message {reply:?}"));
+    };
+    match head {
+        Some(_) if !head_written => return Err(format!("reply for call {id} before it was sent")),
+        Some(head) if head == id => {}
+        Some(head) => return Err(format!("reply for call {id} while call {head} was running")),
+        None => return Err(format!("reply for call {id}, but no call was in flight")),
+    }
+    let body = frame.slice(frame.len() - body.len()..);
+    Ok(Answer { body, busy_ns: busy_ns.get(), peak_rss_kib: peak_rss_kib.get() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Fixed64, TaskInfo};
+
+    fn frame(reply: &Reply, body: &[u8]) -> BytesMut {
+        let mut frame = BytesMut::from(&postcard::to_allocvec(reply).expect("a reply encodes")[..]);
+        frame.extend_from_slice(body);
+        frame
+    }
+
+    fn done(id: u64) -> Reply {
+        Reply::Done { id, busy_ns: Fixed64::new(1500), peak_rss_kib: Fixed64::new(64) }
+    }
+
+    #[test]
+    fn a_reply_for_the_head_completes_it_with_its_body() {
+        let answer = match_reply(frame(&done(7), b"records"), Some(7), true);
+        let expected = Answer { body: Bytes::from_static(b"records"), busy_ns: 1500, peak_rss_kib: 64 };
+        assert_eq!(answer, Ok(expected));
+    }
+
+    #[test]
+    fn the_body_shares_the_frame_buffer() {
+        let frame = frame(&done(7), b"records");
+        let end = frame.as_ptr() as usize + frame.len();
+        let answer = match_reply(frame, Some(7), true).expect("it matches");
+        assert_eq!(answer.body.as_ptr() as usize + answer.body.len(), end);
+    }
+
+    #[test]
+    fn a_reply_for_another_call_is_a_protocol_violation() {
+        let error = match_reply(frame(&done(8), b""), Some(7), true);
+        assert_eq!(error, Err("reply for call 8 while call 7 was running".into()));
+    }
+
+    #[test]
+    fn a_reply_before_its_request_was_fully_written_is_a_protocol_violation() {
+        let error = match_reply(frame(&done(7), b""), Some(7), false);
+        assert_eq!(error, Err("reply for call 7 before it was sent".into()));
+    }
+
+    #[test]
+    fn a_reply_with_no_call_in_flight_is_a_protocol_violation() {
+        let error = match_reply(frame(&done(7), b""), None, true);
+        assert_eq!(error, Err("reply for call 7, but no call was in flight".into()));
+    }
+
+    #[test]
+    fn an_undecodable_header_is_a_protocol_violation() {
+        let error = match_reply(BytesMut::from(&[0xff_u8; 3][..]), Some(7), true);
+        assert!(error.is_err_and(|message| message.starts_with("undecodable reply")));
+    }
+
+    #[test]
+    fn a_handshake_reply_mid_session_is_a_protocol_violation() {
+        let ready = Reply::Ready { version: 2, pid: 1, tasks: Vec::<TaskInfo>::new(), progress: None };
+        let error = match_reply(frame(&ready, b""), Some(7), true);
+        assert!(error.is_err_and(|message| message.starts_with("unexpected message Ready")));
+    }
+}

@@ -1,0 +1,296 @@
+//! Writes the request frames of the calls in flight to a worker's pipe.
+//!
+//! The writer holds no frames of its own: the calls in flight do, and it only
+//! counts how many at their back are not yet fully written. That keeps the write
+//! state next to the one queue the rest of the session already keeps in order.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::BytesMut;
+use tokio::io::AsyncWrite;
+
+use crate::dispatch::Job;
+
+/// Frames up to this size are copied into one buffer and written together.
+const SMALL_FRAME: usize = 8 * 1024;
+/// How much to stage before writing.
+const STAGE_LIMIT: usize = 64 * 1024;
+
+/// Something in flight with a whole request frame to write.
+pub(super) trait Framed {
+    fn frame(&self) -> &[u8];
+}
+
+impl Framed for Job {
+    #[inline]
+    fn frame(&self) -> &[u8] {
+        &self.frame
+    }
+}
+
+/// The write state of the frames at the back of a queue of calls in flight.
+#[derive(Default)]
+pub(super) struct FrameWriter {
+    /// How many calls at the back of the queue are not yet fully written.
+    unwritten: usize,
+    /// Bytes already written of the first of those, when it is written directly.
+    written: usize,
+    /// Copies of the oldest unwritten frames, when small, to write in one go.
+    staged: BytesMut,
+    /// Where each staged frame ends in `staged`.
+    staged_ends: VecDeque<usize>,
+    /// Bytes of `staged` already written.
+    staged_pos: usize,
+    /// The pipe broke; nothing more is written.
+    closed: bool,
+}
+
+impl FrameWriter {
+    /// `count` calls were pushed at the back of the queue.
+    #[inline]
+    pub(super) fn queued(&mut self, count: usize) {
+        self.unwritten += count;
+    }
+
+    /// How many calls at the front of a queue of `in_flight` are fully written.
+    #[inline]
+    pub(super) fn written(&self, in_flight: usize) -> usize {
+        in_flight - self.unwritten
+    }
+
+    /// Whether the first of `in_flight` calls is fully written (so it may be running).
+    #[inline]
+    pub(super) fn head_written(&self, in_flight: usize) -> bool {
+        self.unwritten < in_flight
+    }
+
+    /// The pipe broke (or was closed): the worker reads no more.
+    #[inline]
+    pub(super) fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Writes unwritten frames of `in_flight` until the pipe is full, it broke, or
+    /// nothing is left.
+    pub(super) fn poll_write<W, F>(&mut self, cx: &mut Context<'_>, out: &mut W, in_flight: &VecDeque<F>)
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+        F: Framed,
+    {
+        while self.unwritten > 0 && !self.closed {
+            let first = in_flight.len() - self.unwritten;
+            if self.staged_ends.is_empty() {
+                // Small frames go out copied into one buffer: one long write costs the
+                // kernel far less than dozens of tiny ones in a vector.
+                for job in in_flight.range(first..) {
+                    let frame = job.frame();
+                    if frame.len() > SMALL_FRAME || self.staged.len() >= STAGE_LIMIT {
+                        break;
+                    }
+                    self.staged.extend_from_slice(frame);
+                    self.staged_ends.push_back(self.staged.len());
+                }
+            }
+            let staging = !self.staged_ends.is_empty();
+            let bytes = if staging {
+                &self.staged[self.staged_pos..]
+            } else {
+                &in_flight[first].frame()[self.written..]
+            };
+            match Pin::new(&mut *out).poll_write(cx, bytes) {
+                Poll::Ready(Ok(0)) => self.closed = true,
+                Poll::Ready(Ok(n)) if staging => {
+                    self.staged_pos += n;
+                    while self.staged_ends.front().is_some_and(|&end| end <= self.staged_pos) {
+                        self.staged_ends.pop_front();
+                        self.unwritten -= 1;
+                    }
+                    if self.staged_ends.is_empty() {
+                        self.staged.clear();
+                        self.staged_pos = 0;
+                    }
+                }
+                // A large frame goes out as it is, without a copy.
+                Poll::Ready(Ok(n)) => {
+                    self.written += n;
+                    if self.written == in_flight[first].frame().len() {
+                        self.written = 0;
+                        self.unwritten -= 1;
+                    }
+                }
+                Poll::Ready(Err(err)) if err.kind() == io::ErrorKind::Interrupted => {}
+                // The worker is gone; its replies are still read to the end.
+                Poll::Ready(Err(_)) => self.closed = true,
+                Poll::Pending => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use std::task::Waker;
+
+    impl Framed for Bytes {
+        fn frame(&self) -> &[u8] {
+            self
+        }
+    }
+
+    /// A pipe that takes at most `chunk` bytes per write, then says it is full
+    /// until `room` is raised, and records each write's address and length.
+    #[derive(Default)]
+    struct Pipe {
+        data: Vec<u8>,
+        writes: Vec<(usize, usize)>,
+        chunk: usize,
+        room: usize,
+        broken: bool,
+    }
+
+    impl Pipe {
+        fn new(chunk: usize, room: usize) -> Self {
+            Pipe { chunk, room, ..Pipe::default() }
+        }
+    }
+
+    impl AsyncWrite for Pipe {
+        fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            if self.broken {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
+            let n = buf.len().min(self.chunk).min(self.room);
+            if n == 0 {
+                return Poll::Pending;
+            }
+            self.room -= n;
+            self.writes.push((buf.as_ptr() as usize, n));
+            self.data.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn frames(sizes: &[usize]) -> VecDeque<Bytes> {
+        sizes.iter().enumerate().map(|(i, &len)| Bytes::from(vec![i as u8; len])).collect()
+    }
+
+    fn write(writer: &mut FrameWriter, pipe: &mut Pipe, in_flight: &VecDeque<Bytes>) {
+        writer.poll_write(&mut Context::from_waker(Waker::noop()), pipe, in_flight);
+    }
+
+    fn concat(in_flight: &VecDeque<Bytes>) -> Vec<u8> {
+        in_flight.iter().flat_map(|frame| frame.iter().copied()).collect()
+    }
+
+    #[test]
+    fn small_frames_are_coalesced_into_one_write() {
+        let in_flight = frames(&[10, 20, 30]);
+        let (mut writer, mut pipe) = (FrameWriter::default(), Pipe::new(usize::MAX, usize::MAX));
+        writer.queued(3);
+        write(&mut writer, &mut pipe, &in_flight);
+        assert_eq!(pipe.writes.len(), 1);
+        assert_eq!(pipe.data, concat(&in_flight));
+        assert_eq!(writer.written(3), 3);
+    }
+
+    #[test]
+    fn frames_are_written_whole_and_in_order_through_a_narrow_pipe() {
+        let in_flight = frames(&[100, SMALL_FRAME + 1, 7, 3 * SMALL_FRAME, 50]);
+        let (mut writer, mut pipe) = (FrameWriter::default(), Pipe::new(333, usize::MAX));
+        writer.queued(in_flight.len());
+        write(&mut writer, &mut pipe, &in_flight);
+        assert_eq!(pipe.data, concat(&in_flight));
+        assert_eq!(writer.written(in_flight.len()), in_flight.len());
+    }
+
+    #[test]
+    fn a_large_frame_is_written_in_pieces_from_its_own_buffer() {
+        let in_flight = frames(&[4 * SMALL_FRAME]);
+        let (mut writer, mut pipe) = (FrameWriter::default(), Pipe::new(SMALL_FRAME, usize::MAX));
+        writer.queued(1);
+        write(&mut writer, &mut pipe, &in_flight);
+        let start = in_flight[0].as_ptr() as usize;
+        let expected: Vec<_> = (0..4).map(|i| (start + i * SMALL_FRAME, SMALL_FRAME)).collect();
+        assert_eq!(pipe.writes, expected, "each piece is written from the frame itself, not a copy");
+        assert!(writer.head_written(1));
+    }
+
+    #[test]
+    fn a_full_pipe_leaves_the_rest_for_later_and_counts_only_whole_frames() {
+        let in_flight = frames(&[10, 10, 10]);
+        let (mut writer, mut pipe) = (FrameWriter::default(), Pipe::new(usize::MAX, 15));
+        writer.queued(3);
+        write(&mut writer, &mut pipe, &in_flight);
+        assert_eq!(writer.written(3), 1, "the second frame is only half written");
+        assert!(writer.head_written(3));
+        pipe.room = usize::MAX;
+        write(&mut writer, &mut pipe, &in_flight);
+        assert_eq!(pipe.data, concat(&in_flight));
+        assert_eq!(writer.written(3), 3);
+    }
+
+    #[test]
+    fn a_frame_not_yet_written_is_not_the_head_written() {
+        let in_flight = frames(&[10]);
+        let (mut writer, mut pipe) = (FrameWriter::default(), Pipe::new(usize::MAX, 9));
+        writer.queued(1);
+        write(&mut writer, &mut pipe, &in_flight);
+        assert!(!writer.head_written(1));
+    }
+
+    #[test]
+    fn frames_queued_later_follow_those_answered_meanwhile() {
+        let mut in_flight = frames(&[10, 20]);
+        let (mut writer, mut pipe) = (FrameWriter::default(), Pipe::new(usize::MAX, usize::MAX));
+        writer.queued(2);
+        write(&mut writer, &mut pipe, &in_flight);
+        in_flight.pop_front();
+        in_flight.push_back(Bytes::from_static(b"next"));
+        writer.queued(1);
+        write(&mut writer, &mut pipe, &in_flight);
+        assert_eq!(&pipe.data[30..], b"next");
+        assert_eq!(writer.written(2), 2);
+    }
+
+    #[test]
+    fn a_broken_pipe_is_reported_closed() {
+        let in_flight = frames(&[10]);
+        let (mut writer, mut pipe) = (FrameWriter::default(), Pipe::new(usize::MAX, usize::MAX));
+        pipe.broken = true;
+        writer.queued(1);
+        write(&mut writer, &mut pipe, &in_flight);
+        assert!(writer.is_closed());
+        assert!(!writer.head_written(1));
+    }
+
+    #[tokio::test]
+    async fn frames_arrive_whole_over_an_in_memory_pipe() {
+        use tokio::io::AsyncReadExt;
+        let in_flight = frames(&[5, 2 * SMALL_FRAME, 9]);
+        let (mut near, mut far) = tokio::io::duplex(1000);
+        let mut writer = FrameWriter::default();
+        writer.queued(in_flight.len());
+        let expected = concat(&in_flight);
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0; expected.len()];
+            far.read_exact(&mut got).await.map(|_| got == expected)
+        });
+        std::future::poll_fn(|cx| {
+            writer.poll_write(cx, &mut near, &in_flight);
+            if writer.written(in_flight.len()) == in_flight.len() { Poll::Ready(()) } else { Poll::Pending }
+        })
+        .await;
+        assert!(matches!(reader.await, Ok(Ok(true))));
+    }
+}
