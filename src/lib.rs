@@ -73,6 +73,7 @@ mod executor;
 #[cfg(test)]
 mod fuzz;
 mod map;
+mod panic;
 mod pool;
 mod process;
 mod protocol;
