@@ -1,3 +1,24 @@
+// Layers, top to bottom. A module imports only from rows below its own, never
+// upwards, so the module graph has no cycle.
+//
+//   parent side  executor
+//                builder, map
+//                supervisor
+//                pool
+//                dispatch, process
+//                stats, drivers
+//                error
+//   worker side  worker, state
+//   shared       task (Task, Registry, tasks!)
+//   wire         shape
+//                panic
+//                codec, blob, protocol
+//   bottom       sys
+//
+// A name two modules use lives in the lower one (the test worker's name and the
+// initializer in `process`, `decode_exactly` in `codec`), and a method that needs
+// an upper module is written there (`Builder::build` in `executor`, the worker-side
+// `invoke` of a task in `worker`).
 //! Process parallelism for async Rust: typed tasks run in worker processes, and
 //! their results come back as futures and streams.
 //!
@@ -86,12 +107,12 @@ mod task;
 mod worker;
 
 pub use blob::Blob;
-pub use builder::{Builder, InitOutput};
+pub use builder::{Builder, InitOutput, cpu_count};
 pub use dispatch::CancelPolicy;
 pub use error::{
     Direction, Error, ExitReason, ProtocolViolation, Result, TaskPanic, WorkerCrash, WorkerStartError,
 };
-pub use executor::{Executor, QueueFull, TaskHandle, cpu_count};
+pub use executor::{Executor, QueueFull, TaskHandle};
 pub use map::{Map, MapStream, MapUnordered};
 pub use process::WorkerStderr;
 pub use state::WorkerState;
