@@ -13,7 +13,6 @@ use std::time::Instant;
 use bytes::BytesMut;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio_util::codec::{Decoder, LengthDelimitedCodec};
 
 use crate::blob;
 use crate::codec::{self, decode_exactly};
@@ -125,7 +124,7 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         return Err(invalid("the first request is not Init"));
     };
     let max_frame_len = max_frame_len as usize;
-    reader.codec = protocol::codec(max_frame_len);
+    reader.max_frame_len = max_frame_len;
     let ready = Reply::Ready {
         version: protocol::PROTOCOL_VERSION,
         pid: std::process::id(),
@@ -240,7 +239,7 @@ fn invalid(err: impl std::fmt::Display) -> io::Error {
 struct FrameReader {
     file: File,
     buf: BytesMut,
-    codec: LengthDelimitedCodec,
+    max_frame_len: usize,
     /// A read from the pipe happened (maybe blocking) since this was last cleared.
     waited: bool,
 }
@@ -250,7 +249,7 @@ impl FrameReader {
         FrameReader {
             file,
             buf: BytesMut::with_capacity(64 * 1024),
-            codec: protocol::codec(protocol::INIT_FRAME_LIMIT),
+            max_frame_len: protocol::INIT_FRAME_LIMIT,
             waited: false,
         }
     }
@@ -258,7 +257,7 @@ impl FrameReader {
     /// The next frame, or `None` at a clean end of stream.
     fn next_frame(&mut self) -> io::Result<Option<BytesMut>> {
         loop {
-            if let Some(frame) = self.codec.decode(&mut self.buf)? {
+            if let Some(frame) = protocol::take_frame(&mut self.buf, self.max_frame_len)? {
                 return Ok(Some(frame));
             }
             self.waited = true;
