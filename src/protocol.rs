@@ -29,6 +29,7 @@ use std::io;
 
 use bytes::{BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
+#[cfg(feature = "executor")]
 use tokio_util::codec::LengthDelimitedCodec;
 
 /// Bumped whenever a message changes shape.
@@ -390,6 +391,7 @@ impl Buf for ReplyBuf {
 
 /// The codec the parent frames with; the worker reads the same frames with
 /// [`take_frame`].
+#[cfg(feature = "executor")]
 pub(crate) fn codec(max_frame_len: usize) -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
         .length_field_length(LENGTH_PREFIX)
