@@ -1,6 +1,7 @@
 // Layers, top to bottom. A module imports only from rows below its own, never
 // upwards, so the module graph has no cycle, and the worker side builds without
 // the parent side (without the `executor` feature, see Cargo.toml).
+// tests/module_layers.rs checks both.
 //
 //   parent side  executor
 //                builder, map
