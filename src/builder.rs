@@ -36,7 +36,7 @@ pub fn cpu_count() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Configures and starts an [`Executor`].
+/// Configures and starts an [`Executor`](crate::Executor).
 ///
 /// Every setter documents its default; [`build`](Builder::build) checks the whole
 /// configuration (sizes in range, the program exists and is executable) before it
@@ -180,8 +180,8 @@ impl Builder {
     /// The default time limit of a call, counted from when it starts running in a
     /// worker (not while it waits in the queue). A call past its limit has its worker
     /// killed and replaced and fails with [`Error::TimedOut`]. Override per call
-    /// with [`Executor::with_timeout`]. Default: none (`Duration::ZERO` also means
-    /// none).
+    /// with [`Executor::with_timeout`](crate::Executor::with_timeout). Default: none
+    /// (`Duration::ZERO` also means none).
     ///
     /// A map with a timeout sends one input per call, so that the limit applies to
     /// each input.
@@ -193,15 +193,16 @@ impl Builder {
     /// How many times a call is sent again after its worker crashed or it timed
     /// out: for idempotent tasks. A map chunk is retried one input per call, so an
     /// input that kills every worker it touches ("poison") fails alone once its
-    /// retries are spent. Override per call with [`Executor::with_retries`].
-    /// Default: 0.
+    /// retries are spent. Override per call with
+    /// [`Executor::with_retries`](crate::Executor::with_retries). Default: 0.
     pub fn retries(mut self, retries: u32) -> Self {
         self.options.retries = retries;
         self
     }
 
     /// What happens to a running call whose caller goes away. Override per call
-    /// with [`Executor::with_cancel_policy`]. Default: [`CancelPolicy::Kill`].
+    /// with [`Executor::with_cancel_policy`](crate::Executor::with_cancel_policy).
+    /// Default: [`CancelPolicy::Kill`].
     pub fn cancel_policy(mut self, policy: CancelPolicy) -> Self {
         self.options.cancel = policy;
         self
@@ -252,7 +253,7 @@ impl Builder {
 
     /// Recycles a worker once its peak resident memory passes `bytes` (measured
     /// after every call). The call that pushed it over still succeeds;
-    /// [`Executor::stats`] names it. Default: no ceiling.
+    /// [`Executor::stats`](crate::Executor::stats) names it. Default: no ceiling.
     pub fn max_worker_memory(mut self, bytes: u64) -> Self {
         self.limits.max_worker_memory = Some(bytes);
         self
@@ -272,11 +273,12 @@ impl Builder {
         self
     }
 
-    /// How much [`spawn`](Executor::spawn)ed work may wait in the queue for a
+    /// How much [`spawn`](crate::Executor::spawn)ed work may wait in the queue for a
     /// worker, in bytes of encoded input. Past it, a new call waits in its
     /// [`TaskHandle`](crate::TaskHandle) (queued when the handle is polled and room
-    /// frees up), and [`Executor::try_spawn`] refuses it, so a burst of large calls
-    /// cannot pile up memory. A call larger than the whole bound is queued alone.
+    /// frees up), and [`Executor::try_spawn`](crate::Executor::try_spawn) refuses it,
+    /// so a burst of large calls cannot pile up memory. A call larger than the whole
+    /// bound is queued alone.
     /// Maps are not counted: each bounds its own read-ahead. Default: 64 MiB. Must
     /// be 1 KiB to 1 TiB.
     pub fn max_queued_bytes(mut self, bytes: usize) -> Self {

@@ -44,7 +44,7 @@ impl Builder {
     }
 }
 
-/// A pool of worker processes that runs [`Task`]s: like Python's
+/// A pool of worker processes that runs [`Task`](crate::Task)s: like Python's
 /// `multiprocessing.Pool`, with futures and streams.
 ///
 /// An `Executor` is a cheap handle: clone it into every request handler or tokio
@@ -119,8 +119,8 @@ impl Drop for Handle {
 }
 
 impl Executor {
-    /// A [`Builder`] with the defaults: [`cpu_count()`] workers running the current
-    /// executable.
+    /// A [`Builder`] with the defaults: [`cpu_count()`](crate::cpu_count) workers
+    /// running the current executable.
     pub fn builder() -> Builder {
         Builder::default()
     }
