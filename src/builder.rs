@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -14,16 +14,29 @@ use crate::codec;
 use crate::dispatch::decode_record;
 use crate::dispatch::{CallOptions, CancelPolicy};
 use crate::error::{Error, Result, WorkerStartError};
-use crate::executor::{Executor, TEST_WORKER_NAME, cpu_count};
 use crate::pool::{Limits, Shared, TaskTable};
-use crate::process::{WorkerConfig, WorkerProcess, WorkerStderr};
+use crate::process::{Initializer, TEST_WORKER_NAME, WorkerConfig, WorkerProcess, WorkerStderr};
 use crate::protocol;
-use crate::task::{IntoTask, Signature};
+use crate::task::IntoTask;
 
 /// Largest accepted `processes`.
 const MAX_PROCESSES: usize = 4096;
 
-/// Configures and starts an [`Executor`].
+/// The number of CPUs this process may use: the default number of worker processes.
+///
+/// Like Python's `multiprocessing.cpu_count()`, but it respects CPU affinity and
+/// cgroup quotas (it is [`std::thread::available_parallelism`]), and falls back to 1.
+/// For CPU-bound tasks one worker per CPU is right; for tasks that also wait on IO,
+/// up to twice that can help.
+///
+/// ```
+/// assert!(procexec::cpu_count() >= 1);
+/// ```
+pub fn cpu_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Configures and starts an [`Executor`](crate::Executor).
 ///
 /// Every setter documents its default; [`build`](Builder::build) checks the whole
 /// configuration (sizes in range, the program exists and is executable) before it
@@ -167,8 +180,8 @@ impl Builder {
     /// The default time limit of a call, counted from when it starts running in a
     /// worker (not while it waits in the queue). A call past its limit has its worker
     /// killed and replaced and fails with [`Error::TimedOut`]. Override per call
-    /// with [`Executor::with_timeout`]. Default: none (`Duration::ZERO` also means
-    /// none).
+    /// with [`Executor::with_timeout`](crate::Executor::with_timeout). Default: none
+    /// (`Duration::ZERO` also means none).
     ///
     /// A map with a timeout sends one input per call, so that the limit applies to
     /// each input.
@@ -180,15 +193,16 @@ impl Builder {
     /// How many times a call is sent again after its worker crashed or it timed
     /// out: for idempotent tasks. A map chunk is retried one input per call, so an
     /// input that kills every worker it touches ("poison") fails alone once its
-    /// retries are spent. Override per call with [`Executor::with_retries`].
-    /// Default: 0.
+    /// retries are spent. Override per call with
+    /// [`Executor::with_retries`](crate::Executor::with_retries). Default: 0.
     pub fn retries(mut self, retries: u32) -> Self {
         self.options.retries = retries;
         self
     }
 
     /// What happens to a running call whose caller goes away. Override per call
-    /// with [`Executor::with_cancel_policy`]. Default: [`CancelPolicy::Kill`].
+    /// with [`Executor::with_cancel_policy`](crate::Executor::with_cancel_policy).
+    /// Default: [`CancelPolicy::Kill`].
     pub fn cancel_policy(mut self, policy: CancelPolicy) -> Self {
         self.options.cancel = policy;
         self
@@ -239,7 +253,7 @@ impl Builder {
 
     /// Recycles a worker once its peak resident memory passes `bytes` (measured
     /// after every call). The call that pushed it over still succeeds;
-    /// [`Executor::stats`] names it. Default: no ceiling.
+    /// [`Executor::stats`](crate::Executor::stats) names it. Default: no ceiling.
     pub fn max_worker_memory(mut self, bytes: u64) -> Self {
         self.limits.max_worker_memory = Some(bytes);
         self
@@ -259,11 +273,12 @@ impl Builder {
         self
     }
 
-    /// How much [`spawn`](Executor::spawn)ed work may wait in the queue for a
+    /// How much [`spawn`](crate::Executor::spawn)ed work may wait in the queue for a
     /// worker, in bytes of encoded input. Past it, a new call waits in its
     /// [`TaskHandle`](crate::TaskHandle) (queued when the handle is polled and room
-    /// frees up), and [`Executor::try_spawn`] refuses it, so a burst of large calls
-    /// cannot pile up memory. A call larger than the whole bound is queued alone.
+    /// frees up), and [`Executor::try_spawn`](crate::Executor::try_spawn) refuses it,
+    /// so a burst of large calls cannot pile up memory. A call larger than the whole
+    /// bound is queued alone.
     /// Maps are not counted: each bounds its own read-ahead. Default: 64 MiB. Must
     /// be 1 KiB to 1 TiB.
     pub fn max_queued_bytes(mut self, bytes: usize) -> Self {
@@ -279,21 +294,9 @@ impl Builder {
         self
     }
 
-    /// Checks the configuration, starts the workers and completes each handshake
-    /// (and initializer).
-    ///
-    /// Must be called within a Tokio runtime with IO and time enabled (as
-    /// `#[tokio::main]` and `#[tokio::test]` provide, and `enable_all()` on a
-    /// runtime builder).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Config`] for a value out of range, a missing runtime, or a runtime
-    /// without the IO or the time driver;
-    /// [`Error::WorkerStart`] if the program is missing or not executable, or a
-    /// worker fails to start, to complete the handshake or to run its initializer
-    /// (the error quotes its stderr). No process outlives a failed `build`.
-    pub async fn build(self) -> Result<Executor> {
+    /// Starts the pool [`build`](Builder::build) wraps in an `Executor`, with the
+    /// call options its handles start from.
+    pub(crate) async fn start(self) -> Result<(Arc<Shared>, CallOptions)> {
         let (config, limits, processes) = self.validate()?;
         // At least one, even for a pool that may scale to zero: the task table and
         // the check that the program is a worker come from a handshake.
@@ -316,7 +319,7 @@ impl Builder {
             shared.supervisor_spawned();
             tokio::spawn(crate::supervisor::run_slot(shared.clone(), slot, workers.next()));
         }
-        Ok(Executor::new(shared, self.options))
+        Ok((shared, self.options))
     }
 
     fn validate(&self) -> Result<(WorkerConfig, Limits, usize)> {
@@ -401,23 +404,6 @@ impl Builder {
             initializer,
         };
         Ok((config, Limits { min_processes, ..self.limits }, processes))
-    }
-}
-
-/// A task every new worker runs before taking calls.
-pub(crate) struct Initializer {
-    pub(crate) task: &'static str,
-    /// Its types, traced once here rather than in every new worker's check.
-    pub(crate) signature: Signature,
-    /// The encoded input, as a record.
-    pub(crate) input: Bytes,
-    /// Decodes the reply body: `Ok` if the initializer succeeded.
-    pub(crate) check: fn(&str, &[u8]) -> std::result::Result<(), String>,
-}
-
-impl fmt::Debug for Initializer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Initializer").field("task", &self.task).finish_non_exhaustive()
     }
 }
 

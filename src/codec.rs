@@ -609,6 +609,18 @@ impl<'de> de::VariantAccess<'de> for &mut Decoder<'de> {
     }
 }
 
+/// Decodes a whole record as a `T`: bytes left over mean the two sides disagree on
+/// the type as surely as bytes missing do.
+pub(crate) fn decode_exactly<T: DeserializeOwned>(record: &[u8]) -> Result<T, String> {
+    match postcard::take_from_bytes::<T>(record) {
+        Ok((value, [])) => Ok(value),
+        Ok((_, rest)) => {
+            Err(format!("{} bytes left over after decoding a `{}`", rest.len(), type_name::<T>()))
+        }
+        Err(err) => Err(decode_error_message::<T>(record, &err)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;

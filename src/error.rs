@@ -4,6 +4,9 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+// Where the supervisor, which also catches panics, has always found it.
+pub(crate) use crate::panic::panic_message;
+
 /// A `Result` whose error is procexec's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -218,17 +221,6 @@ impl Error {
         err: impl fmt::Display,
     ) -> Error {
         Error::Codec { task: task.into(), direction, action, message: err.to_string() }
-    }
-}
-
-/// The message of a panic payload (`panic!` makes it a `&str` or a `String`).
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(message) = payload.downcast_ref::<&str>() {
-        (*message).to_owned()
-    } else if let Some(message) = payload.downcast_ref::<String>() {
-        message.clone()
-    } else {
-        "Box<dyn Any>".to_owned()
     }
 }
 

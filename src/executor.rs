@@ -21,24 +21,30 @@ use crate::pool::Shared;
 use crate::stats::Stats;
 use crate::task::IntoTask;
 
-/// The name of the test that `test_worker!` defines.
-pub(crate) const TEST_WORKER_NAME: &str = "procexec_test_worker";
-
-/// The number of CPUs this process may use: the default number of worker processes.
-///
-/// Like Python's `multiprocessing.cpu_count()`, but it respects CPU affinity and
-/// cgroup quotas (it is [`std::thread::available_parallelism`]), and falls back to 1.
-/// For CPU-bound tasks one worker per CPU is right; for tasks that also wait on IO,
-/// up to twice that can help.
-///
-/// ```
-/// assert!(procexec::cpu_count() >= 1);
-/// ```
-pub fn cpu_count() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+// Here rather than in `builder`, which then needs nothing from this module: imports
+// go downwards (see the top of lib.rs).
+impl Builder {
+    /// Checks the configuration, starts the workers and completes each handshake
+    /// (and initializer).
+    ///
+    /// Must be called within a Tokio runtime with IO and time enabled (as
+    /// `#[tokio::main]` and `#[tokio::test]` provide, and `enable_all()` on a
+    /// runtime builder).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for a value out of range, a missing runtime, or a runtime
+    /// without the IO or the time driver;
+    /// [`Error::WorkerStart`] if the program is missing or not executable, or a
+    /// worker fails to start, to complete the handshake or to run its initializer
+    /// (the error quotes its stderr). No process outlives a failed `build`.
+    pub async fn build(self) -> Result<Executor> {
+        let (shared, options) = self.start().await?;
+        Ok(Executor::new(shared, options))
+    }
 }
 
-/// A pool of worker processes that runs [`Task`]s: like Python's
+/// A pool of worker processes that runs [`Task`](crate::Task)s: like Python's
 /// `multiprocessing.Pool`, with futures and streams.
 ///
 /// An `Executor` is a cheap handle: clone it into every request handler or tokio
@@ -113,8 +119,8 @@ impl Drop for Handle {
 }
 
 impl Executor {
-    /// A [`Builder`] with the defaults: [`cpu_count()`] workers running the current
-    /// executable.
+    /// A [`Builder`] with the defaults: [`cpu_count()`](crate::cpu_count) workers
+    /// running the current executable.
     pub fn builder() -> Builder {
         Builder::default()
     }

@@ -1,3 +1,26 @@
+// Layers, top to bottom. A module imports only from rows below its own, never
+// upwards, so the module graph has no cycle, and the worker side builds without
+// the parent side (without the `executor` feature, see Cargo.toml).
+// tests/module_layers.rs checks both.
+//
+//   parent side  executor
+//                builder, map
+//                supervisor
+//                pool
+//                dispatch, process
+//                stats, drivers
+//                error
+//   worker side  worker, state
+//   shared       task (Task, Registry, tasks!)
+//   wire         shape
+//                panic
+//                codec, blob, protocol
+//   bottom       sys
+//
+// A name two modules use lives in the lower one (the test worker's name and the
+// initializer in `process`, `decode_exactly` in `codec`), and a method that needs
+// an upper module is written there (`Builder::build` in `executor`, the worker-side
+// `invoke` of a task in `worker`).
 //! Process parallelism for async Rust: typed tasks run in worker processes, and
 //! their results come back as futures and streams.
 //!
@@ -61,39 +84,60 @@
 //! `SIGKILL`.
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
+// In a worker-only build the wire and platform modules' parent half goes unused;
+// a build with the executor still reports dead code.
+#![cfg_attr(not(feature = "executor"), allow(dead_code))]
 #![cfg(unix)]
 
 mod blob;
+#[cfg(feature = "executor")]
 mod builder;
 mod codec;
+#[cfg(feature = "executor")]
 mod dispatch;
+#[cfg(feature = "executor")]
 mod drivers;
+#[cfg(feature = "executor")]
 mod error;
+#[cfg(feature = "executor")]
 mod executor;
-#[cfg(test)]
+#[cfg(all(test, feature = "executor"))]
 mod fuzz;
+#[cfg(feature = "executor")]
 mod map;
+mod panic;
+#[cfg(feature = "executor")]
 mod pool;
+#[cfg(feature = "executor")]
 mod process;
 mod protocol;
 mod shape;
 mod state;
+#[cfg(feature = "executor")]
 mod stats;
+#[cfg(feature = "executor")]
 mod supervisor;
 mod sys;
 mod task;
 mod worker;
 
 pub use blob::Blob;
-pub use builder::{Builder, InitOutput};
+#[cfg(feature = "executor")]
+pub use builder::{Builder, InitOutput, cpu_count};
+#[cfg(feature = "executor")]
 pub use dispatch::CancelPolicy;
+#[cfg(feature = "executor")]
 pub use error::{
     Direction, Error, ExitReason, ProtocolViolation, Result, TaskPanic, WorkerCrash, WorkerStartError,
 };
-pub use executor::{Executor, QueueFull, TaskHandle, cpu_count};
+#[cfg(feature = "executor")]
+pub use executor::{Executor, QueueFull, TaskHandle};
+#[cfg(feature = "executor")]
 pub use map::{Map, MapStream, MapUnordered};
+#[cfg(feature = "executor")]
 pub use process::WorkerStderr;
 pub use state::WorkerState;
+#[cfg(feature = "executor")]
 pub use stats::{ExitCause, ExitCounts, LiveWorker, Stats, WorkerExit};
 pub use task::{AnyTask, IntoTask, Registry, Task};
 pub use worker::{init_worker, serve_worker};

@@ -15,10 +15,10 @@ use tokio::sync::{Notify, Semaphore, oneshot};
 use crate::codec;
 use crate::dispatch::{CallOptions, Closed, Completion, Job, Queue, ReplyTo};
 use crate::error::{Direction, Error, Result};
-use crate::process::WorkerConfig;
-use crate::protocol::{self, Count, Request, Shape, TaskInfo};
+use crate::process::{WorkerConfig, check_types};
+use crate::protocol::{self, Count, Request, TaskInfo};
 use crate::stats::{Counters, Stats};
-use crate::task::{Signature, Task};
+use crate::task::Task;
 
 /// The executor's lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,42 +76,6 @@ impl TaskTable {
         }
         Ok(index)
     }
-}
-
-/// Checks that the worker's `info` has the types this process knows `task` by,
-/// and that postcard can carry them.
-pub(crate) fn check_types(task: &str, ours: &Signature, info: &TaskInfo) -> Result<()> {
-    for (direction, name, shape) in [
-        (Direction::Input, ours.input, &ours.input_shape),
-        (Direction::Output, ours.output, &ours.output_shape),
-    ] {
-        if let Shape::Unsupported(feature) = shape {
-            let action = if direction == Direction::Input { "encode" } else { "decode" };
-            return Err(Error::codec(
-                task,
-                direction,
-                action,
-                format!("`{name}` needs {feature}, which postcard cannot carry"),
-            ));
-        }
-    }
-    let agree = |name: &str, shape: &Shape, their_name: &str, their_shape: &Shape| match (shape, their_shape)
-    {
-        (Shape::Fingerprint(ours), Shape::Fingerprint(theirs)) => ours == theirs,
-        _ => name == their_name,
-    };
-    if !agree(ours.input, &ours.input_shape, &info.input, &info.input_shape)
-        || !agree(ours.output, &ours.output_shape, &info.output, &info.output_shape)
-    {
-        let same_names = ours.input == info.input && ours.output == info.output;
-        let note = if same_names { " (same names, other shapes)" } else { "" };
-        return Err(Error::TaskMismatch {
-            task: task.into(),
-            parent: format!("{} -> {}{note}", ours.input, ours.output),
-            worker: format!("{} -> {}", info.input, info.output),
-        });
-    }
-    Ok(())
 }
 
 /// The bound on spawned calls waiting in the queue.

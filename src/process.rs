@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
+use std::fmt;
 use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -11,7 +12,7 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::pipe;
@@ -19,11 +20,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::codec::{Decoder, FramedRead, LengthDelimitedCodec};
 
-use crate::builder::Initializer;
-use crate::error::{ExitReason, WorkerStartError};
-use crate::pool::check_types;
-use crate::protocol::{self, Count, Reply, Request, TaskInfo};
+use crate::error::{Direction, Error, ExitReason, Result, WorkerStartError};
+use crate::protocol::{self, Count, Reply, Request, Shape, TaskInfo};
 use crate::sys;
+use crate::task::Signature;
 
 /// What to do with the lines a worker writes to stderr.
 ///
@@ -453,7 +453,7 @@ impl Drop for ChildProcess {
 
 fn exited_early_hint(config: &WorkerConfig) -> String {
     let mut message = String::from("it exited before the handshake");
-    if config.args.iter().any(|arg| arg == crate::executor::TEST_WORKER_NAME) {
+    if config.args.iter().any(|arg| arg == TEST_WORKER_NAME) {
         message.push_str("; a test binary needs `procexec::test_worker!(TASKS);` to serve as its own worker");
     } else {
         message.push_str(
@@ -672,6 +672,62 @@ impl Tail {
         }
         text
     }
+}
+
+/// The name of the test that `test_worker!` defines.
+pub(crate) const TEST_WORKER_NAME: &str = "procexec_test_worker";
+
+/// A task every new worker runs before taking calls.
+pub(crate) struct Initializer {
+    pub(crate) task: &'static str,
+    /// Its types, traced once here rather than in every new worker's check.
+    pub(crate) signature: Signature,
+    /// The encoded input, as a record.
+    pub(crate) input: Bytes,
+    /// Decodes the reply body: `Ok` if the initializer succeeded.
+    pub(crate) check: fn(&str, &[u8]) -> std::result::Result<(), String>,
+}
+
+impl fmt::Debug for Initializer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Initializer").field("task", &self.task).finish_non_exhaustive()
+    }
+}
+
+/// Checks that the worker's `info` has the types this process knows `task` by,
+/// and that postcard can carry them.
+pub(crate) fn check_types(task: &str, ours: &Signature, info: &TaskInfo) -> Result<()> {
+    for (direction, name, shape) in [
+        (Direction::Input, ours.input, &ours.input_shape),
+        (Direction::Output, ours.output, &ours.output_shape),
+    ] {
+        if let Shape::Unsupported(feature) = shape {
+            let action = if direction == Direction::Input { "encode" } else { "decode" };
+            return Err(Error::codec(
+                task,
+                direction,
+                action,
+                format!("`{name}` needs {feature}, which postcard cannot carry"),
+            ));
+        }
+    }
+    let agree = |name: &str, shape: &Shape, their_name: &str, their_shape: &Shape| match (shape, their_shape)
+    {
+        (Shape::Fingerprint(ours), Shape::Fingerprint(theirs)) => ours == theirs,
+        _ => name == their_name,
+    };
+    if !agree(ours.input, &ours.input_shape, &info.input, &info.input_shape)
+        || !agree(ours.output, &ours.output_shape, &info.output, &info.output_shape)
+    {
+        let same_names = ours.input == info.input && ours.output == info.output;
+        let note = if same_names { " (same names, other shapes)" } else { "" };
+        return Err(Error::TaskMismatch {
+            task: task.into(),
+            parent: format!("{} -> {}{note}", ours.input, ours.output),
+            worker: format!("{} -> {}", info.input, info.output),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

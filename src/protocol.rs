@@ -25,8 +25,11 @@
 //!    many items are done, and their records) in memory the parent can read after the
 //!    worker died ([`Progress`]), so a crash costs only the input that caused it.
 
+use std::io;
+
 use bytes::{BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
+#[cfg(feature = "executor")]
 use tokio_util::codec::LengthDelimitedCodec;
 
 /// Bumped whenever a message changes shape.
@@ -386,12 +389,37 @@ impl Buf for ReplyBuf {
     }
 }
 
-/// The codec both sides frame with.
+/// The codec the parent frames with; the worker reads the same frames with
+/// [`take_frame`].
+#[cfg(feature = "executor")]
 pub(crate) fn codec(max_frame_len: usize) -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
         .length_field_length(LENGTH_PREFIX)
         .max_frame_length(max_frame_len)
         .new_codec()
+}
+
+/// Takes the next whole frame (without its length prefix) off the front of `buf`,
+/// or `None` until one has arrived: what [`codec`] decodes, written out so that a
+/// worker reads frames without tokio-util.
+pub(crate) fn take_frame(buf: &mut BytesMut, max_frame_len: usize) -> io::Result<Option<BytesMut>> {
+    let Some(prefix) = buf.first_chunk::<LENGTH_PREFIX>() else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes(*prefix) as usize;
+    if len > max_frame_len {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a frame of {len} bytes, over the limit of {max_frame_len}"),
+        ));
+    }
+    let Some(missing) = (LENGTH_PREFIX + len).checked_sub(buf.len()).filter(|&n| n > 0) else {
+        bytes::Buf::advance(buf, LENGTH_PREFIX);
+        return Ok(Some(buf.split_to(len)));
+    };
+    // Room for the rest of the frame at once, as the codec makes.
+    buf.reserve(missing);
+    Ok(None)
 }
 
 /// A postcard flavor that appends to a [`Buf`], copying byte strings in one go.
@@ -568,6 +596,41 @@ mod tests {
         buf.put_u32(1000);
         buf.extend_from_slice(&[0; 1000]);
         assert!(codec(999).decode(&mut buf).is_err());
+    }
+
+    proptest! {
+        // The worker's reader and the parent's codec must cut a stream into the same
+        // frames, however the bytes arrive, and refuse the same oversized ones.
+        #[test]
+        fn the_worker_reads_frames_as_the_codec_does(
+            frames in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..6),
+            split in 0usize..2000,
+            max in 0usize..400,
+        ) {
+            let mut stream = BytesMut::new();
+            for frame in &frames {
+                stream.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+                stream.extend_from_slice(frame);
+            }
+            let split = split.min(stream.len());
+            let (mut ours, mut theirs) = (BytesMut::from(&stream[..split]), BytesMut::from(&stream[..split]));
+            let mut codec = codec(max);
+            let mut rest = &stream[split..];
+            loop {
+                let (a, b) = (take_frame(&mut ours, max), codec.decode(&mut theirs));
+                match (a, b) {
+                    (Ok(Some(a)), Ok(Some(b))) => prop_assert_eq!(a, b),
+                    (Ok(None), Ok(None)) if rest.is_empty() => break,
+                    (Ok(None), Ok(None)) => {
+                        ours.extend_from_slice(rest);
+                        theirs.extend_from_slice(rest);
+                        rest = &[];
+                    }
+                    (Err(_), Err(_)) => break,
+                    (a, b) => prop_assert!(false, "the worker read {a:?}, the codec {b:?}"),
+                }
+            }
+        }
     }
 
     proptest! {

@@ -6,10 +6,8 @@ use std::fmt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::codec;
-use crate::protocol::{self, Buf, Outcome, ReplyBuf, Shape, TaskInfo};
+use crate::protocol::{Shape, TaskInfo};
 use crate::shape::shape_of;
-use crate::worker::catch_panic;
 
 /// A function that can run in a worker process: a stable name plus a plain
 /// `fn(I) -> O` whose input and output cross the process boundary with serde.
@@ -40,7 +38,8 @@ use crate::worker::catch_panic;
 /// ```
 pub struct Task<I, O> {
     name: &'static str,
-    function: fn(I) -> O,
+    // Read by the worker side, which runs it.
+    pub(crate) function: fn(I) -> O,
     // Functions rather than values so that a `Task` stays a constant and its types
     // are traced only when a check needs them.
     type_ids: fn() -> [TypeId; 2],
@@ -226,84 +225,6 @@ where
             shapes: self.shapes,
         }
     }
-}
-
-#[allow(private_interfaces)]
-impl<I, O> sealed::Sealed for Task<I, O>
-where
-    I: DeserializeOwned + 'static,
-    O: Serialize + 'static,
-{
-    fn invoke(&self, body: &[u8], items: u32, out: &mut ReplyBuf) {
-        let mut rest = body;
-        let mut done = 0;
-        while done < items {
-            // Where the current input's record starts.
-            let mut start = out.len();
-            // Decoding, the call, encoding and dropping the output all run under
-            // `catch_panic`, once for a whole run of inputs rather than per input: a
-            // panicking task or serde impl or destructor fails its input only.
-            let step = catch_panic(|| {
-                while done < items {
-                    start = protocol::begin_record(out);
-                    if let Err(failure) = self.run_one(&mut rest, out) {
-                        out.truncate(start + protocol::RECORD_PREFIX);
-                        encode_outcome(out, &failure);
-                    }
-                    protocol::end_record(out, start);
-                    done += 1;
-                    out.items_done(done);
-                }
-            });
-            if let Err(panic) = step {
-                out.truncate(start);
-                let start = protocol::begin_record(out);
-                encode_outcome(out, &panic);
-                protocol::end_record(out, start);
-                done += 1;
-                out.items_done(done);
-            }
-        }
-    }
-}
-
-impl<I, O> Task<I, O>
-where
-    I: DeserializeOwned + 'static,
-    O: Serialize + 'static,
-{
-    /// Runs the task on the next input of `inputs`, appending its output to `out`.
-    /// Each input is a record of its own, so one that cannot be decoded fails alone.
-    fn run_one(&self, inputs: &mut &[u8], out: &mut ReplyBuf) -> Result<(), Outcome> {
-        let Some(input) = protocol::take_record(inputs) else {
-            *inputs = &[];
-            return Err(Outcome::BadInput { message: "the call holds fewer inputs than it says".into() });
-        };
-        let input = decode_exactly::<I>(input).map_err(|message| Outcome::BadInput { message })?;
-        let output = (self.function)(input);
-        out.push(protocol::OUTCOME_OK);
-        protocol::encode_into(out, &output)
-            .map_err(|err| Outcome::BadOutput { message: codec::encode_error_message(&output, &err) })?;
-        drop(output);
-        Ok(())
-    }
-}
-
-/// Decodes a whole record as a `T`: bytes left over mean the two sides disagree on
-/// the type as surely as bytes missing do.
-pub(crate) fn decode_exactly<T: DeserializeOwned>(record: &[u8]) -> Result<T, String> {
-    match postcard::take_from_bytes::<T>(record) {
-        Ok((value, [])) => Ok(value),
-        Ok((_, rest)) => {
-            Err(format!("{} bytes left over after decoding a `{}`", rest.len(), type_name::<T>()))
-        }
-        Err(err) => Err(codec::decode_error_message::<T>(record, &err)),
-    }
-}
-
-fn encode_outcome(out: &mut ReplyBuf, outcome: &Outcome) {
-    // An `Outcome` holds only strings and integers, which postcard always encodes.
-    let _ = protocol::encode_into(out, outcome);
 }
 
 /// The set of tasks a worker serves, in a fixed order.
@@ -498,6 +419,8 @@ macro_rules! __task_pattern {
 mod tests {
     use super::sealed::Sealed;
     use super::*;
+    use crate::codec::decode_exactly;
+    use crate::protocol::{self, Outcome, ReplyBuf};
 
     crate::tasks! {
         fn double(x: u64) -> u64 { x * 2 }

@@ -5,21 +5,22 @@
 //! only watches for the parent's hang-up, so a worker deep in a CPU loop still exits
 //! when its parent goes away.
 
-use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsFd;
-use std::panic::{self, AssertUnwindSafe};
-use std::sync::Once;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use tokio_util::codec::{Decoder, LengthDelimitedCodec};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use crate::blob;
+use crate::codec::{self, decode_exactly};
+use crate::panic::catch_panic;
 use crate::protocol::{self, Buf, Fixed64, Outcome, Reply, ReplyBuf, Request};
 use crate::sys;
-use crate::task::Registry;
+use crate::task::sealed::Sealed;
+use crate::task::{Registry, Task};
 
 /// Serves `tasks` if this process was started as a procexec worker, and returns
 /// otherwise: the one-binary (self-executing) mode.
@@ -123,7 +124,7 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         return Err(invalid("the first request is not Init"));
     };
     let max_frame_len = max_frame_len as usize;
-    reader.codec = protocol::codec(max_frame_len);
+    reader.max_frame_len = max_frame_len;
     let ready = Reply::Ready {
         version: protocol::PROTOCOL_VERSION,
         pid: std::process::id(),
@@ -238,7 +239,7 @@ fn invalid(err: impl std::fmt::Display) -> io::Error {
 struct FrameReader {
     file: File,
     buf: BytesMut,
-    codec: LengthDelimitedCodec,
+    max_frame_len: usize,
     /// A read from the pipe happened (maybe blocking) since this was last cleared.
     waited: bool,
 }
@@ -248,7 +249,7 @@ impl FrameReader {
         FrameReader {
             file,
             buf: BytesMut::with_capacity(64 * 1024),
-            codec: protocol::codec(protocol::INIT_FRAME_LIMIT),
+            max_frame_len: protocol::INIT_FRAME_LIMIT,
             waited: false,
         }
     }
@@ -256,7 +257,7 @@ impl FrameReader {
     /// The next frame, or `None` at a clean end of stream.
     fn next_frame(&mut self) -> io::Result<Option<BytesMut>> {
         loop {
-            if let Some(frame) = self.codec.decode(&mut self.buf)? {
+            if let Some(frame) = protocol::take_frame(&mut self.buf, self.max_frame_len)? {
                 return Ok(Some(frame));
             }
             self.waited = true;
@@ -271,42 +272,70 @@ impl FrameReader {
     }
 }
 
-thread_local! {
-    /// Set while a task runs under [`catch_panic`], whose panics are reported, not printed.
-    static CAPTURING: Cell<bool> = const { Cell::new(false) };
-    /// Location and backtrace of the last captured panic on this thread.
-    static LAST_PANIC: RefCell<Option<(String, Option<String>)>> = const { RefCell::new(None) };
+// The worker-side half of a task, here rather than in `task` so that `Task` and
+// `Registry`, which the parent also uses, stay free of worker internals.
+#[allow(private_interfaces)]
+impl<I, O> Sealed for Task<I, O>
+where
+    I: DeserializeOwned + 'static,
+    O: Serialize + 'static,
+{
+    fn invoke(&self, body: &[u8], items: u32, out: &mut ReplyBuf) {
+        let mut rest = body;
+        let mut done = 0;
+        while done < items {
+            // Where the current input's record starts.
+            let mut start = out.len();
+            // Decoding, the call, encoding and dropping the output all run under
+            // `catch_panic`, once for a whole run of inputs rather than per input: a
+            // panicking task or serde impl or destructor fails its input only.
+            let step = catch_panic(|| {
+                while done < items {
+                    start = protocol::begin_record(out);
+                    if let Err(failure) = self.run_one(&mut rest, out) {
+                        out.truncate(start + protocol::RECORD_PREFIX);
+                        encode_outcome(out, &failure);
+                    }
+                    protocol::end_record(out, start);
+                    done += 1;
+                    out.items_done(done);
+                }
+            });
+            if let Err(panic) = step {
+                out.truncate(start);
+                let start = protocol::begin_record(out);
+                encode_outcome(out, &panic);
+                protocol::end_record(out, start);
+                done += 1;
+                out.items_done(done);
+            }
+        }
+    }
 }
 
-/// Runs `f`, turning a panic into an [`Outcome::Panicked`] with its message,
-/// location and (under `RUST_BACKTRACE`) backtrace.
-pub(crate) fn catch_panic<R>(f: impl FnOnce() -> R) -> Result<R, Outcome> {
-    static HOOK: Once = Once::new();
-    HOOK.call_once(|| {
-        let default = panic::take_hook();
-        panic::set_hook(Box::new(move |info| {
-            if !CAPTURING.get() {
-                return default(info);
-            }
-            let location = info.location().map(|l| l.to_string()).unwrap_or_default();
-            let backtrace = std::backtrace::Backtrace::capture();
-            let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
-                .then(|| backtrace.to_string());
-            LAST_PANIC.set(Some((location, backtrace)));
-        }));
-    });
-
-    let was_capturing = CAPTURING.replace(true);
-    let result = panic::catch_unwind(AssertUnwindSafe(f));
-    CAPTURING.set(was_capturing);
-    result.map_err(|payload| {
-        let message = crate::error::panic_message(&*payload);
-        // A payload whose destructor panics would abort the worker; leak it instead.
-        std::mem::forget(payload);
-        let (location, backtrace) = match LAST_PANIC.take() {
-            Some((location, backtrace)) => (Some(location).filter(|l| !l.is_empty()), backtrace),
-            None => (None, None),
+impl<I, O> Task<I, O>
+where
+    I: DeserializeOwned + 'static,
+    O: Serialize + 'static,
+{
+    /// Runs the task on the next input of `inputs`, appending its output to `out`.
+    /// Each input is a record of its own, so one that cannot be decoded fails alone.
+    fn run_one(&self, inputs: &mut &[u8], out: &mut ReplyBuf) -> Result<(), Outcome> {
+        let Some(input) = protocol::take_record(inputs) else {
+            *inputs = &[];
+            return Err(Outcome::BadInput { message: "the call holds fewer inputs than it says".into() });
         };
-        Outcome::Panicked { message, location, backtrace }
-    })
+        let input = decode_exactly::<I>(input).map_err(|message| Outcome::BadInput { message })?;
+        let output = (self.function)(input);
+        out.push(protocol::OUTCOME_OK);
+        protocol::encode_into(out, &output)
+            .map_err(|err| Outcome::BadOutput { message: codec::encode_error_message(&output, &err) })?;
+        drop(output);
+        Ok(())
+    }
+}
+
+fn encode_outcome(out: &mut ReplyBuf, outcome: &Outcome) {
+    // An `Outcome` holds only strings and integers, which postcard always encodes.
+    let _ = protocol::encode_into(out, outcome);
 }
