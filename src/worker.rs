@@ -149,8 +149,13 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         let (request, body) = protocol::split_header::<Request>(&frame).map_err(invalid)?;
         let (id, task, items) = match request {
             Request::Call { id, task, items } => (id, task, items),
-            // A normal exit (`std::process::exit`) flushes what tasks left buffered.
-            Request::Exit => return Ok(()),
+            // What tasks printed without a newline is still in Rust's stdout buffer:
+            // flushed now, while the reply pipe is open, because the parent takes
+            // its closing as the worker's exit and then kills what is left.
+            Request::Exit => {
+                let _ = io::stdout().flush();
+                return Ok(());
+            }
             Request::Init { .. } => return Err(invalid("Init sent twice")),
         };
         let started = match clock.take() {
