@@ -239,22 +239,33 @@ impl Executor {
         T::Output: DeserializeOwned,
     {
         let task = task.into_task();
-        let shared = self.shared();
-        let state = match shared.encode_one(&task, &input, self.options) {
-            Ok((mut job, receiver)) => {
-                if shared.try_admit(&mut job) {
-                    queue(shared, job, receiver)
-                } else {
-                    // The queue is full: the call waits in its handle until room frees up.
-                    let room = shared.room_for(&job);
-                    let admission = Box::pin(shared.queue_room.semaphore.clone().acquire_many_owned(room));
-                    let (job, receiver) = (Some(job), Some(receiver));
-                    HandleState::Admitting { shared: shared.clone(), job, receiver, admission }
-                }
+        let state = match self.prepare(&task, &input) {
+            Prepared::Ready(state) => state,
+            Prepared::Full(job, receiver) => {
+                // The queue is full: the call waits in its handle until room frees up.
+                let shared = self.shared();
+                let room = shared.room_for(&job);
+                let admission = Box::pin(shared.queue_room.semaphore.clone().acquire_many_owned(room));
+                let (job, receiver) = (Some(job), Some(receiver));
+                HandleState::Admitting { shared: shared.clone(), job, receiver, admission }
             }
-            Err(err) => HandleState::Failed(Some(Box::new(err))),
         };
         TaskHandle { task: task.name(), state, _output: PhantomData }
+    }
+
+    /// Encodes a call and queues it if the queue has room for it now.
+    fn prepare<I: Serialize, O>(&self, task: &crate::Task<I, O>, input: &I) -> Prepared {
+        let shared = self.shared();
+        match shared.encode_one(task, input, self.options) {
+            Ok((mut job, receiver)) => {
+                if shared.try_admit(&mut job) {
+                    Prepared::Ready(queue(shared, job, receiver))
+                } else {
+                    Prepared::Full(job, receiver)
+                }
+            }
+            Err(err) => Prepared::Ready(HandleState::Failed(Some(Box::new(err)))),
+        }
     }
 
     /// Like [`spawn`](Executor::spawn), but refuses the call, handing the input
@@ -291,15 +302,9 @@ impl Executor {
         T::Output: DeserializeOwned,
     {
         let task = task.into_task();
-        let shared = self.shared();
-        let state = match shared.encode_one(&task, &input, self.options) {
-            Ok((mut job, receiver)) => {
-                if !shared.try_admit(&mut job) {
-                    return Err(QueueFull { input });
-                }
-                queue(shared, job, receiver)
-            }
-            Err(err) => HandleState::Failed(Some(Box::new(err))),
+        let state = match self.prepare(&task, &input) {
+            Prepared::Ready(state) => state,
+            Prepared::Full(..) => return Err(QueueFull { input }),
         };
         Ok(TaskHandle { task: task.name(), state, _output: PhantomData })
     }
@@ -508,6 +513,14 @@ pub struct TaskHandle<O> {
     task: &'static str,
     state: HandleState,
     _output: PhantomData<fn() -> O>,
+}
+
+/// A call encoded for `spawn` or `try_spawn`.
+enum Prepared {
+    /// Queued, or failed before it could be.
+    Ready(HandleState),
+    /// Encoded, but the queue has no room for it now.
+    Full(Job, oneshot::Receiver<Completion>),
 }
 
 /// Queues an admitted job; the handle then waits for its completion.
