@@ -29,7 +29,7 @@ procexec::tasks! {
     /// Allocates and leaks `mb` MiB, as a leaky library might; returns this
     /// process's resident memory in MiB.
     pub fn leak_mb(mb: u64) -> u64 {
-        std::mem::forget(vec![1u8; (mb as usize) << 20]);
+        std::mem::forget(std::hint::black_box(vec![1u8; (mb as usize) << 20]));
         resident_mib()
     }
 }
@@ -180,7 +180,9 @@ async fn main() -> procexec::Result<()> {
 
     // Memory a leaky task holds stays with the process that ran it.
     let before = resident_mib();
-    std::thread::spawn(|| std::mem::forget(vec![1u8; 200 << 20])).join().expect("the thread ran");
+    std::thread::spawn(|| std::mem::forget(std::hint::black_box(vec![1u8; 200 << 20])))
+        .join()
+        .expect("the thread ran");
     row(
         "a task leaks 200 MiB",
         "in a thread",
