@@ -349,7 +349,12 @@ impl Queue {
             return Poll::Ready(Took::Jobs(taken));
         }
         if over_budget {
-            state.leave_idle(slot);
+            // This worker retires; another may take the call now.
+            let next = state.wake_target();
+            drop(state);
+            if let Some(next) = next {
+                self.slots[next].wake();
+            }
             return Poll::Ready(Took::OverBudget);
         }
         if !room.busy && !state.idle.contains(&slot) {
@@ -377,10 +382,39 @@ impl Queue {
     }
 
     /// A slot's worker is gone: it is neither idle nor dormant until it says so again.
+    /// A wake-up it may have taken for waiting work goes to another slot.
     pub(crate) fn leave(&self, slot: usize) {
         let mut state = self.lock();
         state.leave_idle(slot);
         state.dormant.retain(|&s| s != slot);
+        let next = if state.jobs.is_empty() { None } else { state.wake_target() };
+        drop(state);
+        if let Some(next) = next {
+            self.slots[next].wake();
+        }
+    }
+
+    /// Queues a job that replaces work accepted before (the unstarted inputs of a
+    /// call whose worker died), even while shutting down; refused once terminated.
+    pub(crate) fn push_accepted(&self, job: Job) -> Result<(), Closed> {
+        match self.requeue_back(job) {
+            None => Ok(()),
+            Some(_) => Err(Closed),
+        }
+    }
+
+    fn requeue_back(&self, job: Job) -> Option<Job> {
+        let mut state = self.lock();
+        if state.terminated {
+            return Some(job);
+        }
+        state.jobs.push_back(job);
+        let wake = state.wake_target();
+        drop(state);
+        if let Some(slot) = wake {
+            self.slots[slot].wake();
+        }
+        None
     }
 
     /// For a slot without a worker: ready when work is waiting; otherwise the slot is
@@ -581,6 +615,30 @@ mod tests {
         queue.leave(2);
         queue.pass_demand();
         assert_eq!(counters[1].0.load(Ordering::SeqCst), 1, "the other one is woken in its place");
+    }
+
+    #[test]
+    fn a_slot_over_its_budget_passes_the_call_to_another_idle_slot() {
+        let queue = Queue::new(2);
+        let counters: Vec<_> = (0..2).map(|_| Arc::new(WakeCounter::default())).collect();
+        for slot in [0, 1] {
+            let waker = futures::task::waker(counters[slot].clone());
+            assert!(
+                queue
+                    .poll_take(&mut Context::from_waker(&waker), slot, room(1, false), &mut 0, |_| {})
+                    .is_pending()
+            );
+        }
+        let (job, _receiver) = job(1);
+        assert!(queue.push(job).is_ok());
+        let woken: Vec<usize> = counters.iter().map(|c| c.0.load(Ordering::SeqCst)).collect();
+        let (first, other) = if woken[0] == 1 { (0, 1) } else { (1, 0) };
+        assert_eq!(woken[other], 0, "one idle slot is woken for one call");
+        let spent = Room { jobs: 1, items: 0, busy: false };
+        let noop = noop_waker();
+        let took = queue.poll_take(&mut Context::from_waker(&noop), first, spent, &mut 0, |_| {});
+        assert_eq!(took, Poll::Ready(Took::OverBudget));
+        assert_eq!(counters[other].0.load(Ordering::SeqCst), 1, "the other idle slot gets the call");
     }
 
     #[derive(Default)]

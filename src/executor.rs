@@ -242,12 +242,22 @@ impl Executor {
         let state = match self.prepare(&task, &input) {
             Prepared::Ready(state) => state,
             Prepared::Full(job, receiver) => {
-                // The queue is full: the call waits in its handle until room frees up.
+                // The queue is full: the call waits for room, in line (the semaphore is
+                // fair), without its handle having to be polled.
                 let shared = self.shared();
                 let room = shared.room_for(&job);
                 let admission = Box::pin(shared.queue_room.semaphore.clone().acquire_many_owned(room));
-                let (job, receiver) = (Some(job), Some(receiver));
-                HandleState::Admitting { shared: shared.clone(), job, receiver, admission }
+                match tokio::runtime::Handle::try_current() {
+                    Ok(runtime) => {
+                        drop(runtime.spawn(admit(shared.clone(), job, admission)));
+                        HandleState::Waiting(receiver)
+                    }
+                    // Outside a runtime, it gets in line when the handle is polled.
+                    Err(_) => {
+                        let (job, receiver) = (Some(job), Some(receiver));
+                        HandleState::Admitting { shared: shared.clone(), job, receiver, admission }
+                    }
+                }
             }
         };
         TaskHandle { task: task.name(), state, _output: PhantomData }
@@ -521,6 +531,20 @@ enum Prepared {
     Ready(HandleState),
     /// Encoded, but the queue has no room for it now.
     Full(Job, oneshot::Receiver<Completion>),
+}
+
+/// Waits for room in the queue for `job`, then queues it, unless its caller left.
+async fn admit(shared: Arc<Shared>, mut job: Job, admission: Admission) {
+    let Ok(permit) = admission.await else {
+        return;
+    };
+    if job.is_cancelled() {
+        return;
+    }
+    job.admission = Some(permit);
+    if shared.submit(job).is_err() {
+        // Dropped: its caller learns of the shutdown from the closed channel.
+    }
 }
 
 /// Queues an admitted job; the handle then waits for its completion.

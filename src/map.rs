@@ -698,7 +698,7 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             self.finish(seq, Chunk::failed(items, error));
             return;
         }
-        match self.submit(seq, chunk.id, chunk.buf.freeze(), items, 0) {
+        match self.submit(seq, chunk.id, chunk.buf.freeze(), items, 0, false) {
             Ok(piece) => {
                 if let Some(slot) = self.slot(seq) {
                     slot.push(Part::Pending(piece));
@@ -722,16 +722,27 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
         buf.extend_from_slice(inputs);
         // The inputs fitted a frame before, with no larger header.
         let _ = protocol::end_frame(&mut buf, start, usize::MAX);
-        self.submit(seq, id, buf.freeze(), items, failures)
+        self.submit(seq, id, buf.freeze(), items, failures, true)
     }
 
-    fn submit(&mut self, seq: u64, id: u64, frame: Bytes, items: u32, failures: u32) -> Result<u64> {
+    fn submit(
+        &mut self,
+        seq: u64,
+        id: u64,
+        frame: Bytes,
+        items: u32,
+        failures: u32,
+        resent: bool,
+    ) -> Result<u64> {
         let piece = self.next_piece;
         self.next_piece += 1;
         let reply = ReplyTo::Chunk { piece, sink: self.sink.clone(), cancelled: self.cancelled.clone() };
         let mut job = Job::new(id, self.task, items, frame.clone(), reply, self.options);
         job.failures = failures;
-        self.shared.submit(job).map_err(|_| self.shared.refused())?;
+        // Inputs sent again replace work accepted before: they go in even while the
+        // executor drains for `shutdown`.
+        let queued = if resent { self.shared.queue.push_accepted(job) } else { self.shared.submit(job) };
+        queued.map_err(|_| self.shared.refused())?;
         self.pieces.insert(piece, Piece { seq, frame, items, failures });
         Ok(piece)
     }

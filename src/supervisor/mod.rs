@@ -111,7 +111,11 @@ async fn supervise(shared: &Shared, slot: usize, first: Option<WorkerProcess>) {
                 // so only calls that really had no answer are judged below.
                 drain_replies(shared, &mut worker, &mut in_flight).await;
                 let mut jobs = in_flight.into_iter();
-                match (jobs.next(), &cause) {
+                let head = jobs.next();
+                // The calls behind it never started: back to the queue first, so that
+                // the head, if it goes back too, goes in front of them.
+                shared.requeue(jobs);
+                match (head, &cause) {
                     (Some(job), ExitCause::TimedOut { task }) if job.id == id => {
                         tracing::warn!(worker = slot, pid, task, "call timed out; worker killed");
                         let timeout = job.options.timeout.unwrap_or_default();
@@ -132,7 +136,6 @@ async fn supervise(shared: &Shared, slot: usize, first: Option<WorkerProcess>) {
                     (None, _) => {}
                 }
                 record(cause);
-                shared.requeue(jobs);
             }
             End::Retire(cause) => {
                 stop_idle_worker(&mut worker).await;
@@ -182,7 +185,9 @@ async fn drain_replies(shared: &Shared, worker: &mut WorkerProcess, in_flight: &
                 return;
             };
             if let Some(job) = in_flight.pop_front() {
-                Counters::add(&shared.counters.completed, u64::from(job.items));
+                let counter =
+                    if job.withdrawn { &shared.counters.cancelled } else { &shared.counters.completed };
+                Counters::add(counter, u64::from(job.items));
                 job.complete(Completion::Done(Delivery { body, busy_ns }));
             }
         }
@@ -214,7 +219,8 @@ fn judge_running(shared: &Shared, worker: &WorkerProcess, mut job: Job, error: i
     job.failures += 1;
     let error = error(&job);
     if job.is_cancelled() {
-        Counters::add(&shared.counters.cancelled, u64::from(job.items));
+        Counters::add(&shared.counters.completed, u64::from(done));
+        Counters::add(&shared.counters.cancelled, u64::from(job.items - done));
         return;
     }
     match body {

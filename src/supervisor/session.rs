@@ -203,7 +203,10 @@ impl<'a, L: Link> Session<'a, L> {
             None => busy_ns,
             Some(average) => average.saturating_mul(7).saturating_add(busy_ns) / 8,
         });
-        self.served += u64::from(job.items);
+        if !job.withdrawn {
+            // A skipped call used none of the worker's budget.
+            self.served += u64::from(job.items);
+        }
         let limits = &self.shared.limits;
         let peak_rss = peak_rss_kib.saturating_mul(1024);
         if limits.max_worker_memory.is_some_and(|ceiling| peak_rss > ceiling) {
@@ -236,7 +239,10 @@ impl<'a, L: Link> Session<'a, L> {
             return None;
         }
         let head = self.in_flight.front_mut()?;
-        let cancelled = head.options.cancel == CancelPolicy::Kill && head.poll_cancelled(cx);
+        // A withdrawn call is skipped by the worker in microseconds (or, if it had
+        // started before the withdrawal arrived, runs out): no kill for it.
+        let cancelled =
+            head.options.cancel == CancelPolicy::Kill && !head.withdrawn && head.poll_cancelled(cx);
         if head.options.timeout.is_none() && !cancelled {
             return None;
         }
