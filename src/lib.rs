@@ -1,18 +1,22 @@
+// The tree shows the three parts: `parent/` (the executor, behind the default
+// `executor` feature), `worker/` (what a worker process runs), `wire/` (what both
+// share on the pipes), plus `task` (shared) and `sys` (platform calls).
+//
 // Layers, top to bottom. A module imports only from rows below its own, never
 // upwards, so the module graph has no cycle, and the worker side builds without
 // the parent side (without the `executor` feature, see Cargo.toml).
 // tests/module_layers.rs checks both.
 //
-//   parent side  executor
+//   parent/      executor
 //                builder, map
-//                supervisor
+//                supervisor/
 //                pool
 //                dispatch, process
 //                stats, drivers
 //                error
-//   worker side  worker, state
+//   worker/      worker, state
 //   shared       task (Task, Registry, tasks!)
-//   wire         shape
+//   wire/        shape
 //                panic
 //                codec, blob, protocol
 //   bottom       sys
@@ -89,57 +93,32 @@
 #![cfg_attr(not(feature = "executor"), allow(dead_code))]
 #![cfg(unix)]
 
-mod blob;
 #[cfg(feature = "executor")]
-mod builder;
-mod codec;
-#[cfg(feature = "executor")]
-mod dispatch;
-#[cfg(feature = "executor")]
-mod drivers;
-#[cfg(feature = "executor")]
-mod error;
-#[cfg(feature = "executor")]
-mod executor;
-#[cfg(all(test, feature = "executor"))]
-mod fuzz;
-#[cfg(feature = "executor")]
-mod map;
-mod panic;
-#[cfg(feature = "executor")]
-mod pool;
-#[cfg(feature = "executor")]
-mod process;
-mod protocol;
-mod shape;
-mod state;
-#[cfg(feature = "executor")]
-mod stats;
-#[cfg(feature = "executor")]
-mod supervisor;
+mod parent;
 mod sys;
 mod task;
+mod wire;
 mod worker;
 
-pub use blob::Blob;
 #[cfg(feature = "executor")]
-pub use builder::{Builder, InitOutput, cpu_count};
+pub use parent::builder::{Builder, InitOutput, cpu_count};
 #[cfg(feature = "executor")]
-pub use dispatch::CancelPolicy;
+pub use parent::dispatch::CancelPolicy;
 #[cfg(feature = "executor")]
-pub use error::{
+pub use parent::error::{
     Direction, Error, ExitReason, ProtocolViolation, Result, TaskPanic, WorkerCrash, WorkerStartError,
 };
 #[cfg(feature = "executor")]
-pub use executor::{Executor, QueueFull, TaskHandle};
+pub use parent::executor::{Executor, QueueFull, TaskHandle};
 #[cfg(feature = "executor")]
-pub use map::{Map, MapStream, MapUnordered};
+pub use parent::map::{Map, MapStream, MapUnordered};
 #[cfg(feature = "executor")]
-pub use process::WorkerStderr;
-pub use state::WorkerState;
+pub use parent::process::WorkerStderr;
 #[cfg(feature = "executor")]
-pub use stats::{ExitCause, ExitCounts, LiveWorker, Stats, WorkerExit};
+pub use parent::stats::{ExitCause, ExitCounts, LiveWorker, Stats, WorkerExit};
 pub use task::{AnyTask, IntoTask, Registry, Task};
+pub use wire::blob::Blob;
+pub use worker::state::WorkerState;
 pub use worker::{init_worker, serve_worker};
 
 /// Adds the test through which a test binary serves as its own worker.

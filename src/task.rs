@@ -6,8 +6,8 @@ use std::fmt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::protocol::{Shape, TaskInfo};
-use crate::shape::shape_of;
+use crate::wire::protocol::{Shape, TaskInfo};
+use crate::wire::shape::shape_of;
 
 /// A function that can run in a worker process: a stable name plus a plain
 /// `fn(I) -> O` whose input and output cross the process boundary with serde.
@@ -182,7 +182,7 @@ pub(crate) mod sealed {
     pub trait Sealed {
         /// Runs the task on each of `items` inputs (records in `body`), appending one
         /// outcome record per input to `out`.
-        fn invoke(&self, body: &[u8], items: u32, out: &mut crate::protocol::ReplyBuf);
+        fn invoke(&self, body: &[u8], items: u32, out: &mut crate::wire::protocol::ReplyBuf);
     }
 }
 
@@ -419,8 +419,8 @@ macro_rules! __task_pattern {
 mod tests {
     use super::sealed::Sealed;
     use super::*;
-    use crate::codec::decode_exactly;
-    use crate::protocol::{self, Outcome, ReplyBuf};
+    use crate::wire::codec::decode_exactly;
+    use crate::wire::protocol::{self, Outcome, ReplyBuf};
 
     crate::tasks! {
         fn double(x: u64) -> u64 { x * 2 }

@@ -20,10 +20,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::codec::{Decoder, FramedRead, LengthDelimitedCodec};
 
-use crate::error::{Direction, Error, ExitReason, Result, WorkerStartError};
-use crate::protocol::{self, Count, Reply, Request, Shape, TaskInfo};
+use crate::parent::error::{Direction, Error, ExitReason, Result, WorkerStartError};
 use crate::sys;
 use crate::task::Signature;
+use crate::wire::protocol::{self, Count, Reply, Request, Shape, TaskInfo};
 
 /// What to do with the lines a worker writes to stderr.
 ///

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 // Where the supervisor, which also catches panics, has always found it.
-pub(crate) use crate::panic::panic_message;
+pub(crate) use crate::wire::panic::panic_message;
 
 /// A `Result` whose error is procexec's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

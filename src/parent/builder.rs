@@ -10,14 +10,14 @@ use bytes::BytesMut;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::codec;
-use crate::dispatch::decode_record;
-use crate::dispatch::{CallOptions, CancelPolicy};
-use crate::error::{Error, Result, WorkerStartError};
-use crate::pool::{Limits, Shared, TaskTable};
-use crate::process::{Initializer, TEST_WORKER_NAME, WorkerConfig, WorkerProcess, WorkerStderr};
-use crate::protocol;
+use crate::parent::dispatch::decode_record;
+use crate::parent::dispatch::{CallOptions, CancelPolicy};
+use crate::parent::error::{Error, Result, WorkerStartError};
+use crate::parent::pool::{Limits, Shared, TaskTable};
+use crate::parent::process::{Initializer, TEST_WORKER_NAME, WorkerConfig, WorkerProcess, WorkerStderr};
 use crate::task::IntoTask;
+use crate::wire::codec;
+use crate::wire::protocol;
 
 /// Largest accepted `processes`.
 const MAX_PROCESSES: usize = 4096;
@@ -317,7 +317,7 @@ impl Builder {
         for slot in 0..processes {
             // Counted before the task runs, so an early shutdown waits for it.
             shared.supervisor_spawned();
-            tokio::spawn(crate::supervisor::run_slot(shared.clone(), slot, workers.next()));
+            tokio::spawn(crate::parent::supervisor::run_slot(shared.clone(), slot, workers.next()));
         }
         Ok((shared, self.options))
     }
@@ -372,7 +372,7 @@ impl Builder {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Error::Config("build() must be called within a Tokio runtime".into()));
         }
-        crate::drivers::check().map_err(Error::Config)?;
+        crate::parent::drivers::check().map_err(Error::Config)?;
         let program = match &self.program {
             Some(program) => program.clone(),
             None => std::env::current_exe().map_err(|err| {

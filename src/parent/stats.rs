@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
-use crate::error::ExitReason;
+use crate::parent::error::ExitReason;
 
 /// A snapshot of an executor's health, from [`Executor::stats`](crate::Executor::stats):
 /// export it as metrics.

@@ -15,9 +15,9 @@ use futures::task::AtomicWaker;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::codec::decode_exactly;
-use crate::error::{Direction, Error, TaskPanic};
-use crate::protocol::{self, Outcome};
+use crate::parent::error::{Direction, Error, TaskPanic};
+use crate::wire::codec::decode_exactly;
+use crate::wire::protocol::{self, Outcome};
 
 /// What happens to a call that is running when its caller goes away (its
 /// `TaskHandle` or map is dropped). Calls not yet sent to a worker are always

@@ -18,8 +18,8 @@ use serde_reflection::{
     ContainerFormat, Format, Named, Registry, Samples, Tracer, TracerConfig, VariantFormat,
 };
 
-use crate::panic::catch_panic;
-use crate::protocol::{Outcome, Shape};
+use crate::wire::panic::catch_panic;
+use crate::wire::protocol::{Outcome, Shape};
 
 /// The shape of `T`, traced once per process: a worker describes every task at
 /// its handshake, and tasks share types (`u64`, `String`, `()`) more often than not.

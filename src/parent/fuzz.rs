@@ -7,9 +7,9 @@ use bytes::BytesMut;
 use proptest::prelude::*;
 use tokio_util::codec::Decoder;
 
-use crate::dispatch::decode_record;
-use crate::process::ReplyCodec;
-use crate::protocol::{self, Fixed64, Reply};
+use crate::parent::dispatch::decode_record;
+use crate::parent::process::ReplyCodec;
+use crate::wire::protocol::{self, Fixed64, Reply};
 
 crate::tasks! {
     fn text(s: String) -> usize { s.len() }

@@ -13,12 +13,12 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
-use crate::builder::Builder;
-use crate::dispatch::{CallOptions, CancelPolicy, Completion, Job, decode_record};
-use crate::error::{Error, Result};
-use crate::map::{Map, MapStream, MapUnordered};
-use crate::pool::Shared;
-use crate::stats::Stats;
+use crate::parent::builder::Builder;
+use crate::parent::dispatch::{CallOptions, CancelPolicy, Completion, Job, decode_record};
+use crate::parent::error::{Error, Result};
+use crate::parent::map::{Map, MapStream, MapUnordered};
+use crate::parent::pool::Shared;
+use crate::parent::stats::Stats;
 use crate::task::IntoTask;
 
 // Here rather than in `builder`, which then needs nothing from this module: imports
@@ -696,7 +696,7 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
                 }
                 Poll::Ready(Ok(Completion::Done(delivery))) => {
                     let mut body: &[u8] = &delivery.body;
-                    let _registered = crate::blob::register(&delivery.body);
+                    let _registered = crate::wire::blob::register(&delivery.body);
                     Poll::Ready(decode_record(task, &mut body))
                 }
                 Poll::Ready(Ok(Completion::Failed(err) | Completion::Broken { error: err, .. })) => {

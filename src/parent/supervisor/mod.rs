@@ -16,11 +16,11 @@ use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::Duration;
 
-use crate::dispatch::{Completion, Delivery, Job};
-use crate::error::{Error, ExitReason, ProtocolViolation, WorkerCrash, WorkerStartError};
-use crate::pool::{RunState, Shared};
-use crate::process::{CallProgress, WorkerProcess};
-use crate::stats::{Counters, ExitCause, WorkerExit};
+use crate::parent::dispatch::{Completion, Delivery, Job};
+use crate::parent::error::{Error, ExitReason, ProtocolViolation, WorkerCrash, WorkerStartError};
+use crate::parent::pool::{RunState, Shared};
+use crate::parent::process::{CallProgress, WorkerProcess};
+use crate::parent::stats::{Counters, ExitCause, WorkerExit};
 
 mod pull;
 mod replies;
@@ -44,7 +44,7 @@ pub(crate) async fn run_slot(shared: Arc<Shared>, slot: usize, first: Option<Wor
     let _running = shared.supervisor_guard();
     let supervised = std::panic::AssertUnwindSafe(supervise(&shared, slot, first));
     if let Err(panic) = futures::FutureExt::catch_unwind(supervised).await {
-        let message = crate::error::panic_message(&*panic);
+        let message = crate::parent::error::panic_message(&*panic);
         tracing::error!(worker = slot, "procexec supervisor panicked (a bug): {message}");
         let failure =
             WorkerStartError::new(&shared.config.program, format!("its supervisor panicked: {message}"));

@@ -5,6 +5,8 @@
 //! only watches for the parent's hang-up, so a worker deep in a CPU loop still exits
 //! when its parent goes away.
 
+pub(crate) mod state;
+
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsFd;
@@ -14,13 +16,13 @@ use bytes::BytesMut;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::blob;
-use crate::codec::{self, decode_exactly};
-use crate::panic::catch_panic;
-use crate::protocol::{self, Buf, Fixed64, Outcome, Reply, ReplyBuf, Request};
 use crate::sys;
 use crate::task::sealed::Sealed;
 use crate::task::{Registry, Task};
+use crate::wire::blob;
+use crate::wire::codec::{self, decode_exactly};
+use crate::wire::panic::catch_panic;
+use crate::wire::protocol::{self, Buf, Fixed64, Outcome, Reply, ReplyBuf, Request};
 
 /// Serves `tasks` if this process was started as a procexec worker, and returns
 /// otherwise: the one-binary (self-executing) mode.

@@ -12,13 +12,13 @@ use std::sync::Arc;
 
 use tokio::sync::{Notify, Semaphore, oneshot};
 
-use crate::codec;
-use crate::dispatch::{CallOptions, Closed, Completion, Job, Queue, ReplyTo};
-use crate::error::{Direction, Error, Result};
-use crate::process::{WorkerConfig, check_types};
-use crate::protocol::{self, Count, Request, TaskInfo};
-use crate::stats::{Counters, Stats};
+use crate::parent::dispatch::{CallOptions, Closed, Completion, Job, Queue, ReplyTo};
+use crate::parent::error::{Direction, Error, Result};
+use crate::parent::process::{WorkerConfig, check_types};
+use crate::parent::stats::{Counters, Stats};
 use crate::task::Task;
+use crate::wire::codec;
+use crate::wire::protocol::{self, Count, Request, TaskInfo};
 
 /// The executor's lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,7 +6,7 @@
 
 use bytes::{Bytes, BytesMut};
 
-use crate::protocol::{self, Reply};
+use crate::wire::protocol::{self, Reply};
 
 /// A reply that answers the head call.
 #[derive(Debug, PartialEq, Eq)]
@@ -39,7 +39,7 @@ pub(super) fn match_reply(frame: BytesMut, head: Option<u64>, head_written: bool
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Fixed64, TaskInfo};
+    use crate::wire::protocol::{Fixed64, TaskInfo};
 
     fn frame(reply: &Reply, body: &[u8]) -> BytesMut {
         let mut frame = BytesMut::from(&postcard::to_allocvec(reply).expect("a reply encodes")[..]);

@@ -8,7 +8,7 @@ use std::cell::{Cell, RefCell};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Once;
 
-use crate::protocol::Outcome;
+use crate::wire::protocol::Outcome;
 
 thread_local! {
     /// Set while a task runs under [`catch_panic`], whose panics are reported, not printed.

@@ -30,13 +30,13 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
 
-use crate::codec;
-use crate::dispatch::{CallOptions, ChunkDone, Completion, Delivery, Job, ReplyTo, decode_record};
-use crate::error::{Direction, Error, Result};
-use crate::pool::Shared;
-use crate::protocol::{self, Count, Request};
-use crate::stats::Counters;
+use crate::parent::dispatch::{CallOptions, ChunkDone, Completion, Delivery, Job, ReplyTo, decode_record};
+use crate::parent::error::{Direction, Error, Result};
+use crate::parent::pool::Shared;
+use crate::parent::stats::Counters;
 use crate::task::Task;
+use crate::wire::codec;
+use crate::wire::protocol::{self, Count, Request};
 
 /// Work per chunk the sizing aims at.
 const TARGET_CHUNK_NS: u64 = 1_000_000;
@@ -406,7 +406,7 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             let Some(chunk) = self.ready.front_mut() else {
                 continue;
             };
-            let registered = crate::blob::register(&chunk.body);
+            let registered = crate::wire::blob::register(&chunk.body);
             let item = chunk.next(self.task);
             drop(registered);
             let exhausted = chunk.remaining == 0;
@@ -439,7 +439,7 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
     /// first error (which is consumed and returned).
     fn drain_ready(&mut self, outputs: &mut Vec<O>) -> Result<()> {
         while let Some(chunk) = self.ready.front_mut() {
-            let _registered = crate::blob::register(&chunk.body);
+            let _registered = crate::wire::blob::register(&chunk.body);
             while let Some(result) = chunk.next(self.task) {
                 outputs.push(result?);
             }

@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use bytes::BytesMut;
 use tokio::io::AsyncWrite;
 
-use crate::dispatch::Job;
+use crate::parent::dispatch::Job;
 
 /// Frames up to this size are copied into one buffer and written together.
 const SMALL_FRAME: usize = 8 * 1024;

@@ -16,10 +16,10 @@ use super::pull;
 use super::replies::{self, Answer};
 use super::timers::{HeadTimer, IdleTimer};
 use super::writer::FrameWriter;
-use crate::dispatch::{CancelPolicy, Completion, Delivery, Job, Room, Took};
-use crate::pool::{RunState, Shared};
-use crate::process::WorkerProcess;
-use crate::stats::{Counters, ExitCause};
+use crate::parent::dispatch::{CancelPolicy, Completion, Delivery, Job, Room, Took};
+use crate::parent::pool::{RunState, Shared};
+use crate::parent::process::WorkerProcess;
+use crate::parent::stats::{Counters, ExitCause};
 
 /// Why a session ended.
 #[derive(Debug)]
@@ -333,10 +333,10 @@ impl<'a, L: Link> Session<'a, L> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dispatch::{CallOptions, ReplyTo};
-    use crate::pool::{Limits, TaskTable};
-    use crate::process::{WorkerConfig, WorkerStderr};
-    use crate::protocol::{self, Count, Fixed64, Reply, Request};
+    use crate::parent::dispatch::{CallOptions, ReplyTo};
+    use crate::parent::pool::{Limits, TaskTable};
+    use crate::parent::process::{WorkerConfig, WorkerStderr};
+    use crate::wire::protocol::{self, Count, Fixed64, Reply, Request};
     use bytes::Bytes;
     use futures::{SinkExt, StreamExt};
     use std::future::poll_fn;
