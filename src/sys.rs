@@ -421,6 +421,34 @@ pub(crate) fn peak_rss_kib() -> u64 {
     if cfg!(target_os = "macos") { peak / 1024 } else { peak }
 }
 
+/// The soft and hard limits on open descriptors (`RLIMIT_NOFILE`).
+#[allow(clippy::unnecessary_cast)] // `rlim_t` is `u64` on Linux, not everywhere
+pub(crate) fn fd_limits() -> io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `limit` is a valid, writable rlimit that getrlimit fills in.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((limit.rlim_cur as u64, limit.rlim_max as u64))
+}
+
+/// Sets the soft limit on open descriptors (at most the hard limit).
+#[allow(clippy::unnecessary_cast)] // `rlim_t` is `u64` on Linux, not everywhere
+pub(crate) fn set_fd_soft_limit(soft: u64) -> io::Result<()> {
+    let (_, hard) = fd_limits()?;
+    let limit = libc::rlimit { rlim_cur: soft.min(hard) as libc::rlim_t, rlim_max: hard as libc::rlim_t };
+    // SAFETY: `limit` is a valid rlimit; setrlimit only reads it.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// How many descriptors this process has open (counted in `/proc/self/fd`).
+pub(crate) fn open_fds() -> Option<u64> {
+    Some(std::fs::read_dir("/proc/self/fd").ok()?.count() as u64)
+}
+
 /// Checks that `program` is a file this process may execute.
 pub(crate) fn check_executable(program: &std::path::Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
@@ -552,6 +580,15 @@ mod tests {
         let mut tail = [0u8; 4];
         file.read_exact_at(&mut tail, (1 << 20) + 4).unwrap();
         assert_eq!(tail, [5; 4]);
+    }
+
+    #[test]
+    fn the_descriptor_limits_are_read_and_the_soft_one_set() {
+        let (soft, hard) = fd_limits().unwrap();
+        assert!(soft <= hard && soft > 0);
+        set_fd_soft_limit(soft).unwrap();
+        assert_eq!(fd_limits().unwrap(), (soft, hard));
+        assert!(open_fds().unwrap() >= 3);
     }
 
     #[test]

@@ -19,6 +19,37 @@ use crate::task::IntoTask;
 use crate::wire::codec;
 use crate::wire::protocol;
 
+/// Descriptors the parent holds for each running worker (request, reply and stderr
+/// pipes, its progress file), plus the two a starting worker holds for a moment.
+const FDS_PER_WORKER: u64 = 6;
+/// Descriptors left for the rest of the program.
+const FD_MARGIN: u64 = 64;
+/// Workers started at once by `build`.
+const START_BATCH: usize = 32;
+
+/// Checks that `processes` workers fit the descriptor limit, raising the soft limit
+/// toward the hard one when allowed.
+fn ensure_descriptors(processes: usize, raise: bool) -> Result<()> {
+    let Ok((soft, hard)) = crate::sys::fd_limits() else {
+        return Ok(());
+    };
+    let open = crate::sys::open_fds().unwrap_or(0);
+    let need = open + processes as u64 * FDS_PER_WORKER + FD_MARGIN;
+    if need <= soft {
+        return Ok(());
+    }
+    if raise && need <= hard && crate::sys::set_fd_soft_limit(hard).is_ok() {
+        tracing::debug!(from = soft, to = hard, "raised the soft limit on open descriptors for the workers");
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "{processes} workers need about {need} open descriptors ({open} open now, {FDS_PER_WORKER} per worker, \
+         {FD_MARGIN} to spare), but the limit (RLIMIT_NOFILE) is {soft} (hard limit {hard}){}: raise it \
+         (`ulimit -n`), or use fewer processes",
+        if raise { "" } else { ", and raise_fd_limit(false) keeps it" }
+    )))
+}
+
 /// Largest accepted `processes`.
 const MAX_PROCESSES: usize = 4096;
 
@@ -75,6 +106,7 @@ pub struct Builder {
     min_processes: Option<usize>,
     initializer: Option<std::result::Result<Arc<Initializer>, String>>,
     max_queued_bytes: usize,
+    raise_fd_limit: bool,
 }
 
 impl Default for Builder {
@@ -94,6 +126,7 @@ impl Default for Builder {
             min_processes: None,
             initializer: None,
             max_queued_bytes: 64 << 20,
+            raise_fd_limit: true,
         }
     }
 }
@@ -286,6 +319,18 @@ impl Builder {
         self
     }
 
+    /// Whether `build` may raise this process's soft limit on open descriptors
+    /// (`RLIMIT_NOFILE`) toward its hard limit when the pool needs more than it
+    /// allows, as long-running servers commonly do: each worker costs the parent
+    /// about six descriptors, so 256 workers do not fit the usual soft limit of
+    /// 1,024. The limit is only ever raised, never lowered. When the
+    /// pool still cannot fit, `build` fails with [`Error::Config`] naming the limit
+    /// and the need. Default: true.
+    pub fn raise_fd_limit(mut self, raise: bool) -> Self {
+        self.raise_fd_limit = raise;
+        self
+    }
+
     /// How long a worker may sit without work before it is stopped, while more than
     /// [`min_processes`](Builder::min_processes) are alive. Default: never. Must not
     /// be zero.
@@ -298,13 +343,18 @@ impl Builder {
     /// call options its handles start from.
     pub(crate) async fn start(self) -> Result<(Arc<Shared>, CallOptions)> {
         let (config, limits, processes) = self.validate()?;
+        ensure_descriptors(processes, self.raise_fd_limit)?;
         // At least one, even for a pool that may scale to zero: the task table and
-        // the check that the program is a worker come from a handshake.
+        // the check that the program is a worker come from a handshake. In bounded
+        // batches: a worker being started holds more descriptors than one running.
         let starts = (0..limits.min_processes.max(1)).map(|slot| WorkerProcess::start(&config, slot));
         let mut workers = Vec::with_capacity(processes);
-        for started in futures::future::join_all(starts).await {
-            // Dropping the workers already started kills them.
-            workers.push(started.map_err(|err| Error::WorkerStart(Arc::new(err)))?);
+        {
+            let mut started = futures::StreamExt::buffered(futures::stream::iter(starts), START_BATCH);
+            while let Some(worker) = futures::StreamExt::next(&mut started).await {
+                // Dropping the workers already started kills them.
+                workers.push(worker.map_err(|err| Error::WorkerStart(Arc::new(err)))?);
+            }
         }
         let tasks = TaskTable::new(workers[0].tasks.clone());
         if let Some(odd) = workers.iter().find(|worker| worker.tasks != tasks.infos()) {
