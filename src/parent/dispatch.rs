@@ -315,7 +315,15 @@ impl Queue {
         }
         let (mut taken, mut items) = (0, 0);
         let mut over_budget = false;
-        while taken < room.jobs {
+        // While the pool can still grow, a worker holds one call at a time: calls
+        // taken ahead would wait behind its running one while a new worker could run
+        // them (their length is not known yet), and would hide the demand to grow.
+        let max_jobs = match (state.dormant.is_empty(), room.busy) {
+            (true, _) => room.jobs,
+            (false, true) => 0,
+            (false, false) => room.jobs.min(1),
+        };
+        while taken < max_jobs {
             let Some(job) = state.jobs.front() else {
                 break;
             };
