@@ -14,7 +14,7 @@ use tokio::io::AsyncWrite;
 
 use super::pull;
 use super::replies::{self, Answer};
-use super::timers::{HeadTimer, IdleTimer};
+use super::timers::{CANCEL_GRACE, HeadTimer, IdleTimer, WITHDRAWN_GRACE};
 use super::writer::FrameWriter;
 use crate::parent::dispatch::{CancelPolicy, Completion, Delivery, Job, Room, Took};
 use crate::parent::pool::{RunState, Shared};
@@ -239,14 +239,18 @@ impl<'a, L: Link> Session<'a, L> {
             return None;
         }
         let head = self.in_flight.front_mut()?;
-        // A withdrawn call is skipped by the worker in microseconds (or, if it had
-        // started before the withdrawal arrived, runs out): no kill for it.
-        let cancelled =
-            head.options.cancel == CancelPolicy::Kill && !head.withdrawn && head.poll_cancelled(cx);
-        if head.options.timeout.is_none() && !cancelled {
+        let kill = head.options.cancel == CancelPolicy::Kill;
+        let grace = if kill && head.withdrawn {
+            Some(WITHDRAWN_GRACE)
+        } else if kill && head.poll_cancelled(cx) {
+            Some(CANCEL_GRACE)
+        } else {
+            None
+        };
+        if head.options.timeout.is_none() && grace.is_none() {
             return None;
         }
-        let timed_out = self.head_timer.poll_expired(cx, head.options.timeout, cancelled)?;
+        let timed_out = self.head_timer.poll_expired(cx, head.options.timeout, grace)?;
         let task = head.task.to_string();
         let cause = if timed_out { ExitCause::TimedOut { task } } else { ExitCause::Cancelled { task } };
         Some(End::Kill { cause, id: head.id })

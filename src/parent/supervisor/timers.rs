@@ -13,6 +13,11 @@ use tokio::time::{Instant, Sleep};
 /// a tiny call should not cost a worker restart.
 pub(super) const CANCEL_GRACE: Duration = Duration::from_millis(10);
 
+/// The grace of a cancelled call the worker was told to skip: it answers at once if
+/// it had not started the call, so a kill is due only if it had (and then runs it),
+/// and a short grace could kill it just as it moved on to the next call.
+pub(super) const WITHDRAWN_GRACE: Duration = Duration::from_millis(200);
+
 /// The running call's clock: when it started, when its caller was seen gone, and
 /// the timer for whichever limit comes first.
 #[derive(Default)]
@@ -38,21 +43,22 @@ impl HeadTimer {
         self.since.get_or_insert_with(Instant::now).elapsed()
     }
 
-    /// Whether the head call, running with `timeout` and seen `cancelled` now, must
-    /// be stopped: `Some(true)` at its time limit, `Some(false)` at the end of the
-    /// grace after its cancellation. Otherwise registers `cx` to be woken then.
+    /// Whether the head call, running with `timeout` and, when cancelled, allowed
+    /// `grace` more, must be stopped: `Some(true)` at its time limit, `Some(false)`
+    /// at the end of the grace after its cancellation. Otherwise registers `cx` to be
+    /// woken then.
     pub(super) fn poll_expired(
         &mut self,
         cx: &mut Context<'_>,
         timeout: Option<Duration>,
-        cancelled: bool,
+        grace: Option<Duration>,
     ) -> Option<bool> {
-        if timeout.is_none() && !cancelled {
+        if timeout.is_none() && grace.is_none() {
             return None;
         }
         let since = *self.since.get_or_insert_with(Instant::now);
-        let cancelled_at = cancelled.then(|| *self.cancelled_at.get_or_insert_with(Instant::now));
-        let (at, timed_out) = head_deadline(since, timeout, cancelled_at)?;
+        let cancelled = grace.map(|grace| (*self.cancelled_at.get_or_insert_with(Instant::now), grace));
+        let (at, timed_out) = head_deadline(since, timeout, cancelled)?;
         let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
         if sleep.deadline() != at {
             sleep.as_mut().reset(at);
@@ -70,12 +76,12 @@ impl HeadTimer {
 fn head_deadline(
     started: Instant,
     timeout: Option<Duration>,
-    cancelled_at: Option<Instant>,
+    cancelled: Option<(Instant, Duration)>,
 ) -> Option<(Instant, bool)> {
     let limit = timeout.and_then(|timeout| Some((started.checked_add(timeout)?, true)));
     // The grace counts from the cancellation: a call cancelled late in a long run
     // still gets it.
-    let grace = cancelled_at.and_then(|at| Some((at.checked_add(CANCEL_GRACE)?, false)));
+    let grace = cancelled.and_then(|(at, grace)| Some((at.checked_add(grace)?, false)));
     match (limit, grace) {
         (Some(limit), Some(grace)) => Some(if grace.0 < limit.0 { grace } else { limit }),
         (limit, grace) => limit.or(grace),
@@ -118,12 +124,14 @@ mod tests {
     use std::task::{Poll, Waker};
 
     fn poll_once(timer: &mut HeadTimer, timeout: Option<Duration>, cancelled: bool) -> Option<bool> {
-        timer.poll_expired(&mut Context::from_waker(Waker::noop()), timeout, cancelled)
+        let grace = cancelled.then_some(CANCEL_GRACE);
+        timer.poll_expired(&mut Context::from_waker(Waker::noop()), timeout, grace)
     }
 
     /// Waits until the head timer fires (paused time jumps to it), saying which limit.
     async fn expiry(timer: &mut HeadTimer, timeout: Option<Duration>, cancelled: bool) -> bool {
-        poll_fn(|cx| match timer.poll_expired(cx, timeout, cancelled) {
+        let grace = cancelled.then_some(CANCEL_GRACE);
+        poll_fn(|cx| match timer.poll_expired(cx, timeout, grace) {
             Some(timed_out) => Poll::Ready(timed_out),
             None => Poll::Pending,
         })
@@ -187,7 +195,10 @@ mod tests {
     fn the_cancel_grace_counts_from_the_cancellation_not_the_start() {
         let start = Instant::now();
         let cancelled = start + Duration::from_millis(500);
-        assert_eq!(head_deadline(start, None, Some(cancelled)), Some((cancelled + CANCEL_GRACE, false)));
+        assert_eq!(
+            head_deadline(start, None, Some((cancelled, CANCEL_GRACE))),
+            Some((cancelled + CANCEL_GRACE, false))
+        );
     }
 
     #[test]
@@ -195,9 +206,15 @@ mod tests {
         let start = Instant::now();
         let limit = Duration::from_millis(100);
         let late = start + Duration::from_millis(95);
-        assert_eq!(head_deadline(start, Some(limit), Some(late)), Some((start + limit, true)));
+        assert_eq!(
+            head_deadline(start, Some(limit), Some((late, CANCEL_GRACE))),
+            Some((start + limit, true))
+        );
         let early = start + Duration::from_millis(20);
-        assert_eq!(head_deadline(start, Some(limit), Some(early)), Some((early + CANCEL_GRACE, false)));
+        assert_eq!(
+            head_deadline(start, Some(limit), Some((early, CANCEL_GRACE))),
+            Some((early + CANCEL_GRACE, false))
+        );
         assert_eq!(head_deadline(start, None, None), None);
         assert_eq!(head_deadline(start, Some(Duration::MAX), None), None, "too far away is no limit");
     }
@@ -237,5 +254,16 @@ mod tests {
         .await;
         idle_for(&mut timer, LIMIT).await;
         assert_eq!(start.elapsed(), 2 * LIMIT);
+    }
+
+    #[test]
+    fn a_withdrawn_call_still_running_is_killed_only_after_the_longer_grace() {
+        let start = Instant::now();
+        let seen = start + Duration::from_millis(5);
+        assert_eq!(
+            head_deadline(start, None, Some((seen, WITHDRAWN_GRACE))),
+            Some((seen + WITHDRAWN_GRACE, false))
+        );
+        assert!(WITHDRAWN_GRACE > CANCEL_GRACE);
     }
 }
