@@ -228,3 +228,16 @@ fn a_256_worker_pool_starts_and_serves_under_a_soft_limit_of_1024_descriptors() 
     assert!(stdout.contains("REFUSED true"), "without raising the limit, a clear config error: {stdout}");
     assert!(stdout.contains("SERVED true"), "raising the soft limit, 256 workers start and serve: {stdout}");
 }
+
+#[tokio::test]
+async fn a_worker_of_an_older_protocol_is_refused_at_the_handshake_naming_both_versions() {
+    // A stand-in for a worker built with procexec's protocol 1: its preamble, then a
+    // `Ready` of that version's shape (variant 0, version 1, pid 5, no task), then it
+    // waits for requests.
+    let stale = r"printf '\000PRCXC1\n\000\000\000\004\000\001\005\000'; exec cat >/dev/null";
+    let build = Executor::builder().program("/bin/sh").arg("-c").arg(stale).processes(1).build();
+    let err = hang_guard(build).await.unwrap_err();
+    let message = err.to_string();
+    assert!(err.is_worker_start(), "{message}");
+    assert!(message.contains("protocol version 1") && message.contains("speaks 2"), "{message}");
+}

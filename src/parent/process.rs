@@ -288,13 +288,27 @@ async fn handshake(
         Ok((Reply::Ready { version, pid, tasks, progress }, _)) if version == protocol::PROTOCOL_VERSION => {
             Ok((replies, Ready { pid, tasks, progress }))
         }
-        Ok((Reply::Ready { version, .. }, _)) => Err(format!(
-            "it speaks protocol version {version}, this procexec speaks {}; rebuild the worker with the same procexec",
-            protocol::PROTOCOL_VERSION
-        )),
+        Ok((Reply::Ready { version, .. }, _)) => Err(version_mismatch(version)),
         Ok((other, _)) => Err(format!("unexpected first message {other:?}")),
-        Err(err) => Err(format!("corrupt handshake: {err}")),
+        // A worker of another version may shape its `Ready` differently; every
+        // version starts it with the variant and the version number.
+        Err(err) => match postcard::take_from_bytes::<(u32, u32)>(&frame) {
+            Ok(((READY_VARIANT, version), _)) if version != protocol::PROTOCOL_VERSION => {
+                Err(version_mismatch(version))
+            }
+            _ => Err(format!("corrupt handshake: {err}")),
+        },
     }
+}
+
+/// How postcard numbers [`Reply::Ready`], the first variant.
+const READY_VARIANT: u32 = 0;
+
+fn version_mismatch(version: u32) -> String {
+    format!(
+        "it speaks protocol version {version}, this procexec speaks {}; rebuild the worker with the same procexec",
+        protocol::PROTOCOL_VERSION
+    )
 }
 
 /// The call id of an initializer: one the executor never hands out.
@@ -737,6 +751,13 @@ pub(crate) fn check_types(task: &str, ours: &Signature, info: &TaskInfo) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_ready_starts_with_its_variant_and_version() {
+        let ready = Reply::Ready { version: 7, pid: 300, tasks: Vec::new(), progress: None };
+        let bytes = postcard::to_allocvec(&ready).unwrap();
+        assert_eq!(postcard::take_from_bytes::<(u32, u32)>(&bytes).unwrap().0, (READY_VARIANT, 7));
+    }
 
     #[test]
     fn the_tail_keeps_the_last_lines_within_bounds() {

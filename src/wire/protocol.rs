@@ -36,7 +36,9 @@ use tokio_util::codec::LengthDelimitedCodec;
 pub(crate) const PROTOCOL_VERSION: u32 = 2;
 
 /// Written by a worker before its first frame.
-pub(crate) const PREAMBLE: &[u8; 8] = b"\0PRCXC2\n";
+/// It never changes between protocol versions: it is how a parent finds a worker of
+/// any version, whose `Ready` then says which version it speaks.
+pub(crate) const PREAMBLE: &[u8; 8] = b"\0PRCXC1\n";
 
 /// How much non-protocol output the parent skips while looking for the preamble.
 pub(crate) const PREAMBLE_SEARCH_LIMIT: usize = 1 << 20;
@@ -555,6 +557,18 @@ mod tests {
     fn outcome_ok_is_the_single_byte_the_fast_paths_use() {
         assert_eq!(postcard::to_allocvec(&Outcome::Ok).unwrap(), [OUTCOME_OK]);
         assert_eq!(postcard::from_bytes::<Outcome>(&[OUTCOME_OK]).unwrap(), Outcome::Ok);
+    }
+
+    #[test]
+    fn the_messages_of_version_two_round_trip() {
+        let mut buf = BytesMut::new();
+        write_message(&mut buf, &Request::Exit, 1 << 10).unwrap();
+        let frame = codec(1 << 10).decode(&mut buf).unwrap().unwrap();
+        assert_eq!(split_header::<Request>(&frame).unwrap().0, Request::Exit);
+        let skipped = postcard::to_allocvec(&Outcome::Skipped).unwrap();
+        assert_eq!(postcard::from_bytes::<Outcome>(&skipped).unwrap(), Outcome::Skipped);
+        let bad = Outcome::BadOutput { message: "injected".into() };
+        assert_eq!(postcard::from_bytes::<Outcome>(&postcard::to_allocvec(&bad).unwrap()).unwrap(), bad);
     }
 
     #[test]
