@@ -7,7 +7,8 @@
 // the parent side (without the `executor` feature, see Cargo.toml).
 // tests/module_layers.rs checks both.
 //
-//   parent/      executor
+//   parent/      channels
+//                executor
 //                builder, map
 //                supervisor/
 //                pool
@@ -15,6 +16,8 @@
 //                stats, drivers
 //                error
 //   worker/      worker, state
+//   channel/     queue, ends (the handles)
+//                link (a worker's side), broker (the parent's side)
 //   shared       task (Task, Registry, tasks!)
 //   wire/        shape
 //                panic
@@ -93,6 +96,7 @@
 #![cfg_attr(not(feature = "executor"), allow(dead_code))]
 #![cfg(unix)]
 
+mod channel;
 #[cfg(feature = "executor")]
 mod parent;
 mod sys;
@@ -100,8 +104,11 @@ mod task;
 mod wire;
 mod worker;
 
+pub use channel::{ChannelError, Delivery, JoinableQueue, Pipe, Queue, Receiver, Sender, TryPutError};
 #[cfg(feature = "executor")]
 pub use parent::builder::{Builder, InitOutput, cpu_count};
+#[cfg(feature = "executor")]
+pub use parent::channels::{StreamInput, TaskStream};
 #[cfg(feature = "executor")]
 pub use parent::dispatch::CancelPolicy;
 #[cfg(feature = "executor")]

@@ -144,6 +144,30 @@ pub(crate) fn wait_for_hangup(fd: BorrowedFd<'_>) {
     }
 }
 
+/// Waits until `fd` has something to read (or its writer hung up), for at most
+/// `timeout`. Returns whether it has.
+pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut pollfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        // Rounded up, so a wait never ends early and spins.
+        let ms = left.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32;
+        // SAFETY: `pollfd` is a valid, exclusively borrowed array of length 1.
+        let ready = unsafe { libc::poll(&mut pollfd, 1, ms) };
+        if ready > 0 {
+            return true;
+        }
+        if ready == 0 && left.is_zero() {
+            return false;
+        }
+        if ready < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            // Let the read that follows report it.
+            return true;
+        }
+    }
+}
+
 /// Reads once from `fd` into the spare capacity of `buf` (at least `reserve` bytes of
 /// it), retrying on `EINTR`. Returns how many bytes arrived; 0 means end of stream.
 pub(crate) fn read_into(fd: BorrowedFd<'_>, buf: &mut BytesMut, reserve: usize) -> io::Result<usize> {
@@ -522,6 +546,14 @@ mod tests {
         });
         drop(writer);
         assert!(watcher.join().unwrap().starts_with("pending data"));
+    }
+
+    #[test]
+    fn waiting_for_input_ends_when_it_comes_or_at_the_timeout() {
+        let (read, write) = pipe().unwrap();
+        assert!(!wait_readable(read.as_fd(), std::time::Duration::from_millis(5)));
+        std::fs::File::from(write).write_all(b"x").unwrap();
+        assert!(wait_readable(read.as_fd(), std::time::Duration::from_secs(60)));
     }
 
     #[test]

@@ -452,6 +452,7 @@ impl Builder {
             pipe_capacity: self.pipe_capacity,
             measure_memory: self.limits.max_worker_memory.is_some(),
             initializer,
+            executor: next_executor_id(),
         };
         Ok((config, Limits { min_processes, ..self.limits }, processes))
     }
@@ -478,4 +479,13 @@ impl<E: Display + DeserializeOwned> InitOutput for std::result::Result<(), E> {
     fn into_result(self) -> std::result::Result<(), String> {
         self.map_err(|err| err.to_string())
     }
+}
+
+/// An id for a new executor, unique among this process's executors and unlikely
+/// to be another process's: channel handles carry it, so one of another executor
+/// is refused.
+fn next_executor_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let count = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (u64::from(std::process::id()) << 32) | (count & 0xffff_ffff)
 }

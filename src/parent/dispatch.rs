@@ -15,6 +15,7 @@ use futures::task::AtomicWaker;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::channel::transit::Holds;
 use crate::parent::error::{Direction, Error, TaskPanic};
 use crate::wire::codec::decode_exactly;
 use crate::wire::protocol::{self, Outcome};
@@ -101,6 +102,8 @@ pub(crate) struct Job {
     pub(crate) withdrawn: bool,
     /// Its room in the spawn queue, given back when a worker takes it.
     pub(crate) admission: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Channel handles in its input, kept open until the call ends.
+    pub(crate) holds: Holds,
 }
 
 impl Job {
@@ -112,7 +115,18 @@ impl Job {
         reply: ReplyTo,
         options: CallOptions,
     ) -> Self {
-        Job { id, task, items, frame, reply, options, failures: 0, withdrawn: false, admission: None }
+        Job {
+            id,
+            task,
+            items,
+            frame,
+            reply,
+            options,
+            failures: 0,
+            withdrawn: false,
+            admission: None,
+            holds: Holds::default(),
+        }
     }
 
     /// Whether nobody waits for the result any more (the future or stream was dropped).

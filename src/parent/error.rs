@@ -140,9 +140,19 @@ pub enum Error {
     /// The executor was shut down or dropped before the task could finish.
     #[error("the executor has shut down")]
     Shutdown,
+
+    /// A channel operation failed (a [`Queue`](crate::Queue), a channel's ends, a
+    /// [`Pipe`](crate::Pipe)).
+    #[error(transparent)]
+    Channel(#[from] crate::channel::ChannelError),
 }
 
 impl Error {
+    /// Whether a channel operation failed.
+    pub fn is_channel(&self) -> bool {
+        matches!(self, Error::Channel(_))
+    }
+
     /// Whether the task panicked.
     pub fn is_panic(&self) -> bool {
         matches!(self, Error::TaskPanicked(_))

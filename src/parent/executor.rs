@@ -494,7 +494,7 @@ impl Executor {
         self.shared().processes
     }
 
-    fn shared(&self) -> &Arc<Shared> {
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.handle.shared
     }
 }

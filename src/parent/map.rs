@@ -30,6 +30,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
 
+use crate::channel::transit;
 use crate::parent::dispatch::{CallOptions, ChunkDone, Completion, Delivery, Job, ReplyTo, decode_record};
 use crate::parent::error::{Direction, Error, Result};
 use crate::parent::pool::Shared;
@@ -327,6 +328,7 @@ struct MapCore<'a, O> {
     deadline: Option<(Pin<Box<Sleep>>, Duration)>,
     /// The stream has ended (after a deadline, or an error that stops the map).
     finished: bool,
+    holds: transit::Holds,
     _output: PhantomData<fn() -> O>,
 }
 
@@ -362,6 +364,7 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             yielded: 0,
             deadline: None,
             finished: false,
+            holds: transit::Holds::default(),
             _output: PhantomData,
         }
     }
@@ -432,7 +435,9 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
         while let Poll::Ready(Some(done)) = self.done.poll_recv(cx) {
             self.accept(done);
         }
-        self.fill(cx);
+        // Channel handles among the inputs stay open while the map lives.
+        let ((), holds) = transit::collect(|| self.fill(cx));
+        self.holds.extend(holds);
     }
 
     /// Moves every output of the chunks ready, in order, to `outputs`; stops at the

@@ -1,6 +1,7 @@
 //! The parent side: the executor and everything that supervises its workers.
 
 pub(crate) mod builder;
+pub(crate) mod channels;
 pub(crate) mod dispatch;
 pub(crate) mod drivers;
 pub(crate) mod error;

@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 use tokio::sync::{Notify, Semaphore, oneshot};
 
+use crate::channel::broker::Hub;
+use crate::channel::transit;
 use crate::parent::dispatch::{CallOptions, Closed, Completion, Job, Queue, ReplyTo};
 use crate::parent::error::{Direction, Error, Result};
 use crate::parent::process::{WorkerConfig, check_types};
@@ -93,6 +95,8 @@ pub(crate) struct Shared {
     pub(crate) tasks: TaskTable,
     pub(crate) processes: usize,
     pub(crate) counters: Counters,
+    /// Every channel of the executor.
+    pub(crate) hub: Arc<Hub>,
     /// Room for spawned calls waiting in the queue, in bytes of their frames.
     pub(crate) queue_room: QueueRoom,
     next_id: AtomicU64,
@@ -115,6 +119,7 @@ impl Shared {
         processes: usize,
         queue_bytes: usize,
     ) -> Self {
+        let hub = Hub::new(config.executor, config.max_frame_len);
         Shared {
             config,
             limits,
@@ -122,6 +127,7 @@ impl Shared {
             tasks,
             processes,
             counters: Counters::new(processes),
+            hub,
             queue_room: QueueRoom { semaphore: Arc::new(Semaphore::new(queue_bytes)), max: queue_bytes },
             next_id: AtomicU64::new(0),
             state: AtomicU8::new(RunState::Running as u8),
@@ -174,7 +180,8 @@ impl Shared {
         let mut buf = BytesMut::with_capacity(64);
         let (id, start, _) = self.call_frame(index, 1, &mut buf);
         let record = protocol::begin_record(&mut buf);
-        protocol::encode_into(&mut buf, input).map_err(|err| {
+        let (encoded, holds) = transit::collect(|| protocol::encode_into(&mut buf, input));
+        encoded.map_err(|err| {
             Error::codec(task.name(), Direction::Input, "encode", codec::encode_error_message(input, &err))
         })?;
         protocol::end_record(&mut buf, record);
@@ -186,7 +193,8 @@ impl Shared {
             limit: limit as u64,
         })?;
         let (sender, receiver) = oneshot::channel();
-        let job = Job::new(id, task.name(), 1, buf.freeze(), ReplyTo::Once(sender), options);
+        let mut job = Job::new(id, task.name(), 1, buf.freeze(), ReplyTo::Once(sender), options);
+        job.holds = holds;
         Ok((job, receiver))
     }
 
@@ -239,11 +247,13 @@ impl Shared {
             Ordering::Acquire,
         );
         self.queue.close();
+        self.hub.shut();
     }
 
     /// Drop of the last handle, or `shutdown_now()`: stop now, fail whatever waits.
     pub(crate) fn terminate(&self) {
         self.state.store(RunState::Terminated as u8, Ordering::Release);
+        self.hub.shut();
         self.fail(self.queue.close_and_drain(), &Error::Shutdown);
     }
 
@@ -265,6 +275,7 @@ impl Shared {
             }
             RunState::Draining | RunState::Terminated => Error::Shutdown,
         };
+        self.hub.shut();
         self.fail(self.queue.close_and_drain(), &reason);
     }
 

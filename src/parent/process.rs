@@ -66,6 +66,8 @@ pub(crate) struct WorkerConfig {
     /// Ask workers for their peak memory with every reply.
     pub(crate) measure_memory: bool,
     pub(crate) initializer: Option<Arc<Initializer>>,
+    /// The executor's id, which its channel handles carry.
+    pub(crate) executor: u64,
 }
 
 /// A running worker process after a successful handshake.
@@ -269,6 +271,7 @@ async fn handshake(
         max_frame_len: config.max_frame_len as u32,
         index: slot as u32,
         measure_memory: config.measure_memory,
+        executor: config.executor,
     };
     protocol::write_message(&mut init, &request, config.max_frame_len).map_err(|e| e.to_string())?;
     // A worker that dies first closes the pipe; its exit status then tells more.

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::codec::LengthDelimitedCodec;
 
 /// Bumped whenever a message changes shape.
-pub(crate) const PROTOCOL_VERSION: u32 = 2;
+pub(crate) const PROTOCOL_VERSION: u32 = 3;
 
 /// Written by a worker before its first frame.
 /// It never changes between protocol versions: it is how a parent finds a worker of
@@ -70,11 +70,15 @@ pub(crate) enum Request {
         index: u32,
         /// Report the worker's peak memory in every reply (a memory ceiling is set).
         measure_memory: bool,
+        /// The executor's id: channel handles of another executor are refused.
+        executor: u64,
     },
     /// Run task number `task` on each of `items` inputs in the body.
     Call { id: u64, task: u32, items: Count },
     /// Exit now, as a program does: run exit handlers and flush buffered output.
     Exit,
+    /// A channel message (see [`ToWorker`]), at any time, also while a call runs.
+    Channel(ToWorker),
 }
 
 /// A message from a worker to the parent.
@@ -87,6 +91,79 @@ pub(crate) enum Reply {
     /// worker spent on it (decode, run, encode), which sizes prefetch and map chunks;
     /// `peak_rss_kib` is the worker's peak resident memory, when asked for (else 0).
     Done { id: u64, busy_ns: Fixed64, peak_rss_kib: Fixed64 },
+    /// A channel message (see [`ToParent`]), written by a running task.
+    Channel(ToParent),
+}
+
+/// What a task says about a channel (a queue or a channel end) to the parent, which
+/// brokers every channel. Frames of one worker arrive in the order it wrote them, so
+/// everything a call said comes before its [`Reply::Done`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum ToParent {
+    /// The worker now holds a handle to `channel` in `role` (it decoded one).
+    Attach { channel: u64, role: Role },
+    /// The worker dropped its last handle to `channel` in `role`.
+    Detach { channel: u64, role: Role },
+    /// `count` items follow as records, one credit each.
+    Put { channel: u64, count: u32 },
+    /// Asks for at least one and at most `max` items; the parent answers
+    /// [`ToWorker::Items`] or [`ToWorker::NoItems`] with the same `request`.
+    /// With `wait` false, an empty channel answers at once with no items.
+    Get { channel: u64, request: u64, max: u32, wait: bool },
+    /// The worker gave up waiting for `request`: answer it no more.
+    Cancel { channel: u64, request: u64 },
+    /// Items given to this worker and not used, back to the front of the channel:
+    /// `count` records, each the 8-byte delivery number then the item.
+    Unget { channel: u64, count: u32 },
+    /// The item of `delivery` is done with (an acknowledged channel).
+    Ack { channel: u64, delivery: u64 },
+    /// The item of `delivery` was not done with: deliver it again (an acknowledged
+    /// channel).
+    Nack { channel: u64, delivery: u64 },
+    /// Close `channel`: later puts fail, gets drain what is left.
+    Close { channel: u64 },
+}
+
+/// What the parent tells a worker about a channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum ToWorker {
+    /// The worker may put `items` more items into `channel`.
+    Credit { channel: u64, items: u32 },
+    /// The answer to `request`: `count` records follow, each an 8-byte little-endian
+    /// delivery number, a 4-byte count of earlier deliveries not acknowledged, then
+    /// the item.
+    Items { channel: u64, request: u64, count: u32 },
+    /// The answer to `request`: nothing, because `channel` is closed and empty.
+    NoItems { channel: u64, request: u64, why: Ended },
+    /// `channel` accepts no more items.
+    Closed { channel: u64, why: Ended },
+}
+
+/// The largest frame overhead around one channel item: frame and record lengths,
+/// the header, a delivery number. An item may be `max_frame_len` minus this.
+pub(crate) const ITEM_OVERHEAD: usize = 64;
+
+/// What a handle may do with its channel. A channel's ends close it when all
+/// handles of one role are gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub(crate) enum Role {
+    /// A queue handle: puts and gets.
+    Queue,
+    /// A channel's sending end.
+    Sender,
+    /// A channel's receiving end.
+    Receiver,
+}
+
+/// Why a channel accepts or yields no more items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Ended {
+    /// It was closed, or the other side's every handle is gone.
+    Closed,
+    /// Its executor shut down.
+    Shutdown,
+    /// The parent knows no such channel.
+    Unknown,
 }
 
 /// A `u64` in a fixed 8-byte encoding (postcard writes arrays byte by byte), so a

@@ -16,6 +16,7 @@ use bytes::BytesMut;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::channel::link::{FrameReader, Link};
 use crate::sys;
 use crate::task::sealed::Sealed;
 use crate::task::{Registry, Task};
@@ -120,7 +121,7 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
     let Some(frame) = reader.next_frame()? else {
         return Ok(());
     };
-    let (Request::Init { version, max_frame_len, index: _, measure_memory }, _) =
+    let (Request::Init { version, max_frame_len, index: _, measure_memory, executor }, _) =
         protocol::split_header(&frame).map_err(invalid)?
     else {
         return Err(invalid("the first request is not Init"));
@@ -143,11 +144,13 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         return Ok(());
     }
 
+    // From here on the link reads and writes: tasks talk on it too (channels).
+    Link::install(reader, output, executor, max_frame_len);
+
     // The end of one call is the start of the next when its frame was already
     // buffered: one clock read per call.
     let mut clock = None;
-    while let Some(frame) = reader.next_frame()? {
-        let frame = frame.freeze();
+    while let Some((frame, waited)) = Link::next_request()? {
         let (request, body) = protocol::split_header::<Request>(&frame).map_err(invalid)?;
         let (id, task, items) = match request {
             Request::Call { id, task, items } => (id, task, items),
@@ -159,9 +162,10 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
                 return Ok(());
             }
             Request::Init { .. } => return Err(invalid("Init sent twice")),
+            Request::Channel(_) => return Err(invalid("a channel message the link did not take")),
         };
         let started = match clock.take() {
-            Some(end) if !std::mem::take(&mut reader.waited) => end,
+            Some(end) if !waited => end,
             _ => Instant::now(),
         };
         let items = items.get();
@@ -173,7 +177,7 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         // One write per reply, before the next call starts: a reply that left the
         // worker survives the worker, and the progress record covers the call it is
         // in, so a crash can only lose the input it was running.
-        output.write_all(replies.frame())?;
+        Link::finish_call(replies.frame())?;
         replies.clear();
     }
     Ok(())
@@ -240,43 +244,6 @@ fn write_outcomes(out: &mut ReplyBuf, items: u32, outcome: &Outcome) {
 
 fn invalid(err: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, err.to_string())
-}
-
-/// Blocking frame reader over the request pipe.
-struct FrameReader {
-    file: File,
-    buf: BytesMut,
-    max_frame_len: usize,
-    /// A read from the pipe happened (maybe blocking) since this was last cleared.
-    waited: bool,
-}
-
-impl FrameReader {
-    fn new(file: File) -> Self {
-        FrameReader {
-            file,
-            buf: BytesMut::with_capacity(64 * 1024),
-            max_frame_len: protocol::INIT_FRAME_LIMIT,
-            waited: false,
-        }
-    }
-
-    /// The next frame, or `None` at a clean end of stream.
-    fn next_frame(&mut self) -> io::Result<Option<BytesMut>> {
-        loop {
-            if let Some(frame) = protocol::take_frame(&mut self.buf, self.max_frame_len)? {
-                return Ok(Some(frame));
-            }
-            self.waited = true;
-            if sys::read_into(self.file.as_fd(), &mut self.buf, 64 * 1024)? == 0 {
-                return if self.buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(invalid("the request pipe ended mid-frame"))
-                };
-            }
-        }
-    }
 }
 
 // The worker-side half of a task, here rather than in `task` so that `Task` and

@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::Duration;
 
+use crate::channel::broker::Attachments;
 use crate::parent::dispatch::{Completion, Delivery, Job};
 use crate::parent::error::{Error, ExitReason, ProtocolViolation, WorkerCrash, WorkerStartError};
 use crate::parent::pool::{RunState, Shared};
@@ -28,7 +29,7 @@ mod session;
 mod timers;
 mod writer;
 
-use replies::Answer;
+use replies::{Answer, Matched};
 use session::{End, Session};
 
 /// Consecutive failed starts after which a slot gives up.
@@ -68,11 +69,18 @@ async fn supervise(shared: &Shared, slot: usize, first: Option<WorkerProcess>) {
         };
         let counters = &shared.counters.slots[slot];
         counters.started(worker.pid);
-        let mut session = Session::new(shared, &mut worker, service_ns);
+        // Dropped with this worker: the channels it held let go of it.
+        let mut channels = Attachments::new(&shared.hub, shared.config.max_frame_len);
+        let mut session = Session::new(shared, &mut worker, &mut channels, service_ns);
         let end = poll_fn(|cx| session.poll(cx)).await;
         let (mut in_flight, head_started) = session.finish();
-        counters.stopped();
         service_ns = session.service_ns;
+        if !matches!(end, End::Kill { .. }) {
+            // Before any call is failed: what the worker held goes back first, so
+            // whoever hears of the failure finds it there.
+            channels.lost();
+        }
+        counters.stopped();
         shared.queue.leave(slot);
         if !matches!(end, End::Retire(ExitCause::Idle)) {
             // An idle exit was counted when it was claimed.
@@ -109,7 +117,8 @@ async fn supervise(shared: &Shared, slot: usize, first: Option<WorkerProcess>) {
                 let exit = worker.process.wait_exit(EXIT_GRACE).await;
                 // Replies written before the kill are still in the pipe: deliver them,
                 // so only calls that really had no answer are judged below.
-                drain_replies(shared, &mut worker, &mut in_flight).await;
+                drain_replies(shared, &mut worker, &mut channels, &mut in_flight).await;
+                channels.lost();
                 let mut jobs = in_flight.into_iter();
                 let head = jobs.next();
                 // The calls behind it never started: back to the queue first, so that
@@ -176,13 +185,25 @@ async fn stop_idle_worker(worker: &mut WorkerProcess) {
 
 /// Reads the replies a dead worker left in its pipe and delivers those that match,
 /// in order.
-async fn drain_replies(shared: &Shared, worker: &mut WorkerProcess, in_flight: &mut VecDeque<Job>) {
+async fn drain_replies(
+    shared: &Shared,
+    worker: &mut WorkerProcess,
+    channels: &mut Attachments,
+    in_flight: &mut VecDeque<Job>,
+) {
     let drained = async {
         while let Some(Ok(frame)) = futures::StreamExt::next(&mut worker.replies).await {
             // The worker is dead: a request it replied to was written whole.
             let head = in_flight.front().map(|job| job.id);
-            let Ok(Answer { body, busy_ns, .. }) = replies::match_reply(frame, head, true) else {
-                return;
+            let Answer { body, busy_ns, .. } = match replies::match_reply(frame, head, true) {
+                Ok(Matched::Call(answer)) => answer,
+                Ok(Matched::Channel(message, body)) => {
+                    if channels.route(message, &body).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Err(_) => return,
             };
             if let Some(job) = in_flight.pop_front() {
                 let counter =

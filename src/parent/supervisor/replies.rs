@@ -6,7 +6,7 @@
 
 use bytes::{Bytes, BytesMut};
 
-use crate::wire::protocol::{self, Reply};
+use crate::wire::protocol::{self, Reply, ToParent};
 
 /// A reply that answers the head call.
 #[derive(Debug, PartialEq, Eq)]
@@ -17,14 +17,26 @@ pub(super) struct Answer {
     pub(super) peak_rss_kib: u64,
 }
 
+/// What a reply frame is.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Matched {
+    /// The answer to the head call.
+    Call(Answer),
+    /// A channel message, and the rest of its frame.
+    Channel(ToParent, Bytes),
+}
+
 /// Matches `frame` to the head call (`head`, its id, if a call is in flight), whose
-/// request is fully written if `head_written`. An error is a protocol violation.
-pub(super) fn match_reply(frame: BytesMut, head: Option<u64>, head_written: bool) -> Result<Answer, String> {
+/// request is fully written if `head_written`, unless it is a channel message. An
+/// error is a protocol violation.
+pub(super) fn match_reply(frame: BytesMut, head: Option<u64>, head_written: bool) -> Result<Matched, String> {
     let frame = frame.freeze();
     let (reply, body) =
         protocol::split_header::<Reply>(&frame).map_err(|e| format!("undecodable reply: {e}"))?;
-    let Reply::Done { id, busy_ns, peak_rss_kib } = reply else {
-        return Err(format!("unexpected message {reply:?}"));
+    let (id, busy_ns, peak_rss_kib) = match reply {
+        Reply::Done { id, busy_ns, peak_rss_kib } => (id, busy_ns, peak_rss_kib),
+        Reply::Channel(message) => return Ok(Matched::Channel(message, frame.slice_ref(body))),
+        reply => return Err(format!("unexpected message {reply:?}")),
     };
     match head {
         Some(_) if !head_written => return Err(format!("reply for call {id} before it was sent")),
@@ -33,7 +45,7 @@ pub(super) fn match_reply(frame: BytesMut, head: Option<u64>, head_written: bool
         None => return Err(format!("reply for call {id}, but no call was in flight")),
     }
     let body = frame.slice(frame.len() - body.len()..);
-    Ok(Answer { body, busy_ns: busy_ns.get(), peak_rss_kib: peak_rss_kib.get() })
+    Ok(Matched::Call(Answer { body, busy_ns: busy_ns.get(), peak_rss_kib: peak_rss_kib.get() }))
 }
 
 #[cfg(test)]
@@ -55,14 +67,14 @@ mod tests {
     fn a_reply_for_the_head_completes_it_with_its_body() {
         let answer = match_reply(frame(&done(7), b"records"), Some(7), true);
         let expected = Answer { body: Bytes::from_static(b"records"), busy_ns: 1500, peak_rss_kib: 64 };
-        assert_eq!(answer, Ok(expected));
+        assert_eq!(answer, Ok(Matched::Call(expected)));
     }
 
     #[test]
     fn the_body_shares_the_frame_buffer() {
         let frame = frame(&done(7), b"records");
         let end = frame.as_ptr() as usize + frame.len();
-        let answer = match_reply(frame, Some(7), true).expect("it matches");
+        let Ok(Matched::Call(answer)) = match_reply(frame, Some(7), true) else { panic!("it matches") };
         assert_eq!(answer.body.as_ptr() as usize + answer.body.len(), end);
     }
 
@@ -91,8 +103,16 @@ mod tests {
     }
 
     #[test]
+    fn a_channel_message_matches_no_call_and_keeps_its_body() {
+        let put = Reply::Channel(ToParent::Put { channel: 3, count: 1 });
+        let matched = match_reply(frame(&put, b"item"), Some(7), false);
+        let expected = Matched::Channel(ToParent::Put { channel: 3, count: 1 }, Bytes::from_static(b"item"));
+        assert_eq!(matched, Ok(expected));
+    }
+
+    #[test]
     fn a_handshake_reply_mid_session_is_a_protocol_violation() {
-        let ready = Reply::Ready { version: 2, pid: 1, tasks: Vec::<TaskInfo>::new(), progress: None };
+        let ready = Reply::Ready { version: 3, pid: 1, tasks: Vec::<TaskInfo>::new(), progress: None };
         let error = match_reply(frame(&ready, b""), Some(7), true);
         assert!(error.is_err_and(|message| message.starts_with("unexpected message Ready")));
     }

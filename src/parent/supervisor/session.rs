@@ -8,14 +8,15 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures::Stream;
 use tokio::io::AsyncWrite;
 
 use super::pull;
-use super::replies::{self, Answer};
+use super::replies::{self, Answer, Matched};
 use super::timers::{CANCEL_GRACE, HeadTimer, IdleTimer, WITHDRAWN_GRACE};
 use super::writer::FrameWriter;
+use crate::channel::broker::Attachments;
 use crate::parent::dispatch::{CancelPolicy, Completion, Delivery, Job, Room, Took};
 use crate::parent::pool::{RunState, Shared};
 use crate::parent::process::WorkerProcess;
@@ -81,6 +82,9 @@ impl Link for WorkerProcess {
 pub(super) struct Session<'a, L: Link = WorkerProcess> {
     shared: &'a Shared,
     worker: &'a mut L,
+    /// The channels the worker holds, and channel messages waiting to be written.
+    channels: &'a mut Attachments,
+    control: VecDeque<Bytes>,
     in_flight: VecDeque<Job>,
     /// How far their request frames are written. Once the pipe broke, replies are
     /// read until the stream ends.
@@ -101,10 +105,17 @@ pub(super) struct Session<'a, L: Link = WorkerProcess> {
 }
 
 impl<'a, L: Link> Session<'a, L> {
-    pub(super) fn new(shared: &'a Shared, worker: &'a mut L, service_ns: Option<u64>) -> Self {
+    pub(super) fn new(
+        shared: &'a Shared,
+        worker: &'a mut L,
+        channels: &'a mut Attachments,
+        service_ns: Option<u64>,
+    ) -> Self {
         Session {
             shared,
             worker,
+            channels,
+            control: VecDeque::new(),
             in_flight: VecDeque::new(),
             writer: FrameWriter::default(),
             service_ns,
@@ -187,7 +198,11 @@ impl<'a, L: Link> Session<'a, L> {
 
     fn on_reply(&mut self, frame: BytesMut) -> Result<(), String> {
         let head = self.in_flight.front().map(|job| job.id);
-        let Answer { body, busy_ns, peak_rss_kib } = replies::match_reply(frame, head, self.head_written())?;
+        let Answer { body, busy_ns, peak_rss_kib } =
+            match replies::match_reply(frame, head, self.head_written())? {
+                Matched::Call(answer) => answer,
+                Matched::Channel(message, body) => return self.channels.route(message, &body),
+            };
         let Some(job) = self.in_flight.pop_front() else {
             return Ok(());
         };
@@ -328,8 +343,9 @@ impl<'a, L: Link> Session<'a, L> {
 
     /// Writes pending frames until the pipe is full or nothing is left.
     fn poll_write(&mut self, cx: &mut Context<'_>) {
+        self.channels.port.drain_into(cx, &mut self.control);
         if let Some(requests) = self.worker.requests() {
-            self.writer.poll_write(cx, requests, &self.in_flight);
+            self.writer.poll_write(cx, requests, &self.in_flight, &mut self.control);
         }
     }
 }
@@ -438,6 +454,7 @@ mod tests {
             pipe_capacity: 0,
             measure_memory: false,
             initializer: None,
+            executor: 1,
         };
         Shared::new(config, Limits::default(), TaskTable::new(Vec::new()), 1, MAX_FRAME)
     }
@@ -465,7 +482,8 @@ mod tests {
         let shared = shared();
         let mut worker = fake_worker(3, false, |id| id);
         let receivers: Vec<_> = (0..3).map(|id| queue_call(&shared, id)).collect();
-        let mut session = Session::new(&shared, &mut worker, None);
+        let mut channels = Attachments::new(&shared.hub, MAX_FRAME);
+        let mut session = Session::new(&shared, &mut worker, &mut channels, None);
         let answered = async {
             let mut bodies = Vec::new();
             for receiver in receivers {
@@ -490,7 +508,8 @@ mod tests {
         let mut worker = fake_worker(1, true, |id| id);
         let first = queue_call(&shared, 0);
         let second = queue_call(&shared, 1);
-        let mut session = Session::new(&shared, &mut worker, None);
+        let mut channels = Attachments::new(&shared.hub, MAX_FRAME);
+        let mut session = Session::new(&shared, &mut worker, &mut channels, None);
         let end = poll_fn(|cx| session.poll(cx)).await;
         assert!(matches!(end, End::Died), "{end:?}");
         assert_eq!(body_of(first.await), Some(Bytes::from(record(0))));
@@ -507,7 +526,8 @@ mod tests {
         let shared = shared();
         let mut worker = fake_worker(1, false, |id| id + 9);
         let _call = queue_call(&shared, 0);
-        let mut session = Session::new(&shared, &mut worker, None);
+        let mut channels = Attachments::new(&shared.hub, MAX_FRAME);
+        let mut session = Session::new(&shared, &mut worker, &mut channels, None);
         let end = poll_fn(|cx| session.poll(cx)).await;
         assert!(
             matches!(&end, End::Protocol(message) if message == "reply for call 9 while call 0 was running"),

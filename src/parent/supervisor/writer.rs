@@ -9,7 +9,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWrite;
 
 use crate::parent::dispatch::Job;
@@ -40,8 +40,8 @@ pub(super) struct FrameWriter {
     written: usize,
     /// Copies of the oldest unwritten frames, when small, to write in one go.
     staged: BytesMut,
-    /// Where each staged frame ends in `staged`.
-    staged_ends: VecDeque<usize>,
+    /// Where each staged frame ends in `staged`, and whether it is a call's.
+    staged_ends: VecDeque<(usize, bool)>,
     /// Bytes of `staged` already written.
     staged_pos: usize,
     /// The pipe broke; nothing more is written.
@@ -73,40 +73,58 @@ impl FrameWriter {
         self.closed
     }
 
-    /// Writes unwritten frames of `in_flight` until the pipe is full, it broke, or
-    /// nothing is left.
-    pub(super) fn poll_write<W, F>(&mut self, cx: &mut Context<'_>, out: &mut W, in_flight: &VecDeque<F>)
-    where
+    /// Writes unwritten frames of `in_flight`, and the `control` frames (channel
+    /// messages, taken first, between whole call frames), until the pipe is full,
+    /// it broke, or nothing is left.
+    pub(super) fn poll_write<W, F>(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut W,
+        in_flight: &VecDeque<F>,
+        control: &mut VecDeque<Bytes>,
+    ) where
         W: AsyncWrite + Unpin + ?Sized,
         F: Framed,
     {
-        while self.unwritten > 0 && !self.closed {
+        while (self.unwritten > 0 || !control.is_empty() || !self.staged_ends.is_empty()) && !self.closed {
             let first = in_flight.len() - self.unwritten;
-            if self.staged_ends.is_empty() {
+            if self.staged_ends.is_empty() && self.written == 0 {
                 // Small frames go out copied into one buffer: one long write costs the
                 // kernel far less than dozens of tiny ones in a vector.
+                while self.staged.len() < STAGE_LIMIT {
+                    let Some(frame) = control.pop_front() else { break };
+                    self.staged.extend_from_slice(&frame);
+                    self.staged_ends.push_back((self.staged.len(), false));
+                }
                 for job in in_flight.range(first..) {
                     let frame = job.frame();
                     if frame.len() > SMALL_FRAME || self.staged.len() >= STAGE_LIMIT {
                         break;
                     }
                     self.staged.extend_from_slice(frame);
-                    self.staged_ends.push_back(self.staged.len());
+                    self.staged_ends.push_back((self.staged.len(), true));
                 }
             }
             let staging = !self.staged_ends.is_empty();
             let bytes = if staging {
                 &self.staged[self.staged_pos..]
-            } else {
+            } else if self.unwritten > 0 {
                 &in_flight[first].frame()[self.written..]
+            } else {
+                return;
             };
             match Pin::new(&mut *out).poll_write(cx, bytes) {
                 Poll::Ready(Ok(0)) => self.closed = true,
                 Poll::Ready(Ok(n)) if staging => {
                     self.staged_pos += n;
-                    while self.staged_ends.front().is_some_and(|&end| end <= self.staged_pos) {
+                    while let Some(&(end, call)) = self.staged_ends.front() {
+                        if end > self.staged_pos {
+                            break;
+                        }
                         self.staged_ends.pop_front();
-                        self.unwritten -= 1;
+                        if call {
+                            self.unwritten -= 1;
+                        }
                     }
                     if self.staged_ends.is_empty() {
                         self.staged.clear();
@@ -133,7 +151,6 @@ impl FrameWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
     use std::task::Waker;
 
     impl Framed for Bytes {
@@ -186,7 +203,7 @@ mod tests {
     }
 
     fn write(writer: &mut FrameWriter, pipe: &mut Pipe, in_flight: &VecDeque<Bytes>) {
-        writer.poll_write(&mut Context::from_waker(Waker::noop()), pipe, in_flight);
+        writer.poll_write(&mut Context::from_waker(Waker::noop()), pipe, in_flight, &mut VecDeque::new());
     }
 
     fn concat(in_flight: &VecDeque<Bytes>) -> Vec<u8> {
@@ -287,7 +304,7 @@ mod tests {
             far.read_exact(&mut got).await.map(|_| got == expected)
         });
         std::future::poll_fn(|cx| {
-            writer.poll_write(cx, &mut near, &in_flight);
+            writer.poll_write(cx, &mut near, &in_flight, &mut VecDeque::new());
             if writer.written(in_flight.len()) == in_flight.len() { Poll::Ready(()) } else { Poll::Pending }
         })
         .await;

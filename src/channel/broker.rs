@@ -1,0 +1,769 @@
+//! The parent's side of every channel. The parent brokers them all: a channel's
+//! items live here, and workers reach them through their link (a [`Port`] each),
+//! which also works for a worker on another host, where no descriptor or shared
+//! memory can reach.
+//!
+//! A worker's puts need no round trip: it holds credit for `window` items per
+//! channel, and gets each back once its item is inside the channel's capacity. So
+//! the parent holds at most `capacity` items, plus `window` per producing worker.
+//! A worker's get is a request, answered with one or more items (what is there, up
+//! to what it asked) or with the news that the channel is closed and empty.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::wire::protocol::{self, Ended, Request, Role, ToWorker};
+
+/// How many bytes of items one answer to a worker's get carries at most (at least
+/// one item, whatever its size).
+const BATCH_BYTES: usize = 256 * 1024;
+/// Items from this size on share the frame they came in rather than being copied.
+const SHARE_ABOVE: usize = 4096;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; should it, the state is still whole.
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What kind of channel a broker serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A [`Queue`](crate::Queue): open until closed.
+    Queue,
+    /// A [`JoinableQueue`](crate::JoinableQueue): items handed out stay owned
+    /// until acknowledged, and go back if their holder dies.
+    Acked,
+    /// A [`channel`](crate::Executor::channel): ends when every sender or the
+    /// receiver is gone.
+    Ends,
+}
+
+/// Every channel of one executor, by id.
+pub(crate) struct Hub {
+    pub(crate) executor: u64,
+    pub(crate) max_item: usize,
+    next_channel: AtomicU64,
+    next_port: AtomicU64,
+    channels: Mutex<HubState>,
+}
+
+#[derive(Default)]
+struct HubState {
+    channels: HashMap<u64, Weak<Broker>>,
+    /// Set at shutdown: every channel, old or new, is closed for this reason.
+    ended: Option<Ended>,
+}
+
+/// The hubs of this process's executors, so a handle decoded in the parent (a task
+/// gave one back) finds its channel.
+static HUBS: Mutex<Vec<Weak<Hub>>> = Mutex::new(Vec::new());
+
+impl Hub {
+    pub(crate) fn new(executor: u64, max_frame_len: usize) -> Arc<Hub> {
+        let hub = Arc::new(Hub {
+            executor,
+            max_item: max_frame_len.saturating_sub(protocol::ITEM_OVERHEAD),
+            next_channel: AtomicU64::new(1),
+            next_port: AtomicU64::new(1),
+            channels: Mutex::new(HubState::default()),
+        });
+        let mut hubs = lock(&HUBS);
+        hubs.retain(|hub| hub.strong_count() > 0);
+        hubs.push(Arc::downgrade(&hub));
+        hub
+    }
+
+    /// The hub of `executor`, if it is alive in this process.
+    pub(crate) fn of_executor(executor: u64) -> Option<Arc<Hub>> {
+        lock(&HUBS).iter().filter_map(Weak::upgrade).find(|hub| hub.executor == executor)
+    }
+
+    /// A new channel.
+    pub(crate) fn open(self: &Arc<Self>, kind: Kind, capacity: usize) -> Arc<Broker> {
+        let capacity = capacity.max(1);
+        let id = self.next_channel.fetch_add(1, Ordering::Relaxed);
+        let broker = Arc::new(Broker {
+            id,
+            kind,
+            capacity,
+            window: capacity.min(MAX_WINDOW) as u32,
+            max_item: self.max_item,
+            executor: self.executor,
+            state: Mutex::new(State::default()),
+        });
+        let mut hub = lock(&self.channels);
+        hub.channels.retain(|_, broker| broker.strong_count() > 0);
+        hub.channels.insert(id, Arc::downgrade(&broker));
+        if let Some(why) = hub.ended {
+            broker.close(why);
+        }
+        broker
+    }
+
+    pub(crate) fn find(&self, channel: u64) -> Option<Arc<Broker>> {
+        lock(&self.channels).channels.get(&channel).and_then(Weak::upgrade)
+    }
+
+    /// Closes every channel, now and to come: the executor shuts down.
+    pub(crate) fn shut(&self) {
+        let brokers: Vec<_> = {
+            let mut hub = lock(&self.channels);
+            hub.ended = Some(Ended::Shutdown);
+            hub.channels.values().filter_map(Weak::upgrade).collect()
+        };
+        for broker in brokers {
+            broker.close(Ended::Shutdown);
+        }
+    }
+
+    /// A port for a new worker connection.
+    pub(crate) fn port(&self, max_frame_len: usize) -> Arc<Port> {
+        Arc::new(Port {
+            id: self.next_port.fetch_add(1, Ordering::Relaxed),
+            max_frame_len,
+            out: Mutex::new(Outbox::default()),
+        })
+    }
+}
+
+/// How many puts a worker may have in flight per channel.
+const MAX_WINDOW: usize = 32;
+
+/// A worker connection as channels see it: where their messages to it go.
+pub(crate) struct Port {
+    id: u64,
+    max_frame_len: usize,
+    out: Mutex<Outbox>,
+}
+
+#[derive(Default)]
+struct Outbox {
+    frames: VecDeque<Bytes>,
+    /// Credit to return, per channel, sent together when the link next writes.
+    credits: Vec<(u64, u32)>,
+    waker: Option<Waker>,
+    /// The connection is gone: nothing more is sent.
+    closed: bool,
+}
+
+impl Port {
+    fn push(&self, frame: Bytes) {
+        let mut out = lock(&self.out);
+        if out.closed {
+            return;
+        }
+        out.frames.push_back(frame);
+        if let Some(waker) = out.waker.take() {
+            waker.wake();
+        }
+    }
+
+    fn send(&self, message: ToWorker) {
+        let mut frame = BytesMut::new();
+        // Channel messages are small and always encode.
+        if protocol::write_message(&mut frame, &Request::Channel(message), usize::MAX).is_ok() {
+            self.push(frame.freeze());
+        }
+    }
+
+    fn credit(&self, channel: u64, items: u32) {
+        let mut out = lock(&self.out);
+        if out.closed {
+            return;
+        }
+        match out.credits.iter_mut().find(|(id, _)| *id == channel) {
+            Some((_, owed)) => *owed += items,
+            None => out.credits.push((channel, items)),
+        }
+        if let Some(waker) = out.waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Moves every frame waiting for this worker to `to`, credits first, and
+    /// registers `cx` to be woken when more come.
+    pub(crate) fn drain_into(&self, cx: &mut Context<'_>, to: &mut VecDeque<Bytes>) {
+        let mut out = lock(&self.out);
+        for (channel, items) in std::mem::take(&mut out.credits) {
+            let mut frame = BytesMut::new();
+            let credit = Request::Channel(ToWorker::Credit { channel, items });
+            if protocol::write_message(&mut frame, &credit, usize::MAX).is_ok() {
+                to.push_back(frame.freeze());
+            }
+        }
+        to.extend(out.frames.drain(..));
+        match &out.waker {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            _ => out.waker = Some(cx.waker().clone()),
+        }
+    }
+
+    /// The connection is gone: frames for it are dropped from now on.
+    pub(crate) fn close(&self) {
+        let mut out = lock(&self.out);
+        out.closed = true;
+        out.frames.clear();
+        out.credits.clear();
+        out.waker = None;
+    }
+}
+
+/// One channel: its items and who waits on it.
+pub(crate) struct Broker {
+    pub(crate) id: u64,
+    pub(crate) kind: Kind,
+    pub(crate) capacity: usize,
+    /// Credit a worker starts with, in items.
+    pub(crate) window: u32,
+    pub(crate) max_item: usize,
+    pub(crate) executor: u64,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    items: VecDeque<Item>,
+    closed: Option<Ended>,
+    /// Workers' gets waiting for an item, in order: an item put is handed to the
+    /// first. They wait only while the channel is empty.
+    getters: VecDeque<(Arc<Port>, u64)>,
+    /// Parent gets waiting: woken when an item comes, they take it if it is
+    /// still there (workers' gets go first, since a worker cannot look again).
+    readers: Vec<Waker>,
+    /// Parent puts waiting for room.
+    putters: Vec<Waker>,
+    next_delivery: u64,
+    /// Acknowledged channels: items handed out and not yet acknowledged.
+    unacked: HashMap<u64, Unacked>,
+    /// Acknowledged channels: items put and not yet acknowledged.
+    unfinished: u64,
+    joiners: Vec<Waker>,
+    /// Handles alive (in the parent, in calls on their way, in workers), by role.
+    senders: usize,
+    receivers: usize,
+    /// Workers holding a handle, to be told when the channel closes.
+    attached: Vec<(Weak<Port>, u64)>,
+}
+
+struct Item {
+    bytes: Bytes,
+    /// The worker that put it, while its credit is not yet returned: it is beyond
+    /// the capacity.
+    owed: Option<Arc<Port>>,
+    /// Deliveries before this one that were not acknowledged.
+    attempts: u32,
+}
+
+struct Unacked {
+    item: Item,
+    /// The port holding it; `None` for the parent.
+    holder: Option<u64>,
+}
+
+/// An item taken from a channel.
+#[derive(Debug)]
+pub(crate) struct Taken {
+    pub(crate) bytes: Bytes,
+    /// Its delivery number, to acknowledge it by.
+    pub(crate) delivery: u64,
+    pub(crate) attempts: u32,
+}
+
+impl Broker {
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Adds `item`, handing it to the first waiting getter if there is one.
+    fn push(&self, state: &mut State, bytes: Bytes, from: Option<&Arc<Port>>) {
+        let mut item = Item { bytes, owed: None, attempts: 0 };
+        if self.kind == Kind::Acked {
+            state.unfinished += 1;
+        }
+        let inside = state.items.len() < self.capacity;
+        match self.hand_over(state, item) {
+            None => {
+                if let Some(port) = from {
+                    port.credit(self.id, 1);
+                }
+            }
+            Some(mut back) => {
+                if inside {
+                    if let Some(port) = from {
+                        port.credit(self.id, 1);
+                    }
+                } else {
+                    back.owed = from.cloned();
+                }
+                item = back;
+                state.items.push_back(item);
+            }
+        }
+    }
+
+    /// Gives `item` to the first worker waiting for one; gives it back if none is.
+    fn hand_over(&self, state: &mut State, mut item: Item) -> Option<Item> {
+        if let Some((port, request)) = state.getters.pop_front() {
+            let taken = self.taken(state, item, Some(port.id));
+            self.send_items(&port, request, &[taken]);
+            return None;
+        }
+        item.owed = None;
+        for waker in state.readers.drain(..) {
+            waker.wake();
+        }
+        Some(item)
+    }
+
+    /// Records that `item` is handed to `holder` (a port, or the parent).
+    fn taken(&self, state: &mut State, item: Item, holder: Option<u64>) -> Taken {
+        state.next_delivery += 1;
+        let delivery = state.next_delivery;
+        let taken = Taken { bytes: item.bytes.clone(), delivery, attempts: item.attempts };
+        if self.kind == Kind::Acked {
+            state.unacked.insert(delivery, Unacked { item: Item { owed: None, ..item }, holder });
+        }
+        taken
+    }
+
+    /// Takes up to `max` items (and about [`BATCH_BYTES`]) from the front.
+    fn take(&self, state: &mut State, max: u32, holder: Option<u64>) -> Vec<Taken> {
+        let mut taken = Vec::new();
+        let mut bytes = 0;
+        while taken.len() < max.max(1) as usize && (taken.is_empty() || bytes < BATCH_BYTES) {
+            let Some(item) = state.items.pop_front() else { break };
+            bytes += item.bytes.len();
+            if let Some(port) = &item.owed {
+                // Was beyond the capacity: its credit is due now.
+                port.credit(self.id, 1);
+            }
+            taken.push(self.taken(state, item, holder));
+        }
+        if !taken.is_empty() {
+            self.repay(state, taken.len());
+            for waker in state.putters.drain(..) {
+                waker.wake();
+            }
+        }
+        taken
+    }
+
+    /// `removed` items left the front: those now inside the capacity get their
+    /// producers' credit back.
+    fn repay(&self, state: &mut State, removed: usize) {
+        let end = self.capacity.min(state.items.len());
+        for item in state.items.range_mut(self.capacity.saturating_sub(removed).min(end)..end) {
+            if let Some(port) = item.owed.take() {
+                port.credit(self.id, 1);
+            }
+        }
+    }
+
+    fn send_items(&self, port: &Port, request: u64, items: &[Taken]) {
+        let mut frame = BytesMut::new();
+        let start = protocol::begin_frame(&mut frame);
+        let header = ToWorker::Items { channel: self.id, request, count: items.len() as u32 };
+        if protocol::encode_into(&mut frame, &Request::Channel(header)).is_err() {
+            return;
+        }
+        for item in items {
+            let record = protocol::begin_record(&mut frame);
+            frame.extend_from_slice(&item.delivery.to_le_bytes());
+            frame.extend_from_slice(&item.attempts.to_le_bytes());
+            frame.extend_from_slice(&item.bytes);
+            protocol::end_record(&mut frame, record);
+        }
+        // Items are checked against the limit when put, and batches stay far below it.
+        let limit = port.max_frame_len.max(frame.len());
+        if protocol::end_frame(&mut frame, start, limit).is_ok() {
+            port.push(frame.freeze());
+        }
+    }
+
+    /// Puts back items handed out and not used, in front, in their order.
+    fn put_back(&self, state: &mut State, items: Vec<Item>) {
+        for mut item in items.into_iter().rev() {
+            if state.closed.is_some() && self.kind == Kind::Ends && state.receivers == 0 {
+                return;
+            }
+            item.owed = None;
+            // A getter may be waiting (the items were out of the channel).
+            if let Some(item) = self.hand_over(state, item) {
+                state.items.push_front(item);
+            }
+        }
+    }
+
+    // --- The parent's operations. ---
+
+    /// Puts `bytes` (taken from `item`) once there is room.
+    pub(crate) fn poll_put(&self, cx: &mut Context<'_>, item: &mut Option<Bytes>) -> Poll<Result<(), Ended>> {
+        let mut state = self.state();
+        if let Some(why) = state.closed {
+            return Poll::Ready(Err(why));
+        }
+        if state.items.len() >= self.capacity {
+            if !state.putters.iter().any(|waker| waker.will_wake(cx.waker())) {
+                state.putters.push(cx.waker().clone());
+            }
+            return Poll::Pending;
+        }
+        if let Some(bytes) = item.take() {
+            self.push(&mut state, bytes, None);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Puts `bytes` if there is room now; gives them back otherwise.
+    pub(crate) fn try_put(&self, bytes: Bytes) -> Result<(), (Bytes, Option<Ended>)> {
+        let mut state = self.state();
+        if let Some(why) = state.closed {
+            return Err((bytes, Some(why)));
+        }
+        if state.items.len() >= self.capacity {
+            return Err((bytes, None));
+        }
+        self.push(&mut state, bytes, None);
+        Ok(())
+    }
+
+    /// Takes an item, or registers to be woken when one comes. `Ok(None)` once
+    /// the channel is closed and empty.
+    pub(crate) fn poll_get(&self, cx: &mut Context<'_>) -> Poll<Result<Option<Taken>, Ended>> {
+        let mut state = self.state();
+        if let Some(taken) = self.take(&mut state, 1, None).pop() {
+            return Poll::Ready(Ok(Some(taken)));
+        }
+        if let Some(why) = state.closed {
+            return Poll::Ready(match why {
+                Ended::Closed => Ok(None),
+                why => Err(why),
+            });
+        }
+        if !state.readers.iter().any(|waker| waker.will_wake(cx.waker())) {
+            state.readers.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// Takes an item if one is there now.
+    pub(crate) fn try_get(&self) -> Result<Option<Taken>, Ended> {
+        let mut state = self.state();
+        if let Some(taken) = self.take(&mut state, 1, None).pop() {
+            return Ok(Some(taken));
+        }
+        match state.closed {
+            Some(why) => Err(why),
+            None => Ok(None),
+        }
+    }
+
+    /// The item of `delivery` is done with.
+    pub(crate) fn ack(&self, delivery: u64) {
+        let mut state = self.state();
+        if state.unacked.remove(&delivery).is_some() {
+            state.unfinished = state.unfinished.saturating_sub(1);
+            if state.unfinished == 0 {
+                for waker in state.joiners.drain(..) {
+                    waker.wake();
+                }
+            }
+        }
+    }
+
+    /// The item of `delivery` was not done with: it goes back in front, for
+    /// another get.
+    pub(crate) fn requeue(&self, delivery: u64) {
+        let mut state = self.state();
+        if let Some(Unacked { mut item, .. }) = state.unacked.remove(&delivery) {
+            item.attempts += 1;
+            self.put_back(&mut state, vec![item]);
+        }
+    }
+
+    /// Ready once every item put was acknowledged.
+    pub(crate) fn poll_join(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut state = self.state();
+        if state.unfinished == 0 {
+            return Poll::Ready(());
+        }
+        if !state.joiners.iter().any(|waker| waker.will_wake(cx.waker())) {
+            state.joiners.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// Closes the channel: puts fail from now on, gets drain what is left.
+    pub(crate) fn close(&self, why: Ended) {
+        let mut state = self.state();
+        self.close_locked(&mut state, why);
+    }
+
+    fn close_locked(&self, state: &mut State, why: Ended) {
+        if state.closed.is_some() {
+            return;
+        }
+        state.closed = Some(why);
+        if self.kind == Kind::Ends && state.receivers == 0 {
+            // Nobody will ever read them.
+            state.items.clear();
+        }
+        // Workers' gets wait only while the channel is empty.
+        for (port, request) in state.getters.drain(..) {
+            port.send(ToWorker::NoItems { channel: self.id, request, why });
+        }
+        for waker in state.putters.drain(..).chain(state.joiners.drain(..)).chain(state.readers.drain(..)) {
+            waker.wake();
+        }
+        for (port, _) in &state.attached {
+            if let Some(port) = port.upgrade() {
+                port.send(ToWorker::Closed { channel: self.id, why });
+            }
+        }
+    }
+
+    /// One more handle in `role` exists (cloned, on its way in a call, or decoded
+    /// by a worker).
+    pub(crate) fn hold(&self, role: Role) {
+        let mut state = self.state();
+        match role {
+            Role::Sender => state.senders += 1,
+            Role::Receiver => state.receivers += 1,
+            Role::Queue => {}
+        }
+    }
+
+    /// A handle in `role` is gone. The last sender or the receiver of a channel's
+    /// ends closes it.
+    pub(crate) fn release(&self, role: Role) {
+        let mut state = self.state();
+        let left = match role {
+            Role::Sender => {
+                state.senders = state.senders.saturating_sub(1);
+                state.senders
+            }
+            Role::Receiver => {
+                state.receivers = state.receivers.saturating_sub(1);
+                state.receivers
+            }
+            Role::Queue => return,
+        };
+        if left == 0 && self.kind == Kind::Ends {
+            self.close_locked(&mut state, Ended::Closed);
+        }
+    }
+
+    // --- A worker's operations, through its port. ---
+
+    fn attach(&self, port: &Arc<Port>, role: Role) {
+        self.hold(role);
+        let mut state = self.state();
+        match state.attached.iter_mut().find(|(p, _)| std::ptr::eq(p.as_ptr(), Arc::as_ptr(port))) {
+            Some((_, refs)) => *refs += 1,
+            None => state.attached.push((Arc::downgrade(port), 1)),
+        }
+        if let Some(why) = state.closed {
+            port.send(ToWorker::Closed { channel: self.id, why });
+        }
+    }
+
+    fn detach(&self, port: &Arc<Port>, role: Role) {
+        {
+            let mut state = self.state();
+            if let Some(at) =
+                state.attached.iter().position(|(p, _)| std::ptr::eq(p.as_ptr(), Arc::as_ptr(port)))
+            {
+                state.attached[at].1 -= 1;
+                if state.attached[at].1 == 0 {
+                    state.attached.swap_remove(at);
+                }
+            }
+        }
+        self.release(role);
+    }
+
+    fn worker_put(&self, port: &Arc<Port>, frame: &Bytes, count: u32) -> Result<(), String> {
+        let mut records = &frame[..];
+        let mut state = self.state();
+        for _ in 0..count {
+            let record = protocol::take_record(&mut records).ok_or("a put holds fewer items than it says")?;
+            if state.closed.is_some() {
+                // It raced with the close; the worker is told, and its puts fail from then on.
+                continue;
+            }
+            // A large item shares the frame; small ones do not keep it alive.
+            let bytes = if record.len() >= SHARE_ABOVE {
+                frame.slice_ref(record)
+            } else {
+                Bytes::copy_from_slice(record)
+            };
+            self.push(&mut state, bytes, Some(port));
+        }
+        Ok(())
+    }
+
+    fn worker_get(&self, port: &Arc<Port>, request: u64, max: u32, wait: bool) {
+        let mut state = self.state();
+        let taken = self.take(&mut state, max, Some(port.id));
+        if !taken.is_empty() || (!wait && state.closed.is_none()) {
+            self.send_items(port, request, &taken);
+        } else if let Some(why) = state.closed {
+            port.send(ToWorker::NoItems { channel: self.id, request, why });
+        } else {
+            state.getters.push_back((port.clone(), request));
+        }
+    }
+
+    fn worker_cancel(&self, port: &Port, request: u64) {
+        self.state().getters.retain(|(p, r)| !(p.id == port.id && *r == request));
+    }
+
+    fn worker_unget(&self, frame: &Bytes, count: u32) -> Result<(), String> {
+        let mut records = &frame[..];
+        let mut state = self.state();
+        let mut items = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let record =
+                protocol::take_record(&mut records).ok_or("an unget holds fewer items than it says")?;
+            let (delivery, bytes) =
+                record.split_first_chunk::<8>().ok_or("an unget record without a delivery")?;
+            let delivery = u64::from_le_bytes(*delivery);
+            match self.kind {
+                Kind::Acked => items.extend(state.unacked.remove(&delivery).map(|unacked| unacked.item)),
+                _ => items.push(Item { bytes: Bytes::copy_from_slice(bytes), owed: None, attempts: 0 }),
+            }
+        }
+        self.put_back(&mut state, items);
+        Ok(())
+    }
+
+    /// A worker connection ended: it waits for nothing more, and what it held
+    /// unacknowledged goes back.
+    fn port_lost(&self, port: &Port) {
+        let mut state = self.state();
+        state.getters.retain(|(p, _)| p.id != port.id);
+        let mut held: Vec<(u64, Item)> = Vec::new();
+        state.unacked.retain(|&delivery, unacked| {
+            if unacked.holder == Some(port.id) {
+                let item = std::mem::replace(
+                    &mut unacked.item,
+                    Item { bytes: Bytes::new(), owed: None, attempts: 0 },
+                );
+                held.push((delivery, item));
+                false
+            } else {
+                true
+            }
+        });
+        held.sort_by_key(|(delivery, _)| *delivery);
+        let items = held
+            .into_iter()
+            .map(|(_, mut item)| {
+                item.attempts += 1;
+                item
+            })
+            .collect();
+        self.put_back(&mut state, items);
+        state.attached.retain(|(p, _)| !std::ptr::eq(p.as_ptr(), port as *const Port));
+    }
+}
+
+/// The channels one worker connection holds: routes what the worker says about
+/// them, and lets go of them when the connection ends.
+pub(crate) struct Attachments {
+    hub: Arc<Hub>,
+    pub(crate) port: Arc<Port>,
+    held: HashMap<u64, Held>,
+}
+
+struct Held {
+    broker: Arc<Broker>,
+    /// Handles per role the worker holds.
+    roles: Vec<Role>,
+}
+
+impl Attachments {
+    pub(crate) fn new(hub: &Arc<Hub>, max_frame_len: usize) -> Self {
+        Attachments { hub: hub.clone(), port: hub.port(max_frame_len), held: HashMap::new() }
+    }
+
+    /// Handles one channel message of the worker; an error is a protocol violation.
+    /// `body` is what follows the header in the frame.
+    pub(crate) fn route(&mut self, message: protocol::ToParent, body: &Bytes) -> Result<(), String> {
+        use protocol::ToParent::*;
+        let channel = match message {
+            Attach { channel, role } => {
+                let Some(broker) = self.hub.find(channel) else {
+                    self.port.send(ToWorker::Closed { channel, why: Ended::Unknown });
+                    return Ok(());
+                };
+                broker.attach(&self.port, role);
+                let held = self.held.entry(channel).or_insert_with(|| Held { broker, roles: Vec::new() });
+                held.roles.push(role);
+                return Ok(());
+            }
+            Detach { channel, role } => {
+                if let Some(held) = self.held.get_mut(&channel) {
+                    if let Some(at) = held.roles.iter().position(|r| *r == role) {
+                        held.roles.swap_remove(at);
+                        held.broker.detach(&self.port, role);
+                    }
+                    if held.roles.is_empty() {
+                        self.held.remove(&channel);
+                    }
+                }
+                return Ok(());
+            }
+            Put { channel, .. }
+            | Get { channel, .. }
+            | Cancel { channel, .. }
+            | Unget { channel, .. }
+            | Ack { channel, .. }
+            | Nack { channel, .. }
+            | Close { channel } => channel,
+        };
+        if let (Unget { count, .. }, None) = (&message, self.held.get(&channel)) {
+            // Items that reached the worker after it let go of the channel.
+            if let Some(broker) = self.hub.find(channel) {
+                broker.worker_unget(body, *count)?;
+            }
+            return Ok(());
+        }
+        let Some(held) = self.held.get(&channel) else {
+            return Err(format!("{message:?} for channel {channel}, which it does not hold"));
+        };
+        let broker = &held.broker;
+        match message {
+            Put { count, .. } => broker.worker_put(&self.port, body, count)?,
+            Get { request, max, wait, .. } => broker.worker_get(&self.port, request, max, wait),
+            Cancel { request, .. } => broker.worker_cancel(&self.port, request),
+            Unget { count, .. } => broker.worker_unget(body, count)?,
+            Ack { delivery, .. } => broker.ack(delivery),
+            Nack { delivery, .. } => broker.requeue(delivery),
+            Close { .. } => broker.close(Ended::Closed),
+            Attach { .. } | Detach { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// The connection ended: what the worker held is let go of.
+    pub(crate) fn lost(&mut self) {
+        self.port.close();
+        for (_, held) in self.held.drain() {
+            held.broker.port_lost(&self.port);
+            for role in held.roles {
+                held.broker.release(role);
+            }
+        }
+    }
+}
+
+impl Drop for Attachments {
+    fn drop(&mut self) {
+        self.lost();
+    }
+}

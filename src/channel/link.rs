@@ -1,0 +1,484 @@
+//! A worker's side of its link to the parent: the one reader of the request pipe
+//! and the one writer of the reply pipe, shared by the serve loop and by the
+//! channel handles of the task it runs.
+//!
+//! No thread of its own: between calls the serve loop reads; while a task waits on
+//! a channel (for credit, for an item) the task's thread reads, applying channel
+//! messages and keeping calls sent ahead for the serve loop. A task that never
+//! touches a channel costs nothing more than before. Every put is written to the
+//! pipe before it returns, so an item put survives the worker dying right after.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use super::ChannelError;
+use crate::sys;
+use crate::wire::protocol::{self, Ended, Reply, Request, Role, ToParent, ToWorker};
+
+/// The most items one get asks for ahead.
+const MAX_BATCH: u32 = 64;
+/// A batch used up faster than this makes the next one twice as large.
+const FAST_BATCH: Duration = Duration::from_millis(1);
+/// A batch that took longer than this makes the next one a single item again.
+const SLOW_BATCH: Duration = Duration::from_millis(10);
+
+/// The link of this worker process, once it serves.
+static LINK: Mutex<Option<Link>> = Mutex::new(None);
+
+fn lock() -> MutexGuard<'static, Option<Link>> {
+    // A panic in a task never happens while this is held (nothing user-written
+    // runs under it), and the state stays whole anyway.
+    LINK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// How long a get may wait.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Wait {
+    /// Not at all: only what is there now.
+    No,
+    Forever,
+    Until(Instant),
+}
+
+/// An item taken from a channel, with its delivery number (to acknowledge it by).
+#[derive(Debug)]
+pub(crate) struct Item {
+    pub(crate) bytes: Bytes,
+    pub(crate) delivery: u64,
+    pub(crate) attempts: u32,
+}
+
+#[cfg(feature = "executor")]
+impl From<super::broker::Taken> for Item {
+    fn from(taken: super::broker::Taken) -> Self {
+        Item { bytes: taken.bytes, delivery: taken.delivery, attempts: taken.attempts }
+    }
+}
+
+/// The link: pipes, requests read ahead, and what the worker knows of each channel.
+pub(crate) struct Link {
+    reader: FrameReader,
+    output: File,
+    executor: u64,
+    max_frame_len: usize,
+    /// Requests for the serve loop (calls, exit) read while a task waited.
+    stash: VecDeque<Bytes>,
+    channels: HashMap<u64, Chan>,
+    next_request: u64,
+    /// Frames are built here before one write each.
+    scratch: BytesMut,
+}
+
+#[derive(Default)]
+struct Chan {
+    /// Handles this worker holds, per role.
+    refs: [u32; 3],
+    /// Items it may still put.
+    credit: u32,
+    /// Items received and not yet taken.
+    local: VecDeque<Item>,
+    /// The get request waiting for its answer.
+    asking: Option<u64>,
+    /// Set when puts fail from now on.
+    closed: Option<Ended>,
+    /// Set when the channel is closed and empty.
+    drained: Option<Ended>,
+    /// How many items the next get asks for, and how the last batch went.
+    batch: u32,
+    batch_arrived: Option<(Instant, u32)>,
+}
+
+impl Chan {
+    fn holds(&self) -> bool {
+        self.refs.iter().any(|&refs| refs > 0)
+    }
+
+    fn next_batch(&mut self) -> u32 {
+        if let Some((arrived, count)) = self.batch_arrived.take() {
+            let used_in = arrived.elapsed();
+            if count >= self.batch && used_in < FAST_BATCH {
+                self.batch = (self.batch * 2).min(MAX_BATCH);
+            } else if used_in > SLOW_BATCH {
+                self.batch = 1;
+            }
+        }
+        self.batch.max(1)
+    }
+}
+
+fn role_index(role: Role) -> usize {
+    match role {
+        Role::Queue => 0,
+        Role::Sender => 1,
+        Role::Receiver => 2,
+    }
+}
+
+impl Link {
+    /// Installs the link of this worker process: from now on channel handles
+    /// decoded here bind to it.
+    pub(crate) fn install(reader: FrameReader, output: File, executor: u64, max_frame_len: usize) {
+        *lock() = Some(Link {
+            reader,
+            output,
+            executor,
+            max_frame_len,
+            stash: VecDeque::new(),
+            channels: HashMap::new(),
+            next_request: 0,
+            scratch: BytesMut::new(),
+        });
+    }
+
+    fn write_message(&mut self, message: ToParent, records: &[&[u8]]) -> Result<(), ChannelError> {
+        self.scratch.clear();
+        let start = protocol::begin_frame(&mut self.scratch);
+        let _ = protocol::encode_into(&mut self.scratch, &Reply::Channel(message));
+        for data in records {
+            let record = protocol::begin_record(&mut self.scratch);
+            self.scratch.extend_from_slice(data);
+            protocol::end_record(&mut self.scratch, record);
+        }
+        // Items were checked against the limit; the rest is small.
+        let _ = protocol::end_frame(&mut self.scratch, start, usize::MAX);
+        self.output.write_all(&self.scratch).map_err(|_| ChannelError::Disconnected)
+    }
+
+    fn chan(&mut self, channel: u64) -> &mut Chan {
+        self.channels.entry(channel).or_default()
+    }
+
+    /// Reads and applies one frame; `false` if none came in time.
+    fn pump(&mut self, wait: Wait) -> Result<bool, ChannelError> {
+        let frame = loop {
+            if let Some(frame) = self.reader.buffered().map_err(|_| ChannelError::Disconnected)? {
+                break frame;
+            }
+            let ready = match wait {
+                Wait::No => sys::wait_readable(self.reader.file.as_fd(), Duration::ZERO),
+                Wait::Forever => true,
+                Wait::Until(deadline) => sys::wait_readable(
+                    self.reader.file.as_fd(),
+                    deadline.saturating_duration_since(Instant::now()),
+                ),
+            };
+            if !ready {
+                return Ok(false);
+            }
+            if !self.reader.fill().map_err(|_| ChannelError::Disconnected)? {
+                return Err(ChannelError::Disconnected);
+            }
+        };
+        self.dispatch(frame.freeze())?;
+        Ok(true)
+    }
+
+    /// Applies a channel message; keeps anything else for the serve loop.
+    fn dispatch(&mut self, frame: Bytes) -> Result<(), ChannelError> {
+        let Ok((Request::Channel(message), body)) = protocol::split_header::<Request>(&frame) else {
+            self.stash.push_back(frame);
+            return Ok(());
+        };
+        let body = frame.slice_ref(body);
+        match message {
+            ToWorker::Credit { channel, items } => self.chan(channel).credit += items,
+            ToWorker::Items { channel, request, count } => {
+                let mut records = &body[..];
+                let mut items = Vec::with_capacity(count as usize);
+                for _ in 0..count {
+                    let Some(record) = protocol::take_record(&mut records) else { break };
+                    let Some((delivery, rest)) = record.split_first_chunk::<8>() else { break };
+                    let Some((attempts, bytes)) = rest.split_first_chunk::<4>() else { break };
+                    let (delivery, attempts) = (u64::from_le_bytes(*delivery), u32::from_le_bytes(*attempts));
+                    items.push(Item { bytes: body.slice_ref(bytes), delivery, attempts });
+                }
+                let chan = self.chan(channel);
+                if chan.asking == Some(request) {
+                    chan.asking = None;
+                    chan.batch_arrived = Some((Instant::now(), count));
+                }
+                chan.local.extend(items);
+                if !chan.holds() {
+                    self.unget(channel)?;
+                }
+            }
+            ToWorker::NoItems { channel, request, why } => {
+                let chan = self.chan(channel);
+                if chan.asking == Some(request) {
+                    chan.asking = None;
+                }
+                chan.drained = Some(why);
+            }
+            ToWorker::Closed { channel, why } => {
+                let chan = self.chan(channel);
+                chan.closed = Some(why);
+                if why == Ended::Unknown {
+                    chan.drained = Some(why);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives the items received on `channel` and not taken back to the parent.
+    fn unget(&mut self, channel: u64) -> Result<(), ChannelError> {
+        let items: Vec<Item> = self.chan(channel).local.drain(..).collect();
+        if items.is_empty() {
+            return Ok(());
+        }
+        let records: Vec<Vec<u8>> = items
+            .iter()
+            .map(|item| {
+                let mut record = item.delivery.to_le_bytes().to_vec();
+                record.extend_from_slice(&item.bytes);
+                record
+            })
+            .collect();
+        let records: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
+        self.write_message(ToParent::Unget { channel, count: records.len() as u32 }, &records)
+    }
+
+    /// The serve loop's next request (a call, or exit), and whether it had to wait
+    /// for it (read the pipe) since the last; `None` at a clean end of the stream.
+    pub(crate) fn next_request() -> io::Result<Option<(Bytes, bool)>> {
+        let mut guard = lock();
+        let link = guard.as_mut().ok_or_else(|| io::Error::other("no link installed"))?;
+        loop {
+            if let Some(frame) = link.stash.pop_front() {
+                return Ok(Some((frame, std::mem::take(&mut link.reader.waited))));
+            }
+            match link.reader.next_frame()? {
+                Some(frame) => {
+                    if link.dispatch(frame.freeze()).is_err() {
+                        return Err(io::ErrorKind::BrokenPipe.into());
+                    }
+                }
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Ends a call: items it got ahead and did not take go back, then its reply
+    /// is written.
+    pub(crate) fn finish_call(reply: &[u8]) -> io::Result<()> {
+        let mut guard = lock();
+        let link = guard.as_mut().ok_or_else(|| io::Error::other("no link installed"))?;
+        let pending: Vec<u64> =
+            link.channels.iter().filter(|(_, chan)| !chan.local.is_empty()).map(|(&id, _)| id).collect();
+        for channel in pending {
+            link.unget(channel).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        }
+        link.output.write_all(reply)
+    }
+}
+
+/// Binds a decoded handle to this worker's link. `None` outside a worker; else
+/// the largest item the link carries, or why the handle cannot be used here.
+pub(crate) fn attach(executor: u64, channel: u64, role: Role, window: u32) -> Option<Result<usize, String>> {
+    let mut guard = lock();
+    let link = guard.as_mut()?;
+    if executor != link.executor {
+        return Some(Err(format!(
+            "a channel handle of another executor (executor {executor:#x}, this worker serves {:#x})",
+            link.executor
+        )));
+    }
+    let max_item = link.max_frame_len.saturating_sub(protocol::ITEM_OVERHEAD);
+    let chan = link.channels.entry(channel).or_insert_with(|| Chan { credit: window, ..Chan::default() });
+    let refs = &mut chan.refs[role_index(role)];
+    *refs += 1;
+    if *refs == 1 && link.write_message(ToParent::Attach { channel, role }, &[]).is_err() {
+        return Some(Err("the worker's link to its parent broke".into()));
+    }
+    Some(Ok(max_item))
+}
+
+/// One more handle (a clone) in `role`.
+pub(crate) fn hold(channel: u64, role: Role) {
+    if let Some(link) = lock().as_mut() {
+        link.chan(channel).refs[role_index(role)] += 1;
+    }
+}
+
+/// A handle in `role` was dropped.
+pub(crate) fn release(channel: u64, role: Role) {
+    let mut guard = lock();
+    let Some(link) = guard.as_mut() else { return };
+    let chan = link.chan(channel);
+    let refs = &mut chan.refs[role_index(role)];
+    *refs = refs.saturating_sub(1);
+    if *refs > 0 {
+        return;
+    }
+    let holds = chan.holds();
+    // A broken link ends the worker anyway.
+    let _ = link.write_message(ToParent::Detach { channel, role }, &[]);
+    if !holds {
+        let _ = link.unget(channel);
+    }
+}
+
+fn with_link<R>(run: impl FnOnce(&mut Link) -> Result<R, ChannelError>) -> Result<R, ChannelError> {
+    match lock().as_mut() {
+        Some(link) => run(link),
+        None => Err(ChannelError::Disconnected),
+    }
+}
+
+/// Puts `item`, waiting for credit if the worker has none.
+pub(crate) fn put(channel: u64, item: Bytes) -> Result<(), ChannelError> {
+    with_link(|link| {
+        loop {
+            let chan = link.chan(channel);
+            if let Some(why) = chan.closed {
+                return Err(ChannelError::ended(why));
+            }
+            if chan.credit > 0 {
+                chan.credit -= 1;
+                break;
+            }
+            link.pump(Wait::Forever)?;
+        }
+        link.write_message(ToParent::Put { channel, count: 1 }, &[&item])
+    })
+}
+
+/// Puts `item` if the worker has credit (after reading what already arrived).
+pub(crate) fn try_put(channel: u64, item: Bytes) -> Result<(), (Bytes, Option<ChannelError>)> {
+    let mut guard = lock();
+    let Some(link) = guard.as_mut() else {
+        return Err((item, Some(ChannelError::Disconnected)));
+    };
+    loop {
+        let chan = link.chan(channel);
+        if let Some(why) = chan.closed {
+            return Err((item, Some(ChannelError::ended(why))));
+        }
+        if chan.credit > 0 {
+            chan.credit -= 1;
+            break;
+        }
+        match link.pump(Wait::No) {
+            Ok(true) => {}
+            Ok(false) => return Err((item, None)),
+            Err(err) => return Err((item, Some(err))),
+        }
+    }
+    link.write_message(ToParent::Put { channel, count: 1 }, &[&item]).map_err(|err| (item, Some(err)))
+}
+
+/// Takes an item, waiting as `wait` says. `None` when none came in time, or the
+/// channel is closed and empty (`Wait::Forever` ends only so).
+pub(crate) fn get(channel: u64, wait: Wait) -> Result<Option<Item>, ChannelError> {
+    with_link(|link| {
+        let mut asked = false;
+        loop {
+            let chan = link.chan(channel);
+            if let Some(item) = chan.local.pop_front() {
+                return Ok(Some(item));
+            }
+            if let Some(why) = chan.drained {
+                return match why {
+                    Ended::Closed => Ok(None),
+                    why => Err(ChannelError::ended(why)),
+                };
+            }
+            if chan.asking.is_none() {
+                if asked && matches!(wait, Wait::No) {
+                    // Answered: nothing there now.
+                    return Ok(None);
+                }
+                let request = link.next_request;
+                link.next_request += 1;
+                let chan = link.chan(channel);
+                let max = chan.next_batch();
+                chan.asking = Some(request);
+                asked = true;
+                let wait_for_items = !matches!(wait, Wait::No);
+                link.write_message(ToParent::Get { channel, request, max, wait: wait_for_items }, &[])?;
+            }
+            // A get that must not wait still waits for its answer, which comes at once.
+            let pump_wait = if matches!(wait, Wait::No) { Wait::Forever } else { wait };
+            if !link.pump(pump_wait)? {
+                // Timed out: withdraw the request. An answer already on its way is
+                // kept for the next get (or handed back when the call ends).
+                let chan = link.chan(channel);
+                if let Some(request) = chan.asking.take() {
+                    link.write_message(ToParent::Cancel { channel, request }, &[])?;
+                }
+                return Ok(None);
+            }
+        }
+    })
+}
+
+pub(crate) fn ack(channel: u64, delivery: u64) {
+    let _ = with_link(|link| link.write_message(ToParent::Ack { channel, delivery }, &[]));
+}
+
+pub(crate) fn requeue(channel: u64, delivery: u64) {
+    let _ = with_link(|link| link.write_message(ToParent::Nack { channel, delivery }, &[]));
+}
+
+pub(crate) fn close(channel: u64) {
+    let _ = with_link(|link| {
+        link.chan(channel).closed.get_or_insert(Ended::Closed);
+        link.write_message(ToParent::Close { channel }, &[])
+    });
+}
+
+/// Blocking frame reader over the request pipe.
+pub(crate) struct FrameReader {
+    file: File,
+    buf: BytesMut,
+    pub(crate) max_frame_len: usize,
+    /// A read from the pipe happened (maybe blocking) since this was last cleared.
+    pub(crate) waited: bool,
+}
+
+impl FrameReader {
+    pub(crate) fn new(file: File) -> Self {
+        FrameReader {
+            file,
+            buf: BytesMut::with_capacity(64 * 1024),
+            max_frame_len: protocol::INIT_FRAME_LIMIT,
+            waited: false,
+        }
+    }
+
+    /// A whole frame already read, if there is one.
+    fn buffered(&mut self) -> io::Result<Option<BytesMut>> {
+        protocol::take_frame(&mut self.buf, self.max_frame_len)
+    }
+
+    /// Reads once more; `false` at the end of the stream.
+    fn fill(&mut self) -> io::Result<bool> {
+        self.waited = true;
+        if sys::read_into(self.file.as_fd(), &mut self.buf, 64 * 1024)? > 0 {
+            return Ok(true);
+        }
+        if self.buf.is_empty() {
+            Ok(false)
+        } else {
+            Err(io::Error::new(io::ErrorKind::InvalidData, "the request pipe ended mid-frame"))
+        }
+    }
+
+    /// The next frame, or `None` at a clean end of stream.
+    pub(crate) fn next_frame(&mut self) -> io::Result<Option<BytesMut>> {
+        loop {
+            if let Some(frame) = self.buffered()? {
+                return Ok(Some(frame));
+            }
+            if !self.fill()? {
+                return Ok(None);
+            }
+        }
+    }
+}

@@ -1,0 +1,432 @@
+//! Channels between processes while tasks run: queues, channel ends, pipes and
+//! streaming tasks, with real worker processes on both sides.
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+use futures::{SinkExt, StreamExt, TryStreamExt};
+use procexec::{ChannelError, JoinableQueue, Pipe, Queue, Receiver, Sender};
+
+procexec::tasks! {
+    pub fn put_hello(q: Queue<String>) {
+        q.blocking_put("Hello from process!".to_string()).unwrap();
+    }
+
+    pub fn get_one(q: Queue<String>) -> Option<String> {
+        q.blocking_get().unwrap()
+    }
+
+    /// Puts `from..to` into the queue.
+    pub fn produce(q: Queue<u64>, from: u64, to: u64) {
+        for i in from..to {
+            q.blocking_put(i).unwrap();
+        }
+    }
+
+    /// Takes items until the queue is closed and empty; returns them.
+    pub fn drain(q: Queue<u64>) -> Vec<u64> {
+        q.iter().map(Result::unwrap).collect()
+    }
+
+    /// Takes items until `stop` arrives; returns how many.
+    pub fn count_until(q: Queue<u64>, stop: u64) -> u64 {
+        let mut seen = 0;
+        while let Some(item) = q.blocking_get().unwrap() {
+            if item == stop {
+                break;
+            }
+            seen += 1;
+        }
+        seen
+    }
+
+    pub fn get_with_timeout(q: Queue<u64>, ms: u64) -> Option<u64> {
+        q.get_timeout(Duration::from_millis(ms)).unwrap()
+    }
+
+    pub fn try_get_now(q: Queue<u64>) -> Option<u64> {
+        q.try_get().unwrap()
+    }
+
+    /// What a put into the queue says (it is closed, say).
+    pub fn put_result(q: Queue<u64>, item: u64) -> Option<String> {
+        q.blocking_put(item).err().map(|err| err.to_string())
+    }
+
+    /// Puts `n` items; what the first failing put says.
+    pub fn put_many(q: Queue<u64>, n: u64) -> Option<String> {
+        (0..n).find_map(|i| q.blocking_put(i).err()).map(|err| err.to_string())
+    }
+
+    /// What a get says.
+    pub fn get_result(q: Queue<u64>) -> Result<Option<u64>, String> {
+        q.blocking_get().map_err(|err| err.to_string())
+    }
+
+    pub fn close_queue(q: Queue<u64>) {
+        q.close()
+    }
+
+    pub fn squares(n: u64, out: Sender<u64>) {
+        for i in 0..n {
+            if out.blocking_send(i * i).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Sends `n` items, then panics.
+    pub fn squares_then_panic(n: u64, out: Sender<u64>) {
+        for i in 0..n {
+            out.blocking_send(i).unwrap();
+        }
+        panic!("after {n} items");
+    }
+
+    /// Sends `n` items, then dies by SIGKILL.
+    pub fn squares_then_die(n: u64, out: Sender<u64>) {
+        for i in 0..n {
+            out.blocking_send(i).unwrap();
+        }
+        die()
+    }
+
+    pub fn total(numbers: Receiver<u64>) -> u64 {
+        numbers.iter().map(Result::unwrap).sum()
+    }
+
+    pub fn squarer(pipe: Pipe<u64, u64>) {
+        while let Some(x) = pipe.blocking_recv().unwrap() {
+            pipe.blocking_send(x * x).unwrap();
+        }
+    }
+
+    /// Acknowledges every item but `skip`; returns the items it acknowledged.
+    pub fn ack_all_but(q: JoinableQueue<u64>, skip: u64) -> Vec<u64> {
+        let mut acked = Vec::new();
+        while let Some(item) = q.blocking_get().unwrap() {
+            if *item == skip {
+                continue; // dropped unacknowledged: it goes back
+            }
+            acked.push(item.ack());
+        }
+        acked
+    }
+
+    /// Takes `n` items and acknowledges them, then takes one more and dies holding it.
+    pub fn ack_then_die(q: JoinableQueue<u64>, n: u64, done: Queue<u64>) {
+        for _ in 0..n {
+            let item = q.blocking_get().unwrap().unwrap();
+            done.blocking_put(item.ack()).unwrap();
+        }
+        let _held = q.blocking_get().unwrap();
+        die()
+    }
+
+    /// Acknowledges items, reporting each with how often it was delivered before.
+    pub fn ack_and_report(q: JoinableQueue<u64>, done: Queue<(u64, u32)>) {
+        while let Some(item) = q.blocking_get().unwrap() {
+            let attempts = item.attempts();
+            done.blocking_put((item.ack(), attempts)).unwrap();
+        }
+    }
+}
+procexec::test_worker!(TASKS);
+
+/// Kills the process `pid` with SIGKILL.
+fn kill(pid: u32) {
+    let status = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    assert!(status.is_ok_and(|status| status.success()), "kill -KILL {pid}");
+}
+
+/// Kills this process (a worker) with SIGKILL.
+fn die() -> ! {
+    kill(std::process::id());
+    loop {
+        std::thread::park();
+    }
+}
+
+#[tokio::test]
+async fn the_articles_queue_program_runs_across_two_workers() {
+    hang_guard(async {
+        let exec = executor(2).await;
+        let q = exec.queue::<String>(10);
+        let got = exec.spawn(get_one, q.clone());
+        exec.spawn(put_hello, q.clone()).await.unwrap();
+        assert_eq!(got.await.unwrap().as_deref(), Some("Hello from process!"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_parent_puts_and_gets_like_any_process() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let q = exec.queue::<u64>(4);
+        for i in 0..4 {
+            q.put(i).await.unwrap();
+        }
+        assert!(matches!(q.try_put(9), Err(procexec::TryPutError::Full(9))), "the queue is full");
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            got.push(q.get().await.unwrap().unwrap());
+        }
+        assert_eq!(got, [0, 1, 2, 3]);
+        assert_eq!(q.try_get().unwrap(), None);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn four_producers_and_four_consumers_on_two_workers_move_every_item_exactly_once() {
+    hang_guard(async {
+        let exec = executor(2).await;
+        let q = exec.queue::<u64>(1000);
+        const ITEMS: u64 = 100_000;
+        // A worker runs one call at a time, and a consumer ends only once the queue
+        // is closed: the producers go first.
+        let producers: Vec<_> =
+            (0..4).map(|p| exec.spawn(produce, (q.clone(), p * ITEMS / 4, (p + 1) * ITEMS / 4))).collect();
+        let consumers: Vec<_> = (0..4).map(|_| exec.spawn(drain, q.clone())).collect();
+        // The parent consumes too while the producers run, then closes the queue and
+        // leaves what is left to the consumer tasks.
+        let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
+        let mut producing = std::pin::pin!(futures::future::join_all(producers));
+        let mut stream = q.clone();
+        loop {
+            tokio::select! {
+                biased;
+                done = &mut producing => {
+                    done.into_iter().for_each(Result::unwrap);
+                    break;
+                }
+                item = stream.next() => *seen.entry(item.unwrap().unwrap()).or_default() += 1,
+            }
+        }
+        q.close();
+        let by_parent = seen.len();
+        let mut by_tasks = 0;
+        for consumer in consumers {
+            for item in consumer.await.unwrap() {
+                by_tasks += 1;
+                *seen.entry(item).or_default() += 1;
+            }
+        }
+        assert_eq!(seen.len() as u64, ITEMS, "every item arrived");
+        assert!(seen.values().all(|&n| n == 1), "no item arrived twice");
+        assert!(
+            by_tasks > 0 && by_parent > 0,
+            "both the parent ({by_parent}) and tasks ({by_tasks}) consumed"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_full_queue_makes_a_producing_task_wait_until_the_parent_takes() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let q = exec.queue::<u64>(2);
+        let producer = exec.spawn(produce, (q.clone(), 0, 1000));
+        let mut got = Vec::new();
+        while got.len() < 1000 {
+            got.push(q.get().await.unwrap().unwrap());
+        }
+        producer.await.unwrap();
+        assert_eq!(got, (0..1000).collect::<Vec<_>>());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn close_fails_later_puts_and_lets_gets_drain_what_is_left() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let q = exec.queue::<u64>(8);
+        q.put(1).await.unwrap();
+        q.put(2).await.unwrap();
+        exec.spawn(close_queue, q.clone()).await.unwrap();
+        assert_eq!(q.put(3).await, Err(ChannelError::Closed));
+        let said = exec.spawn(put_result, (q.clone(), 4)).await.unwrap();
+        assert_eq!(said.as_deref(), Some("the channel is closed"));
+        assert_eq!(exec.spawn(drain, q.clone()).await.unwrap(), [1, 2]);
+        assert_eq!(q.get().await.unwrap(), None);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_task_waits_for_an_item_with_a_timeout_or_not_at_all() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let q = exec.queue::<u64>(8);
+        assert_eq!(exec.spawn(get_with_timeout, (q.clone(), 20)).await.unwrap(), None);
+        assert_eq!(exec.spawn(try_get_now, q.clone()).await.unwrap(), None);
+        q.put(5).await.unwrap();
+        assert_eq!(exec.spawn(try_get_now, q.clone()).await.unwrap(), Some(5));
+        // Put while the task waits.
+        let waiting = exec.spawn(get_with_timeout, (q.clone(), 60_000));
+        q.put(6).await.unwrap();
+        assert_eq!(waiting.await.unwrap(), Some(6));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_streaming_task_streams_its_items_in_order() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let got: Vec<u64> = exec.stream(squares, 1000).try_collect().await.unwrap();
+        assert_eq!(got, (0..1000).map(|i| i * i).collect::<Vec<_>>());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_streaming_task_that_panics_ends_its_stream_with_the_panic_after_its_items() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let items: Vec<_> = exec.stream(squares_then_panic, 10).collect().await;
+        assert_eq!(items.len(), 11);
+        assert!(items[..10].iter().enumerate().all(|(i, item)| item.as_ref().ok() == Some(&(i as u64))));
+        let err = items[10].as_ref().unwrap_err();
+        assert!(err.is_panic(), "{err}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_streaming_task_whose_worker_dies_ends_with_the_crash_after_what_it_delivered() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let items: Vec<_> = exec.stream(squares_then_die, 10).collect().await;
+        assert_eq!(items.len(), 11, "{items:?}");
+        assert!(items[..10].iter().enumerate().all(|(i, item)| item.as_ref().ok() == Some(&(i as u64))));
+        assert!(items[10].as_ref().unwrap_err().is_worker_crash(), "{items:?}");
+        // The executor serves on.
+        let again: Vec<u64> = exec.stream(squares, 3).try_collect().await.unwrap();
+        assert_eq!(again, [0, 1, 4]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_task_consumes_a_stream_the_parent_feeds_it() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let (mut tx, rx) = exec.channel::<u64>(8);
+        let sum = exec.spawn(total, rx);
+        let mut numbers = futures::stream::iter((1..=1000).map(Ok));
+        tx.send_all(&mut numbers).await.unwrap();
+        drop(tx);
+        assert_eq!(sum.await.unwrap(), 500_500);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_pipe_talks_both_ways_and_ends_when_one_side_drops() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let (ours, theirs) = exec.pipe::<u64, u64>();
+        let task = exec.spawn(squarer, theirs);
+        for x in 0..100 {
+            ours.send(x).await.unwrap();
+            assert_eq!(ours.recv().await.unwrap(), Some(x * x));
+        }
+        drop(ours);
+        task.await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_pipe_end_whose_worker_dies_reads_as_ended() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let (ours, theirs) = exec.pipe::<u64, u64>();
+        // The task holds its end until its worker is killed.
+        let task = exec.spawn(squarer, theirs);
+        ours.send(3).await.unwrap();
+        assert_eq!(ours.recv().await.unwrap(), Some(9));
+        let pid = exec.stats().live[0].pid;
+        kill(pid);
+        assert!(task.await.unwrap_err().is_worker_crash());
+        assert_eq!(ours.recv().await.unwrap(), None, "the other end is gone");
+        assert_eq!(ours.send(1).await, Err(ChannelError::Closed));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unacknowledged_items_go_back_and_join_waits_for_every_ack() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let q = exec.joinable_queue::<u64>(16);
+        let consumer = exec.spawn(ack_all_but, (q.clone(), 1_000));
+        for i in 0..10 {
+            q.put(i).await.unwrap();
+        }
+        q.join().await;
+        q.close();
+        assert_eq!(consumer.await.unwrap(), (0..10).collect::<Vec<_>>());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_item_held_by_a_consumer_that_dies_is_delivered_again() {
+    hang_guard(async {
+        let exec = executor(2).await;
+        let q = exec.joinable_queue::<u64>(100);
+        let done = exec.queue::<u64>(100);
+        for i in 0..20 {
+            q.put(i).await.unwrap();
+        }
+        // Acknowledges 5 items, then dies holding the sixth.
+        let dying = exec.spawn(ack_then_die, (q.clone(), 5, done.clone()));
+        assert!(dying.await.unwrap_err().is_worker_crash());
+        let reports = exec.queue::<(u64, u32)>(100);
+        let consumer = exec.spawn(ack_and_report, (q.clone(), reports.clone()));
+        q.join().await;
+        q.close();
+        consumer.await.unwrap();
+        let mut acked: Vec<u64> = Vec::new();
+        while let Some(item) = done.try_get().unwrap() {
+            acked.push(item);
+        }
+        assert_eq!(acked, [0, 1, 2, 3, 4]);
+        let mut rest = Vec::new();
+        while let Some(report) = reports.try_get().unwrap() {
+            rest.push(report);
+        }
+        assert_eq!(rest.iter().map(|(item, _)| *item).collect::<Vec<_>>(), (5..20).collect::<Vec<_>>());
+        assert_eq!(rest[0], (5, 1), "the item the dead worker held came back first, counted as an attempt");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_every_channel_and_wakes_tasks_waiting_on_them() {
+    hang_guard(async {
+        let exec = executor(2).await;
+        let q = exec.queue::<u64>(1);
+        let waiting = exec.spawn(get_result, q.clone());
+        let full = exec.queue::<u64>(1);
+        full.put(0).await.unwrap();
+        let blocked = exec.spawn(put_many, (full.clone(), 100));
+        // Both tasks wait: the queue's channels are attached (a get is in line, and
+        // the producer used its credit).
+        eventually("both tasks wait", || exec.stats().running == 2).await;
+        exec.shutdown().await;
+        let shut = "the channel's executor shut down";
+        assert_eq!(waiting.await.unwrap(), Err(shut.to_string()));
+        assert_eq!(blocked.await.unwrap().as_deref(), Some(shut));
+        assert_eq!(q.put(1).await, Err(ChannelError::Shutdown));
+        assert_eq!(q.get().await, Err(ChannelError::Shutdown), "an empty channel of a shut executor");
+    })
+    .await;
+}
