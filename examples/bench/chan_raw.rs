@@ -38,10 +38,10 @@ impl Direction {
     }
 }
 
-/// Messages per measurement for a payload size: 200,000 at 64 bytes, 20,000 at
-/// 64 KiB (about 0.1-0.5 s on raw pipes); a tenth with `quick`.
+/// Messages per measurement for a payload size: 500,000 at 64 bytes, 20,000 at
+/// 64 KiB (about 0.3-0.6 s each on raw pipes, 2 cores); a tenth with `quick`.
 pub fn default_count(size: usize, quick: bool) -> usize {
-    let count = if size <= 4096 { 200_000 } else { (1_300_000_000 / size).clamp(1_000, 200_000) };
+    let count = if size <= 4096 { 500_000 } else { (1_300_000_000 / size).clamp(1_000, 200_000) };
     if quick { count / 10 } else { count }
 }
 
@@ -194,6 +194,8 @@ pub struct PyRow {
     pub reps: usize,
     /// multiprocessing's start method ("fork" on Linux before Python 3.14).
     pub start_method: String,
+    /// Messages per second of each repetition (the median is `msgs_per_s`).
+    pub samples: Vec<f64>,
 }
 
 /// Runs examples/bench/channels.py (both sizes; fewer messages and repetitions
@@ -242,6 +244,7 @@ fn parse_row(line: &str) -> Option<PyRow> {
         messages: number("messages").unwrap_or(0.0) as usize,
         reps: number("reps").unwrap_or(0.0) as usize,
         start_method: get("start_method").unwrap_or("").to_string(),
+        samples: get("samples").unwrap_or("").split(',').filter_map(|s| s.parse().ok()).collect(),
     })
 }
 
@@ -325,7 +328,12 @@ pub fn smoke(quick: bool, table: &mut crate::table::Table) {
             }
             for row in python.iter().filter(|row| row.size == size) {
                 let label = format!("{} {} ({})", row.peer, row.direction, row.start_method);
-                table.row(Kind::Peer, &label, vec![pick((row.msgs_per_s, row.bytes_per_s))]);
+                let samples = if row.samples.is_empty() {
+                    vec![pick((row.msgs_per_s, row.bytes_per_s))]
+                } else {
+                    row.samples.iter().map(|&msgs| pick((msgs, msgs * size as f64))).collect()
+                };
+                table.row(Kind::Peer, &label, samples);
             }
         }
     }

@@ -22,8 +22,9 @@ is printed in each line as "start_method".
 Run: python3 examples/bench/channels.py [--quick] [--size N]...
 Prints one JSON object per line on stdout:
   {"peer":"python Queue","direction":"worker->parent","size":64,
-   "msgs_per_s":...,"bytes_per_s":...,"messages":...,"reps":...,"start_method":"fork"}
-bytes_per_s counts payload bytes only.
+   "msgs_per_s":...,"bytes_per_s":...,"messages":...,"reps":...,"start_method":"fork",
+   "samples":"<msgs/s of each repetition, comma-separated>"}
+bytes_per_s counts payload bytes only; the line is flat (no nested values).
 """
 import json
 import multiprocessing as mp
@@ -200,6 +201,8 @@ def main(argv):
                     "messages": n,
                     "reps": reps,
                     "start_method": ctx.get_start_method(),
+                    # Every repetition's msgs/s, comma-separated (keeps the line flat).
+                    "samples": ",".join(f"{r:.1f}" for r in rates),
                 }
                 print(json.dumps(line, separators=(",", ":")), flush=True)
 
