@@ -9,6 +9,7 @@
 //! parent/child pair over raw pipes (raw.rs). Every figure is the median of several
 //! repetitions; ratios compare figures measured in this same run.
 
+mod chan_raw;
 mod peers;
 mod pin;
 mod raw;
@@ -79,6 +80,10 @@ fn main() {
         raw::child(&args[2]);
         return;
     }
+    if args.get(1).map(String::as_str) == Some("chan-child") {
+        chan_raw::child(&args[2..]);
+        return;
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let config = Config {
         reps: if quick { 3 } else { 7 },
@@ -86,6 +91,12 @@ fn main() {
         rows: args.iter().filter_map(|a| a.strip_prefix("--row=")).map(str::to_lowercase).collect(),
     };
     let mut table = Table::default();
+    // Hidden: the channels benchmark's limit and Python peers alone.
+    if config.rows.iter().any(|row| row == "chanpeers") {
+        chan_raw::smoke(quick, &mut table);
+        table.print();
+        return;
+    }
     println!("procexec benchmark: {} repetitions per figure, medians; 2 workers unless noted\n", config.reps);
     // Start-up first, in a fresh process, as a service starts its executor at
     // boot; then latency, the most sensitive to noise.
