@@ -14,6 +14,7 @@ mod peers;
 mod pin;
 mod raw;
 mod table;
+mod w7;
 
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,17 @@ procexec::tasks! {
 
     /// The worker's process id.
     pub fn worker_pid() -> u32 { std::process::id() }
+
+    /// W7: puts `count` copies of a `size`-byte item.
+    pub fn produce(queue: procexec::Queue<procexec::Blob>, count: u64, size: usize) {
+        w7::produce(queue, count, size)
+    }
+
+    /// W7: takes items until the queue is closed and empty; how many bytes came.
+    pub fn consume(queue: procexec::Queue<procexec::Blob>) -> u64 { w7::consume(queue) }
+
+    /// W7: streams `2 * i` for every `i` below `count`.
+    pub fn doubles(count: u64, out: procexec::Sender<u64>) { w7::doubles(count, out) }
 }
 
 /// Pure compute the optimizer cannot remove.
@@ -117,6 +129,9 @@ fn main() {
     }
     if config.runs("W6") {
         w6(&config, &mut table);
+    }
+    if config.runs("W7") {
+        w7::w7(&config, &mut table);
     }
     table.print();
 }

@@ -100,6 +100,7 @@ impl Chan {
     }
 
     fn next_batch(&mut self) -> u32 {
+        self.batch = self.batch.max(1);
         if let Some((arrived, count)) = self.batch_arrived.take() {
             let used_in = arrived.elapsed();
             if count >= self.batch && used_in < FAST_BATCH {
@@ -108,7 +109,7 @@ impl Chan {
                 self.batch = 1;
             }
         }
-        self.batch.max(1)
+        self.batch
     }
 }
 
