@@ -45,6 +45,9 @@ procexec::tasks! {
 
     /// W7: streams `2 * i` for every `i` below `count`.
     pub fn doubles(count: u64, out: procexec::Sender<u64>) { w7::doubles(count, out) }
+
+    /// W7: streams `count` results of `iterations` steps of work.
+    pub fn works(count: u64, iterations: u64, out: procexec::Sender<u64>) { w7::works(count, iterations, out) }
 }
 
 /// Pure compute the optimizer cannot remove.

@@ -33,8 +33,18 @@ pub fn doubles(count: u64, out: Sender<u64>) {
     }
 }
 
+/// Sends `count` results of `iterations` steps of work each.
+pub fn works(count: u64, iterations: u64, out: Sender<u64>) {
+    for _ in 0..count {
+        out.blocking_send(crate::work(iterations)).expect("the stream is read");
+    }
+}
+
 const SIZES: [(usize, u64); 2] = [(64, 200_000), (64 * 1024, 20_000)];
 const STREAM_ITEMS: u64 = 100_000;
+/// Items of about 10 µs of work each.
+const WORK_ITEMS: u64 = 20_000;
+const WORK_ITERATIONS: u64 = 10_000;
 
 /// One figure per sample: messages per second for small items, MB/s for large.
 fn figure(size: usize, count: u64, sample: Duration) -> f64 {
@@ -138,6 +148,49 @@ pub fn w7(config: &Config, table: &mut Table) {
             })
             .await;
             table.row(Kind::Procexec, label, per_item(&samples, STREAM_ITEMS));
+        }
+        exec.shutdown().await;
+    });
+    let name = "W7 streaming: 20,000 items of ~10 µs of work from one streaming task, against map";
+    table.workload("W7d", name, "µs/item", Better::Lower);
+    runtime(false).block_on(async {
+        let exec = executor().await;
+        let label = "procexec stream (one task, one worker), current-thread";
+        if config.wants(label) {
+            let samples = timed_async(config.reps, || async {
+                let args = (WORK_ITEMS, WORK_ITERATIONS);
+                let out: Vec<u64> = exec.stream(crate::works, args).try_collect().await.unwrap();
+                assert_eq!(out.len() as u64, WORK_ITEMS);
+            })
+            .await;
+            table.row(Kind::Procexec, label, per_item(&samples, WORK_ITEMS));
+        }
+        let label = "procexec map (2 workers), current-thread";
+        if config.wants(label) {
+            let samples = timed_async(config.reps, || async {
+                let items = std::iter::repeat_n(WORK_ITERATIONS, WORK_ITEMS as usize);
+                let out = exec.map(crate::compute, items).await.unwrap();
+                assert_eq!(out.len() as u64, WORK_ITEMS);
+            })
+            .await;
+            table.row(Kind::Procexec, label, per_item(&samples, WORK_ITEMS));
+        }
+        let label = "procexec map on one worker, current-thread";
+        if config.wants(label) {
+            let one = Executor::builder()
+                .processes(1)
+                .stderr(procexec::WorkerStderr::Discard)
+                .build()
+                .await
+                .expect("the executor starts");
+            let samples = timed_async(config.reps, || async {
+                let items = std::iter::repeat_n(WORK_ITERATIONS, WORK_ITEMS as usize);
+                let out = one.map(crate::compute, items).await.unwrap();
+                assert_eq!(out.len() as u64, WORK_ITEMS);
+            })
+            .await;
+            table.row(Kind::Procexec, label, per_item(&samples, WORK_ITEMS));
+            one.shutdown().await;
         }
         exec.shutdown().await;
     });

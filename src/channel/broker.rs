@@ -23,6 +23,8 @@ use crate::wire::protocol::{self, Ended, Request, Role, ToWorker};
 const BATCH_BYTES: usize = 256 * 1024;
 /// Items from this size on share the frame they came in rather than being copied.
 const SHARE_ABOVE: usize = 4096;
+/// Smaller items share frames up to this size (a worker's batches of puts).
+const SHARE_FRAMES_UP_TO: usize = 1 << 20;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing panics while holding these locks; should it, the state is still whole.
@@ -131,7 +133,7 @@ impl Hub {
 }
 
 /// How many puts a worker may have in flight per channel.
-const MAX_WINDOW: usize = 32;
+const MAX_WINDOW: usize = 256;
 
 /// A worker connection as channels see it: where their messages to it go.
 pub(crate) struct Port {
@@ -279,30 +281,22 @@ impl Broker {
     }
 
     /// Adds `item`, handing it to the first waiting getter if there is one.
-    fn push(&self, state: &mut State, bytes: Bytes, from: Option<&Arc<Port>>) {
-        let mut item = Item { bytes, owed: None, attempts: 0 };
+    /// Returns whether the worker that put it (`from`) gets its credit back now:
+    /// the item is not beyond the capacity.
+    fn push(&self, state: &mut State, bytes: Bytes, from: Option<&Arc<Port>>) -> bool {
+        let item = Item { bytes, owed: None, attempts: 0 };
         if self.kind == Kind::Acked {
             state.unfinished += 1;
         }
         let inside = state.items.len() < self.capacity;
-        match self.hand_over(state, item) {
-            None => {
-                if let Some(port) = from {
-                    port.credit(self.id, 1);
-                }
-            }
-            Some(mut back) => {
-                if inside {
-                    if let Some(port) = from {
-                        port.credit(self.id, 1);
-                    }
-                } else {
-                    back.owed = from.cloned();
-                }
-                item = back;
-                state.items.push_back(item);
-            }
+        let Some(mut item) = self.hand_over(state, item) else {
+            return true;
+        };
+        if !inside {
+            item.owed = from.cloned();
         }
+        state.items.push_back(item);
+        inside
     }
 
     /// Gives `item` to the first worker waiting for one; gives it back if none is.
@@ -328,6 +322,20 @@ impl Broker {
             state.unacked.insert(delivery, Unacked { item: Item { owed: None, ..item }, holder });
         }
         taken
+    }
+
+    /// Takes the item at the front.
+    fn take_one(&self, state: &mut State, holder: Option<u64>) -> Option<Taken> {
+        let item = state.items.pop_front()?;
+        if let Some(port) = &item.owed {
+            port.credit(self.id, 1);
+        }
+        let taken = self.taken(state, item, holder);
+        self.repay(state, 1);
+        for waker in state.putters.drain(..) {
+            waker.wake();
+        }
+        Some(taken)
     }
 
     /// Takes up to `max` items (and about [`BATCH_BYTES`]) from the front.
@@ -413,7 +421,7 @@ impl Broker {
             return Poll::Pending;
         }
         if let Some(bytes) = item.take() {
-            self.push(&mut state, bytes, None);
+            let _ = self.push(&mut state, bytes, None);
         }
         Poll::Ready(Ok(()))
     }
@@ -427,7 +435,7 @@ impl Broker {
         if state.items.len() >= self.capacity {
             return Err((bytes, None));
         }
-        self.push(&mut state, bytes, None);
+        let _ = self.push(&mut state, bytes, None);
         Ok(())
     }
 
@@ -435,7 +443,7 @@ impl Broker {
     /// the channel is closed and empty.
     pub(crate) fn poll_get(&self, cx: &mut Context<'_>) -> Poll<Result<Option<Taken>, Ended>> {
         let mut state = self.state();
-        if let Some(taken) = self.take(&mut state, 1, None).pop() {
+        if let Some(taken) = self.take_one(&mut state, None) {
             return Poll::Ready(Ok(Some(taken)));
         }
         if let Some(why) = state.closed {
@@ -453,7 +461,7 @@ impl Broker {
     /// Takes an item if one is there now.
     pub(crate) fn try_get(&self) -> Result<Option<Taken>, Ended> {
         let mut state = self.state();
-        if let Some(taken) = self.take(&mut state, 1, None).pop() {
+        if let Some(taken) = self.take_one(&mut state, None) {
             return Ok(Some(taken));
         }
         match state.closed {
@@ -589,19 +597,23 @@ impl Broker {
     fn worker_put(&self, port: &Arc<Port>, frame: &Bytes, count: u32) -> Result<(), String> {
         let mut records = &frame[..];
         let mut state = self.state();
+        let mut credit = 0;
         for _ in 0..count {
             let record = protocol::take_record(&mut records).ok_or("a put holds fewer items than it says")?;
             if state.closed.is_some() {
                 // It raced with the close; the worker is told, and its puts fail from then on.
                 continue;
             }
-            // A large item shares the frame; small ones do not keep it alive.
-            let bytes = if record.len() >= SHARE_ABOVE {
+            // Items share the frame, unless a small one would keep a large frame alive.
+            let bytes = if record.len() >= SHARE_ABOVE || frame.len() <= SHARE_FRAMES_UP_TO {
                 frame.slice_ref(record)
             } else {
                 Bytes::copy_from_slice(record)
             };
-            self.push(&mut state, bytes, Some(port));
+            credit += u32::from(self.push(&mut state, bytes, Some(port)));
+        }
+        if credit > 0 {
+            port.credit(self.id, credit);
         }
         Ok(())
     }
@@ -738,7 +750,7 @@ impl Attachments {
         };
         let broker = &held.broker;
         match message {
-            Put { count, .. } => broker.worker_put(&self.port, body, count)?,
+            Put { count, .. } => broker.worker_put(&self.port, body, count.get())?,
             Get { request, max, wait, .. } => broker.worker_get(&self.port, request, max, wait),
             Cancel { request, .. } => broker.worker_cancel(&self.port, request),
             Unget { count, .. } => broker.worker_unget(body, count)?,

@@ -12,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsFd;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -30,6 +30,30 @@ const SLOW_BATCH: Duration = Duration::from_millis(10);
 
 /// The link of this worker process, once it serves.
 static LINK: Mutex<Option<Link>> = Mutex::new(None);
+/// Signals the flusher that items are pending.
+static FLUSH: Condvar = Condvar::new();
+
+/// How long items sent on a channel's end may wait to share a write.
+const LINGER: Duration = Duration::from_micros(200);
+/// Pending bytes that are written at once.
+const FLUSH_AT: usize = 64 * 1024;
+
+/// The flusher: writes pending items [`LINGER`] after they became pending.
+fn flush_soon() {
+    let mut guard = lock();
+    loop {
+        guard = FLUSH
+            .wait_while(guard, |link| link.as_ref().is_none_or(|link| link.pending.is_empty()))
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        drop(guard);
+        std::thread::sleep(LINGER);
+        guard = lock();
+        if let Some(link) = guard.as_mut() {
+            // A broken link ends the worker anyway.
+            let _ = link.flush();
+        }
+    }
+}
 
 fn lock() -> MutexGuard<'static, Option<Link>> {
     // A panic in a task never happens while this is held (nothing user-written
@@ -71,8 +95,14 @@ pub(crate) struct Link {
     stash: VecDeque<Bytes>,
     channels: HashMap<u64, Chan>,
     next_request: u64,
-    /// Frames are built here before one write each.
-    scratch: BytesMut,
+    /// Frames not yet written: written before anything else is, before the task
+    /// waits, at the end of the call, or by the flusher shortly after.
+    pending: BytesMut,
+    /// The last frame in `pending` is a put to this channel, still open for more
+    /// items: where it starts, where its header ends, and how many items it holds.
+    open_put: Option<(u64, usize, usize, u32)>,
+    /// The flusher thread runs.
+    flusher: bool,
 }
 
 #[derive(Default)]
@@ -133,30 +163,97 @@ impl Link {
             stash: VecDeque::new(),
             channels: HashMap::new(),
             next_request: 0,
-            scratch: BytesMut::new(),
+            pending: BytesMut::new(),
+            open_put: None,
+            flusher: false,
         });
     }
 
+    /// Writes `message` and its records, after whatever is pending.
     fn write_message(&mut self, message: ToParent, records: &[&[u8]]) -> Result<(), ChannelError> {
-        self.scratch.clear();
-        let start = protocol::begin_frame(&mut self.scratch);
-        let _ = protocol::encode_into(&mut self.scratch, &Reply::Channel(message));
+        self.open_put = None;
+        let start = protocol::begin_frame(&mut self.pending);
+        let _ = protocol::encode_into(&mut self.pending, &Reply::Channel(message));
         for data in records {
-            let record = protocol::begin_record(&mut self.scratch);
-            self.scratch.extend_from_slice(data);
-            protocol::end_record(&mut self.scratch, record);
+            let record = protocol::begin_record(&mut self.pending);
+            self.pending.extend_from_slice(data);
+            protocol::end_record(&mut self.pending, record);
         }
         // Items were checked against the limit; the rest is small.
-        let _ = protocol::end_frame(&mut self.scratch, start, usize::MAX);
-        self.output.write_all(&self.scratch).map_err(|_| ChannelError::Disconnected)
+        let _ = protocol::end_frame(&mut self.pending, start, usize::MAX);
+        self.flush()
+    }
+
+    /// Adds `item` to a put frame of `channel`. With `linger`, it may stay pending
+    /// for [`LINGER`], so that items put in a row share frames and writes.
+    fn put(&mut self, channel: u64, item: &[u8], linger: bool) -> Result<(), ChannelError> {
+        let was_empty = self.pending.is_empty();
+        let record_len = protocol::RECORD_PREFIX + item.len();
+        match self.open_put {
+            Some((open, start, header_end, count))
+                if open == channel && self.pending.len() - start + record_len <= self.max_frame_len =>
+            {
+                let record = protocol::begin_record(&mut self.pending);
+                self.pending.extend_from_slice(item);
+                protocol::end_record(&mut self.pending, record);
+                // The count ends the header, and the frame's length starts it.
+                let count_at = header_end - protocol::Count::WIDTH;
+                self.pending[count_at..header_end].copy_from_slice(&protocol::Count::new(count + 1).0);
+                let len = (self.pending.len() - start - protocol::LENGTH_PREFIX) as u32;
+                self.pending[start..start + protocol::LENGTH_PREFIX].copy_from_slice(&len.to_be_bytes());
+                self.open_put = Some((channel, start, header_end, count + 1));
+            }
+            _ => {
+                let start = self.pending.len();
+                let frame = protocol::begin_frame(&mut self.pending);
+                let put = ToParent::Put { channel, count: protocol::Count::new(1) };
+                let _ = protocol::encode_into(&mut self.pending, &Reply::Channel(put));
+                let header_end = self.pending.len();
+                let record = protocol::begin_record(&mut self.pending);
+                self.pending.extend_from_slice(item);
+                protocol::end_record(&mut self.pending, record);
+                let _ = protocol::end_frame(&mut self.pending, frame, usize::MAX);
+                self.open_put = Some((channel, start, header_end, 1));
+            }
+        }
+        if !linger || self.pending.len() >= FLUSH_AT {
+            return self.flush();
+        }
+        if was_empty {
+            self.wake_flusher();
+        }
+        Ok(())
+    }
+
+    /// Writes what is pending.
+    fn flush(&mut self) -> Result<(), ChannelError> {
+        self.open_put = None;
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let written = self.output.write_all(&self.pending);
+        self.pending.clear();
+        written.map_err(|_| ChannelError::Disconnected)
+    }
+
+    /// Makes sure pending items are written within [`LINGER`] even if the task
+    /// puts nothing more: a thread of the worker's, started at the first such put.
+    fn wake_flusher(&mut self) {
+        if !self.flusher {
+            self.flusher =
+                std::thread::Builder::new().name("procexec-flush".into()).spawn(flush_soon).is_ok();
+        }
+        FLUSH.notify_one();
     }
 
     fn chan(&mut self, channel: u64) -> &mut Chan {
         self.channels.entry(channel).or_default()
     }
 
-    /// Reads and applies one frame; `false` if none came in time.
+    /// Reads and applies one frame; `false` if none came in time. Writes what is
+    /// pending first: the parent may need it to answer.
     fn pump(&mut self, wait: Wait) -> Result<bool, ChannelError> {
+        self.flush()?;
         let frame = loop {
             if let Some(frame) = self.reader.buffered().map_err(|_| ChannelError::Disconnected)? {
                 break frame;
@@ -275,6 +372,7 @@ impl Link {
         for channel in pending {
             link.unget(channel).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
         }
+        link.flush().map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
         link.output.write_all(reply)
     }
 }
@@ -332,8 +430,10 @@ fn with_link<R>(run: impl FnOnce(&mut Link) -> Result<R, ChannelError>) -> Resul
     }
 }
 
-/// Puts `item`, waiting for credit if the worker has none.
-pub(crate) fn put(channel: u64, item: Bytes) -> Result<(), ChannelError> {
+/// Puts `item`, waiting for credit if the worker has none. With `linger`, it may
+/// share a write with the items put right after it (a channel's ends); else it is
+/// in the pipe when this returns, so it survives the worker dying (queues).
+pub(crate) fn put(channel: u64, item: Bytes, linger: bool) -> Result<(), ChannelError> {
     with_link(|link| {
         loop {
             let chan = link.chan(channel);
@@ -346,12 +446,12 @@ pub(crate) fn put(channel: u64, item: Bytes) -> Result<(), ChannelError> {
             }
             link.pump(Wait::Forever)?;
         }
-        link.write_message(ToParent::Put { channel, count: 1 }, &[&item])
+        link.put(channel, &item, linger)
     })
 }
 
 /// Puts `item` if the worker has credit (after reading what already arrived).
-pub(crate) fn try_put(channel: u64, item: Bytes) -> Result<(), (Bytes, Option<ChannelError>)> {
+pub(crate) fn try_put(channel: u64, item: Bytes, linger: bool) -> Result<(), (Bytes, Option<ChannelError>)> {
     let mut guard = lock();
     let Some(link) = guard.as_mut() else {
         return Err((item, Some(ChannelError::Disconnected)));
@@ -371,7 +471,7 @@ pub(crate) fn try_put(channel: u64, item: Bytes) -> Result<(), (Bytes, Option<Ch
             Err(err) => return Err((item, Some(err))),
         }
     }
-    link.write_message(ToParent::Put { channel, count: 1 }, &[&item]).map_err(|err| (item, Some(err)))
+    link.put(channel, &item, linger).map_err(|err| (item, Some(err)))
 }
 
 /// Takes an item, waiting as `wait` says. `None` when none came in time, or the

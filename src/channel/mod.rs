@@ -121,6 +121,13 @@ impl Endpoint {
         }
     }
 
+    /// Whether a worker's puts may wait a moment to share a write: a channel's
+    /// sends may (their receiver learns of a crash anyway), a queue's may not (an
+    /// item put must survive its producer).
+    fn lingers(&self) -> bool {
+        self.role == Role::Sender
+    }
+
     fn check_size(&self, item: &Bytes) -> Result<(), ChannelError> {
         if item.len() > self.max_item {
             return Err(ChannelError::TooLarge { size: item.len() as u64, limit: self.max_item as u64 });
@@ -136,7 +143,7 @@ impl Endpoint {
                 let mut item = Some(item);
                 std::future::poll_fn(|cx| broker.poll_put(cx, &mut item)).await.map_err(ChannelError::ended)
             }
-            Route::Worker => link::put(self.channel, item),
+            Route::Worker => link::put(self.channel, item, self.lingers()),
         }
     }
 
@@ -146,7 +153,7 @@ impl Endpoint {
             Route::Parent(_) => futures::executor::block_on(self.put(item)),
             Route::Worker => {
                 self.check_size(&item)?;
-                link::put(self.channel, item)
+                link::put(self.channel, item, self.lingers())
             }
         }
     }
@@ -161,7 +168,7 @@ impl Endpoint {
             Route::Parent(broker) => {
                 broker.try_put(item).map_err(|(item, why)| (item, why.map(ChannelError::ended)))
             }
-            Route::Worker => link::try_put(self.channel, item),
+            Route::Worker => link::try_put(self.channel, item, self.lingers()),
         }
     }
 
@@ -488,7 +495,7 @@ fn start_send<T: Serialize>(end: &Endpoint, state: &mut StreamState, item: &T) -
     end.check_size(&bytes)?;
     match &end.route {
         Route::Parent(_) => state.pending = Some(bytes),
-        Route::Worker => link::put(end.channel, bytes)?,
+        Route::Worker => link::put(end.channel, bytes, end.lingers())?,
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ use crate::task::IntoTask;
 use crate::wire::protocol::Role;
 
 /// How many items a streaming task may be ahead of its consumer.
-const STREAM_CAPACITY: usize = 32;
+const STREAM_CAPACITY: usize = 256;
 /// How many items a pipe holds each way.
 const PIPE_CAPACITY: usize = 32;
 

@@ -104,8 +104,9 @@ pub(crate) enum ToParent {
     Attach { channel: u64, role: Role },
     /// The worker dropped its last handle to `channel` in `role`.
     Detach { channel: u64, role: Role },
-    /// `count` items follow as records, one credit each.
-    Put { channel: u64, count: u32 },
+    /// `count` items follow as records, one credit each. The count has a fixed
+    /// width and ends the header, so a worker adds items to a frame it is building.
+    Put { channel: u64, count: Count },
     /// Asks for at least one and at most `max` items; the parent answers
     /// [`ToWorker::Items`] or [`ToWorker::NoItems`] with the same `request`.
     /// With `wait` false, an empty channel answers at once with no items.

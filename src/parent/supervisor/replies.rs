@@ -104,9 +104,9 @@ mod tests {
 
     #[test]
     fn a_channel_message_matches_no_call_and_keeps_its_body() {
-        let put = Reply::Channel(ToParent::Put { channel: 3, count: 1 });
-        let matched = match_reply(frame(&put, b"item"), Some(7), false);
-        let expected = Matched::Channel(ToParent::Put { channel: 3, count: 1 }, Bytes::from_static(b"item"));
+        let put = ToParent::Put { channel: 3, count: protocol::Count::new(1) };
+        let matched = match_reply(frame(&Reply::Channel(put.clone()), b"item"), Some(7), false);
+        let expected = Matched::Channel(put, Bytes::from_static(b"item"));
         assert_eq!(matched, Ok(expected));
     }
 
