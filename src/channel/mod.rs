@@ -32,8 +32,9 @@ use crate::wire::protocol::{self, Ended, Role};
 ///
 /// Returned by both sides: the parent's async operations and a task's blocking
 /// ones. It converts into [`Error::Channel`](crate::Error::Channel), so `?` works in
-/// functions returning [`procexec::Result`](crate::Result).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// functions returning [`procexec::Result`](crate::Result). It is serde
+/// serializable, so a task can return it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum ChannelError {
     /// The channel was closed ([`Queue::close`]), or, for a channel's ends, every
