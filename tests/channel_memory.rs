@@ -45,7 +45,7 @@ async fn a_slow_consumer_of_a_fast_stream_keeps_both_sides_memory_bounded() {
         while let Some(item) = stream.next().await {
             assert_eq!(item.unwrap().len(), SIZE);
             received += 1;
-            if received % 64 == 0 {
+            if received.is_multiple_of(64) {
                 // A consumer slower than the producer, so the producer runs ahead
                 // as far as it is let.
                 tokio::time::sleep(Duration::from_millis(1)).await;

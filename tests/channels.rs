@@ -559,7 +559,7 @@ async fn consumers_killed_mid_stream_lose_no_acknowledged_item_and_repeat_none()
             let item = done.get().await.unwrap().expect("reports come until the end");
             *reports.entry(item).or_default() += 1;
             // Kill a consumer every 4,000 reports, and start another.
-            if reports.len() % 4_000 == 0 && kills < 4 && reports[&item] == 1 {
+            if reports.len().is_multiple_of(4_000) && kills < 4 && reports[&item] == 1 {
                 let pid = exec.stats().live.iter().find(|worker| worker.busy).map(|worker| worker.pid);
                 if let Some(pid) = pid {
                     kill(pid);
