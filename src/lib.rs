@@ -126,7 +126,7 @@ pub use parent::stats::{ExitCause, ExitCounts, LiveWorker, Stats, WorkerExit};
 pub use task::{AnyTask, IntoTask, Registry, Task};
 pub use wire::blob::Blob;
 pub use worker::state::WorkerState;
-pub use worker::{init_worker, serve_worker};
+pub use worker::{init_worker, is_cancelled, serve_worker};
 
 /// Adds the test through which a test binary serves as its own worker.
 ///

@@ -360,8 +360,9 @@ impl SharedBuf {
     }
 }
 
-/// The first page of another process's [`SharedBuf`], mapped writable: how the
-/// parent writes into a worker's progress record.
+/// The first page of a [`SharedBuf`]'s file, mapped on its own: how the parent
+/// writes into a worker's progress record, and how a task reads it (whatever the
+/// buffer's own mapping is doing).
 pub(crate) struct ForeignPage {
     ptr: std::ptr::NonNull<u8>,
 }
@@ -395,6 +396,14 @@ impl ForeignPage {
         }?;
         let ptr = std::ptr::NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap gave null"))?;
         Ok(ForeignPage { ptr })
+    }
+
+    /// Loads the value at `at` (a multiple of 8 within the page) atomically.
+    pub(crate) fn load(&self, at: usize) -> u64 {
+        assert!(at.is_multiple_of(8) && at + 8 <= Self::LEN, "a misplaced progress field");
+        // SAFETY: as in `store`.
+        let field = unsafe { std::sync::atomic::AtomicU64::from_ptr(self.ptr.as_ptr().add(at).cast()) };
+        u64::from_le(field.load(std::sync::atomic::Ordering::Acquire))
     }
 
     /// Stores `value` at `at` (a multiple of 8 within the page) atomically.

@@ -25,6 +25,20 @@ procexec::tasks! {
         }
     }
 
+    /// Marks `started`, spins until its caller leaves, then marks `noticed`.
+    pub fn spin_until_cancelled(started: String, noticed: String) -> u32 {
+        std::fs::write(&started, b"").unwrap();
+        while !procexec::is_cancelled() {
+            std::hint::spin_loop();
+        }
+        std::fs::write(&noticed, b"").unwrap();
+        std::process::id()
+    }
+
+    pub fn pid() -> u32 { std::process::id() }
+
+    pub fn nap_us(us: u64) { std::thread::sleep(Duration::from_micros(us)) }
+
     /// Puts `0..n`, then dies by SIGKILL.
     pub fn produce_then_die(q: Queue<u64>, n: u64) {
         for i in 0..n {
@@ -578,6 +592,45 @@ async fn consumers_killed_mid_stream_lose_no_acknowledged_item_and_repeat_none()
             repeated as usize <= kills,
             "only an item a consumer held unacknowledged when killed comes again ({repeated} repeats, {kills} kills)"
         );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_task_sees_that_its_caller_left_and_stops_early() {
+    hang_guard(async {
+        let exec = executor(1).await.with_cancel_policy(procexec::CancelPolicy::Finish);
+        let before = exec.spawn(pid, ()).await.unwrap();
+        let (started, noticed) = (marker("cancel-started"), marker("cancel-noticed"));
+        let call =
+            exec.spawn(spin_until_cancelled, (started.display().to_string(), noticed.display().to_string()));
+        eventually("the task runs", || started.exists()).await;
+        drop(call);
+        eventually("the task noticed its caller left", || noticed.exists()).await;
+        assert_eq!(exec.spawn(pid, ()).await.unwrap(), before, "the worker serves on");
+        assert!(!procexec::is_cancelled(), "the parent is not a task");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_consumer_and_its_producer_never_wait_behind_each_other_on_one_worker() {
+    hang_guard(async {
+        let exec = executor(2).await;
+        // Short calls teach the workers to take calls ahead.
+        exec.map(nap_us, std::iter::repeat_n(700, 1000)).await.unwrap();
+        let pairs = async {
+            for _ in 0..20 {
+                let q = exec.queue::<String>(4);
+                let got = exec.spawn(get_one, q.clone());
+                let put = exec.spawn(put_hello, q.clone());
+                put.await.unwrap();
+                assert_eq!(got.await.unwrap().as_deref(), Some("Hello from process!"));
+            }
+        };
+        // Also while both workers are busy with short calls.
+        let (map, ()) = tokio::join!(exec.map(nap_us, std::iter::repeat_n(700, 1000)), pairs);
+        map.unwrap();
     })
     .await;
 }

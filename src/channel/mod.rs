@@ -356,6 +356,10 @@ pub(crate) mod transit {
         pub(crate) fn extend(&mut self, other: Holds) {
             self.0.extend(other.0)
         }
+
+        pub(crate) fn is_empty(&self) -> bool {
+            self.0.is_empty()
+        }
     }
 
     pub(super) fn hold(broker: &Arc<Broker>, role: Role) {

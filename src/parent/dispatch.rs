@@ -104,6 +104,8 @@ pub(crate) struct Job {
     pub(crate) admission: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Channel handles in its input, kept open until the call ends.
     pub(crate) holds: Holds,
+    /// Its worker was told its caller left while it ran.
+    pub(crate) signalled: bool,
 }
 
 impl Job {
@@ -126,6 +128,7 @@ impl Job {
             withdrawn: false,
             admission: None,
             holds: Holds::default(),
+            signalled: false,
         }
     }
 
@@ -144,6 +147,11 @@ impl Job {
             ReplyTo::Once(sender) => sender.poll_closed(cx).is_ready(),
             ReplyTo::Chunk { .. } => self.is_cancelled(),
         }
+    }
+
+    /// Whether its input holds channel handles: it may wait for other calls.
+    pub(crate) fn talks(&self) -> bool {
+        !self.holds.is_empty()
     }
 
     /// Whether the job is a map's chunk, whose failures its map handles.
@@ -332,7 +340,11 @@ impl Queue {
         // While the pool can still grow, a worker holds one call at a time: calls
         // taken ahead would wait behind its running one while a new worker could run
         // them (their length is not known yet), and would hide the demand to grow.
-        let max_jobs = match (state.dormant.is_empty(), room.busy) {
+        // Nor does a worker take calls ahead while another worker idles: they could
+        // run there now, and must, when they wait for each other (a consumer and its
+        // producer, talking over a channel).
+        let others_idle = state.idle.iter().any(|&other| other != slot);
+        let max_jobs = match (state.dormant.is_empty() && !others_idle, room.busy) {
             (true, _) => room.jobs,
             (false, true) => 0,
             (false, false) => room.jobs.min(1),
@@ -350,6 +362,12 @@ impl Queue {
                 over_budget = taken == 0;
                 break;
             }
+            // A call that talks over channels may wait for another call: it never
+            // waits behind one, nor holds one behind itself.
+            if job.talks() && (room.busy || taken > 0) {
+                break;
+            }
+            let talks = job.talks();
             let Some(mut job) = state.jobs.pop_front() else {
                 break;
             };
@@ -358,6 +376,9 @@ impl Queue {
             job.admission = None;
             take(job);
             taken += 1;
+            if talks {
+                break;
+            }
         }
         if taken > 0 || over_budget {
             state.leave_idle(slot);
@@ -368,6 +389,13 @@ impl Queue {
         }
         if taken > 0 {
             state.leave_idle(slot);
+            // The next call is for another idle worker.
+            let next =
+                if !state.jobs.is_empty() && !state.idle.is_empty() { state.wake_target() } else { None };
+            drop(state);
+            if let Some(next) = next {
+                self.slots[next].wake();
+            }
             return Poll::Ready(Took::Jobs(taken));
         }
         if over_budget {

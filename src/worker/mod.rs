@@ -10,6 +10,8 @@ pub(crate) mod state;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsFd;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -96,6 +98,48 @@ pub fn serve_worker(tasks: &'static Registry) -> ! {
     }
 }
 
+/// Whether the caller of the task running in this worker has gone: its
+/// [`TaskHandle`](crate::TaskHandle) or map was dropped, or the executor shut down
+/// without waiting. A long task can check it now and then and return early. Under
+/// [`CancelPolicy::Kill`](crate::CancelPolicy::Kill) (the default) the worker is
+/// killed 10 ms later anyway; under `Finish` the call runs to its end unless it
+/// looks. Always `false` outside a worker, and where the worker keeps no progress
+/// record (no `memfd`).
+///
+/// # Examples
+///
+/// ```
+/// procexec::tasks! {
+///     /// Sums up to `n`, giving up if nobody waits for the answer any more.
+///     pub fn patient_sum(n: u64) -> Option<u64> {
+///         let mut sum = 0u64;
+///         for i in 0..n {
+///             if i % 1_000_000 == 0 && procexec::is_cancelled() {
+///                 return None;
+///             }
+///             sum = sum.wrapping_add(i);
+///         }
+///         Some(sum)
+///     }
+/// }
+///
+/// assert!(!procexec::is_cancelled(), "not in a worker");
+/// assert_eq!(patient_sum().call_in_process(4), Some(6));
+/// ```
+pub fn is_cancelled() -> bool {
+    let running = RUNNING.load(Ordering::Acquire);
+    let Some(page) = CANCELS.get().filter(|_| running != 0) else {
+        return false;
+    };
+    (0..protocol::Progress::CANCEL_SLOTS)
+        .any(|slot| page.load(protocol::Progress::CANCEL_AT + 8 * slot) == running)
+}
+
+/// The call running, plus one (0: none), for [`is_cancelled`].
+static RUNNING: AtomicU64 = AtomicU64::new(0);
+/// The page of the progress record where the parent marks cancelled calls.
+static CANCELS: OnceLock<sys::ForeignPage> = OnceLock::new();
+
 fn serve(tasks: &'static Registry) -> io::Result<()> {
     // Before the worker starts a thread of its own (see `remove_worker_marker`).
     sys::remove_worker_marker(protocol::WORKER_ENV);
@@ -117,6 +161,14 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
     let mut output = File::from(fds.output);
     output.write_all(protocol::PREAMBLE)?;
     let mut replies = ReplyBuf::new()?;
+    if let Some(page) = replies
+        .file()
+        .and_then(|fd| fd.try_clone_to_owned().ok())
+        .map(File::from)
+        .and_then(|file| sys::ForeignPage::map(&file).ok())
+    {
+        let _ = CANCELS.set(page);
+    }
 
     let Some(frame) = reader.next_frame()? else {
         return Ok(());
@@ -172,7 +224,9 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         let call = Call { id, task, items, body, started };
         // Blob inputs share the request frame instead of copying out of it.
         let registered = blob::register(&frame);
+        RUNNING.store(id.wrapping_add(1), Ordering::Release);
         clock = Some(self::call(tasks, &mut replies, max_frame_len, measure_memory, call));
+        RUNNING.store(0, Ordering::Release);
         drop(registered);
         // One write per reply, before the next call starts: a reply that left the
         // worker survives the worker, and the progress record covers the call it is

@@ -254,10 +254,16 @@ impl<'a, L: Link> Session<'a, L> {
             return None;
         }
         let head = self.in_flight.front_mut()?;
+        let abandoned = head.withdrawn || head.poll_cancelled(cx);
+        if abandoned && !head.signalled {
+            // The task can see it (`procexec::is_cancelled`) and stop early.
+            head.signalled = true;
+            self.worker.withdraw(head.id);
+        }
         let kill = head.options.cancel == CancelPolicy::Kill;
         let grace = if kill && head.withdrawn {
             Some(WITHDRAWN_GRACE)
-        } else if kill && head.poll_cancelled(cx) {
+        } else if kill && abandoned {
             Some(CANCEL_GRACE)
         } else {
             None
@@ -310,7 +316,11 @@ impl<'a, L: Link> Session<'a, L> {
     fn pull(&mut self, cx: &mut Context<'_>) -> bool {
         let busy = !self.in_flight.is_empty();
         let head_ran = (busy && self.head_running).then(|| self.head_timer.ran());
-        let room = pull::depth(self.service_ns, head_ran).saturating_sub(self.in_flight.len());
+        let mut room = pull::depth(self.service_ns, head_ran).saturating_sub(self.in_flight.len());
+        if self.in_flight.iter().any(Job::talks) {
+            // It may run until other calls have run: nothing waits behind it.
+            room = 0;
+        }
         if self.writer.is_closed() || self.retiring.is_some() || room == 0 {
             // Still be woken for shutdown and cancellations.
             self.shared.queue.register(cx, self.worker.slot());
