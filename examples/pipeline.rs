@@ -25,8 +25,10 @@
 //! *not* one-in-one-out (a worker that keeps state across records, filters, or
 //! emits several results per record): the queue and channel are bounded too, so the
 //! reader's `put` waits while the workers are busy, but ordering is the parent's job,
-//! and the worker tasks, which must all run at once and each hold a process until
-//! the queue closes, get an executor of their own rather than share one with maps.
+//! and the worker tasks must all run at once, each holding a process until the
+//! queue closes: start no more of them than the executor has workers. (procexec
+//! never queues a call that carries channel handles behind another call on one
+//! worker, so they do run at once.)
 //!
 //! `buffered(n)` keeps order by waiting for the oldest job: while it runs, at most
 //! `n - 1` younger ones can start, so with `n` = CPUs a core idles whenever the
@@ -309,18 +311,12 @@ async fn main() -> Result<(), BoxError> {
     let start = Instant::now();
     map_stream(&exec, &input, &output, rounds).await?;
     run("procexec map_stream", output, start.elapsed());
-    exec.shutdown().await;
 
-    // Long-running tasks that must all run at once (each holds a worker until the
-    // queue closes) get an executor of their own, not one shared with maps.
-    let start = Instant::now();
-    let workers = Executor::builder().build().await?;
-    let startup = startup + start.elapsed();
     let output = dir.0.join("queue_channel.txt");
     let start = Instant::now();
-    let per_worker = queue_and_channel(&workers, &input, &output, rounds).await?;
+    let per_worker = queue_and_channel(&exec, &input, &output, rounds).await?;
     run("procexec queue + channel", output, start.elapsed());
-    workers.shutdown().await;
+    exec.shutdown().await;
 
     println!("\n  {:<32} {:>9} {:>9}", "variant", "seconds", "speed-up");
     let baseline = rows[0].1.as_secs_f64();
@@ -328,7 +324,7 @@ async fn main() -> Result<(), BoxError> {
         println!("  {name:<32} {:>9.3} {:>8.2}x", took.as_secs_f64(), baseline / took.as_secs_f64());
     }
     println!(
-        "  (starting 2 x {} worker processes took {:.3} s, not counted above)",
+        "  (starting {} worker processes took {:.3} s, not counted above)",
         exec.processes(),
         startup.as_secs_f64()
     );
