@@ -22,6 +22,9 @@ use super::{ChannelError, Endpoint, TryPutError, Typed, deadline_after, link};
 /// [`blocking_get`](Queue::blocking_get), [`get_timeout`](Queue::get_timeout),
 /// [`try_get`](Queue::try_get), or iterate over `&queue`).
 ///
+/// Async code must use the async methods: a blocking one would block its runtime's
+/// thread, and with it, perhaps, the supervisor that brings the item.
+///
 /// The parent holds the items (it brokers every queue), at most `capacity` of them
 /// plus a small window per producing worker, whose puts then need no round trip.
 /// A `put` waits while the queue is full. An item put from a task is in the pipe
