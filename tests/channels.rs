@@ -634,3 +634,23 @@ async fn a_consumer_and_its_producer_never_wait_behind_each_other_on_one_worker(
     })
     .await;
 }
+
+#[tokio::test]
+async fn large_items_cross_whole_in_both_directions() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let q = exec.queue::<Vec<u8>>(4);
+        for size in [16 * 1024 - 1, 16 * 1024, 300_000] {
+            assert_eq!(exec.spawn(put_bytes, (q.clone(), size)).await.unwrap(), None);
+            assert_eq!(q.get().await.unwrap(), Some(vec![1; size]));
+        }
+        let (tx, rx) = exec.channel::<u64>(2);
+        let total = exec.spawn(total, rx);
+        for i in 0..5_000 {
+            tx.send(i).await.unwrap();
+        }
+        drop(tx);
+        assert_eq!(total.await.unwrap(), (0..5_000).sum::<u64>());
+    })
+    .await;
+}

@@ -37,6 +37,8 @@ static FLUSH: Condvar = Condvar::new();
 const LINGER: Duration = Duration::from_micros(200);
 /// Pending bytes that are written at once.
 const FLUSH_AT: usize = 64 * 1024;
+/// Items from this size on are written from where they are, not copied first.
+const WRITE_DIRECTLY: usize = 16 * 1024;
 
 /// The flusher: writes pending items [`LINGER`] after they became pending.
 fn flush_soon() {
@@ -187,6 +189,9 @@ impl Link {
     /// Adds `item` to a put frame of `channel`. With `linger`, it may stay pending
     /// for [`LINGER`], so that items put in a row share frames and writes.
     fn put(&mut self, channel: u64, item: &[u8], linger: bool) -> Result<(), ChannelError> {
+        if item.len() >= WRITE_DIRECTLY {
+            return self.put_large(channel, item);
+        }
         let was_empty = self.pending.is_empty();
         let record_len = protocol::RECORD_PREFIX + item.len();
         match self.open_put {
@@ -223,6 +228,27 @@ impl Link {
             self.wake_flusher();
         }
         Ok(())
+    }
+
+    /// Writes a put of one large item straight from where it is, after what is
+    /// pending: the frame's head, then the item. (Should the worker die between the
+    /// two writes, the parent drops the cut frame: the item is not put at all.)
+    fn put_large(&mut self, channel: u64, item: &[u8]) -> Result<(), ChannelError> {
+        self.open_put = None;
+        let start = self.pending.len();
+        let frame = protocol::begin_frame(&mut self.pending);
+        let put = ToParent::Put { channel, count: protocol::Count::new(1) };
+        let _ = protocol::encode_into(&mut self.pending, &Reply::Channel(put));
+        let len = u32::try_from(item.len()).map_err(|_| ChannelError::TooLarge {
+            size: item.len() as u64,
+            limit: self.max_frame_len as u64,
+        })?;
+        self.pending.extend_from_slice(&len.to_le_bytes());
+        let frame_len = (self.pending.len() - start - protocol::LENGTH_PREFIX + item.len()) as u32;
+        self.pending[frame..frame + protocol::LENGTH_PREFIX].copy_from_slice(&frame_len.to_be_bytes());
+        let written = self.output.write_all(&self.pending).and_then(|()| self.output.write_all(item));
+        self.pending.clear();
+        written.map_err(|_| ChannelError::Disconnected)
     }
 
     /// Writes what is pending.
