@@ -39,6 +39,44 @@ procexec::tasks! {
 
     pub fn nap_us(us: u64) { std::thread::sleep(Duration::from_micros(us)) }
 
+    /// A get that gives up at once (its answer is likely on its way), then a get
+    /// (which may return that late answer while its own request waits in the
+    /// parent), then a try_get, which must not wait.
+    pub fn stale_then_try(q: Queue<u64>) -> (Option<u64>, Option<u64>, Option<u64>) {
+        let a = q.get_timeout(Duration::ZERO).unwrap();
+        let b = if a.is_none() { q.blocking_get().unwrap() } else { None };
+        let c = q.try_get().unwrap();
+        (a, b, c)
+    }
+
+    /// The same, without the try_get: returns right after the late answer.
+    pub fn stale_get(q: Queue<u64>) -> Option<u64> {
+        let a = q.get_timeout(Duration::ZERO).unwrap();
+        if a.is_some() { a } else { q.blocking_get().unwrap() }
+    }
+
+    pub fn stale_get_acked(q: JoinableQueue<u64>) -> Option<u64> {
+        let a = q.get_timeout(Duration::ZERO).unwrap().map(|d| d.ack());
+        if a.is_some() { a } else { q.blocking_get().unwrap().map(|d| d.ack()) }
+    }
+
+    pub fn put_three(q: Queue<u64>) { q.blocking_put(3).unwrap() }
+
+    pub fn drain_bytes(q: Queue<Vec<u8>>) -> usize {
+        q.iter().map(Result::unwrap).count()
+    }
+
+    pub fn crash() { die() }
+
+    /// One thread waits on `input` while the task's own thread puts into `output`.
+    pub fn two_threads(input: Queue<u64>, output: Queue<u64>) -> Option<u64> {
+        let reader = std::thread::spawn(move || input.blocking_get().unwrap());
+        // Makes it likely (not needed) that the reader waits in a read by now.
+        std::thread::sleep(Duration::from_millis(50));
+        output.blocking_put(1).unwrap();
+        reader.join().unwrap()
+    }
+
     /// Puts `0..n`, then dies by SIGKILL.
     pub fn produce_then_die(q: Queue<u64>, n: u64) {
         for i in 0..n {
@@ -252,10 +290,8 @@ async fn four_producers_and_four_consumers_on_two_workers_move_every_item_exactl
         }
         assert_eq!(seen.len() as u64, ITEMS, "every item arrived");
         assert!(seen.values().all(|&n| n == 1), "no item arrived twice");
-        assert!(
-            by_tasks > 0 && by_parent > 0,
-            "both the parent ({by_parent}) and tasks ({by_tasks}) consumed"
-        );
+        // Who consumed how many depends on timing: it is not asserted.
+        eprintln!("the parent consumed {by_parent} items, the consumer tasks {by_tasks}");
     })
     .await;
 }
@@ -651,6 +687,110 @@ async fn large_items_cross_whole_in_both_directions() {
         }
         drop(tx);
         assert_eq!(total.await.unwrap(), (0..5_000).sum::<u64>());
+    })
+    .await;
+}
+
+// From the review of the channels change: a get that gave up leaves no request
+// behind, in the worker or in the parent.
+
+#[tokio::test]
+async fn try_get_after_a_late_answer_does_not_wait() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let q = exec.queue::<u64>(8);
+        q.put(7).await.unwrap();
+        let (a, b, c) = exec.spawn(stale_then_try, q.clone()).await.unwrap();
+        assert_eq!((a.or(b), c), (Some(7), None));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_item_put_after_a_worker_died_is_not_lost() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let q = exec.queue::<u64>(8);
+        q.put(7).await.unwrap();
+        assert_eq!(exec.spawn(stale_get, q.clone()).await.unwrap(), Some(7));
+        assert!(exec.spawn(crash, ()).await.unwrap_err().is_worker_crash());
+        q.put(8).await.unwrap();
+        assert_eq!(q.get().await.unwrap(), Some(8), "handed to the dead worker's leftover request");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_item_put_after_its_consumer_ended_comes_back() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let q = exec.queue::<u64>(8);
+        q.put(7).await.unwrap();
+        assert_eq!(exec.spawn(stale_get, q.clone()).await.unwrap(), Some(7));
+        q.put(8).await.unwrap();
+        assert_eq!(q.get().await.unwrap(), Some(8));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn join_completes_after_a_worker_with_a_leftover_request_died() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let q = exec.joinable_queue::<u64>(8);
+        q.put(7).await.unwrap();
+        assert_eq!(exec.spawn(stale_get_acked, q.clone()).await.unwrap(), Some(7));
+        assert!(exec.spawn(crash, ()).await.unwrap_err().is_worker_crash());
+        q.put(8).await.unwrap();
+        q.get().await.unwrap().expect("item 8").ack();
+        q.join().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_task_waits_on_channels_from_two_threads() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let input = exec.queue::<u64>(8);
+        let output = exec.queue::<u64>(8);
+        let call = exec.spawn(two_threads, (input.clone(), output.clone()));
+        // The task's put arrives while its other thread waits on `input`.
+        assert_eq!(output.get().await.unwrap(), Some(1));
+        input.put(2).await.unwrap();
+        assert_eq!(call.await.unwrap(), Some(2));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn blocking_gets_in_the_parent_refuse_a_runtime_thread_and_work_off_it() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let q = exec.queue::<u64>(8);
+        let in_runtime = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            q.get_timeout(Duration::from_millis(1))
+        }));
+        let message = in_runtime.expect_err("refused").downcast::<String>().map(|m| *m).unwrap_or_default();
+        assert!(message.contains("tokio::time::timeout"), "{message}");
+        let theirs = q.clone();
+        let waiting = std::thread::spawn(move || theirs.get_timeout(Duration::from_secs(60)));
+        exec.spawn(put_three, q.clone()).await.unwrap();
+        assert_eq!(waiting.join().unwrap(), Ok(Some(3)));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_batch_of_items_fits_a_small_frame_limit() {
+    hang_guard(async {
+        let exec = builder(1).max_frame_len(16 * 1024).build().await.unwrap();
+        let q = exec.queue::<Vec<u8>>(64);
+        for _ in 0..40 {
+            q.put(vec![1u8; 8000]).await.unwrap();
+        }
+        q.close();
+        assert_eq!(exec.spawn(drain_bytes, q.clone()).await.unwrap(), 40);
     })
     .await;
 }

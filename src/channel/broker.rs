@@ -21,6 +21,9 @@ use crate::wire::protocol::{self, Ended, Request, Role, ToWorker};
 /// How many bytes of items one answer to a worker's get carries at most (at least
 /// one item, whatever its size).
 const BATCH_BYTES: usize = 256 * 1024;
+/// What each item adds to a frame of items besides itself: its record's length,
+/// delivery number and attempts.
+const RECORD_OVERHEAD: usize = protocol::RECORD_PREFIX + 12;
 /// Items from this size on share the frame they came in rather than being copied.
 const SHARE_ABOVE: usize = 4096;
 /// Smaller items share frames up to this size (a worker's batches of puts).
@@ -338,18 +341,27 @@ impl Broker {
         Some(taken)
     }
 
-    /// Takes up to `max` items (and about [`BATCH_BYTES`]) from the front.
-    fn take(&self, state: &mut State, max: u32, holder: Option<u64>) -> Vec<Taken> {
+    /// Takes up to `max` items from the front for `port`, as many as one frame to
+    /// it carries: at least one (every item fits a frame alone), at most
+    /// [`BATCH_BYTES`].
+    fn take(&self, state: &mut State, max: u32, port: &Port) -> Vec<Taken> {
+        let budget = BATCH_BYTES.min(port.max_frame_len.saturating_sub(protocol::ITEM_OVERHEAD));
         let mut taken = Vec::new();
         let mut bytes = 0;
-        while taken.len() < max.max(1) as usize && (taken.is_empty() || bytes < BATCH_BYTES) {
+        while taken.len() < max.max(1) as usize {
+            let Some(next) = state.items.front() else { break };
+            // Each record adds its length, delivery number and attempts.
+            let size = next.bytes.len() + RECORD_OVERHEAD;
+            if !taken.is_empty() && bytes + size > budget {
+                break;
+            }
+            bytes += size;
             let Some(item) = state.items.pop_front() else { break };
-            bytes += item.bytes.len();
             if let Some(port) = &item.owed {
                 // Was beyond the capacity: its credit is due now.
                 port.credit(self.id, 1);
             }
-            taken.push(self.taken(state, item, holder));
+            taken.push(self.taken(state, item, Some(port.id)));
         }
         if !taken.is_empty() {
             self.repay(state, taken.len());
@@ -470,10 +482,16 @@ impl Broker {
         }
     }
 
-    /// The item of `delivery` is done with.
+    /// The item of `delivery`, which the parent holds, is done with.
     pub(crate) fn ack(&self, delivery: u64) {
+        self.ack_from(None, delivery)
+    }
+
+    /// The item of `delivery` is done with, says its holder (a port, or the parent);
+    /// anyone else is ignored.
+    fn ack_from(&self, holder: Option<u64>, delivery: u64) {
         let mut state = self.state();
-        if state.unacked.remove(&delivery).is_some() {
+        if Self::take_unacked(&mut state, holder, delivery).is_some() {
             state.unfinished = state.unfinished.saturating_sub(1);
             if state.unfinished == 0 {
                 for waker in state.joiners.drain(..) {
@@ -483,14 +501,27 @@ impl Broker {
         }
     }
 
-    /// The item of `delivery` was not done with: it goes back in front, for
-    /// another get.
+    /// The item of `delivery`, which the parent holds, was not done with: it goes
+    /// back in front, for another get.
     pub(crate) fn requeue(&self, delivery: u64) {
+        self.requeue_from(None, delivery)
+    }
+
+    fn requeue_from(&self, holder: Option<u64>, delivery: u64) {
         let mut state = self.state();
-        if let Some(Unacked { mut item, .. }) = state.unacked.remove(&delivery) {
+        if let Some(mut item) = Self::take_unacked(&mut state, holder, delivery) {
             item.attempts += 1;
             self.put_back(&mut state, vec![item]);
         }
+    }
+
+    /// The unacknowledged item of `delivery`, if `holder` holds it: only its
+    /// holder acknowledges it or gives it back.
+    fn take_unacked(state: &mut State, holder: Option<u64>, delivery: u64) -> Option<Item> {
+        if state.unacked.get(&delivery)?.holder != holder {
+            return None;
+        }
+        state.unacked.remove(&delivery).map(|unacked| unacked.item)
     }
 
     /// Ready once every item put was acknowledged.
@@ -620,7 +651,7 @@ impl Broker {
 
     fn worker_get(&self, port: &Arc<Port>, request: u64, max: u32, wait: bool) {
         let mut state = self.state();
-        let taken = self.take(&mut state, max, Some(port.id));
+        let taken = self.take(&mut state, max, port);
         if !taken.is_empty() || (!wait && state.closed.is_none()) {
             self.send_items(port, request, &taken);
         } else if let Some(why) = state.closed {
@@ -634,10 +665,11 @@ impl Broker {
         self.state().getters.retain(|(p, r)| !(p.id == port.id && *r == request));
     }
 
-    fn worker_unget(&self, frame: &Bytes, count: u32) -> Result<(), String> {
+    fn worker_unget(&self, port: &Port, frame: &Bytes, count: u32) -> Result<(), String> {
         let mut records = &frame[..];
         let mut state = self.state();
-        let mut items = Vec::with_capacity(count as usize);
+        // The count is the worker's word: no more room than the body can fill.
+        let mut items = Vec::with_capacity((count as usize).min(frame.len() / protocol::RECORD_PREFIX));
         for _ in 0..count {
             let record =
                 protocol::take_record(&mut records).ok_or("an unget holds fewer items than it says")?;
@@ -645,7 +677,8 @@ impl Broker {
                 record.split_first_chunk::<8>().ok_or("an unget record without a delivery")?;
             let delivery = u64::from_le_bytes(*delivery);
             match self.kind {
-                Kind::Acked => items.extend(state.unacked.remove(&delivery).map(|unacked| unacked.item)),
+                // Only what this worker holds.
+                Kind::Acked => items.extend(Self::take_unacked(&mut state, Some(port.id), delivery)),
                 _ => items.push(Item { bytes: Bytes::copy_from_slice(bytes), owed: None, attempts: 0 }),
             }
         }
@@ -689,6 +722,9 @@ impl Broker {
 pub(crate) struct Attachments {
     hub: Arc<Hub>,
     pub(crate) port: Arc<Port>,
+    /// Every channel the worker attached to, kept after it detached: late
+    /// answers and items given back still come, and all of them are swept when
+    /// the connection ends.
     held: HashMap<u64, Held>,
 }
 
@@ -719,13 +755,14 @@ impl Attachments {
                 return Ok(());
             }
             Detach { channel, role } => {
-                if let Some(held) = self.held.get_mut(&channel) {
-                    if let Some(at) = held.roles.iter().position(|r| *r == role) {
-                        held.roles.swap_remove(at);
-                        held.broker.detach(&self.port, role);
-                    }
+                if let Some(held) = self.held.get_mut(&channel)
+                    && let Some(at) = held.roles.iter().position(|r| *r == role)
+                {
+                    held.roles.swap_remove(at);
+                    held.broker.detach(&self.port, role);
                     if held.roles.is_empty() {
-                        self.held.remove(&channel);
+                        // Nothing of it waits or is held here any more.
+                        held.broker.port_lost(&self.port);
                     }
                 }
                 return Ok(());
@@ -738,44 +775,134 @@ impl Attachments {
             | Nack { channel, .. }
             | Close { channel } => channel,
         };
-        if let (Unget { count, .. }, None) = (&message, self.held.get(&channel)) {
-            // Items that reached the worker after it let go of the channel.
-            if let Some(broker) = self.hub.find(channel) {
-                broker.worker_unget(body, *count)?;
-            }
-            return Ok(());
-        }
         let Some(held) = self.held.get(&channel) else {
-            return Err(format!("{message:?} for channel {channel}, which it does not hold"));
+            return Err(format!("{message:?} for channel {channel}, which it never held"));
         };
         let broker = &held.broker;
+        let holding = !held.roles.is_empty();
         match message {
+            // Only with a handle: what comes after the last one was dropped is
+            // what the worker received meanwhile, or its acknowledgements.
+            Put { .. } | Get { .. } | Close { .. } if !holding => {
+                return Err(format!("{message:?} for channel {channel}, which it let go of"));
+            }
             Put { count, .. } => broker.worker_put(&self.port, body, count.get())?,
             Get { request, max, wait, .. } => broker.worker_get(&self.port, request, max, wait),
             Cancel { request, .. } => broker.worker_cancel(&self.port, request),
-            Unget { count, .. } => broker.worker_unget(body, count)?,
-            Ack { delivery, .. } => broker.ack(delivery),
-            Nack { delivery, .. } => broker.requeue(delivery),
+            Unget { count, .. } => broker.worker_unget(&self.port, body, count)?,
+            Ack { delivery, .. } => broker.ack_from(Some(self.port.id), delivery),
+            Nack { delivery, .. } => broker.requeue_from(Some(self.port.id), delivery),
             Close { .. } => broker.close(Ended::Closed),
             Attach { .. } | Detach { .. } => {}
         }
         Ok(())
     }
 
-    /// The connection ended: what the worker held is let go of.
+    /// The connection ended: what the worker held is let go of. Its waiting gets
+    /// leave the line before anything can be handed to them, then the port closes.
     pub(crate) fn lost(&mut self) {
-        self.port.close();
         for (_, held) in self.held.drain() {
             held.broker.port_lost(&self.port);
             for role in held.roles {
                 held.broker.release(role);
             }
         }
+        self.port.close();
     }
 }
 
 impl Drop for Attachments {
     fn drop(&mut self) {
         self.lost();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::protocol::ToParent;
+
+    fn records(items: &[&[u8]]) -> Bytes {
+        let mut frame = BytesMut::new();
+        for item in items {
+            let record = protocol::begin_record(&mut frame);
+            frame.extend_from_slice(item);
+            protocol::end_record(&mut frame, record);
+        }
+        frame.freeze()
+    }
+
+    #[test]
+    fn an_unget_for_a_channel_the_worker_never_held_is_a_protocol_violation() {
+        let hub = Hub::new(1, 1 << 20);
+        let broker = hub.open(Kind::Queue, 4);
+        let mut worker = Attachments::new(&hub, 1 << 20);
+        let mut record = 99u64.to_le_bytes().to_vec();
+        record.extend_from_slice(b"forged");
+        let body = records(&[&record]);
+        assert!(worker.route(ToParent::Unget { channel: broker.id, count: 1 }, &body).is_err());
+        assert!(broker.try_get().unwrap().is_none(), "a forged item entered the queue");
+    }
+
+    #[test]
+    fn a_worker_gives_back_only_deliveries_it_holds() {
+        let hub = Hub::new(1, 1 << 20);
+        let broker = hub.open(Kind::Acked, 4);
+        broker.try_put(Bytes::from_static(b"x")).unwrap();
+        // The parent holds it.
+        let taken = broker.try_get().unwrap().unwrap();
+        let mut worker = Attachments::new(&hub, 1 << 20);
+        worker.route(ToParent::Attach { channel: broker.id, role: Role::Queue }, &Bytes::new()).unwrap();
+        let body = records(&[&taken.delivery.to_le_bytes()]);
+        worker.route(ToParent::Unget { channel: broker.id, count: 1 }, &body).unwrap();
+        worker.route(ToParent::Nack { channel: broker.id, delivery: taken.delivery }, &Bytes::new()).unwrap();
+        worker.route(ToParent::Ack { channel: broker.id, delivery: taken.delivery }, &Bytes::new()).unwrap();
+        assert!(broker.try_get().unwrap().is_none(), "an item the parent holds was delivered again");
+        broker.ack(taken.delivery);
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(broker.poll_join(&mut cx).is_ready(), "the parent's own ack counts");
+    }
+
+    #[test]
+    fn a_count_that_lies_is_an_error_not_an_allocation() {
+        let hub = Hub::new(1, 1 << 20);
+        let broker = hub.open(Kind::Queue, 4);
+        let mut worker = Attachments::new(&hub, 1 << 20);
+        worker.route(ToParent::Attach { channel: broker.id, role: Role::Queue }, &Bytes::new()).unwrap();
+        let unget = ToParent::Unget { channel: broker.id, count: u32::MAX };
+        assert!(worker.route(unget, &Bytes::new()).is_err());
+        let put = ToParent::Put { channel: broker.id, count: protocol::Count::new(u32::MAX) };
+        assert!(worker.route(put, &records(&[b"one"])).is_err());
+    }
+
+    #[test]
+    fn items_beyond_the_capacity_get_their_credit_back_as_room_frees() {
+        let hub = Hub::new(1, 1 << 20);
+        let broker = hub.open(Kind::Queue, 2);
+        let mut worker = Attachments::new(&hub, 1 << 20);
+        worker.route(ToParent::Attach { channel: broker.id, role: Role::Queue }, &Bytes::new()).unwrap();
+        let put = ToParent::Put { channel: broker.id, count: protocol::Count::new(4) };
+        worker.route(put, &records(&[b"a", b"b", b"c", b"d"])).unwrap();
+        let credit = |port: &Port| {
+            let mut frames = VecDeque::new();
+            port.drain_into(&mut Context::from_waker(Waker::noop()), &mut frames);
+            frames
+                .iter()
+                .filter_map(|frame| {
+                    match protocol::split_header::<Request>(&frame[protocol::LENGTH_PREFIX..]) {
+                        Ok((Request::Channel(ToWorker::Credit { items, .. }), _)) => Some(items),
+                        _ => None,
+                    }
+                })
+                .sum::<u32>()
+        };
+        assert_eq!(credit(&worker.port), 2, "two fit the capacity");
+        assert_eq!(broker.try_get().unwrap().unwrap().bytes, Bytes::from_static(b"a"));
+        assert_eq!(credit(&worker.port), 1, "one more fits now");
+        broker.try_get().unwrap();
+        broker.try_get().unwrap();
+        broker.try_get().unwrap();
+        assert_eq!(credit(&worker.port), 1, "the last one");
+        assert!(broker.try_get().unwrap().is_none());
     }
 }

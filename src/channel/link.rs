@@ -32,6 +32,8 @@ const SLOW_BATCH: Duration = Duration::from_millis(10);
 static LINK: Mutex<Option<Link>> = Mutex::new(None);
 /// Signals the flusher that items are pending.
 static FLUSH: Condvar = Condvar::new();
+/// Signals threads waiting on the link that a frame was read (see [`pump`]).
+static READ: Condvar = Condvar::new();
 
 /// How long items sent on a channel's end may wait to share a write.
 const LINGER: Duration = Duration::from_micros(200);
@@ -89,7 +91,10 @@ impl From<super::broker::Taken> for Item {
 
 /// The link: pipes, requests read ahead, and what the worker knows of each channel.
 pub(crate) struct Link {
-    reader: FrameReader,
+    /// `None` while a thread reads the pipe without holding the lock (see [`pump`]).
+    reader: Option<FrameReader>,
+    /// The request pipe ended.
+    eof: bool,
     output: File,
     executor: u64,
     max_frame_len: usize,
@@ -158,7 +163,8 @@ impl Link {
     /// decoded here bind to it.
     pub(crate) fn install(reader: FrameReader, output: File, executor: u64, max_frame_len: usize) {
         *lock() = Some(Link {
-            reader,
+            reader: Some(reader),
+            eof: false,
             output,
             executor,
             max_frame_len,
@@ -276,33 +282,6 @@ impl Link {
         self.channels.entry(channel).or_default()
     }
 
-    /// Reads and applies one frame; `false` if none came in time. Writes what is
-    /// pending first: the parent may need it to answer.
-    fn pump(&mut self, wait: Wait) -> Result<bool, ChannelError> {
-        self.flush()?;
-        let frame = loop {
-            if let Some(frame) = self.reader.buffered().map_err(|_| ChannelError::Disconnected)? {
-                break frame;
-            }
-            let ready = match wait {
-                Wait::No => sys::wait_readable(self.reader.file.as_fd(), Duration::ZERO),
-                Wait::Forever => true,
-                Wait::Until(deadline) => sys::wait_readable(
-                    self.reader.file.as_fd(),
-                    deadline.saturating_duration_since(Instant::now()),
-                ),
-            };
-            if !ready {
-                return Ok(false);
-            }
-            if !self.reader.fill().map_err(|_| ChannelError::Disconnected)? {
-                return Err(ChannelError::Disconnected);
-            }
-        };
-        self.dispatch(frame.freeze())?;
-        Ok(true)
-    }
-
     /// Applies a channel message; keeps anything else for the serve loop.
     fn dispatch(&mut self, frame: Bytes) -> Result<(), ChannelError> {
         let Ok((Request::Channel(message), body)) = protocol::split_header::<Request>(&frame) else {
@@ -329,7 +308,7 @@ impl Link {
                 }
                 chan.local.extend(items);
                 if !chan.holds() {
-                    self.unget(channel)?;
+                    self.let_go(channel)?;
                 }
             }
             ToWorker::NoItems { channel, request, why } => {
@@ -348,6 +327,23 @@ impl Link {
             }
         }
         Ok(())
+    }
+
+    /// Withdraws the get waiting on `channel`, if any, and gives the items received
+    /// and not taken back to the parent: nothing waits or is held here for a task
+    /// that no longer asks.
+    fn let_go(&mut self, channel: u64) -> Result<(), ChannelError> {
+        self.cancel_ask(channel)?;
+        self.unget(channel)
+    }
+
+    /// Withdraws the get waiting on `channel`. An answer already on its way is
+    /// kept as received (for the next get, or given back).
+    fn cancel_ask(&mut self, channel: u64) -> Result<(), ChannelError> {
+        match self.chan(channel).asking.take() {
+            Some(request) => self.write_message(ToParent::Cancel { channel, request }, &[]),
+            None => Ok(()),
+        }
     }
 
     /// Gives the items received on `channel` and not taken back to the parent.
@@ -372,18 +368,20 @@ impl Link {
     /// for it (read the pipe) since the last; `None` at a clean end of the stream.
     pub(crate) fn next_request() -> io::Result<Option<(Bytes, bool)>> {
         let mut guard = lock();
-        let link = guard.as_mut().ok_or_else(|| io::Error::other("no link installed"))?;
         loop {
+            let link = guard.as_mut().ok_or_else(|| io::Error::other("no link installed"))?;
             if let Some(frame) = link.stash.pop_front() {
-                return Ok(Some((frame, std::mem::take(&mut link.reader.waited))));
+                let waited = link.reader.as_mut().is_some_and(|reader| std::mem::take(&mut reader.waited));
+                return Ok(Some((frame, waited)));
             }
-            match link.reader.next_frame()? {
-                Some(frame) => {
-                    if link.dispatch(frame.freeze()).is_err() {
-                        return Err(io::ErrorKind::BrokenPipe.into());
-                    }
-                }
-                None => return Ok(None),
+            if link.eof {
+                return Ok(None);
+            }
+            let (again, pumped) = pump(guard, Wait::Forever);
+            guard = again;
+            if let Err(err) = pumped {
+                let eof = guard.as_ref().is_some_and(|link| link.eof && link.stash.is_empty());
+                return if eof { Ok(None) } else { Err(io::Error::new(io::ErrorKind::BrokenPipe, err)) };
             }
         }
     }
@@ -393,10 +391,14 @@ impl Link {
     pub(crate) fn finish_call(reply: &[u8]) -> io::Result<()> {
         let mut guard = lock();
         let link = guard.as_mut().ok_or_else(|| io::Error::other("no link installed"))?;
-        let pending: Vec<u64> =
-            link.channels.iter().filter(|(_, chan)| !chan.local.is_empty()).map(|(&id, _)| id).collect();
+        let pending: Vec<u64> = link
+            .channels
+            .iter()
+            .filter(|(_, chan)| !chan.local.is_empty() || chan.asking.is_some())
+            .map(|(&id, _)| id)
+            .collect();
         for channel in pending {
-            link.unget(channel).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+            link.let_go(channel).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
         }
         link.flush().map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
         link.output.write_all(reply)
@@ -445,7 +447,178 @@ pub(crate) fn release(channel: u64, role: Role) {
     // A broken link ends the worker anyway.
     let _ = link.write_message(ToParent::Detach { channel, role }, &[]);
     if !holds {
-        let _ = link.unget(channel);
+        let _ = link.let_go(channel);
+    }
+}
+
+type Guard = MutexGuard<'static, Option<Link>>;
+
+/// Reads and applies one frame, or waits while another thread of the task does:
+/// the lock is not held while blocked in a read, so a task's threads can each wait
+/// on their own channel. Writes what is pending first (the parent may need it to
+/// answer). Returns `Ok(false)` if nothing came in time; `Ok(true)` when something
+/// may have changed, for the caller to look again.
+fn pump(mut guard: Guard, wait: Wait) -> (Guard, Result<bool, ChannelError>) {
+    let Some(link) = guard.as_mut() else {
+        return (guard, Err(ChannelError::Disconnected));
+    };
+    if let Err(err) = link.flush() {
+        return (guard, Err(err));
+    }
+    let Some(mut reader) = link.reader.take() else {
+        // Another thread reads: it wakes us after each frame.
+        let woke = match wait {
+            Wait::No => return (guard, Ok(false)),
+            Wait::Forever => {
+                guard = READ.wait(guard).unwrap_or_else(std::sync::PoisonError::into_inner);
+                true
+            }
+            Wait::Until(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let (again, timeout) =
+                    READ.wait_timeout(guard, left).unwrap_or_else(std::sync::PoisonError::into_inner);
+                guard = again;
+                !timeout.timed_out()
+            }
+        };
+        return (guard, Ok(woke));
+    };
+    let frame = match reader.buffered() {
+        Ok(Some(frame)) => Some(frame),
+        Ok(None) => None,
+        Err(_) => {
+            link.reader = Some(reader);
+            return (guard, Err(ChannelError::Disconnected));
+        }
+    };
+    if let Some(frame) = frame {
+        link.reader = Some(reader);
+        let dispatched = link.dispatch(frame.freeze());
+        READ.notify_all();
+        return (guard, dispatched.map(|()| true));
+    }
+    // Nothing buffered: read without the lock.
+    drop(guard);
+    let ready = match wait {
+        Wait::No => sys::wait_readable(reader.file.as_fd(), Duration::ZERO),
+        Wait::Forever => true,
+        Wait::Until(deadline) => {
+            sys::wait_readable(reader.file.as_fd(), deadline.saturating_duration_since(Instant::now()))
+        }
+    };
+    let filled = if ready { reader.fill() } else { Ok(true) };
+    guard = lock();
+    let Some(link) = guard.as_mut() else {
+        return (guard, Err(ChannelError::Disconnected));
+    };
+    link.reader = Some(reader);
+    READ.notify_all();
+    match filled {
+        Ok(true) => (guard, Ok(ready)),
+        Ok(false) => {
+            link.eof = true;
+            (guard, Err(ChannelError::Disconnected))
+        }
+        Err(_) => (guard, Err(ChannelError::Disconnected)),
+    }
+}
+
+/// Puts `item`, waiting for credit if the worker has none. With `linger`, it may
+/// share a write with the items put right after it (a channel's ends); else it is
+/// in the pipe when this returns, so it survives the worker dying (queues).
+pub(crate) fn put(channel: u64, item: Bytes, linger: bool) -> Result<(), ChannelError> {
+    match put_waiting(channel, item, linger, Wait::Forever) {
+        Ok(()) => Ok(()),
+        Err((_, err)) => Err(err.unwrap_or(ChannelError::Disconnected)),
+    }
+}
+
+/// Puts `item` if the worker has credit (after reading what already arrived).
+pub(crate) fn try_put(channel: u64, item: Bytes, linger: bool) -> Result<(), (Bytes, Option<ChannelError>)> {
+    put_waiting(channel, item, linger, Wait::No)
+}
+
+fn put_waiting(
+    channel: u64,
+    item: Bytes,
+    linger: bool,
+    wait: Wait,
+) -> Result<(), (Bytes, Option<ChannelError>)> {
+    let mut guard = lock();
+    loop {
+        let Some(link) = guard.as_mut() else {
+            return Err((item, Some(ChannelError::Disconnected)));
+        };
+        let chan = link.chan(channel);
+        if let Some(why) = chan.closed {
+            return Err((item, Some(ChannelError::ended(why))));
+        }
+        if chan.credit > 0 {
+            chan.credit -= 1;
+            return link.put(channel, &item, linger).map_err(|err| (item, Some(err)));
+        }
+        let (again, pumped) = pump(guard, wait);
+        guard = again;
+        match pumped {
+            Ok(true) => {}
+            Ok(false) => return Err((item, None)),
+            Err(err) => return Err((item, Some(err))),
+        }
+    }
+}
+
+/// Takes an item, waiting as `wait` says. `None` when none came in time, or the
+/// channel is closed and empty (`Wait::Forever` ends only so).
+pub(crate) fn get(channel: u64, wait: Wait) -> Result<Option<Item>, ChannelError> {
+    let mut guard = lock();
+    let mut asked = false;
+    loop {
+        let Some(link) = guard.as_mut() else {
+            return Err(ChannelError::Disconnected);
+        };
+        let chan = link.chan(channel);
+        if let Some(item) = chan.local.pop_front() {
+            // Whatever else is still asked for would only wait in the parent for
+            // a get that is over.
+            link.cancel_ask(channel)?;
+            return Ok(Some(item));
+        }
+        if let Some(why) = chan.drained {
+            return match why {
+                Ended::Closed => Ok(None),
+                why => Err(ChannelError::ended(why)),
+            };
+        }
+        if !asked {
+            // An ask left over from a get that gave up is not this one's.
+            link.cancel_ask(channel)?;
+        }
+        let chan = link.chan(channel);
+        if chan.asking.is_none() {
+            if asked && matches!(wait, Wait::No) {
+                // Answered: nothing there now.
+                return Ok(None);
+            }
+            let request = link.next_request;
+            link.next_request += 1;
+            let chan = link.chan(channel);
+            let max = chan.next_batch();
+            chan.asking = Some(request);
+            asked = true;
+            let wait_for_items = !matches!(wait, Wait::No);
+            link.write_message(ToParent::Get { channel, request, max, wait: wait_for_items }, &[])?;
+        }
+        // A get that must not wait still waits for its answer, which comes at once.
+        let pump_wait = if matches!(wait, Wait::No) { Wait::Forever } else { wait };
+        let (again, pumped) = pump(guard, pump_wait);
+        guard = again;
+        if !pumped? {
+            // Timed out: withdraw the request.
+            if let Some(link) = guard.as_mut() {
+                link.cancel_ask(channel)?;
+            }
+            return Ok(None);
+        }
     }
 }
 
@@ -454,95 +627,6 @@ fn with_link<R>(run: impl FnOnce(&mut Link) -> Result<R, ChannelError>) -> Resul
         Some(link) => run(link),
         None => Err(ChannelError::Disconnected),
     }
-}
-
-/// Puts `item`, waiting for credit if the worker has none. With `linger`, it may
-/// share a write with the items put right after it (a channel's ends); else it is
-/// in the pipe when this returns, so it survives the worker dying (queues).
-pub(crate) fn put(channel: u64, item: Bytes, linger: bool) -> Result<(), ChannelError> {
-    with_link(|link| {
-        loop {
-            let chan = link.chan(channel);
-            if let Some(why) = chan.closed {
-                return Err(ChannelError::ended(why));
-            }
-            if chan.credit > 0 {
-                chan.credit -= 1;
-                break;
-            }
-            link.pump(Wait::Forever)?;
-        }
-        link.put(channel, &item, linger)
-    })
-}
-
-/// Puts `item` if the worker has credit (after reading what already arrived).
-pub(crate) fn try_put(channel: u64, item: Bytes, linger: bool) -> Result<(), (Bytes, Option<ChannelError>)> {
-    let mut guard = lock();
-    let Some(link) = guard.as_mut() else {
-        return Err((item, Some(ChannelError::Disconnected)));
-    };
-    loop {
-        let chan = link.chan(channel);
-        if let Some(why) = chan.closed {
-            return Err((item, Some(ChannelError::ended(why))));
-        }
-        if chan.credit > 0 {
-            chan.credit -= 1;
-            break;
-        }
-        match link.pump(Wait::No) {
-            Ok(true) => {}
-            Ok(false) => return Err((item, None)),
-            Err(err) => return Err((item, Some(err))),
-        }
-    }
-    link.put(channel, &item, linger).map_err(|err| (item, Some(err)))
-}
-
-/// Takes an item, waiting as `wait` says. `None` when none came in time, or the
-/// channel is closed and empty (`Wait::Forever` ends only so).
-pub(crate) fn get(channel: u64, wait: Wait) -> Result<Option<Item>, ChannelError> {
-    with_link(|link| {
-        let mut asked = false;
-        loop {
-            let chan = link.chan(channel);
-            if let Some(item) = chan.local.pop_front() {
-                return Ok(Some(item));
-            }
-            if let Some(why) = chan.drained {
-                return match why {
-                    Ended::Closed => Ok(None),
-                    why => Err(ChannelError::ended(why)),
-                };
-            }
-            if chan.asking.is_none() {
-                if asked && matches!(wait, Wait::No) {
-                    // Answered: nothing there now.
-                    return Ok(None);
-                }
-                let request = link.next_request;
-                link.next_request += 1;
-                let chan = link.chan(channel);
-                let max = chan.next_batch();
-                chan.asking = Some(request);
-                asked = true;
-                let wait_for_items = !matches!(wait, Wait::No);
-                link.write_message(ToParent::Get { channel, request, max, wait: wait_for_items }, &[])?;
-            }
-            // A get that must not wait still waits for its answer, which comes at once.
-            let pump_wait = if matches!(wait, Wait::No) { Wait::Forever } else { wait };
-            if !link.pump(pump_wait)? {
-                // Timed out: withdraw the request. An answer already on its way is
-                // kept for the next get (or handed back when the call ends).
-                let chan = link.chan(channel);
-                if let Some(request) = chan.asking.take() {
-                    link.write_message(ToParent::Cancel { channel, request }, &[])?;
-                }
-                return Ok(None);
-            }
-        }
-    })
 }
 
 pub(crate) fn ack(channel: u64, delivery: u64) {

@@ -151,7 +151,10 @@ impl Endpoint {
     fn blocking_put(&self, item: Bytes) -> Result<(), ChannelError> {
         match &self.route {
             #[cfg(feature = "executor")]
-            Route::Parent(_) => futures::executor::block_on(self.put(item)),
+            Route::Parent(_) => {
+                not_in_a_runtime("blocking_put", "put(item).await");
+                futures::executor::block_on(self.put(item))
+            }
             Route::Worker => {
                 self.check_size(&item)?;
                 link::put(self.channel, item, self.lingers())
@@ -189,13 +192,19 @@ impl Endpoint {
         match &self.route {
             #[cfg(feature = "executor")]
             Route::Parent(broker) => match wait {
-                link::Wait::Forever => futures::executor::block_on(self.get()),
+                link::Wait::Forever => {
+                    not_in_a_runtime("blocking_get", "get().await");
+                    futures::executor::block_on(self.get())
+                }
                 link::Wait::No => match broker.try_get() {
                     Ok(taken) => Ok(taken.map(link::Item::from)),
                     Err(Ended::Closed) => Ok(None),
                     Err(why) => Err(ChannelError::ended(why)),
                 },
-                link::Wait::Until(deadline) => block_on_until(self.get(), deadline).unwrap_or(Ok(None)),
+                link::Wait::Until(deadline) => {
+                    not_in_a_runtime("get_timeout", "tokio::time::timeout(duration, queue.get()).await");
+                    block_on_until(self.get(), deadline).unwrap_or(Ok(None))
+                }
             },
             Route::Worker => link::get(self.channel, wait),
         }
@@ -227,6 +236,16 @@ impl Endpoint {
 
     fn same_channel(&self, other: &Endpoint) -> bool {
         self.executor == other.executor && self.channel == other.channel
+    }
+}
+
+/// A blocking channel operation in the parent, inside a Tokio runtime, would block
+/// the runtime's thread, and with it, perhaps, the supervisor bringing the item:
+/// refused, as Tokio refuses `blocking_recv` there.
+#[cfg(feature = "executor")]
+fn not_in_a_runtime(operation: &str, instead: &str) {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        panic!("`{operation}` would block a Tokio runtime's thread: in async code use `{instead}`");
     }
 }
 
@@ -369,6 +388,11 @@ pub(crate) mod transit {
                 holds.push(Hold(broker.clone(), role));
             }
         })
+    }
+
+    /// Whether the collection under way has collected a handle.
+    pub(crate) fn collecting_any() -> bool {
+        COLLECTING.with(|collecting| collecting.borrow().as_ref().is_some_and(|holds| !holds.is_empty()))
     }
 
     /// Runs `encode`, collecting the handles it encodes.

@@ -23,7 +23,9 @@ use super::{ChannelError, Endpoint, TryPutError, Typed, deadline_after, link};
 /// [`try_get`](Queue::try_get), or iterate over `&queue`).
 ///
 /// Async code must use the async methods: a blocking one would block its runtime's
-/// thread, and with it, perhaps, the supervisor that brings the item.
+/// thread, and with it, perhaps, the supervisor that brings the item; in the parent,
+/// inside a runtime, the blocking ones panic rather than hang. Handles travel into
+/// tasks as inputs: a task does not return one, nor send one through a channel.
 ///
 /// The parent holds the items (it brokers every queue), at most `capacity` of them
 /// plus a small window per producing worker, whose puts then need no round trip.
@@ -87,6 +89,11 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     }
 
     /// Puts `item`, blocking the thread while the queue is full: for tasks.
+    ///
+    /// # Panics
+    ///
+    /// In the parent, inside a Tokio runtime, where it would block the runtime
+    /// (use [`put`](Queue::put)).
     pub fn blocking_put(&self, item: T) -> Result<(), ChannelError> {
         self.inner.blocking_put(item)
     }
@@ -105,23 +112,44 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
 
     /// The next item, blocking the thread while the queue is empty: for tasks.
     /// `None` once it is closed and empty.
+    ///
+    /// # Panics
+    ///
+    /// In the parent, inside a Tokio runtime, where it would block the runtime
+    /// (use [`get`](Queue::get)).
     pub fn blocking_get(&self) -> Result<Option<T>, ChannelError> {
         Ok(self.inner.blocking_get(link::Wait::Forever)?.map(|(value, _)| value))
     }
 
     /// The next item, blocking for at most `timeout`; `None` if none came (or the
-    /// queue is closed and empty).
+    /// queue is closed and empty). For tasks; in async code use
+    /// `tokio::time::timeout(duration, queue.get())`.
     ///
     /// ```
-    /// # procexec::tasks! { pub fn noop() {} }
+    /// use std::time::Duration;
+    /// use procexec::Queue;
+    ///
+    /// procexec::tasks! {
+    ///     /// Waits up to `ms` for an item.
+    ///     pub fn patient(q: Queue<u32>, ms: u64) -> Option<u32> {
+    ///         q.get_timeout(Duration::from_millis(ms)).unwrap()
+    ///     }
+    /// }
+    ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> procexec::Result<()> {
     /// # procexec::init_worker(&TASKS);
-    /// # let exec = procexec::Executor::builder().processes(1).build().await?;
+    /// let exec = procexec::Executor::builder().processes(1).build().await?;
     /// let q = exec.queue::<u32>(1);
-    /// assert_eq!(q.get_timeout(std::time::Duration::from_millis(10))?, None);
+    /// assert_eq!(exec.spawn(patient, (q.clone(), 10)).await?, None);
+    /// q.put(7).await?;
+    /// assert_eq!(exec.spawn(patient, (q, 10_000)).await?, Some(7));
     /// # Ok(()) }
     /// ```
+    ///
+    /// # Panics
+    ///
+    /// In the parent, inside a Tokio runtime, where it would block the runtime.
     pub fn get_timeout(&self, timeout: Duration) -> Result<Option<T>, ChannelError> {
         Ok(self.inner.blocking_get(deadline_after(timeout))?.map(|(value, _)| value))
     }
@@ -207,7 +235,9 @@ impl<'de, T> Deserialize<'de> for Queue<T> {
 /// it goes back too. [`join`](JoinableQueue::join) waits until every item put was
 /// acknowledged. Delivery is at least once: an item whose processing was cut short
 /// may be processed again, so make processing idempotent, and use
-/// [`Delivery::attempts`] to give up on an item that keeps failing.
+/// [`Delivery::attempts`] to give up on an item that keeps failing. Close it after
+/// `join` returns: an item that comes back after its consumers saw the queue closed
+/// and empty would wait for a consumer that is gone.
 ///
 /// # Examples
 ///

@@ -106,6 +106,8 @@ pub(crate) struct Job {
     pub(crate) holds: Holds,
     /// Its worker was told its caller left while it ran.
     pub(crate) signalled: bool,
+    /// Its inputs carry channel handles (a map's chunk; a spawn's holds say so).
+    pub(crate) talking: bool,
 }
 
 impl Job {
@@ -129,6 +131,7 @@ impl Job {
             admission: None,
             holds: Holds::default(),
             signalled: false,
+            talking: false,
         }
     }
 
@@ -151,7 +154,7 @@ impl Job {
 
     /// Whether its input holds channel handles: it may wait for other calls.
     pub(crate) fn talks(&self) -> bool {
-        !self.holds.is_empty()
+        self.talking || !self.holds.is_empty()
     }
 
     /// Whether the job is a map's chunk, whose failures its map handles.

@@ -329,6 +329,8 @@ struct MapCore<'a, O> {
     /// The stream has ended (after a deadline, or an error that stops the map).
     finished: bool,
     holds: transit::Holds,
+    /// Its inputs carry channel handles (see `Job::talks`).
+    talks: bool,
     _output: PhantomData<fn() -> O>,
 }
 
@@ -365,6 +367,7 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             deadline: None,
             finished: false,
             holds: transit::Holds::default(),
+            talks: false,
             _output: PhantomData,
         }
     }
@@ -401,6 +404,8 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
                         && self.reorder.is_empty()
                     {
                         self.finished = true;
+                        // Every call ended: the channel ends among the inputs may close.
+                        self.holds = transit::Holds::default();
                         return Poll::Ready(None);
                     }
                     return Poll::Pending;
@@ -744,6 +749,9 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
         let reply = ReplyTo::Chunk { piece, sink: self.sink.clone(), cancelled: self.cancelled.clone() };
         let mut job = Job::new(id, self.task, items, frame.clone(), reply, self.options);
         job.failures = failures;
+        // Once an input carried channel handles, every chunk of the map may talk.
+        self.talks |= transit::collecting_any();
+        job.talking = self.talks;
         // Inputs sent again replace work accepted before: they go in even while the
         // executor drains for `shutdown`.
         let queued = if resent { self.shared.queue.push_accepted(job) } else { self.shared.submit(job) };
