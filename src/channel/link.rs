@@ -95,6 +95,9 @@ pub(crate) struct Link {
     reader: Option<FrameReader>,
     /// The request pipe ended.
     eof: bool,
+    /// Threads waiting for another to read a frame (see [`pump`]): only they are
+    /// woken, which costs a system call.
+    waiting: usize,
     output: File,
     executor: u64,
     max_frame_len: usize,
@@ -165,6 +168,7 @@ impl Link {
         *lock() = Some(Link {
             reader: Some(reader),
             eof: false,
+            waiting: 0,
             output,
             executor,
             max_frame_len,
@@ -280,6 +284,13 @@ impl Link {
 
     fn chan(&mut self, channel: u64) -> &mut Chan {
         self.channels.entry(channel).or_default()
+    }
+
+    /// Wakes the threads waiting for a frame, if any.
+    fn wake_waiting(&self) {
+        if self.waiting > 0 {
+            READ.notify_all();
+        }
     }
 
     /// Applies a channel message; keeps anything else for the serve loop.
@@ -467,12 +478,11 @@ fn pump(mut guard: Guard, wait: Wait) -> (Guard, Result<bool, ChannelError>) {
     }
     let Some(mut reader) = link.reader.take() else {
         // Another thread reads: it wakes us after each frame.
+        if matches!(wait, Wait::No) {
+            return (guard, Ok(false));
+        }
+        link.waiting += 1;
         let woke = match wait {
-            Wait::No => return (guard, Ok(false)),
-            Wait::Forever => {
-                guard = READ.wait(guard).unwrap_or_else(std::sync::PoisonError::into_inner);
-                true
-            }
             Wait::Until(deadline) => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let (again, timeout) =
@@ -480,7 +490,14 @@ fn pump(mut guard: Guard, wait: Wait) -> (Guard, Result<bool, ChannelError>) {
                 guard = again;
                 !timeout.timed_out()
             }
+            _ => {
+                guard = READ.wait(guard).unwrap_or_else(std::sync::PoisonError::into_inner);
+                true
+            }
         };
+        if let Some(link) = guard.as_mut() {
+            link.waiting -= 1;
+        }
         return (guard, Ok(woke));
     };
     let frame = match reader.buffered() {
@@ -494,7 +511,7 @@ fn pump(mut guard: Guard, wait: Wait) -> (Guard, Result<bool, ChannelError>) {
     if let Some(frame) = frame {
         link.reader = Some(reader);
         let dispatched = link.dispatch(frame.freeze());
-        READ.notify_all();
+        link.wake_waiting();
         return (guard, dispatched.map(|()| true));
     }
     // Nothing buffered: read without the lock.
@@ -512,7 +529,7 @@ fn pump(mut guard: Guard, wait: Wait) -> (Guard, Result<bool, ChannelError>) {
         return (guard, Err(ChannelError::Disconnected));
     };
     link.reader = Some(reader);
-    READ.notify_all();
+    link.wake_waiting();
     match filled {
         Ok(true) => (guard, Ok(ready)),
         Ok(false) => {

@@ -317,8 +317,9 @@ impl<'a, L: Link> Session<'a, L> {
         let busy = !self.in_flight.is_empty();
         let head_ran = (busy && self.head_running).then(|| self.head_timer.ran());
         let mut room = pull::depth(self.service_ns, head_ran).saturating_sub(self.in_flight.len());
-        if self.in_flight.iter().any(Job::talks) {
-            // It may run until other calls have run: nothing waits behind it.
+        // A call that talks runs alone (the queue hands it only to an idle worker):
+        // it may run until other calls have run, so nothing waits behind it.
+        if self.in_flight.front().is_some_and(Job::talks) {
             room = 0;
         }
         if self.writer.is_closed() || self.retiring.is_some() || room == 0 {
