@@ -360,13 +360,31 @@ pub(crate) struct ReplyCodec {
     frames: LengthDelimitedCodec,
     synced: bool,
     skipped: usize,
+    /// The last frame was mid-sized: more like it are likely to follow.
+    streaming: bool,
 }
 
 impl ReplyCodec {
     pub(crate) fn new(slot: usize, max_frame_len: usize) -> Self {
-        ReplyCodec { slot, frames: protocol::codec(max_frame_len), synced: false, skipped: 0 }
+        ReplyCodec {
+            slot,
+            frames: protocol::codec(max_frame_len),
+            synced: false,
+            skipped: 0,
+            streaming: false,
+        }
     }
 }
+
+/// Frames of these sizes come in runs (a task putting large items): the buffer
+/// then makes room for several at once, so the pipe, which its writer contends
+/// for, is read in fewer, longer reads. Smaller frames fit anyway; larger ones
+/// are read whole by themselves.
+const STREAMED_FRAMES: std::ops::Range<usize> = 16 * 1024..READ_AHEAD / 2;
+/// How much room the buffer makes then.
+const READ_AHEAD: usize = 256 * 1024;
+/// How much may be buffered (and so copied to the new room) when it does.
+const COPY_AT_MOST: usize = 4096;
 
 impl Decoder for ReplyCodec {
     type Item = BytesMut;
@@ -404,7 +422,18 @@ impl Decoder for ReplyCodec {
                 }
             }
         }
-        self.frames.decode(src)
+        let frame = self.frames.decode(src)?;
+        match &frame {
+            Some(frame) => self.streaming = STREAMED_FRAMES.contains(&frame.len()),
+            None if self.streaming
+                && src.len() <= COPY_AT_MOST
+                && src.capacity() - src.len() < READ_AHEAD / 4 =>
+            {
+                src.reserve(READ_AHEAD)
+            }
+            None => {}
+        }
+        Ok(frame)
     }
 }
 

@@ -44,6 +44,9 @@ pub(super) struct FrameWriter {
     staged_ends: VecDeque<(usize, bool)>,
     /// Bytes of `staged` already written.
     staged_pos: usize,
+    /// A large control frame being written from its own buffer, and how much of it.
+    direct: Option<Bytes>,
+    direct_pos: usize,
     /// The pipe broke; nothing more is written.
     closed: bool,
 }
@@ -86,19 +89,34 @@ impl FrameWriter {
         W: AsyncWrite + Unpin + ?Sized,
         F: Framed,
     {
-        while (self.unwritten > 0 || !control.is_empty() || !self.staged_ends.is_empty()) && !self.closed {
+        while (self.unwritten > 0
+            || !control.is_empty()
+            || !self.staged_ends.is_empty()
+            || self.direct.is_some())
+            && !self.closed
+        {
             let first = in_flight.len() - self.unwritten;
-            if self.staged_ends.is_empty() && self.written == 0 {
+            if self.staged_ends.is_empty() && self.written == 0 && self.direct.is_none() {
                 // Small frames go out copied into one buffer: one long write costs the
                 // kernel far less than dozens of tiny ones in a vector.
                 while self.staged.len() < STAGE_LIMIT {
                     let Some(frame) = control.pop_front() else { break };
+                    if frame.len() > SMALL_FRAME {
+                        // A large one goes out from its own buffer, after what is staged.
+                        if self.staged_ends.is_empty() {
+                            self.direct = Some(frame);
+                        } else {
+                            control.push_front(frame);
+                        }
+                        break;
+                    }
                     self.staged.extend_from_slice(&frame);
                     self.staged_ends.push_back((self.staged.len(), false));
                 }
                 for job in in_flight.range(first..) {
                     let frame = job.frame();
-                    if frame.len() > SMALL_FRAME || self.staged.len() >= STAGE_LIMIT {
+                    if self.direct.is_some() || frame.len() > SMALL_FRAME || self.staged.len() >= STAGE_LIMIT
+                    {
                         break;
                     }
                     self.staged.extend_from_slice(frame);
@@ -106,8 +124,11 @@ impl FrameWriter {
                 }
             }
             let staging = !self.staged_ends.is_empty();
+            let direct = !staging && self.direct.is_some();
             let bytes = if staging {
                 &self.staged[self.staged_pos..]
+            } else if let Some(frame) = self.direct.as_ref().filter(|_| direct) {
+                &frame[self.direct_pos..]
             } else if self.unwritten > 0 {
                 &in_flight[first].frame()[self.written..]
             } else {
@@ -129,6 +150,13 @@ impl FrameWriter {
                     if self.staged_ends.is_empty() {
                         self.staged.clear();
                         self.staged_pos = 0;
+                    }
+                }
+                Poll::Ready(Ok(n)) if direct => {
+                    self.direct_pos += n;
+                    if self.direct.as_ref().is_some_and(|frame| self.direct_pos == frame.len()) {
+                        self.direct = None;
+                        self.direct_pos = 0;
                     }
                 }
                 // A large frame goes out as it is, without a copy.
@@ -278,6 +306,30 @@ mod tests {
         write(&mut writer, &mut pipe, &in_flight);
         assert_eq!(&pipe.data[30..], b"next");
         assert_eq!(writer.written(2), 2);
+    }
+
+    #[test]
+    fn control_frames_go_between_whole_call_frames_and_large_ones_from_their_own_buffer() {
+        let in_flight = frames(&[10, 3 * SMALL_FRAME, 20]);
+        let large = Bytes::from(vec![9u8; 2 * SMALL_FRAME]);
+        let mut control: VecDeque<Bytes> = [Bytes::from_static(b"ctl"), large.clone()].into();
+        let (mut writer, mut pipe) = (FrameWriter::default(), Pipe::new(SMALL_FRAME / 2, usize::MAX));
+        writer.queued(in_flight.len());
+        writer.poll_write(&mut Context::from_waker(Waker::noop()), &mut pipe, &in_flight, &mut control);
+        // The small call frame is staged with the small control frame; the large
+        // control frame waits for them, then goes before the large call frame.
+        let mut expected = b"ctl".to_vec();
+        expected.extend_from_slice(&in_flight[0]);
+        expected.extend_from_slice(&large);
+        expected.extend_from_slice(&in_flight[1]);
+        expected.extend_from_slice(&in_flight[2]);
+        assert!(pipe.data == expected, "frames went out whole, in that order");
+        let start = large.as_ptr() as usize;
+        assert!(
+            pipe.writes.iter().any(|&(at, _)| at == start),
+            "the large one is written from its own buffer"
+        );
+        assert_eq!(writer.written(in_flight.len()), in_flight.len());
     }
 
     #[test]
