@@ -42,7 +42,7 @@ pub fn works(count: u64, iterations: u64, out: Sender<u64>) {
 
 const SIZES: [(usize, u64); 2] = [(64, 200_000), (64 * 1024, 20_000)];
 const STREAM_ITEMS: u64 = 100_000;
-/// Items of about 10 µs of work each.
+/// Items of about 1.5 µs of work each.
 const WORK_ITEMS: u64 = 20_000;
 const WORK_ITERATIONS: u64 = 10_000;
 
@@ -151,7 +151,7 @@ pub fn w7(config: &Config, table: &mut Table) {
         }
         exec.shutdown().await;
     });
-    let name = "W7 streaming: 20,000 items of ~10 µs of work from one streaming task, against map";
+    let name = "W7 streaming: 20,000 items of ~1.5 µs of work from one streaming task, against map";
     table.workload("W7d", name, "µs/item", Better::Lower);
     runtime(false).block_on(async {
         let exec = executor().await;
