@@ -249,44 +249,6 @@ impl<'de, S, R> Deserialize<'de> for Pipe<S, R> {
 }
 
 #[cfg(feature = "executor")]
-mod streams {
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-
-    use futures::{Sink, Stream};
-    use serde::Serialize;
-    use serde::de::DeserializeOwned;
-
-    use super::super::{ChannelError, poll_flush, poll_next, start_send};
-    use super::{Receiver, Sender};
-
-    impl<T: Serialize + DeserializeOwned> Stream for Receiver<T> {
-        type Item = Result<T, ChannelError>;
-
-        fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-            poll_next(&self.inner.end, cx)
-        }
-    }
-
-    impl<T: Serialize + DeserializeOwned> Sink<T> for Sender<T> {
-        type Error = ChannelError;
-
-        fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), ChannelError>> {
-            self.poll_flush(cx)
-        }
-
-        fn start_send(self: Pin<&mut Self>, item: T) -> Result<(), ChannelError> {
-            let this = self.get_mut();
-            start_send(&this.inner.end, &mut this.stream, &item)
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), ChannelError>> {
-            let this = self.get_mut();
-            poll_flush(&this.inner.end, &mut this.stream, cx)
-        }
-
-        fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), ChannelError>> {
-            self.poll_flush(cx)
-        }
-    }
-}
+impl_stream!(Receiver);
+#[cfg(feature = "executor")]
+impl_sink!(Sender);

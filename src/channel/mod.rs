@@ -6,6 +6,10 @@
 //! channel's id and bound to the worker's link when the task decodes it.
 
 #[cfg(feature = "executor")]
+#[macro_use]
+mod macros;
+
+#[cfg(feature = "executor")]
 pub(crate) mod broker;
 mod ends;
 pub(crate) mod link;

@@ -404,44 +404,6 @@ impl<T: fmt::Debug> fmt::Debug for Delivery<T> {
 }
 
 #[cfg(feature = "executor")]
-mod streams {
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-
-    use futures::{Sink, Stream};
-    use serde::Serialize;
-    use serde::de::DeserializeOwned;
-
-    use super::super::{ChannelError, poll_flush, poll_next, start_send};
-    use super::Queue;
-
-    impl<T: Serialize + DeserializeOwned> Stream for Queue<T> {
-        type Item = Result<T, ChannelError>;
-
-        fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-            poll_next(&self.inner.end, cx)
-        }
-    }
-
-    impl<T: Serialize + DeserializeOwned> Sink<T> for Queue<T> {
-        type Error = ChannelError;
-
-        fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), ChannelError>> {
-            self.poll_flush(cx)
-        }
-
-        fn start_send(self: Pin<&mut Self>, item: T) -> Result<(), ChannelError> {
-            let this = self.get_mut();
-            start_send(&this.inner.end, &mut this.stream, &item)
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), ChannelError>> {
-            let this = self.get_mut();
-            poll_flush(&this.inner.end, &mut this.stream, cx)
-        }
-
-        fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), ChannelError>> {
-            self.poll_flush(cx)
-        }
-    }
-}
+impl_stream!(Queue);
+#[cfg(feature = "executor")]
+impl_sink!(Queue);
