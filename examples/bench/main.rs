@@ -6,8 +6,10 @@
 //! "Python"). The peers: Python's multiprocessing
 //! (bench/peers.py, skipped with a note if python3 is absent), the procspawn crate,
 //! rayon and tokio's blocking pool (in-process bounds), and the limit: a minimal
-//! parent/child pair over raw pipes (raw.rs). Every figure is the median of several
-//! repetitions; ratios compare figures measured in this same run.
+//! parent/child pair over raw pipes (raw.rs). W7 measures channels (w7.rs) against
+//! Python's `Queue` and `Pipe` (bench/channels.py) and raw pipes carrying framed
+//! messages (chan_raw.rs). Every figure is the median of several repetitions;
+//! ratios compare figures measured in this same run.
 
 mod chan_raw;
 mod peers;
