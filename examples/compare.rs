@@ -55,9 +55,14 @@ fn row(what: &str, how: &str, value: String) {
     println!("  {what:<34} {how:<40} {value}");
 }
 
-#[tokio::main]
-async fn main() -> procexec::Result<()> {
+fn main() -> procexec::Result<()> {
+    // In a worker process this never returns. Called before any runtime exists,
+    // so the workers carry none.
     procexec::init_worker(&TASKS);
+    tokio::runtime::Runtime::new().expect("a Tokio runtime").block_on(run())
+}
+
+async fn run() -> procexec::Result<()> {
     if std::env::args().nth(1).as_deref() == Some("abort-in-a-thread") {
         // Run as a child of the crash demonstration below.
         let thread = std::thread::spawn(|| std::process::abort());

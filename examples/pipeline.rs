@@ -273,9 +273,14 @@ async fn queue_and_channel(
     Ok(per_worker)
 }
 
-#[tokio::main]
-async fn main() -> Result<(), BoxError> {
+fn main() -> Result<(), BoxError> {
+    // In a worker process this never returns. Called before any runtime exists,
+    // so the workers carry none.
     procexec::init_worker(&TASKS);
+    tokio::runtime::Runtime::new().expect("a Tokio runtime").block_on(run())
+}
+
+async fn run() -> Result<(), BoxError> {
     let cpus = procexec::cpu_count();
 
     let dir = TempDir::new()?;

@@ -21,10 +21,14 @@ procexec::tasks! {
     }
 }
 
-#[tokio::main]
-async fn main() -> procexec::Result<()> {
+fn main() -> procexec::Result<()> {
+    // In a worker process this never returns. Called before any runtime exists,
+    // so the workers carry none.
     procexec::init_worker(&TASKS);
+    tokio::runtime::Runtime::new().expect("a Tokio runtime").block_on(run())
+}
 
+async fn run() -> procexec::Result<()> {
     let pool = procexec::Executor::builder().processes(4).build().await?;
     let results = pool.map(worker, 0..5).await?;
     pool.shutdown().await;

@@ -18,11 +18,14 @@ procexec::tasks! {
     }
 }
 
-#[tokio::main]
-async fn main() -> procexec::Result<()> {
-    // This binary is its own worker: in the worker processes this never returns.
+fn main() -> procexec::Result<()> {
+    // In a worker process this never returns. Called before any runtime exists,
+    // so the workers carry none.
     procexec::init_worker(&TASKS);
+    tokio::runtime::Runtime::new().expect("a Tokio runtime").block_on(run())
+}
 
+async fn run() -> procexec::Result<()> {
     let exec = procexec::Executor::builder().processes(3).build().await?;
     // start(): all three are queued at once and run in parallel.
     let handles: Vec<_> = (0..3).map(|i| exec.spawn(worker, i)).collect();
@@ -30,7 +33,9 @@ async fn main() -> procexec::Result<()> {
     for handle in handles {
         handle.await?;
     }
-    println!("all processes done");
+    // The workers' prints reach us through their stderr, forwarded as they come;
+    // shutdown waits until the last line is out, so this one comes last.
     exec.shutdown().await;
+    println!("all processes done");
     Ok(())
 }

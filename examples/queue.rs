@@ -39,11 +39,14 @@ procexec::tasks! {
     }
 }
 
-#[tokio::main]
-async fn main() -> procexec::Result<()> {
-    // This binary is its own worker: in the worker processes this never returns.
+fn main() -> procexec::Result<()> {
+    // In a worker process this never returns. Called before any runtime exists,
+    // so the workers carry none.
     procexec::init_worker(&TASKS);
+    tokio::runtime::Runtime::new().expect("a Tokio runtime").block_on(run())
+}
 
+async fn run() -> procexec::Result<()> {
     let exec = procexec::Executor::builder().processes(2).build().await?;
 
     // The pipe: one end here, the other in a worker.

@@ -18,11 +18,14 @@ procexec::tasks! {
     pub fn crash() -> u64 { std::process::abort() }
 }
 
-#[tokio::main]
-async fn main() -> procexec::Result<()> {
-    // In a worker process this serves tasks and never returns.
+fn main() -> procexec::Result<()> {
+    // In a worker process this never returns. Called before any runtime exists,
+    // so the workers carry none.
     procexec::init_worker(&TASKS);
+    tokio::runtime::Runtime::new().expect("a Tokio runtime").block_on(run())
+}
 
+async fn run() -> procexec::Result<()> {
     let exec = procexec::Executor::builder().build().await?;
     println!("{} worker processes (procexec::cpu_count() = {})", exec.processes(), procexec::cpu_count());
 

@@ -47,11 +47,14 @@
 //!     pub fn square(x: u64) -> u64 { x * x }
 //! }
 //!
-//! #[tokio::main]
-//! async fn main() -> procexec::Result<()> {
-//!     // This binary is also its own worker: in a worker this call never returns.
+//! fn main() -> procexec::Result<()> {
+//!     // This binary is also its own worker: in a worker process this call serves
+//!     // tasks and never returns. First thing, before any runtime exists.
 //!     procexec::init_worker(&TASKS);
+//!     tokio::runtime::Runtime::new().expect("a Tokio runtime").block_on(run())
+//! }
 //!
+//! async fn run() -> procexec::Result<()> {
 //!     let exec = procexec::Executor::builder().processes(2).build().await?;
 //!     assert_eq!(exec.spawn(square, 7).await?, 49);
 //!     assert_eq!(exec.map(square, 0..5).await?, [0, 1, 4, 9, 16]);

@@ -197,6 +197,11 @@ pub(crate) fn decode_record<O: DeserializeOwned>(task: &str, body: &mut &[u8]) -
     Err(match outcome {
         Outcome::Ok => return decode_exactly::<O>(&[]).map_err(output_error),
         Outcome::Panicked { message, location, backtrace } => {
+            // As a panic in a thread is printed by the panic hook; the caller gets it too.
+            match &location {
+                Some(location) => tracing::warn!(task, "task panicked at {location}: {message}"),
+                None => tracing::warn!(task, "task panicked: {message}"),
+            }
             Error::TaskPanicked(Arc::new(TaskPanic { task: task.into(), message, location, backtrace }))
         }
         Outcome::BadInput { message } => {

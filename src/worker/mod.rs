@@ -30,7 +30,9 @@ use crate::wire::protocol::{self, Buf, Fixed64, Outcome, Reply, ReplyBuf, Reques
 /// Serves `tasks` if this process was started as a procexec worker, and returns
 /// otherwise: the one-binary (self-executing) mode.
 ///
-/// Call it first thing in `main`, before parsing arguments or starting a runtime.
+/// Call it first thing in `main`, before parsing arguments or starting a runtime:
+/// in a plain `fn main`, not inside `#[tokio::main]`, which starts a runtime first,
+/// so that each worker would carry an idle one. (It still works there.)
 /// An [`Executor`](crate::Executor) built without [`Builder::program`] re-runs the
 /// current executable with a marker in its environment; in that child this function
 /// never returns.
@@ -50,12 +52,15 @@ use crate::wire::protocol::{self, Buf, Fixed64, Outcome, Reply, ReplyBuf, Reques
 ///     pub fn square(x: u64) -> u64 { x * x }
 /// }
 ///
-/// #[tokio::main]
-/// async fn main() -> procexec::Result<()> {
+/// fn main() -> procexec::Result<()> {
+///     // First thing: in a worker process it serves and never returns, so the
+///     // runtime below is only ever started in the parent.
 ///     procexec::init_worker(&TASKS);
-///     let exec = procexec::Executor::builder().build().await?;
-///     assert_eq!(exec.spawn(square, 7).await?, 49);
-///     Ok(())
+///     tokio::runtime::Runtime::new().expect("a Tokio runtime").block_on(async {
+///         let exec = procexec::Executor::builder().build().await?;
+///         assert_eq!(exec.spawn(square, 7).await?, 49);
+///         Ok(())
+///     })
 /// }
 /// ```
 pub fn init_worker(tasks: &'static Registry) {
