@@ -6,6 +6,7 @@ mod common;
 procexec::test_worker!(procexec_worker::TASKS);
 
 use common::*;
+use futures::StreamExt;
 use procexec::{Error, ExitReason};
 use procexec_worker::*;
 
@@ -21,6 +22,20 @@ async fn a_panic_is_reported_with_its_message_and_location_and_the_worker_lives_
         assert!(panic.location().unwrap().contains("worker-bin/src/lib.rs"), "{panic:?}");
         assert!(err.to_string().starts_with("task `panic_with` panicked at worker-bin/src/lib.rs:"), "{err}");
         assert_eq!(exec.spawn(pid, ()).await.unwrap(), worker, "the same worker serves the next call");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn stats_count_inputs_that_panicked_as_failed() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let _ = exec.spawn(panic_with, "no".into()).await.unwrap_err();
+        let inputs = ["1", "2", "three", "4"].map(String::from);
+        let results: Vec<_> = exec.map_stream(panic_unless_number, futures::stream::iter(inputs)).collect().await;
+        assert_eq!(results.iter().filter(|result| result.is_err()).count(), 1);
+        let stats = exec.stats();
+        assert_eq!((stats.completed, stats.failed), (3, 2), "{stats:?}");
     })
     .await;
 }

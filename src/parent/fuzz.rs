@@ -9,7 +9,7 @@ use tokio_util::codec::Decoder;
 
 use crate::parent::dispatch::decode_record;
 use crate::parent::process::ReplyCodec;
-use crate::wire::protocol::{self, Fixed64, Reply};
+use crate::wire::protocol::{self, Count, Fixed64, Reply};
 
 crate::tasks! {
     fn text(s: String) -> usize { s.len() }
@@ -63,7 +63,7 @@ proptest! {
         let mut frames = BytesMut::new();
         for id in &ids {
             let start = protocol::begin_frame(&mut frames);
-            let done = Reply::Done { id: *id, busy_ns: Fixed64::new(*id), peak_rss_kib: Fixed64::new(0) };
+            let done = Reply::Done { id: *id, errors: Count::new(0), busy_ns: Fixed64::new(*id), peak_rss_kib: Fixed64::new(0) };
             protocol::encode_into(&mut frames, &done).unwrap();
             let record = protocol::begin_record(&mut frames);
             protocol::encode_into(&mut frames, &protocol::Outcome::Ok).unwrap();

@@ -816,6 +816,7 @@ mod tests {
             &mut frame,
             &Reply::Done {
                 id: 9,
+                errors: protocol::Count::new(0),
                 busy_ns: protocol::Fixed64::new(1),
                 peak_rss_kib: protocol::Fixed64::new(2),
             },
@@ -839,6 +840,7 @@ mod tests {
             reply,
             Reply::Done {
                 id: 9,
+                errors: protocol::Count::new(0),
                 busy_ns: protocol::Fixed64::new(1),
                 peak_rss_kib: protocol::Fixed64::new(2)
             }

@@ -36,11 +36,11 @@ pub struct Stats {
     pub queued: usize,
     /// Calls sent to a worker and not yet answered.
     pub running: usize,
-    /// Inputs whose call came back from a worker, whatever the task returned (a
-    /// panic included).
+    /// Inputs whose task returned an output.
     pub completed: u64,
-    /// Inputs that failed without a reply: their worker crashed, they timed out,
-    /// the protocol broke, or the executor shut down.
+    /// Inputs that ended in an error: the task panicked, the input or the output
+    /// could not be encoded or decoded, the worker crashed, the call timed out, the
+    /// protocol broke, or the executor shut down.
     pub failed: u64,
     /// Inputs sent again after a crash or a timeout (see `Builder::retries`).
     pub retried: u64,
@@ -241,6 +241,18 @@ impl Counters {
 
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A call of `items` inputs was answered, `errors` of them with an error; a
+    /// withdrawn one was skipped, its inputs cancelled.
+    pub(crate) fn answered(&self, items: u32, errors: u32, withdrawn: bool) {
+        if withdrawn {
+            Counters::add(&self.cancelled, u64::from(items));
+            return;
+        }
+        let errors = errors.min(items);
+        Counters::add(&self.completed, u64::from(items - errors));
+        Counters::add(&self.failed, u64::from(errors));
     }
 
     pub(crate) fn record_exit(&self, exit: WorkerExit) {

@@ -87,10 +87,13 @@ pub(crate) enum Reply {
     /// Answer to [`Request::Init`]. `progress` is the descriptor number, in the
     /// worker, of the memory file where it records its [`Progress`], if it has one.
     Ready { version: u32, pid: u32, tasks: Vec<TaskInfo>, progress: Option<u32> },
-    /// Answer to the [`Request::Call`] with the same id. `busy_ns` is how long the
-    /// worker spent on it (decode, run, encode), which sizes prefetch and map chunks;
-    /// `peak_rss_kib` is the worker's peak resident memory, when asked for (else 0).
-    Done { id: u64, busy_ns: Fixed64, peak_rss_kib: Fixed64 },
+    /// Answer to the [`Request::Call`] with the same id. `errors` counts its items
+    /// whose outcome is not an output (a panic, a codec error); `busy_ns` is how long
+    /// the worker spent on it (decode, run, encode), which sizes prefetch and map
+    /// chunks; `peak_rss_kib` is the worker's peak resident memory, when asked for
+    /// (else 0). All three have fixed widths and end the header, so a worker patches
+    /// them in once the call is done.
+    Done { id: u64, errors: Count, busy_ns: Fixed64, peak_rss_kib: Fixed64 },
     /// A channel message (see [`ToParent`]), written by a running task.
     Channel(ToParent),
 }
@@ -379,6 +382,8 @@ impl Buf for BytesMut {
 /// buffer, record included.
 pub(crate) struct ReplyBuf {
     buf: crate::sys::SharedBuf,
+    /// Items of the current call whose outcome is an error.
+    pub(crate) errors: u32,
 }
 
 impl ReplyBuf {
@@ -387,7 +392,7 @@ impl ReplyBuf {
         buf.extend_from_slice(&[0; Progress::SIZE]);
         buf.publish(Progress::CALL_AT, Progress::NO_CALL);
         buf.publish(Progress::MAGIC_AT, Progress::MAGIC);
-        Ok(ReplyBuf { buf })
+        Ok(ReplyBuf { buf, errors: 0 })
     }
 
     /// The descriptor of the memory file, when the parent can read it.
@@ -408,6 +413,7 @@ impl ReplyBuf {
     /// Records that call `id` started, its item records beginning here.
     #[inline]
     pub(crate) fn begin_call(&mut self, id: u64) {
+        self.errors = 0;
         let here = self.buf.len() as u64;
         self.buf.publish(Progress::ITEMS_AT, 0);
         self.buf.publish(Progress::BODY_AT, here);
@@ -621,13 +627,22 @@ mod tests {
     fn the_measurements_are_the_last_sixteen_bytes_of_a_done_header() {
         let mut buf = BytesMut::new();
         let zero = Fixed64::new(0);
-        encode_into(&mut buf, &Reply::Done { id: 300, busy_ns: zero, peak_rss_kib: zero }).unwrap();
+        encode_into(
+            &mut buf,
+            &Reply::Done { id: 300, errors: Count::new(0), busy_ns: zero, peak_rss_kib: zero },
+        )
+        .unwrap();
         let at = buf.len() - 2 * Fixed64::WIDTH;
         buf[at..at + Fixed64::WIDTH].copy_from_slice(&Fixed64::new(123_456_789).0);
         buf[at + Fixed64::WIDTH..].copy_from_slice(&Fixed64::new(4096).0);
         assert_eq!(
             split_header::<Reply>(&buf).unwrap().0,
-            Reply::Done { id: 300, busy_ns: Fixed64::new(123_456_789), peak_rss_kib: Fixed64::new(4096) }
+            Reply::Done {
+                id: 300,
+                errors: Count::new(0),
+                busy_ns: Fixed64::new(123_456_789),
+                peak_rss_kib: Fixed64::new(4096)
+            }
         );
     }
 
@@ -735,7 +750,12 @@ mod tests {
         #[test]
         fn replies_round_trip(id: u64, busy_ns: u64, name: String, pid: u32) {
             for reply in [
-                Reply::Done { id, busy_ns: Fixed64::new(busy_ns), peak_rss_kib: Fixed64::new(busy_ns / 3) },
+                Reply::Done {
+                    id,
+                    errors: Count::new(pid),
+                    busy_ns: Fixed64::new(busy_ns),
+                    peak_rss_kib: Fixed64::new(busy_ns / 3),
+                },
                 Reply::Ready {
                     version: PROTOCOL_VERSION,
                     pid,

@@ -262,20 +262,28 @@ fn call(
     let Call { id, task, items, body, started } = call;
     let start = protocol::begin_frame(out);
     let zero = Fixed64::new(0);
-    let _ = protocol::encode_into(out, &Reply::Done { id, busy_ns: zero, peak_rss_kib: zero });
-    // Both measurements have a fixed width and end the header, so they are patched
-    // in place once the call is done.
+    let no_errors = protocol::Count::new(0);
+    let _ =
+        protocol::encode_into(out, &Reply::Done { id, errors: no_errors, busy_ns: zero, peak_rss_kib: zero });
+    // The error count and both measurements have fixed widths and end the header,
+    // so they are patched in place once the call is done.
     let busy_at = out.len() - 2 * Fixed64::WIDTH;
+    let errors_at = busy_at - protocol::Count::WIDTH;
     let header_end = out.len();
     out.begin_call(id);
     match tasks.get(task) {
         // Sent ahead, then its caller left: cheaper to skip than to run and kill.
-        _ if out.is_withdrawn(id) => write_outcomes(out, items, &Outcome::Skipped),
+        // (Skipped items are no errors: nobody waits for them.)
+        _ if out.is_withdrawn(id) => {
+            write_outcomes(out, items, &Outcome::Skipped);
+            out.errors = 0;
+        }
         Some(task) => task.invoke(body, items, out),
         None => write_outcomes(out, items, &Outcome::UnknownTask),
     }
     if let Err(size) = protocol::end_frame(out, start, max_frame_len) {
         out.truncate(header_end);
+        out.errors = 0;
         write_outcomes(out, items, &Outcome::TooLarge { size: size as u64, limit: max_frame_len as u64 });
         // Should even the small outcomes exceed the limit, the parent's codec refuses the
         // frame and reports a protocol error.
@@ -284,6 +292,7 @@ fn call(
     let ended = Instant::now();
     let busy_ns = u64::try_from(ended.duration_since(started).as_nanos()).unwrap_or(u64::MAX);
     out.patch(busy_at, &Fixed64::new(busy_ns).0);
+    out.patch(errors_at, &protocol::Count::new(out.errors).0);
     if measure_memory {
         out.patch(busy_at + Fixed64::WIDTH, &Fixed64::new(sys::peak_rss_kib()).0);
     }
@@ -297,6 +306,7 @@ fn write_outcomes(out: &mut ReplyBuf, items: u32, outcome: &Outcome) {
         // An `Outcome` holds only strings and integers, which postcard always encodes.
         let _ = protocol::encode_into(out, outcome);
         protocol::end_record(out, start);
+        out.errors += 1;
         out.items_done(done);
     }
 }
@@ -371,4 +381,5 @@ where
 fn encode_outcome(out: &mut ReplyBuf, outcome: &Outcome) {
     // An `Outcome` holds only strings and integers, which postcard always encodes.
     let _ = protocol::encode_into(out, outcome);
+    out.errors += 1;
 }

@@ -195,7 +195,7 @@ async fn drain_replies(
         while let Some(Ok(frame)) = futures::StreamExt::next(&mut worker.replies).await {
             // The worker is dead: a request it replied to was written whole.
             let head = in_flight.front().map(|job| job.id);
-            let Answer { body, busy_ns, .. } = match replies::match_reply(frame, head, true) {
+            let Answer { body, busy_ns, errors, .. } = match replies::match_reply(frame, head, true) {
                 Ok(Matched::Call(answer)) => answer,
                 Ok(Matched::Channel(message, body)) => {
                     if channels.route(message, &body).is_err() {
@@ -206,9 +206,7 @@ async fn drain_replies(
                 Err(_) => return,
             };
             if let Some(job) = in_flight.pop_front() {
-                let counter =
-                    if job.withdrawn { &shared.counters.cancelled } else { &shared.counters.completed };
-                Counters::add(counter, u64::from(job.items));
+                shared.counters.answered(job.items, errors, job.withdrawn);
                 job.complete(Completion::Done(Delivery { body, busy_ns }));
             }
         }

@@ -15,6 +15,8 @@ pub(super) struct Answer {
     pub(super) body: Bytes,
     pub(super) busy_ns: u64,
     pub(super) peak_rss_kib: u64,
+    /// Items whose outcome is an error.
+    pub(super) errors: u32,
 }
 
 /// What a reply frame is.
@@ -33,8 +35,8 @@ pub(super) fn match_reply(frame: BytesMut, head: Option<u64>, head_written: bool
     let frame = frame.freeze();
     let (reply, body) =
         protocol::split_header::<Reply>(&frame).map_err(|e| format!("undecodable reply: {e}"))?;
-    let (id, busy_ns, peak_rss_kib) = match reply {
-        Reply::Done { id, busy_ns, peak_rss_kib } => (id, busy_ns, peak_rss_kib),
+    let (id, errors, busy_ns, peak_rss_kib) = match reply {
+        Reply::Done { id, errors, busy_ns, peak_rss_kib } => (id, errors, busy_ns, peak_rss_kib),
         Reply::Channel(message) => return Ok(Matched::Channel(message, frame.slice_ref(body))),
         reply => return Err(format!("unexpected message {reply:?}")),
     };
@@ -45,13 +47,18 @@ pub(super) fn match_reply(frame: BytesMut, head: Option<u64>, head_written: bool
         None => return Err(format!("reply for call {id}, but no call was in flight")),
     }
     let body = frame.slice(frame.len() - body.len()..);
-    Ok(Matched::Call(Answer { body, busy_ns: busy_ns.get(), peak_rss_kib: peak_rss_kib.get() }))
+    Ok(Matched::Call(Answer {
+        body,
+        busy_ns: busy_ns.get(),
+        peak_rss_kib: peak_rss_kib.get(),
+        errors: errors.get(),
+    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::protocol::{Fixed64, TaskInfo};
+    use crate::wire::protocol::{Count, Fixed64, TaskInfo};
 
     fn frame(reply: &Reply, body: &[u8]) -> BytesMut {
         let mut frame = BytesMut::from(&postcard::to_allocvec(reply).expect("a reply encodes")[..]);
@@ -60,13 +67,14 @@ mod tests {
     }
 
     fn done(id: u64) -> Reply {
-        Reply::Done { id, busy_ns: Fixed64::new(1500), peak_rss_kib: Fixed64::new(64) }
+        Reply::Done { id, errors: Count::new(0), busy_ns: Fixed64::new(1500), peak_rss_kib: Fixed64::new(64) }
     }
 
     #[test]
     fn a_reply_for_the_head_completes_it_with_its_body() {
         let answer = match_reply(frame(&done(7), b"records"), Some(7), true);
-        let expected = Answer { body: Bytes::from_static(b"records"), busy_ns: 1500, peak_rss_kib: 64 };
+        let expected =
+            Answer { body: Bytes::from_static(b"records"), busy_ns: 1500, peak_rss_kib: 64, errors: 0 };
         assert_eq!(answer, Ok(Matched::Call(expected)));
     }
 

@@ -198,7 +198,7 @@ impl<'a, L: Link> Session<'a, L> {
 
     fn on_reply(&mut self, frame: BytesMut) -> Result<(), String> {
         let head = self.in_flight.front().map(|job| job.id);
-        let Answer { body, busy_ns, peak_rss_kib } =
+        let Answer { body, busy_ns, peak_rss_kib, errors } =
             match replies::match_reply(frame, head, self.head_written())? {
                 Matched::Call(answer) => answer,
                 Matched::Channel(message, body) => return self.channels.route(message, &body),
@@ -207,9 +207,7 @@ impl<'a, L: Link> Session<'a, L> {
             return Ok(());
         };
         self.shared.counters.running.fetch_sub(1, Ordering::AcqRel);
-        let outcome =
-            if job.withdrawn { &self.shared.counters.cancelled } else { &self.shared.counters.completed };
-        Counters::add(outcome, u64::from(job.items));
+        self.shared.counters.answered(job.items, errors, job.withdrawn);
         // The next call starts as soon as this reply is written: now, if it was sent.
         self.head_running = self.head_written();
         self.head_timer.reset();
@@ -421,6 +419,7 @@ mod tests {
                 let mut reply = BytesMut::new();
                 let done = Reply::Done {
                     id: reply_id(id),
+                    errors: Count::new(0),
                     busy_ns: Fixed64::new(1_000),
                     peak_rss_kib: Fixed64::new(0),
                 };
