@@ -58,13 +58,60 @@ async fn the_service_answers_concurrent_requests_survives_a_crash_and_leaves_no_
         assert_eq!(status, 200);
         assert!(stats.contains("crashed: 1"), "{stats}");
 
+        // The crashed worker's replacement may still be starting.
+        eventually("both workers are up", || exec.stats().live.len() == 2).await;
         let pids: Vec<u32> = exec.stats().live.iter().map(|worker| worker.pid).collect();
-        assert_eq!(pids.len(), 2);
         server.abort();
         exec.shutdown().await;
         for pid in pids {
             assert!(!alive(pid), "worker {pid} outlived the executor");
         }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_time_limit_is_a_504_and_a_full_queue_a_503_with_retry_after() {
+    hang_guard(async {
+        let exec = builder(1)
+            .cancel_policy(CancelPolicy::Finish)
+            // Long enough for the queue to be seen full while a call runs.
+            .timeout(std::time::Duration::from_secs(1))
+            .max_queued_bytes(1024)
+            .build()
+            .await
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let app = service::router(AppState { mode: Mode::Procexec, exec: Some(exec.clone()) });
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+
+        // Seconds of work against a 1 s limit.
+        let slow = format!("{base}/work?rounds=2000000000");
+        let (status, body) = get(&client, slow.clone()).await;
+        assert_eq!(status, 504, "{body}");
+        assert!(body.contains("time limit"), "{body}");
+
+        // One call runs, the next waits in the queue and fills it (its input is
+        // larger than the queue's 1 KiB), so a third is shed.
+        let slow = format!("{slow}&input={}", "x".repeat(1100));
+        let call = |url: String| {
+            let client = client.clone();
+            tokio::spawn(async move { get(&client, url).await })
+        };
+        let first = call(slow.clone());
+        eventually("the first call runs", || exec.stats().running == 1).await;
+        let second = call(slow.clone());
+        eventually("the second call waits", || exec.stats().queued == 1).await;
+        let response = client.get(slow.parse().unwrap()).await.unwrap();
+        let retry_after =
+            response.headers().get("retry-after").map(|value| value.to_str().unwrap().to_owned());
+        assert_eq!((response.status().as_u16(), retry_after.as_deref()), (503, Some("1")));
+        assert_eq!(first.await.unwrap().0, 504);
+        assert_eq!(second.await.unwrap().0, 504);
+        server.abort();
+        exec.shutdown().await;
     })
     .await;
 }

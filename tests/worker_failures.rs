@@ -32,7 +32,8 @@ async fn stats_count_inputs_that_panicked_as_failed() {
         let exec = executor(1).await;
         let _ = exec.spawn(panic_with, "no".into()).await.unwrap_err();
         let inputs = ["1", "2", "three", "4"].map(String::from);
-        let results: Vec<_> = exec.map_stream(panic_unless_number, futures::stream::iter(inputs)).collect().await;
+        let results: Vec<_> =
+            exec.map_stream(panic_unless_number, futures::stream::iter(inputs)).collect().await;
         assert_eq!(results.iter().filter(|result| result.is_err()).count(), 1);
         let stats = exec.stats();
         assert_eq!((stats.completed, stats.failed), (3, 2), "{stats:?}");
