@@ -8,7 +8,8 @@
 //! rayon and tokio's blocking pool (in-process bounds), and the limit: a minimal
 //! parent/child pair over raw pipes (raw.rs). W7 measures channels (w7.rs) against
 //! Python's `Queue` and `Pipe` (bench/channels.py) and raw pipes carrying framed
-//! messages (chan_raw.rs). Every figure is the median of several repetitions;
+//! messages (chan_raw.rs). `-- W8`, only when named, load-tests examples/service.rs
+//! with `wrk` (scripts/service-load). Every figure is the median of several repetitions;
 //! ratios compare figures measured in this same run.
 
 mod chan_raw;
@@ -138,7 +139,27 @@ fn main() {
     if config.runs("W7") {
         w7::w7(&config, &mut table);
     }
+    // Only when named: it installs `wrk` (from Debian) if missing, and builds and
+    // loads the service example.
+    if config.only.iter().any(|workload| workload.eq_ignore_ascii_case("W8")) {
+        service_load(quick);
+    }
     table.print();
+}
+
+/// W8: examples/service.rs under `wrk`, against the same handler on `spawn_blocking`
+/// and inline (`scripts/service-load`, which prints its own table).
+fn service_load(quick: bool) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/service-load");
+    let mut command = std::process::Command::new(script);
+    if quick {
+        command.arg("--quick");
+    }
+    match command.status() {
+        Ok(status) if status.success() => {}
+        Ok(status) => eprintln!("W8: {script} ended with {status}"),
+        Err(err) => eprintln!("W8: cannot run {script}: {err}"),
+    }
 }
 
 fn runtime(multi: bool) -> tokio::runtime::Runtime {
