@@ -26,6 +26,9 @@ const BATCH_BYTES: usize = 256 * 1024;
 const RECORD_OVERHEAD: usize = protocol::RECORD_PREFIX + 12;
 /// Items from this size on share the frame they came in rather than being copied.
 const SHARE_ABOVE: usize = 4096;
+/// Items from this size on go to a worker from their own buffer, not copied into
+/// the frame of their batch.
+const SEND_UNCOPIED: usize = 16 * 1024;
 /// Smaller items share frames up to this size (a worker's batches of puts).
 const SHARE_FRAMES_UP_TO: usize = 1 << 20;
 
@@ -157,11 +160,17 @@ struct Outbox {
 
 impl Port {
     fn push(&self, frame: Bytes) {
+        self.push_parts([frame]);
+    }
+
+    /// Queues one frame given in consecutive parts (they stay together: the
+    /// writer takes every part queued before it writes any call frame).
+    fn push_parts(&self, parts: impl IntoIterator<Item = Bytes>) {
         let mut out = lock(&self.out);
         if out.closed {
             return;
         }
-        out.frames.push_back(frame);
+        out.frames.extend(parts);
         if let Some(waker) = out.waker.take() {
             waker.wake();
         }
@@ -383,25 +392,39 @@ impl Broker {
         }
     }
 
+    /// Sends `items` to `port` as the answer to `request`: one frame, whose large
+    /// items are not copied into it but follow as parts of their own.
     fn send_items(&self, port: &Port, request: u64, items: &[Taken]) {
-        let mut frame = BytesMut::new();
-        let start = protocol::begin_frame(&mut frame);
+        let mut head = BytesMut::new();
         let header = ToWorker::Items { channel: self.id, request, count: items.len() as u32 };
-        if protocol::encode_into(&mut frame, &Request::Channel(header)).is_err() {
+        head.extend_from_slice(&[0; protocol::LENGTH_PREFIX]);
+        if protocol::encode_into(&mut head, &Request::Channel(header)).is_err() {
             return;
         }
+        let mut parts = Vec::new();
+        let mut len = head.len() - protocol::LENGTH_PREFIX;
         for item in items {
-            let record = protocol::begin_record(&mut frame);
-            frame.extend_from_slice(&item.delivery.to_le_bytes());
-            frame.extend_from_slice(&item.attempts.to_le_bytes());
-            frame.extend_from_slice(&item.bytes);
-            protocol::end_record(&mut frame, record);
+            let record_len = (item.bytes.len() + 12) as u32;
+            head.extend_from_slice(&record_len.to_le_bytes());
+            head.extend_from_slice(&item.delivery.to_le_bytes());
+            head.extend_from_slice(&item.attempts.to_le_bytes());
+            len += protocol::RECORD_PREFIX + 12 + item.bytes.len();
+            if item.bytes.len() >= SEND_UNCOPIED {
+                parts.push(head.split().freeze());
+                parts.push(item.bytes.clone());
+            } else {
+                head.extend_from_slice(&item.bytes);
+            }
         }
-        // Items are checked against the limit when put, and batches stay far below it.
-        let limit = port.max_frame_len.max(frame.len());
-        if protocol::end_frame(&mut frame, start, limit).is_ok() {
-            port.push(frame.freeze());
+        if !head.is_empty() {
+            parts.push(head.freeze());
         }
+        // Items are checked against the limit when put, and batches are cut to it.
+        let Ok(len) = u32::try_from(len) else { return };
+        let mut first = BytesMut::from(&parts[0][..]);
+        first[..protocol::LENGTH_PREFIX].copy_from_slice(&len.to_be_bytes());
+        parts[0] = first.freeze();
+        port.push_parts(parts);
     }
 
     /// Puts back items handed out and not used, in front, in their order.
