@@ -66,6 +66,11 @@ procexec::tasks! {
         q.iter().map(Result::unwrap).count()
     }
 
+    /// The length and byte sum of every item, until the queue is closed and empty.
+    pub fn measure_items(q: Queue<Vec<u8>>) -> Vec<(usize, u64)> {
+        q.iter().map(Result::unwrap).map(|item| (item.len(), item.iter().map(|&b| u64::from(b)).sum())).collect()
+    }
+
     pub fn crash() { die() }
 
     /// One thread waits on `input` while the task's own thread puts into `output`.
@@ -680,6 +685,17 @@ async fn large_items_cross_whole_in_both_directions() {
             assert_eq!(exec.spawn(put_bytes, (q.clone(), size)).await.unwrap(), None);
             assert_eq!(q.get().await.unwrap(), Some(vec![1; size]));
         }
+        // And to a task: large items travel from their own buffers, small ones copied,
+        // in one batch.
+        let sizes = [100_000, 10, 300_000, 16 * 1024, 5, 70_000, 3];
+        let measured = exec.spawn(measure_items, q.clone());
+        for (i, &size) in sizes.iter().enumerate() {
+            q.put(vec![i as u8 + 1; size]).await.unwrap();
+        }
+        q.close();
+        let expected: Vec<_> =
+            sizes.iter().enumerate().map(|(i, &size)| (size, (i as u64 + 1) * size as u64)).collect();
+        assert_eq!(measured.await.unwrap(), expected);
         let (tx, rx) = exec.channel::<u64>(2);
         let total = exec.spawn(total, rx);
         for i in 0..5_000 {
