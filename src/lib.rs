@@ -107,7 +107,9 @@ mod task;
 mod wire;
 mod worker;
 
-pub use channel::{ChannelError, Delivery, JoinableQueue, Pipe, Queue, Receiver, Sender, TryPutError};
+pub use channel::{
+    ChannelError, Delivery, JoinableQueue, Pipe, Queue, QueueIter, Receiver, RecvIter, Sender, TryPutError,
+};
 #[cfg(feature = "executor")]
 pub use parent::builder::{Builder, InitOutput, cpu_count};
 #[cfg(feature = "executor")]

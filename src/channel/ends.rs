@@ -17,6 +17,19 @@ use super::{ChannelError, Endpoint, TryPutError, Typed, deadline_after, link};
 /// or in a task whose call ended, or whose worker died), the receiver gets what was
 /// sent, then `None`. Sending fails with [`ChannelError::Closed`] once the receiver
 /// is gone.
+/// ```
+/// # procexec::tasks! { pub fn noop() {} }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> procexec::Result<()> {
+/// # procexec::init_worker(&TASKS);
+/// # let exec = procexec::Executor::builder().processes(1).build().await?;
+/// let (tx, rx) = exec.channel::<u32>(4);
+/// tx.send(1).await?;
+/// drop(tx);
+/// assert_eq!(rx.recv().await?, Some(1));
+/// assert_eq!(rx.recv().await?, None, "every sender is gone");
+/// # Ok(()) }
+/// ```
 pub struct Sender<T> {
     inner: Typed<T>,
     #[cfg(feature = "executor")]
@@ -28,6 +41,20 @@ pub struct Sender<T> {
 ///
 /// In the parent it is a [`Stream`](futures::Stream); in a task, iterate over it
 /// (`for item in &receiver`) or call [`blocking_recv`](Receiver::blocking_recv).
+/// ```
+/// use futures::TryStreamExt;
+///
+/// # procexec::tasks! { pub fn noop() {} }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> procexec::Result<()> {
+/// # procexec::init_worker(&TASKS);
+/// # let exec = procexec::Executor::builder().processes(1).build().await?;
+/// let (tx, rx) = exec.channel::<u32>(4);
+/// tx.send(7).await?;
+/// drop(tx);
+/// assert_eq!(rx.try_collect::<Vec<_>>().await?, [7]);
+/// # Ok(()) }
+/// ```
 pub struct Receiver<T> {
     inner: Typed<T>,
 }
@@ -94,7 +121,16 @@ impl<T: Serialize + DeserializeOwned> Receiver<T> {
     }
 }
 
-/// Blocking iteration over a [`Receiver`]; see [`Receiver::iter`].
+/// Blocking iteration over a [`Receiver`], for tasks; see [`Receiver::iter`].
+/// ```
+/// procexec::tasks! {
+///     /// The sum of what the parent sends, once it stops sending.
+///     pub fn sum(numbers: procexec::Receiver<u64>) -> u64 {
+///         let items: procexec::RecvIter<'_, u64> = numbers.iter();
+///         items.map(Result::unwrap).sum()
+///     }
+/// }
+/// ```
 pub struct RecvIter<'a, T> {
     receiver: &'a Receiver<T>,
 }

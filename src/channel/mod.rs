@@ -25,8 +25,8 @@ use bytes::{Bytes, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-pub use ends::{Pipe, Receiver, Sender};
-pub use queue::{Delivery, JoinableQueue, Queue};
+pub use ends::{Pipe, Receiver, RecvIter, Sender};
+pub use queue::{Delivery, JoinableQueue, Queue, QueueIter};
 
 use crate::wire::blob;
 use crate::wire::codec;
@@ -38,6 +38,19 @@ use crate::wire::protocol::{self, Ended, Role};
 /// ones. It converts into [`Error::Channel`](crate::Error::Channel), so `?` works in
 /// functions returning [`procexec::Result`](crate::Result). It is serde
 /// serializable, so a task can return it.
+/// ```
+/// # procexec::tasks! { pub fn noop() {} }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> procexec::Result<()> {
+/// # procexec::init_worker(&TASKS);
+/// # let exec = procexec::Executor::builder().processes(1).build().await?;
+/// let q = exec.queue::<u32>(4);
+/// q.close();
+/// assert_eq!(q.put(1).await, Err(procexec::ChannelError::Closed));
+/// let err: procexec::Error = q.put(2).await.unwrap_err().into();
+/// assert!(err.is_channel());
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum ChannelError {
@@ -474,6 +487,20 @@ impl<T: Serialize + DeserializeOwned> Typed<T> {
 }
 
 /// Why a `try_put` or `try_send` did not put its item.
+/// ```
+/// # procexec::tasks! { pub fn noop() {} }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> procexec::Result<()> {
+/// # procexec::init_worker(&TASKS);
+/// # let exec = procexec::Executor::builder().processes(1).build().await?;
+/// let q = exec.queue::<u32>(1);
+/// q.try_put(1).unwrap();
+/// match q.try_put(2) {
+///     Err(procexec::TryPutError::Full(item)) => assert_eq!(item, 2), // handed back
+///     other => panic!("{other:?}"),
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TryPutError<T> {

@@ -167,17 +167,26 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
 
     /// Blocking iteration over the items until the queue is closed and empty: for
     /// tasks (`for item in &queue`).
-    pub fn iter(&self) -> Iter<'_, T> {
-        Iter { queue: self }
+    pub fn iter(&self) -> QueueIter<'_, T> {
+        QueueIter { queue: self }
     }
 }
 
-/// Blocking iteration over a [`Queue`]'s items; see [`Queue::iter`].
-pub struct Iter<'a, T> {
+/// Blocking iteration over a [`Queue`]'s items, for tasks; see [`Queue::iter`].
+/// ```
+/// procexec::tasks! {
+///     /// Counts the items until the queue is closed and empty.
+///     pub fn count(q: procexec::Queue<String>) -> usize {
+///         let items: procexec::QueueIter<'_, String> = q.iter();
+///         items.count()
+///     }
+/// }
+/// ```
+pub struct QueueIter<'a, T> {
     queue: &'a Queue<T>,
 }
 
-impl<T: Serialize + DeserializeOwned> Iterator for Iter<'_, T> {
+impl<T: Serialize + DeserializeOwned> Iterator for QueueIter<'_, T> {
     type Item = Result<T, ChannelError>;
 
     fn next(&mut self) -> Option<Self::Item> {
@@ -187,9 +196,9 @@ impl<T: Serialize + DeserializeOwned> Iterator for Iter<'_, T> {
 
 impl<'a, T: Serialize + DeserializeOwned> IntoIterator for &'a Queue<T> {
     type Item = Result<T, ChannelError>;
-    type IntoIter = Iter<'a, T>;
+    type IntoIter = QueueIter<'a, T>;
 
-    fn into_iter(self) -> Iter<'a, T> {
+    fn into_iter(self) -> QueueIter<'a, T> {
         self.iter()
     }
 }
@@ -360,6 +369,23 @@ impl<'de, T> Deserialize<'de> for JoinableQueue<T> {
 ///
 /// Dereferences to the item. [`ack`](Delivery::ack) it once processed; dropped
 /// without that, it goes back to the front of its queue.
+/// ```
+/// # procexec::tasks! { pub fn noop() {} }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> procexec::Result<()> {
+/// # procexec::init_worker(&TASKS);
+/// # let exec = procexec::Executor::builder().processes(1).build().await?;
+/// let q = exec.joinable_queue::<String>(4);
+/// q.put("job".to_string()).await?;
+/// let first = q.get().await?.expect("an item");
+/// assert_eq!(first.attempts(), 0);
+/// drop(first); // not acknowledged: it goes back
+/// let again = q.get().await?.expect("the same item");
+/// assert_eq!((again.as_str(), again.attempts()), ("job", 1));
+/// assert_eq!(again.ack(), "job");
+/// q.join().await;
+/// # Ok(()) }
+/// ```
 pub struct Delivery<T> {
     value: Option<T>,
     end: Endpoint,
