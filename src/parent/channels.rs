@@ -143,7 +143,26 @@ impl Executor {
 }
 
 /// The input of a task whose last argument is a [`Sender`], which
-/// [`Executor::stream`] fills in: `Sender<T>` alone, or a tuple ending with one.
+/// [`Executor::stream`] fills in: `Sender<T>` alone, or a tuple ending with one
+/// (up to three other arguments).
+///
+/// ```
+/// use procexec::{Sender, StreamInput};
+///
+/// procexec::tasks! {
+///     pub fn countdown(from: u32, out: Sender<u32>) {
+///         for i in (0..from).rev() {
+///             let _ = out.blocking_send(i);
+///         }
+///     }
+/// }
+///
+/// // `exec.stream(countdown, 3)`: the other arguments, then the sender it makes.
+/// fn args_of<I: StreamInput>(_: procexec::Task<I, ()>) -> std::marker::PhantomData<I::Args> {
+///     std::marker::PhantomData
+/// }
+/// let _: std::marker::PhantomData<u32> = args_of(countdown());
+/// ```
 pub trait StreamInput: Sized {
     /// The other arguments.
     type Args;
@@ -187,6 +206,29 @@ impl<A, B, C, T> StreamInput for (A, B, C, Sender<T>) {
 
 /// The items a streaming task sends, then its error if it failed; see
 /// [`Executor::stream`]. Dropping it cancels the call.
+///
+/// ```
+/// use futures::StreamExt;
+/// use procexec::Sender;
+///
+/// procexec::tasks! {
+///     /// Sends one item, then fails.
+///     pub fn one_then_panic(out: Sender<u32>) {
+///         out.blocking_send(1).unwrap();
+///         panic!("no more");
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> procexec::Result<()> {
+/// # procexec::init_worker(&TASKS);
+/// let exec = procexec::Executor::builder().processes(1).build().await?;
+/// let items: Vec<_> = exec.stream(one_then_panic, ()).collect().await;
+/// assert_eq!(items[0].as_ref().ok(), Some(&1));
+/// assert!(items[1].as_ref().is_err_and(|err| err.is_panic()));
+/// assert_eq!(items.len(), 2);
+/// # Ok(()) }
+/// ```
 #[must_use = "streams do nothing unless polled"]
 pub struct TaskStream<T> {
     receiver: Receiver<T>,
