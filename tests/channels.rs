@@ -810,3 +810,31 @@ async fn a_batch_of_items_fits_a_small_frame_limit() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_full_channel_blocks_only_its_producer() {
+    hang_guard(async {
+        let exec = executor(2).await;
+        let stuck = exec.queue::<u64>(1);
+        // Its producer fills the queue and its credit, then waits in its worker.
+        let producer = exec.spawn(produce, (stuck.clone(), 0, 1_000));
+        eventually("the producer is stuck", || exec.stats().running == 1).await;
+        // Another channel, and other calls, go on through the other worker.
+        let (ours, theirs) = exec.pipe::<u64, u64>();
+        let squarer = exec.spawn(squarer, theirs);
+        for x in 0..50 {
+            ours.send(x).await.unwrap();
+            assert_eq!(ours.recv().await.unwrap(), Some(x * x));
+        }
+        drop(ours);
+        squarer.await.unwrap();
+        // Then the stuck queue drains, in order.
+        let mut got = Vec::new();
+        while got.len() < 1_000 {
+            got.push(stuck.get().await.unwrap().unwrap());
+        }
+        producer.await.unwrap();
+        assert_eq!(got, (0..1_000).collect::<Vec<_>>());
+    })
+    .await;
+}
