@@ -76,7 +76,7 @@ async fn a_request_past_its_time_limit_is_a_504_and_a_full_queue_a_503_with_retr
         let exec = builder(1)
             .cancel_policy(CancelPolicy::Finish)
             // Long enough for the queue to be seen full while a call runs.
-            .timeout(std::time::Duration::from_secs(1))
+            .timeout(std::time::Duration::from_secs(3))
             .max_queued_bytes(1024)
             .build()
             .await
@@ -87,7 +87,7 @@ async fn a_request_past_its_time_limit_is_a_504_and_a_full_queue_a_503_with_retr
         let server = tokio::spawn(async move { axum::serve(listener, app).await });
         let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
 
-        // Seconds of work against a 1 s limit.
+        // Seconds of work against a 3 s limit.
         let slow = format!("{base}/work?rounds=2000000000");
         let (status, body) = get(&client, slow.clone()).await;
         assert_eq!(status, 504, "{body}");

@@ -41,6 +41,26 @@ async fn stats_count_inputs_that_panicked_as_failed() {
     .await;
 }
 
+#[tokio::test]
+async fn stats_count_a_panic_before_a_crash_in_one_chunk_as_failed() {
+    hang_guard(async {
+        // One worker: the 20 inputs go as few chunks; the one at 5 panics, the one
+        // at 10 aborts its worker.
+        let exec = executor(1).await;
+        let fault = |value: u64| match value {
+            5 => Fault::Panic,
+            10 => Fault::Abort,
+            _ => Fault::None,
+        };
+        let inputs = (0..20).map(move |value| FaultyInput { value, fault: fault(value) });
+        let results: Vec<_> = exec.map_stream(faulty, futures::stream::iter(inputs)).collect().await;
+        assert_eq!(results.iter().filter(|result| result.is_err()).count(), 2);
+        let stats = exec.stats();
+        assert_eq!((stats.completed, stats.failed), (18, 2), "{stats:?}");
+    })
+    .await;
+}
+
 async fn crash(task: impl procexec::IntoTask<Input = (), Output = u64>) -> (Error, u32, u32) {
     let exec = executor(1).await;
     let before = exec.spawn(pid, ()).await.unwrap();

@@ -401,14 +401,16 @@ impl Broker {
         if protocol::encode_into(&mut head, &Request::Channel(header)).is_err() {
             return;
         }
+        let records: usize = items.iter().map(|item| RECORD_OVERHEAD + item.bytes.len()).sum();
+        // Items are checked against the limit when put, and batches are cut to it.
+        let Ok(len) = u32::try_from(head.len() - protocol::LENGTH_PREFIX + records) else { return };
+        head[..protocol::LENGTH_PREFIX].copy_from_slice(&len.to_be_bytes());
         let mut parts = Vec::new();
-        let mut len = head.len() - protocol::LENGTH_PREFIX;
         for item in items {
             let record_len = (item.bytes.len() + 12) as u32;
             head.extend_from_slice(&record_len.to_le_bytes());
             head.extend_from_slice(&item.delivery.to_le_bytes());
             head.extend_from_slice(&item.attempts.to_le_bytes());
-            len += protocol::RECORD_PREFIX + 12 + item.bytes.len();
             if item.bytes.len() >= SEND_UNCOPIED {
                 parts.push(head.split().freeze());
                 parts.push(item.bytes.clone());
@@ -419,11 +421,6 @@ impl Broker {
         if !head.is_empty() {
             parts.push(head.freeze());
         }
-        // Items are checked against the limit when put, and batches are cut to it.
-        let Ok(len) = u32::try_from(len) else { return };
-        let mut first = BytesMut::from(&parts[0][..]);
-        first[..protocol::LENGTH_PREFIX].copy_from_slice(&len.to_be_bytes());
-        parts[0] = first.freeze();
         port.push_parts(parts);
     }
 

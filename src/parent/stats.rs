@@ -38,9 +38,10 @@ pub struct Stats {
     pub running: usize,
     /// Inputs whose task returned an output.
     pub completed: u64,
-    /// Inputs that ended in an error: the task panicked, the input or the output
-    /// could not be encoded or decoded, the worker crashed, the call timed out, the
-    /// protocol broke, or the executor shut down.
+    /// Inputs that ended in an error: the task panicked, the worker could not
+    /// decode the input or encode the output, the worker crashed, the call timed
+    /// out, the protocol broke, or the executor shut down. (An output the caller
+    /// cannot decode was completed by the worker: it counts there.)
     pub failed: u64,
     /// Inputs sent again after a crash or a timeout (see `Builder::retries`).
     pub retried: u64,

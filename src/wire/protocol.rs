@@ -249,6 +249,15 @@ pub(crate) enum Outcome {
     Skipped,
 }
 
+/// How many of the outcome records in `body` are errors (not [`OUTCOME_OK`]).
+pub(crate) fn error_records(mut body: &[u8]) -> u32 {
+    let mut errors = 0;
+    while let Some(record) = take_record(&mut body) {
+        errors += u32::from(record.first() != Some(&OUTCOME_OK));
+    }
+    errors
+}
+
 /// The size of the length that precedes every input and outcome record.
 pub(crate) const RECORD_PREFIX: usize = 4;
 
@@ -662,6 +671,17 @@ mod tests {
         assert_eq!(postcard::from_bytes::<Outcome>(&skipped).unwrap(), Outcome::Skipped);
         let bad = Outcome::BadOutput { message: "injected".into() };
         assert_eq!(postcard::from_bytes::<Outcome>(&postcard::to_allocvec(&bad).unwrap()).unwrap(), bad);
+    }
+
+    #[test]
+    fn error_records_are_those_not_starting_with_ok() {
+        let mut body = BytesMut::new();
+        for record in [&[OUTCOME_OK, 1][..], &[1, 2, 3], &[OUTCOME_OK], &[]] {
+            let start = begin_record(&mut body);
+            body.extend_from_slice(record);
+            end_record(&mut body, start);
+        }
+        assert_eq!(error_records(&body), 2);
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::parent::error::{Error, ExitReason, ProtocolViolation, WorkerCrash, Wo
 use crate::parent::pool::{RunState, Shared};
 use crate::parent::process::{CallProgress, WorkerProcess};
 use crate::parent::stats::{Counters, ExitCause, WorkerExit};
+use crate::wire::protocol;
 
 mod pull;
 mod replies;
@@ -206,7 +207,7 @@ async fn drain_replies(
                 Err(_) => return,
             };
             if let Some(job) = in_flight.pop_front() {
-                shared.counters.answered(job.items, errors, job.withdrawn);
+                shared.counters.answered(job.items, errors, job.withdrawn || job.signalled);
                 job.complete(Completion::Done(Delivery { body, busy_ns }));
             }
         }
@@ -228,7 +229,7 @@ fn judge_running(shared: &Shared, worker: &WorkerProcess, mut job: Job, error: i
         }
         CallProgress::Done { items, body } if items == job.items => {
             // It finished, but died before its reply got out: nothing is lost.
-            Counters::add(&shared.counters.completed, u64::from(job.items));
+            shared.counters.answered(job.items, protocol::error_records(&body), false);
             job.complete(Completion::Done(Delivery { body, busy_ns: 0 }));
             return;
         }
@@ -237,8 +238,10 @@ fn judge_running(shared: &Shared, worker: &WorkerProcess, mut job: Job, error: i
     };
     job.failures += 1;
     let error = error(&job);
+    // The items done, as their records say.
+    let errors = body.as_ref().map_or(0, |body| protocol::error_records(body));
     if job.is_cancelled() {
-        Counters::add(&shared.counters.completed, u64::from(done));
+        shared.counters.answered(done, errors, false);
         Counters::add(&shared.counters.cancelled, u64::from(job.items - done));
         return;
     }
@@ -246,7 +249,7 @@ fn judge_running(shared: &Shared, worker: &WorkerProcess, mut job: Job, error: i
         Some(body) if job.is_chunk() => {
             // The map decides about the failed item (retry or report) and sends the
             // unstarted ones again.
-            Counters::add(&shared.counters.completed, u64::from(done));
+            shared.counters.answered(done, errors, false);
             let unstarted = job.items - done - 1;
             job.complete(Completion::Broken { done: Delivery { body, busy_ns: 0 }, error, unstarted });
         }

@@ -207,7 +207,8 @@ impl<'a, L: Link> Session<'a, L> {
             return Ok(());
         };
         self.shared.counters.running.fetch_sub(1, Ordering::AcqRel);
-        self.shared.counters.answered(job.items, errors, job.withdrawn);
+        // A call whose caller left while it ran, skipped or finished, was for nobody.
+        self.shared.counters.answered(job.items, errors, job.withdrawn || job.signalled);
         // The next call starts as soon as this reply is written: now, if it was sent.
         self.head_running = self.head_written();
         self.head_timer.reset();

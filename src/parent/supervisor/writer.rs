@@ -364,4 +364,113 @@ mod tests {
         .await;
         assert!(matches!(reader.await, Ok(Ok(true))));
     }
+
+    /// Random interleavings of multi-part control frames, calls, replies
+    /// and a narrow pipe: the stream must parse as whole frames in order, and
+    /// `written` must count exactly the call frames fully in the pipe.
+    #[test]
+    fn random_interleavings_keep_frames_whole() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut rand = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        fn frame(tag: u8, id: u32, body: usize) -> Vec<u8> {
+            let mut f = ((body + 5) as u32).to_be_bytes().to_vec();
+            f.push(tag);
+            f.extend_from_slice(&id.to_le_bytes());
+            f.extend((0..body).map(|i| (i as u32 ^ id) as u8));
+            f
+        }
+        fn check(
+            data: &[u8],
+            writer: &FrameWriter,
+            in_flight: &VecDeque<Bytes>,
+            popped: usize,
+            round: usize,
+        ) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+            let (mut calls, mut ctls) = (Vec::new(), Vec::new());
+            let mut at = 0;
+            while at + 4 <= data.len() {
+                let len = u32::from_be_bytes(data[at..at + 4].try_into().unwrap()) as usize;
+                if at + 4 + len > data.len() {
+                    break;
+                }
+                let f = data[at..at + 4 + len].to_vec();
+                let id = u32::from_le_bytes(f[5..9].try_into().unwrap());
+                match f[4] {
+                    b'J' => {
+                        assert_eq!(id as usize, calls.len(), "round {round}: call order");
+                        calls.push(f)
+                    }
+                    b'C' => {
+                        assert_eq!(id as usize, ctls.len(), "round {round}: control order");
+                        ctls.push(f)
+                    }
+                    t => panic!("round {round}: garbage tag {t} at {at}"),
+                }
+                at += 4 + len;
+            }
+            assert_eq!(
+                writer.written(in_flight.len()) + popped,
+                calls.len(),
+                "round {round}: written() counts exactly the calls fully in the pipe"
+            );
+            assert_eq!(writer.head_written(in_flight.len()), writer.written(in_flight.len()) > 0);
+            (calls, ctls)
+        }
+        let sizes = [0, 3, 100, SMALL_FRAME - 5, SMALL_FRAME, SMALL_FRAME + 1, 3 * SMALL_FRAME, STAGE_LIMIT];
+        for round in 0..300 {
+            let mut writer = FrameWriter::default();
+            let mut pipe = Pipe::new(1 + rand(3 * SMALL_FRAME), 0);
+            let mut in_flight: VecDeque<Bytes> = VecDeque::new();
+            let mut control: VecDeque<Bytes> = VecDeque::new();
+            let (mut calls, mut ctls) = (0u32, 0u32);
+            let mut popped = 0usize;
+            let (mut expect_calls, mut expect_ctls) = (Vec::new(), Vec::new());
+            for _ in 0..60 {
+                match rand(5) {
+                    0 => {
+                        let f = frame(b'C', ctls, sizes[rand(sizes.len())]);
+                        ctls += 1;
+                        expect_ctls.push(f.clone());
+                        let mut at = 0;
+                        while at < f.len() {
+                            let n = (1 + rand(3 * SMALL_FRAME)).min(f.len() - at);
+                            control.push_back(Bytes::copy_from_slice(&f[at..at + n]));
+                            at += n;
+                        }
+                    }
+                    1 => {
+                        let f = frame(b'J', calls, sizes[rand(sizes.len())]);
+                        calls += 1;
+                        expect_calls.push(f.clone());
+                        in_flight.push_back(Bytes::from(f));
+                        writer.queued(1);
+                    }
+                    2 => pipe.room += rand(4 * SMALL_FRAME),
+                    3 if writer.written(in_flight.len()) > 0 => {
+                        in_flight.pop_front();
+                        popped += 1;
+                    }
+                    _ => {}
+                }
+                writer.poll_write(
+                    &mut Context::from_waker(Waker::noop()),
+                    &mut pipe,
+                    &in_flight,
+                    &mut control,
+                );
+                check(&pipe.data, &writer, &in_flight, popped, round);
+            }
+            pipe.room = usize::MAX;
+            writer.poll_write(&mut Context::from_waker(Waker::noop()), &mut pipe, &in_flight, &mut control);
+            let (got_calls, got_ctls) = check(&pipe.data, &writer, &in_flight, popped, round);
+            assert_eq!(got_calls, expect_calls, "round {round}");
+            assert_eq!(got_ctls, expect_ctls, "round {round}");
+            assert!(control.is_empty() && writer.written(in_flight.len()) == in_flight.len());
+        }
+    }
 }
