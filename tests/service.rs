@@ -23,6 +23,18 @@ async fn get(client: &HttpClient, url: String) -> (u16, String) {
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// Serves the example's router over `exec` on an ephemeral loopback port: its base
+/// URL, the server's task, and a client.
+async fn serve(
+    exec: &procexec::Executor,
+) -> (String, tokio::task::JoinHandle<std::io::Result<()>>, HttpClient) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = service::router(AppState { mode: Mode::Procexec, exec: Some(exec.clone()) });
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    (base, server, Client::builder(TokioExecutor::new()).build_http())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_answers_concurrent_requests_survives_a_crash_and_leaves_no_worker() {
     hang_guard(async {
@@ -32,11 +44,7 @@ async fn the_service_answers_concurrent_requests_survives_a_crash_and_leaves_no_
             .build()
             .await
             .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let app = service::router(AppState { mode: Mode::Procexec, exec: Some(exec.clone()) });
-        let server = tokio::spawn(async move { axum::serve(listener, app).await });
-        let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+        let (base, server, client) = serve(&exec).await;
 
         let expected = service::digest().call_in_process(("abc".into(), 500));
         let requests = (0..32).map(|_| get(&client, format!("{base}/work?input=abc&rounds=500")));
@@ -81,11 +89,7 @@ async fn a_request_past_its_time_limit_is_a_504_and_a_full_queue_a_503_with_retr
             .build()
             .await
             .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let app = service::router(AppState { mode: Mode::Procexec, exec: Some(exec.clone()) });
-        let server = tokio::spawn(async move { axum::serve(listener, app).await });
-        let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+        let (base, server, client) = serve(&exec).await;
 
         // Seconds of work against a 3 s limit.
         let slow = format!("{base}/work?rounds=2000000000");
