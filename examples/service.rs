@@ -20,8 +20,10 @@
 //! on the runtime's own threads: the comparison `scripts/service-load` measures.
 //! (There a crash takes the whole service down.)
 //!
-//! Run: `cargo run --release --example service -- --addr 127.0.0.1:3000`
-//! (`--mode procexec|blocking|inline`, `--workers N`).
+//! Run: `cargo run --release --example service` serves on an ephemeral port, sends
+//! itself a few requests (one of them crashing), prints what came back, and exits.
+//! With `-- --addr 127.0.0.1:3000` it serves until Ctrl-C (`--mode
+//! procexec|blocking|inline`, `--workers N`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -170,13 +172,13 @@ async fn stats(State(state): State<AppState>) -> Response {
 
 struct Args {
     mode: Mode,
-    addr: SocketAddr,
+    /// Where to serve until Ctrl-C; `None`: a demonstration that ends by itself.
+    addr: Option<SocketAddr>,
     workers: usize,
 }
 
 fn args() -> Result<Args, String> {
-    let mut args =
-        Args { mode: Mode::Procexec, addr: ([127, 0, 0, 1], 3000).into(), workers: procexec::cpu_count() };
+    let mut args = Args { mode: Mode::Procexec, addr: None, workers: procexec::cpu_count() };
     let mut words = std::env::args().skip(1);
     while let Some(word) = words.next() {
         let mut value = || words.next().ok_or(format!("{word} needs a value"));
@@ -189,12 +191,26 @@ fn args() -> Result<Args, String> {
                     other => return Err(format!("unknown mode {other} (procexec, blocking or inline)")),
                 }
             }
-            "--addr" => args.addr = value()?.parse().map_err(|err| format!("--addr: {err}"))?,
+            "--addr" => args.addr = Some(value()?.parse().map_err(|err| format!("--addr: {err}"))?),
             "--workers" => args.workers = value()?.parse().map_err(|err| format!("--workers: {err}"))?,
             other => return Err(format!("unknown argument {other}")),
         }
     }
     Ok(args)
+}
+
+/// A plain HTTP/1.1 GET over TCP, for the demonstration: the status and the body.
+async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let status_line = response.lines().next().unwrap_or_default();
+    let status = status_line.split_once(' ').map_or("", |(_, status)| status).to_string();
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body).to_string();
+    Ok((status, body))
 }
 
 // A plain `main`: a worker process returns from nowhere inside `init_worker`, before
@@ -210,14 +226,30 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Mode::Procexec => Some(executor(args.workers).await?),
         _ => None,
     };
-    let listener = tokio::net::TcpListener::bind(args.addr).await?;
-    println!("listening on http://{}", listener.local_addr()?);
+    let demo = args.addr.is_none();
+    let listener = tokio::net::TcpListener::bind(args.addr.unwrap_or(([127, 0, 0, 1], 0).into())).await?;
+    let addr = listener.local_addr()?;
+    println!("listening on http://{addr}");
     let app = router(AppState { mode: args.mode, exec: exec.clone() });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = stopped => {}
+                }
+            })
+            .await
+    });
+    if demo {
+        for path in ["/work", "/work?input=hello&rounds=1000", "/work?fault=1", "/work", "/health"] {
+            let (status, body) = http_get(addr, path).await?;
+            println!("GET {path} -> {status} {}", body.trim());
+        }
+        let _ = stop.send(());
+    }
+    server.await??;
     // The requests in flight are done: stop the workers.
     if let Some(exec) = exec {
         exec.shutdown().await;
