@@ -895,6 +895,40 @@ mod tests {
         assert!(worker.route(put, &records(&[b"one"])).is_err());
     }
 
+    proptest::proptest! {
+        // Whatever a broken worker says about channels, the parent answers with an
+        // error or ignores it, and never panics.
+        #[test]
+        fn arbitrary_channel_messages_never_panic_the_parent(
+            messages in proptest::collection::vec(
+                (proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24),
+                 proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)),
+                0..40,
+            ),
+        ) {
+            let hub = Hub::new(1, 1 << 16);
+            let brokers: Vec<_> =
+                [Kind::Queue, Kind::Acked, Kind::Ends].into_iter().map(|kind| hub.open(kind, 2)).collect();
+            let mut worker = Attachments::new(&hub, 1 << 16);
+            for broker in &brokers {
+                for role in [Role::Queue, Role::Sender, Role::Receiver] {
+                    let attach = ToParent::Attach { channel: broker.id, role };
+                    worker.route(attach, &Bytes::new()).unwrap();
+                }
+                let _ = broker.try_put(Bytes::from_static(b"item"));
+            }
+            for (header, body) in messages {
+                if let Ok(message) = postcard::from_bytes::<ToParent>(&header) {
+                    let _ = worker.route(message, &Bytes::from(body));
+                }
+                for broker in &brokers {
+                    let _ = broker.try_get();
+                }
+            }
+            worker.lost();
+        }
+    }
+
     #[test]
     fn items_beyond_the_capacity_get_their_credit_back_as_room_frees() {
         let hub = Hub::new(1, 1 << 20);
