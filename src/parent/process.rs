@@ -144,18 +144,28 @@ impl WorkerProcess {
         };
         match tokio::time::timeout(config.handshake_timeout, handshake).await {
             Ok(Ok((replies, ready))) => {
-                let progress = ready.progress.and_then(|fd| match sys::open_foreign_fd(ready.pid, fd) {
-                    Ok(file) => Some(file),
-                    Err(err) => {
-                        // Crashes then cost a whole chunk instead of one input.
-                        tracing::debug!(
-                            worker = slot,
-                            pid,
-                            "cannot open the worker's progress record: {err}"
-                        );
-                        None
+                let mut progress = None;
+                if let Some(fd) = ready.progress {
+                    match sys::open_foreign_fd(ready.pid, fd) {
+                        Ok(file) => progress = Some(file),
+                        // Our own child, which just said it has this descriptor: it
+                        // is dying (killed right after its handshake). Serving it
+                        // would fail its first call whole, for want of the record.
+                        Err(err) if ready.pid == pid && err.kind() == io::ErrorKind::NotFound => {
+                            let message = format!("it died right after its handshake ({err})");
+                            return Err(process.start_failed(config, message).await);
+                        }
+                        Err(err) => {
+                            // Another process (a wrapper, another PID namespace): crashes
+                            // then cost a whole chunk instead of one input.
+                            tracing::debug!(
+                                worker = slot,
+                                pid,
+                                "cannot open the worker's progress record: {err}"
+                            );
+                        }
                     }
-                });
+                }
                 let withdrawals = progress.as_ref().and_then(|file| sys::ForeignPage::map(file).ok());
                 Ok(WorkerProcess {
                     index: slot,
