@@ -10,11 +10,12 @@
 //! to what it asked) or with the news that the channel is closed and empty.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
+use futures::task::AtomicWaker;
 
 use crate::wire::protocol::{self, Ended, Request, Role, ToWorker};
 
@@ -134,6 +135,8 @@ impl Hub {
             id: self.next_port.fetch_add(1, Ordering::Relaxed),
             max_frame_len,
             out: Mutex::new(Outbox::default()),
+            ready: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
         })
     }
 }
@@ -146,6 +149,9 @@ pub(crate) struct Port {
     id: u64,
     max_frame_len: usize,
     out: Mutex<Outbox>,
+    /// Set when `out` has something to write; the link's session is woken.
+    ready: AtomicBool,
+    waker: AtomicWaker,
 }
 
 #[derive(Default)]
@@ -153,7 +159,6 @@ struct Outbox {
     frames: VecDeque<Bytes>,
     /// Credit to return, per channel, sent together when the link next writes.
     credits: Vec<(u64, u32)>,
-    waker: Option<Waker>,
     /// The connection is gone: nothing more is sent.
     closed: bool,
 }
@@ -171,9 +176,14 @@ impl Port {
             return;
         }
         out.frames.extend(parts);
-        if let Some(waker) = out.waker.take() {
-            waker.wake();
-        }
+        drop(out);
+        self.wake();
+    }
+
+    /// Tells the link something waits to be written.
+    fn wake(&self) {
+        self.ready.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     fn send(&self, message: ToWorker) {
@@ -193,14 +203,19 @@ impl Port {
             Some((_, owed)) => *owed += items,
             None => out.credits.push((channel, items)),
         }
-        if let Some(waker) = out.waker.take() {
-            waker.wake();
-        }
+        drop(out);
+        self.wake();
     }
 
     /// Moves every frame waiting for this worker to `to`, credits first, and
     /// registers `cx` to be woken when more come.
     pub(crate) fn drain_into(&self, cx: &mut Context<'_>, to: &mut VecDeque<Bytes>) {
+        // Every poll of the worker's session comes here: without channel traffic it
+        // costs an atomic load, not a lock.
+        self.waker.register(cx.waker());
+        if !self.ready.swap(false, Ordering::Acquire) {
+            return;
+        }
         let mut out = lock(&self.out);
         for (channel, items) in std::mem::take(&mut out.credits) {
             let mut frame = BytesMut::new();
@@ -210,10 +225,6 @@ impl Port {
             }
         }
         to.extend(out.frames.drain(..));
-        match &out.waker {
-            Some(waker) if waker.will_wake(cx.waker()) => {}
-            _ => out.waker = Some(cx.waker().clone()),
-        }
     }
 
     /// The connection is gone: frames for it are dropped from now on.
@@ -222,7 +233,6 @@ impl Port {
         out.closed = true;
         out.frames.clear();
         out.credits.clear();
-        out.waker = None;
     }
 }
 
