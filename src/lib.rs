@@ -16,13 +16,17 @@
 //                stats, drivers
 //                error
 //   worker/      worker, state
+//   shared/      handles
+//                lock
+//                segment
+//                memory
 //   channel/     queue, ends (the handles)
 //                link (a worker's side), broker (the parent's side)
 //   shared       task (Task, Registry, tasks!)
 //   wire/        shape
 //                panic
 //                codec, blob, protocol
-//   bottom       sys
+//   bottom       sys, shared::error
 //
 // A name two modules use lives in the lower one (the test worker's name and the
 // initializer in `process`, `decode_exactly` in `codec`), and a method that needs
@@ -102,6 +106,7 @@
 mod channel;
 #[cfg(feature = "executor")]
 mod parent;
+mod shared;
 mod sys;
 mod task;
 mod wire;
@@ -128,6 +133,10 @@ pub use parent::map::{Map, MapStream, MapUnordered};
 pub use parent::process::WorkerStderr;
 #[cfg(feature = "executor")]
 pub use parent::stats::{ExitCause, ExitCounts, LiveWorker, Stats, WorkerExit};
+pub use shared::{
+    ArrayGuard, LockGuard, LockResult, PoisonCause, Poisoned, SharedArray, SharedBytes, SharedError,
+    SharedLock, SharedValue, ValueGuard,
+};
 pub use task::{AnyTask, IntoTask, Registry, Task};
 pub use wire::blob::Blob;
 pub use worker::state::WorkerState;

@@ -7,7 +7,7 @@ use std::path::Path;
 
 /// Folders of src/ that group modules (each of their files or subfolders is a module
 /// of its own, named `folder::module`); any other folder is one module.
-const GROUPS: [&str; 4] = ["parent", "wire", "worker", "channel"];
+const GROUPS: [&str; 5] = ["parent", "wire", "worker", "channel", "shared"];
 
 /// The module a source file belongs to: `task`, `wire::protocol`,
 /// `parent::supervisor` (a folder module), `worker` (worker/mod.rs).

@@ -260,7 +260,7 @@ impl Endpoint {
 /// the runtime's thread, and with it, perhaps, the supervisor bringing the item:
 /// refused, as Tokio refuses `blocking_recv` there.
 #[cfg(feature = "executor")]
-fn not_in_a_runtime(operation: &str, instead: &str) {
+pub(crate) fn not_in_a_runtime(operation: &str, instead: &str) {
     if tokio::runtime::Handle::try_current().is_ok() {
         panic!("`{operation}` would block a Tokio runtime's thread: in async code use `{instead}`");
     }
@@ -376,11 +376,27 @@ pub(crate) mod transit {
     }
 
     /// One handle on its way to a worker.
-    pub(crate) struct Hold(Arc<Broker>, Role);
+    pub(crate) enum Hold {
+        /// A channel's end: the channel counts it as held until the call ends.
+        Channel(Arc<Broker>, Role),
+        /// Something else that must live until the call ends (shared memory), and
+        /// whether the call may wait on it for other calls (a lock).
+        Keep(#[allow(dead_code)] Arc<dyn std::any::Any + Send + Sync>, bool),
+    }
+
+    impl Hold {
+        /// Whether a call holding it may wait for other calls: it must not be queued
+        /// behind one in a worker.
+        fn talks(&self) -> bool {
+            matches!(self, Hold::Channel(..) | Hold::Keep(_, true))
+        }
+    }
 
     impl Drop for Hold {
         fn drop(&mut self) {
-            self.0.release(self.1);
+            if let Hold::Channel(broker, role) = self {
+                broker.release(*role);
+            }
         }
     }
 
@@ -393,8 +409,9 @@ pub(crate) mod transit {
             self.0.extend(other.0)
         }
 
-        pub(crate) fn is_empty(&self) -> bool {
-            self.0.is_empty()
+        /// Whether the call may talk, and wait for other calls.
+        pub(crate) fn talk(&self) -> bool {
+            self.0.iter().any(Hold::talks)
         }
     }
 
@@ -402,14 +419,27 @@ pub(crate) mod transit {
         COLLECTING.with(|collecting| {
             if let Some(holds) = collecting.borrow_mut().as_mut() {
                 broker.hold(role);
-                holds.push(Hold(broker.clone(), role));
+                holds.push(Hold::Channel(broker.clone(), role));
             }
         })
     }
 
-    /// Whether the collection under way has collected a handle.
+    /// Keeps `thing` alive until the call whose input is being encoded ends; `talks`
+    /// when the call may wait on it for other calls.
+    pub(crate) fn keep(thing: Arc<dyn std::any::Any + Send + Sync>, talks: bool) {
+        COLLECTING.with(|collecting| {
+            if let Some(holds) = collecting.borrow_mut().as_mut() {
+                holds.push(Hold::Keep(thing, talks));
+            }
+        })
+    }
+
+    /// Whether the collection under way has collected a handle that may make its
+    /// call wait for other calls.
     pub(crate) fn collecting_any() -> bool {
-        COLLECTING.with(|collecting| collecting.borrow().as_ref().is_some_and(|holds| !holds.is_empty()))
+        COLLECTING.with(|collecting| {
+            collecting.borrow().as_ref().is_some_and(|holds| holds.iter().any(Hold::talks))
+        })
     }
 
     /// Runs `encode`, collecting the handles it encodes.

@@ -154,7 +154,7 @@ impl Job {
 
     /// Whether its input holds channel handles: it may wait for other calls.
     pub(crate) fn talks(&self) -> bool {
-        self.talking || !self.holds.is_empty()
+        self.talking || self.holds.talk()
     }
 
     /// Whether the job is a map's chunk, whose failures its map handles.
@@ -216,6 +216,7 @@ pub(crate) fn decode_record<O: DeserializeOwned>(task: &str, body: &mut &[u8]) -
         Outcome::TooLarge { size, limit } => {
             Error::FrameTooLarge { task: task.into(), direction: Direction::Output, size, limit }
         }
+        Outcome::Shared { error } => Error::Shared(error),
     })
 }
 

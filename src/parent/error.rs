@@ -145,9 +145,20 @@ pub enum Error {
     /// [`Pipe`](crate::Pipe)).
     #[error(transparent)]
     Channel(#[from] crate::channel::ChannelError),
+
+    /// A shared-memory operation failed: making it, mapping it in a worker (a
+    /// handle from another machine, or whose memory is gone), a wrong type or an
+    /// access out of bounds, or a poisoned lock (converted by `?`).
+    #[error(transparent)]
+    Shared(#[from] crate::shared::SharedError),
 }
 
 impl Error {
+    /// Whether a shared-memory operation failed.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Error::Shared(_))
+    }
+
     /// Whether a channel operation failed.
     pub fn is_channel(&self) -> bool {
         matches!(self, Error::Channel(_))

@@ -329,7 +329,7 @@ struct MapCore<'a, O> {
     /// The stream has ended (after a deadline, or an error that stops the map).
     finished: bool,
     holds: transit::Holds,
-    /// Its inputs carry channel handles (see `Job::talks`).
+    /// Its inputs carry handles that may make a call wait for others (see `Job::talks`).
     talks: bool,
     _output: PhantomData<fn() -> O>,
 }

@@ -11,5 +11,6 @@ mod fuzz;
 pub(crate) mod map;
 pub(crate) mod pool;
 pub(crate) mod process;
+pub(crate) mod shared;
 pub(crate) mod stats;
 pub(crate) mod supervisor;

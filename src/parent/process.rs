@@ -482,6 +482,9 @@ impl ChildProcess {
             }
         };
         self.reaped = true;
+        // Dead and reaped just now, its pid not yet reused: the shared-memory locks
+        // it held are freed for the next locker, marked poisoned.
+        crate::shared::segment::holder_died(self.pid);
         match status {
             Ok(status) => ExitReason::from_status(&status),
             Err(_) => ExitReason::Unknown,

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::codec::LengthDelimitedCodec;
 
 /// Bumped whenever a message changes shape.
-pub(crate) const PROTOCOL_VERSION: u32 = 3;
+pub(crate) const PROTOCOL_VERSION: u32 = 4;
 
 /// Written by a worker before its first frame.
 /// It never changes between protocol versions: it is how a parent finds a worker of
@@ -247,6 +247,8 @@ pub(crate) enum Outcome {
     TooLarge { size: u64, limit: u64 },
     /// The parent withdrew the call before it started: it did not run.
     Skipped,
+    /// The input held a shared-memory handle the worker could not map.
+    Shared { error: crate::shared::SharedError },
 }
 
 /// How many of the outcome records in `body` are errors (not [`OUTCOME_OK`]).

@@ -233,6 +233,8 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         clock = Some(self::call(tasks, &mut replies, max_frame_len, measure_memory, call));
         RUNNING.store(0, Ordering::Release);
         drop(registered);
+        // Shared memory the parent let go of, and this call no longer uses.
+        crate::shared::segment::sweep();
         // One write per reply, before the next call starts: a reply that left the
         // worker survives the worker, and the progress record covers the call it is
         // in, so a crash can only lose the input it was running.
@@ -368,7 +370,11 @@ where
             *inputs = &[];
             return Err(Outcome::BadInput { message: "the call holds fewer inputs than it says".into() });
         };
-        let input = decode_exactly::<I>(input).map_err(|message| Outcome::BadInput { message })?;
+        let input =
+            decode_exactly::<I>(input).map_err(|message| match crate::shared::decode_error(&message) {
+                Some(error) => Outcome::Shared { error },
+                None => Outcome::BadInput { message },
+            })?;
         let output = (self.function)(input);
         out.push(protocol::OUTCOME_OK);
         protocol::encode_into(out, &output)
