@@ -182,6 +182,14 @@ fn pool_of_256_helper() {
         exec.shutdown().await;
         assert!(children_of(std::process::id()).is_empty(), "every worker is reaped");
         println!("SERVED");
+
+        // A hard limit too low for the pool: nothing to raise to.
+        let limit = libc::rlimit { rlim_cur: 512, rlim_max: 512 };
+        // SAFETY: `limit` is a valid rlimit; setrlimit only reads it.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+        let capped = builder(256).build().await.unwrap_err();
+        assert!(capped.is_config(), "{capped:?}");
+        println!("CAPPED {capped}");
     }));
 }
 
@@ -197,6 +205,9 @@ fn a_256_worker_pool_starts_and_serves_under_a_soft_limit_of_1024_descriptors() 
     assert!(refused.contains("limit (RLIMIT_NOFILE) is 1024"), "names the limit: {refused}");
     assert!(refused.contains("256 workers need about"), "names the need: {refused}");
     assert!(refused.contains("raise_fd_limit(false)"), "names the switch: {refused}");
+    let capped = value(&stdout, "CAPPED");
+    assert!(capped.contains("limit (RLIMIT_NOFILE) is 512 (hard limit 512)"), "{capped}");
+    assert!(!capped.contains("raise_fd_limit"), "raising was allowed: {capped}");
     let soft: u64 = value(&stdout, "SOFT").parse().unwrap();
     let peak: u64 = value(&stdout, "PEAK").parse().unwrap();
     assert!(soft > 1024 && peak < soft, "{stdout}");

@@ -70,6 +70,11 @@ pub(crate) struct WorkerConfig {
     pub(crate) executor: u64,
 }
 
+/// Most worker starts, in this process, between creating their pipes and spawning.
+pub(crate) const STARTS_AT_ONCE: usize = 32;
+
+static STARTING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(STARTS_AT_ONCE);
+
 /// A running worker process after a successful handshake.
 pub(crate) struct WorkerProcess {
     pub(crate) index: usize,
@@ -106,6 +111,9 @@ impl WorkerProcess {
             err.source = Some(source);
             err
         };
+        // Until it is spawned, a start also holds the child's ends of its pipes: so
+        // few starts at once that a pool's need for descriptors stays bounded.
+        let starting = STARTING.acquire().await;
         let (request_read, request_write) = sys::pipe().map_err(|e| fail("cannot create a pipe", e))?;
         let (reply_read, reply_write) = sys::pipe().map_err(|e| fail("cannot create a pipe", e))?;
         let (stderr_read, stderr_write) = sys::pipe().map_err(|e| fail("cannot create a pipe", e))?;
@@ -126,6 +134,7 @@ impl WorkerProcess {
         sys::prepare_worker_command(&mut command);
         let stdio = [request_read, reply_write, stderr_write].map(Stdio::from);
         let child = spawn(command, stdio).await.map_err(|e| fail("cannot spawn it", e))?;
+        drop(starting);
         let pid = child.pid;
         let stderr = StderrLog::start(stderr_pipe, slot, pid, config.stderr);
         let mut process = ChildProcess { child, stderr };
