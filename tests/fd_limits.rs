@@ -288,7 +288,7 @@ fn progress_record_helper() {
         std::fs::remove_dir(dir.join("hold")).unwrap();
         let result = build.await.unwrap();
         drop(hog);
-        let err = result.err().expect("the build fails");
+        let Err(err) = result else { panic!("the build succeeded") };
         assert!(err.is_worker_start(), "{err:?}");
         println!("ERROR {}", chain(&err));
         println!("ZOMBIES {} CHILDREN {}", zombie_children(), children_of(std::process::id()).len());

@@ -604,7 +604,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 /// fail: a start given up while it spawns kills and reaps it too.
 async fn spawn(command: std::process::Command, stdio: [Stdio; 3]) -> io::Result<Spawned> {
     let (reply, spawned) = oneshot::channel();
-    if spawner().send(ToSpawner::Spawn { command, stdio, reply }).is_err() {
+    if spawner().send(ToSpawner::Spawn(Box::new(SpawnRequest { command, stdio, reply }))).is_err() {
         return Err(io::Error::other("the procexec-spawner thread is gone"));
     }
     spawned.await.map_err(|_| io::Error::other("the procexec-spawner thread is gone"))?
@@ -612,7 +612,8 @@ async fn spawn(command: std::process::Command, stdio: [Stdio; 3]) -> io::Result<
 
 /// Hands a killed worker to the spawner thread, which reaps it once it has exited.
 fn reap_later(child: std::process::Child) {
-    if let Err(std_mpsc::SendError(ToSpawner::Reap(mut child))) = spawner().send(ToSpawner::Reap(child)) {
+    let sent = spawner().send(ToSpawner::Reap(child));
+    if let Err(std_mpsc::SendError(ToSpawner::Reap(mut child))) = sent {
         // No spawner thread, which started the process: unreachable in practice. The
         // process was killed, so this wait is short.
         let _ = child.wait();
@@ -621,13 +622,15 @@ fn reap_later(child: std::process::Child) {
 
 /// What the spawner thread does.
 enum ToSpawner {
-    Spawn {
-        command: std::process::Command,
-        stdio: [Stdio; 3],
-        reply: oneshot::Sender<io::Result<Spawned>>,
-    },
+    Spawn(Box<SpawnRequest>),
     /// Reap this killed process once it has exited.
     Reap(std::process::Child),
+}
+
+struct SpawnRequest {
+    command: std::process::Command,
+    stdio: [Stdio; 3],
+    reply: oneshot::Sender<io::Result<Spawned>>,
 }
 
 /// How often the spawner thread looks for killed processes that exited. Killed
@@ -658,7 +661,8 @@ fn serve_spawns(inbox: std_mpsc::Receiver<ToSpawner>) {
             inbox.recv_timeout(REAP_EVERY)
         };
         match next {
-            Ok(ToSpawner::Spawn { mut command, stdio: [stdin, stdout, stderr], reply }) => {
+            Ok(ToSpawner::Spawn(request)) => {
+                let SpawnRequest { mut command, stdio: [stdin, stdout, stderr], reply } = *request;
                 let spawned = command.stdin(stdin).stdout(stdout).stderr(stderr).spawn();
                 // Closes the parent's copies of the child's ends of its pipes now.
                 drop(command);
