@@ -441,6 +441,12 @@ pub(crate) fn open_foreign_fd(pid: u32, fd: u32) -> io::Result<std::fs::File> {
     std::fs::OpenOptions::new().read(true).write(true).open(format!("/proc/{pid}/fd/{fd}"))
 }
 
+/// Whether `err` says this process (`EMFILE`) or the system (`ENFILE`) is out of
+/// descriptors.
+pub(crate) fn out_of_descriptors(err: &io::Error) -> bool {
+    matches!(rustix::io::Errno::from_io_error(err), Some(rustix::io::Errno::MFILE | rustix::io::Errno::NFILE))
+}
+
 /// This process's peak resident memory so far, in KiB (`getrusage`'s `ru_maxrss`).
 pub(crate) fn peak_rss_kib() -> u64 {
     // SAFETY: `usage` is a properly sized, writable rusage that getrusage fills in.

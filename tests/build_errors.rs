@@ -196,39 +196,6 @@ impl ArgsForTest for procexec::Builder {
     }
 }
 
-#[test]
-fn fd_limit_helper() {
-    if !is_helper("fd_limit_helper") {
-        return;
-    }
-    // The usual default soft limit of a shell or a service; the hard limit stays.
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: `limit` is a valid, writable rlimit.
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
-    limit.rlim_cur = 1024;
-    // SAFETY: as above; setrlimit only reads it.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let refused = builder(256).raise_fd_limit(false).build().await.unwrap_err();
-        println!("REFUSED {}", refused.is_config() && refused.to_string().contains("RLIMIT_NOFILE"));
-        let exec = builder(256).build().await.unwrap();
-        let squares = exec.map(procexec_worker::square, 0..1000u64).await.unwrap();
-        println!("SERVED {}", squares.len() == 1000 && exec.stats().workers == 256);
-        exec.shutdown().await;
-    });
-}
-
-#[test]
-fn a_256_worker_pool_starts_and_serves_under_a_soft_limit_of_1024_descriptors() {
-    let mut helper = helper_command("fd_limit_helper").spawn().unwrap();
-    let mut stdout = String::new();
-    std::io::Read::read_to_string(&mut helper.stdout.take().unwrap(), &mut stdout).unwrap();
-    assert!(helper.wait().unwrap().success(), "{stdout}");
-    assert!(stdout.contains("REFUSED true"), "without raising the limit, a clear config error: {stdout}");
-    assert!(stdout.contains("SERVED true"), "raising the soft limit, 256 workers start and serve: {stdout}");
-}
-
 #[tokio::test]
 async fn a_worker_of_an_older_protocol_is_refused_at_the_handshake_naming_both_versions() {
     // A stand-in for a worker built with procexec's protocol 1: its preamble, then a

@@ -55,6 +55,18 @@ fn dropping_the_executor_ends_and_reaps_every_worker() {
 }
 
 #[test]
+fn a_build_given_up_midway_reaps_every_worker_it_started() {
+    serial(async {
+        // Every handshake times out and the first failure ends the build: the starts
+        // still under way (waiting to spawn, spawning, in their handshake) are dropped,
+        // and their processes killed and reaped.
+        let result = builder(64).handshake_timeout(Duration::from_micros(1)).build().await;
+        assert!(result.is_err_and(|err| err.is_worker_start()));
+        eventually("every worker is gone and reaped", || my_children().is_empty()).await;
+    });
+}
+
+#[test]
 fn dropping_the_executor_kills_workers_deep_in_a_cpu_loop() {
     serial(async {
         let exec = executor(2).await;

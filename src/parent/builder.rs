@@ -14,18 +14,25 @@ use crate::parent::dispatch::decode_record;
 use crate::parent::dispatch::{CallOptions, CancelPolicy};
 use crate::parent::error::{Error, Result, WorkerStartError};
 use crate::parent::pool::{Limits, Shared, TaskTable};
-use crate::parent::process::{Initializer, TEST_WORKER_NAME, WorkerConfig, WorkerProcess, WorkerStderr};
+use crate::parent::process::{
+    Initializer, STARTS_AT_ONCE, TEST_WORKER_NAME, WorkerConfig, WorkerProcess, WorkerStderr,
+};
 use crate::task::IntoTask;
 use crate::wire::codec;
 use crate::wire::protocol;
 
-/// Descriptors the parent holds for each running worker (request, reply and stderr
-/// pipes, its progress file), plus the two a starting worker holds for a moment.
-const FDS_PER_WORKER: u64 = 6;
+/// Descriptors the parent holds for each running worker: its request, reply and
+/// stderr pipes and its progress record. Its exit is waited for through `SIGCHLD`,
+/// which costs none.
+const FDS_PER_WORKER: u64 = 4;
+/// Descriptors a starting worker holds on top: the child's ends of its pipes, from
+/// their creation until it is spawned (its progress record is not open yet then).
+/// At most [`STARTS_AT_ONCE`] starts hold them at once, whatever starts them.
+const FDS_PER_START: u64 = 3;
 /// Descriptors left for the rest of the program.
 const FD_MARGIN: u64 = 64;
 /// Workers started at once by `build`.
-const START_BATCH: usize = 32;
+const START_BATCH: usize = STARTS_AT_ONCE;
 
 /// Checks that `processes` workers fit the descriptor limit, raising the soft limit
 /// toward the hard one when allowed.
@@ -34,7 +41,8 @@ fn ensure_descriptors(processes: usize, raise: bool) -> Result<()> {
         return Ok(());
     };
     let open = crate::sys::open_fds().unwrap_or(0);
-    let need = open + processes as u64 * FDS_PER_WORKER + FD_MARGIN;
+    let starting = processes.min(STARTS_AT_ONCE) as u64;
+    let need = open + processes as u64 * FDS_PER_WORKER + starting * FDS_PER_START + FD_MARGIN;
     if need <= soft {
         return Ok(());
     }
@@ -44,7 +52,7 @@ fn ensure_descriptors(processes: usize, raise: bool) -> Result<()> {
     }
     Err(Error::Config(format!(
         "{processes} workers need about {need} open descriptors ({open} open now, {FDS_PER_WORKER} per worker, \
-         {FD_MARGIN} to spare), but the limit (RLIMIT_NOFILE) is {soft} (hard limit {hard}){}: raise it \
+         {FDS_PER_START} more for each of {starting} starting at once, {FD_MARGIN} to spare), but the limit (RLIMIT_NOFILE) is {soft} (hard limit {hard}){}: raise it \
          (`ulimit -n`), or use fewer processes",
         if raise { "" } else { ", and raise_fd_limit(false) keeps it" }
     )))
@@ -320,12 +328,13 @@ impl Builder {
     }
 
     /// Whether `build` may raise this process's soft limit on open descriptors
-    /// (`RLIMIT_NOFILE`) toward its hard limit when the pool needs more than it
-    /// allows, as long-running servers commonly do: each worker costs the parent
-    /// about six descriptors, so 256 workers do not fit the usual soft limit of
-    /// 1,024. The limit is only ever raised, never lowered. When the
-    /// pool still cannot fit, `build` fails with [`Error::Config`] naming the limit
-    /// and the need. Default: true.
+    /// (`RLIMIT_NOFILE`) to its hard limit when the pool needs more than it allows,
+    /// as long-running servers commonly do: each running worker costs the parent four
+    /// descriptors, and each starting one three more (at most 32 start at once), so
+    /// 256 workers do not fit the usual soft limit of 1,024. The limit is only ever
+    /// raised, never lowered, and processes started afterwards (workers included)
+    /// inherit it. When the pool still cannot fit, `build` fails with
+    /// [`Error::Config`] naming the limit and the need. Default: true.
     pub fn raise_fd_limit(mut self, raise: bool) -> Self {
         self.raise_fd_limit = raise;
         self

@@ -70,6 +70,11 @@ pub(crate) struct WorkerConfig {
     pub(crate) executor: u64,
 }
 
+/// Most worker starts, in this process, between creating their pipes and spawning.
+pub(crate) const STARTS_AT_ONCE: usize = 32;
+
+static STARTING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(STARTS_AT_ONCE);
+
 /// A running worker process after a successful handshake.
 pub(crate) struct WorkerProcess {
     pub(crate) index: usize,
@@ -106,11 +111,20 @@ impl WorkerProcess {
             err.source = Some(source);
             err
         };
+        // Until it is spawned, a start also holds the child's ends of its pipes: so
+        // few starts at once that a pool's need for descriptors stays bounded.
+        let starting = STARTING.acquire().await;
         let (request_read, request_write) = sys::pipe().map_err(|e| fail("cannot create a pipe", e))?;
         let (reply_read, reply_write) = sys::pipe().map_err(|e| fail("cannot create a pipe", e))?;
         let (stderr_read, stderr_write) = sys::pipe().map_err(|e| fail("cannot create a pipe", e))?;
         sys::grow_pipe(request_write.as_fd(), config.pipe_capacity);
         sys::grow_pipe(reply_write.as_fd(), config.pipe_capacity);
+        // Registered before the process exists: what can fail after it does must
+        // kill and reap it, so as little as possible comes after.
+        let register = |e| fail("cannot register a pipe", e);
+        let mut requests = pipe::Sender::from_owned_fd(request_write).map_err(register)?;
+        let replies = pipe::Receiver::from_owned_fd(reply_read).map_err(register)?;
+        let stderr_pipe = pipe::Receiver::from_owned_fd(stderr_read).map_err(register)?;
 
         let mut command = std::process::Command::new(&config.program);
         command
@@ -120,20 +134,10 @@ impl WorkerProcess {
         sys::prepare_worker_command(&mut command);
         let stdio = [request_read, reply_write, stderr_write].map(Stdio::from);
         let child = spawn(command, stdio).await.map_err(|e| fail("cannot spawn it", e))?;
-        let pid = child.id();
-
-        let stderr_pipe =
-            pipe::Receiver::from_owned_fd(stderr_read).map_err(|e| fail("cannot register a pipe", e))?;
+        drop(starting);
+        let pid = child.pid;
         let stderr = StderrLog::start(stderr_pipe, slot, pid, config.stderr);
-        let mut process = ChildProcess { pid, child, reaped: false, stderr };
-        let pipes = pipe::Sender::from_owned_fd(request_write)
-            .and_then(|requests| Ok((requests, pipe::Receiver::from_owned_fd(reply_read)?)));
-        let (mut requests, replies) = match pipes {
-            Ok(pipes) => pipes,
-            Err(err) => {
-                return Err(process.start_failed(config, format!("cannot register a pipe: {err}")).await);
-            }
-        };
+        let mut process = ChildProcess { child, stderr };
 
         let handshake = async {
             let (mut replies, ready) = handshake(config, slot, &mut requests, replies).await?;
@@ -154,6 +158,15 @@ impl WorkerProcess {
                         Err(err) if ready.pid == pid && err.kind() == io::ErrorKind::NotFound => {
                             let message = format!("it died right after its handshake ({err})");
                             return Err(process.start_failed(config, message).await);
+                        }
+                        // Out of descriptors: so is the next start, or the next call
+                        // that needs one. Said now, rather than serving without the
+                        // record that limits a crash to one input.
+                        Err(err) if sys::out_of_descriptors(&err) => {
+                            let mut failure =
+                                process.start_failed(config, "cannot open its progress record".into()).await;
+                            failure.source = Some(err);
+                            return Err(failure);
                         }
                         Err(err) => {
                             // Another process (a wrapper, another PID namespace): crashes
@@ -449,9 +462,7 @@ impl Decoder for ReplyCodec {
 
 /// The child process itself: killing, reaping, and its stderr.
 pub(crate) struct ChildProcess {
-    pid: u32,
-    child: async_process::Child,
-    reaped: bool,
+    child: Spawned,
     stderr: StderrLog,
 }
 
@@ -466,25 +477,23 @@ impl ChildProcess {
 
     /// Kills the worker and anything it started in its process group.
     pub(crate) fn kill(&mut self) {
-        if !self.reaped {
-            sys::kill_process_group(self.pid);
-            let _ = self.child.kill();
-        }
+        self.child.kill();
     }
 
     /// Waits for the worker to exit, killing it if it takes longer than `grace`.
     pub(crate) async fn wait_exit(&mut self, grace: Duration) -> ExitReason {
-        let status = match tokio::time::timeout(grace, self.child.status()).await {
+        let status = match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(status) => status,
             Err(_) => {
                 self.kill();
-                self.child.status().await
+                self.child.wait().await
             }
         };
-        self.reaped = true;
-        // Dead and reaped just now, its pid not yet reused: the shared-memory locks
-        // it held are freed for the next locker, marked poisoned.
-        crate::shared::segment::holder_died(self.pid);
+        if status.is_ok() {
+            // Dead and reaped just now, its pid not yet reused: the shared-memory
+            // locks it held are freed for the next locker, marked poisoned.
+            crate::shared::segment::holder_died(self.child.pid);
+        }
         match status {
             Ok(status) => ExitReason::from_status(&status),
             Err(_) => ExitReason::Unknown,
@@ -507,10 +516,69 @@ impl ChildProcess {
 
 impl Drop for ChildProcess {
     fn drop(&mut self) {
-        // The child itself is killed and reaped by async-process (kill_on_drop,
-        // reap_on_drop); this also takes down whatever it started.
-        self.kill();
+        // `Spawned` kills and reaps the process itself.
         self.stderr.forwarder.abort();
+    }
+}
+
+/// A worker process that this process must reap. Dropped before it was reaped, it
+/// is killed with its process group and handed to the spawner thread, which reaps
+/// it: whatever fails or is given up once the process exists leaves no zombie.
+struct Spawned {
+    pid: u32,
+    /// `None` once reaped (or handed to the spawner thread).
+    child: Option<std::process::Child>,
+}
+
+impl Spawned {
+    fn kill(&mut self) {
+        // Never once reaped: the pid, and so the group id, may be someone else's now.
+        if let Some(child) = &mut self.child {
+            sys::kill_process_group(self.pid);
+            let _ = child.kill();
+        }
+    }
+
+    /// Waits until the process has exited, and reaps it.
+    ///
+    /// Woken by `SIGCHLD`, which one listener serves for every child: a pidfd per
+    /// worker (as async-process and tokio use) would cost a descriptor each. Without
+    /// the signal (a runtime without its IO driver), it polls.
+    async fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
+        // Listening before looking: an exit in between still wakes this.
+        let mut exits = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()).ok();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let Some(child) = &mut self.child else {
+                return Err(io::Error::other("the worker was reaped already"));
+            };
+            match child.try_wait() {
+                Ok(None) => {}
+                done => {
+                    // An error (ECHILD) means someone else reaped it: nothing is left to reap.
+                    self.child = None;
+                    return done.map(|status| status.unwrap_or_default());
+                }
+            }
+            let signalled = match &mut exits {
+                Some(signal) => signal.recv().await.is_some(),
+                None => false,
+            };
+            if !signalled {
+                exits = None;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        self.kill();
+        if let Some(child) = self.child.take() {
+            reap_later(child);
+        }
     }
 }
 
@@ -536,43 +604,91 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 /// `PR_SET_PDEATHSIG` fires when the thread that forked the child exits, so forking
 /// from a tokio worker or blocking-pool thread (which may retire) could kill a healthy
 /// worker. The spawner thread lives as long as the process.
-async fn spawn(command: std::process::Command, stdio: [Stdio; 3]) -> io::Result<async_process::Child> {
-    struct SpawnRequest {
-        command: std::process::Command,
-        stdio: [Stdio; 3],
-        reply: oneshot::Sender<io::Result<async_process::Child>>,
+///
+/// The process is a [`Spawned`] from the moment it exists, before anything else can
+/// fail: a start given up while it spawns kills and reaps it too.
+async fn spawn(command: std::process::Command, stdio: [Stdio; 3]) -> io::Result<Spawned> {
+    let (reply, spawned) = oneshot::channel();
+    if spawner().send(ToSpawner::Spawn(Box::new(SpawnRequest { command, stdio, reply }))).is_err() {
+        return Err(io::Error::other("the procexec-spawner thread is gone"));
     }
-    static SPAWNER: OnceLock<Mutex<std_mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    spawned.await.map_err(|_| io::Error::other("the procexec-spawner thread is gone"))?
+}
 
+/// Hands a killed worker to the spawner thread, which reaps it once it has exited.
+fn reap_later(child: std::process::Child) {
+    let sent = spawner().send(ToSpawner::Reap(child));
+    if let Err(std_mpsc::SendError(ToSpawner::Reap(mut child))) = sent {
+        // No spawner thread, which started the process: unreachable in practice. The
+        // process was killed, so this wait is short.
+        let _ = child.wait();
+    }
+}
+
+/// What the spawner thread does.
+enum ToSpawner {
+    Spawn(Box<SpawnRequest>),
+    /// Reap this killed process once it has exited.
+    Reap(std::process::Child),
+}
+
+struct SpawnRequest {
+    command: std::process::Command,
+    stdio: [Stdio; 3],
+    reply: oneshot::Sender<io::Result<Spawned>>,
+}
+
+/// How often the spawner thread looks for killed processes that exited. Killed
+/// processes exit within this, mostly; each is looked at until it has.
+const REAP_EVERY: Duration = Duration::from_millis(10);
+
+/// The spawner thread's inbox, the thread started on first use.
+fn spawner() -> std::sync::MutexGuard<'static, std_mpsc::Sender<ToSpawner>> {
+    static SPAWNER: OnceLock<Mutex<std_mpsc::Sender<ToSpawner>>> = OnceLock::new();
     let spawner = SPAWNER.get_or_init(|| {
-        let (sender, receiver) = std_mpsc::channel::<SpawnRequest>();
-        let started = std::thread::Builder::new().name("procexec-spawner".into()).spawn(move || {
-            for request in receiver {
-                let mut command = async_process::Command::from(request.command);
-                // async-process replaces stdio it was not given itself with `inherit`.
-                let [stdin, stdout, stderr] = request.stdio;
-                command.stdin(stdin).stdout(stdout).stderr(stderr).kill_on_drop(true);
-                let child = command.spawn();
-                // Closes the parent's copies of the child's ends of its pipes now.
-                drop(command);
-                let _ = request.reply.send(child);
-            }
-        });
+        let (sender, receiver) = std_mpsc::channel();
+        let started =
+            std::thread::Builder::new().name("procexec-spawner".into()).spawn(move || serve_spawns(receiver));
         if let Err(err) = started {
             tracing::error!("cannot start the procexec-spawner thread: {err}");
         }
         Mutex::new(sender)
     });
-    let (reply, child) = oneshot::channel();
-    let sent = spawner.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).send(SpawnRequest {
-        command,
-        stdio,
-        reply,
-    });
-    if sent.is_err() {
-        return Err(io::Error::other("the procexec-spawner thread is gone"));
+    spawner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn serve_spawns(inbox: std_mpsc::Receiver<ToSpawner>) {
+    let mut dying: Vec<std::process::Child> = Vec::new();
+    loop {
+        let next = if dying.is_empty() {
+            inbox.recv().map_err(|_| std_mpsc::RecvTimeoutError::Disconnected)
+        } else {
+            inbox.recv_timeout(REAP_EVERY)
+        };
+        match next {
+            Ok(ToSpawner::Spawn(request)) => {
+                let SpawnRequest { mut command, stdio: [stdin, stdout, stderr], reply } = *request;
+                let spawned = command.stdin(stdin).stdout(stdout).stderr(stderr).spawn();
+                // Closes the parent's copies of the child's ends of its pipes now.
+                drop(command);
+                // A start given up meanwhile drops what it is sent: `Spawned` then
+                // kills the process and sends it back here to be reaped.
+                let _ = reply.send(spawned.map(|child| Spawned { pid: child.id(), child: Some(child) }));
+            }
+            Ok(ToSpawner::Reap(child)) => dying.push(child),
+            Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        // Reaped, or not ours to reap (`ECHILD`): done with either way. Its
+        // shared-memory locks are freed as `wait_exit` frees them.
+        dying.retain_mut(|child| {
+            let exited = !matches!(child.try_wait(), Ok(None));
+            if exited {
+                crate::shared::segment::holder_died(child.id());
+            }
+            !exited
+        });
     }
-    child.await.map_err(|_| io::Error::other("the procexec-spawner thread is gone"))?
 }
 
 /// The worker's stderr: forwarded line by line, and its tail kept for crash reports.

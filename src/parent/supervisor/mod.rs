@@ -158,6 +158,10 @@ async fn supervise(shared: &Shared, slot: usize, first: Option<WorkerProcess>) {
                 }
             }
         }
+        // Its descriptors are closed before the replacement opens its own, so a
+        // slot never holds two workers' worth.
+        drop(channels);
+        drop(worker);
         next = restart(shared, slot).await;
         if next.is_none() {
             return;
