@@ -74,6 +74,14 @@ pub fn sum_blob(data: Blob) -> (u64, u64, u64) {
 fn rate(spans: &[(f64, f64)], per_process: u64) -> f64 {
     let start = spans.iter().map(|s| s.0).fold(f64::INFINITY, f64::min);
     let end = spans.iter().map(|s| s.1).fold(0.0, f64::max);
+    // How much the processes really ran at once (on a busy machine they may take
+    // turns, and then contend less).
+    let last_start = spans.iter().map(|s| s.0).fold(0.0, f64::max);
+    let first_end = spans.iter().map(|s| s.1).fold(f64::INFINITY, f64::min);
+    eprintln!(
+        "    overlap of the 2 processes: {:.0}%",
+        100.0 * ((first_end - last_start) / (end - start)).max(0.0)
+    );
     (spans.len() as u64 * per_process) as f64 / (end - start)
 }
 
