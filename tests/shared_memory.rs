@@ -339,7 +339,9 @@ async fn a_replacement_worker_maps_the_segments_again() {
         let first = exec.spawn(add_locked, (counter.clone(), 5)).await.unwrap();
         let state = exec.shared_array::<u32>(2).unwrap();
         state.set(1, 1).unwrap();
-        assert!(exec.spawn(hold_and_die, (counter.clone(), state.clone())).await.unwrap_err().is_worker_crash());
+        assert!(
+            exec.spawn(hold_and_die, (counter.clone(), state.clone())).await.unwrap_err().is_worker_crash()
+        );
         // The killed worker is gone, and its mappings with it.
         let killed = state.get(0).unwrap();
         assert_eq!(killed, first);

@@ -406,6 +406,27 @@ impl Link {
         }
     }
 
+    /// Writes a whole frame of the worker's own (its log records), after what
+    /// channels left pending. `wait`: even if another thread is writing; else
+    /// `Ok(false)` then. `Ok(false)` too outside a worker.
+    pub(crate) fn write_frame(frame: &[u8], wait: bool) -> io::Result<bool> {
+        let mut guard = if wait {
+            lock()
+        } else {
+            match LINK.try_lock() {
+                Ok(guard) => guard,
+                Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+            }
+        };
+        let Some(link) = guard.as_mut() else {
+            return Ok(false);
+        };
+        link.flush().map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        link.output.write_all(frame)?;
+        Ok(true)
+    }
+
     /// Ends a call: items it got ahead and did not take go back, then its reply
     /// is written.
     pub(crate) fn finish_call(reply: &[u8]) -> io::Result<()> {

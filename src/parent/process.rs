@@ -295,6 +295,7 @@ async fn handshake(
         index: slot as u32,
         measure_memory: config.measure_memory,
         executor: config.executor,
+        log_level: wanted_log_level(),
     };
     protocol::write_message(&mut init, &request, config.max_frame_len).map_err(|e| e.to_string())?;
     // A worker that dies first closes the pipe; its exit status then tells more.
@@ -457,6 +458,19 @@ impl Decoder for ReplyCodec {
             None => {}
         }
         Ok(frame)
+    }
+}
+
+/// The parent's filter as the workers' level number (0: nothing wanted): the most
+/// verbose level any subscriber of this process enables.
+pub(crate) fn wanted_log_level() -> u8 {
+    match tracing::level_filters::LevelFilter::current() {
+        tracing::level_filters::LevelFilter::OFF => 0,
+        tracing::level_filters::LevelFilter::ERROR => 1,
+        tracing::level_filters::LevelFilter::WARN => 2,
+        tracing::level_filters::LevelFilter::INFO => 3,
+        tracing::level_filters::LevelFilter::DEBUG => 4,
+        _ => 5,
     }
 }
 

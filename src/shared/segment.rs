@@ -250,16 +250,12 @@ pub(crate) fn holder_died(pid: u32) {
     let segments: Vec<Arc<Segment>> = lock(&service.segments).values().filter_map(Weak::upgrade).collect();
     for segment in segments {
         if segment.map.release_dead_holder(pid) {
-            tracing_warn(pid);
+            tracing::warn!(
+                pid,
+                "a worker died holding a shared-memory lock: the next locker finds it poisoned"
+            );
         }
     }
-}
-
-fn tracing_warn(pid: u32) {
-    #[cfg(feature = "executor")]
-    tracing::warn!(pid, "a worker died holding a shared-memory lock: the next locker finds it poisoned");
-    #[cfg(not(feature = "executor"))]
-    let _ = pid;
 }
 
 /// This process's descriptor service, started with its first segment.
