@@ -93,7 +93,7 @@ async fn run() -> procexec::Result<()> {
     let array = exec.shared_array::<f64>(10)?;
     let ranges = (0..10).step_by(3).map(|start| (array.clone(), start..(start + 3).min(10)));
     let workers = exec.map(squares, ranges).await?;
-    println!("squares from {} processes: {:?}", workers.len(), &array.lock().await?[..]);
+    println!("squares from {} processes: {:?}", workers.len(), array.to_vec());
 
     // A worker dies holding the lock: the next locker is told, repairs, goes on.
     let err = exec.spawn(die_holding, counter.clone()).await.unwrap_err();
@@ -106,9 +106,9 @@ async fn run() -> procexec::Result<()> {
             }
             let mut count = poisoned.into_inner();
             *count = 40_000;
+            count.clear_poison();
         }
     }
-    counter.clear_poison();
     exec.map(add_locked, vec![(counter.clone(), 1); 4]).await?;
     println!("and on it goes:   {}", counter.load());
 

@@ -30,14 +30,7 @@ const SLOW_BATCH: Duration = Duration::from_millis(10);
 
 /// The link of this worker process, once it serves.
 static LINK: Mutex<Option<Link>> = Mutex::new(None);
-/// Set once this process serves as a worker.
-static SERVING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Whether this process is a worker: its tasks may block (even one run inside a
-/// runtime, by a self-executing program that calls `init_worker` there).
-pub(crate) fn serving() -> bool {
-    SERVING.load(std::sync::atomic::Ordering::Relaxed)
-}
 /// Signals the flusher that items are pending.
 static FLUSH: Condvar = Condvar::new();
 /// Signals threads waiting on the link that a frame was read (see [`pump`]).
@@ -173,7 +166,6 @@ impl Link {
     /// Installs the link of this worker process: from now on channel handles
     /// decoded here bind to it.
     pub(crate) fn install(reader: FrameReader, output: File, executor: u64, max_frame_len: usize) {
-        SERVING.store(true, std::sync::atomic::Ordering::Relaxed);
         *lock() = Some(Link {
             reader: Some(reader),
             eof: false,

@@ -695,12 +695,14 @@ fn serve_spawns(inbox: std_mpsc::Receiver<ToSpawner>) {
         }
         // Reaped, or not ours to reap (`ECHILD`): done with either way. Its
         // shared-memory locks are freed as `wait_exit` frees them.
-        dying.retain_mut(|child| {
-            let exited = !matches!(child.try_wait(), Ok(None));
-            if exited {
+        dying.retain_mut(|child| match child.try_wait() {
+            Ok(None) => true,
+            Ok(Some(_)) => {
                 crate::shared::segment::holder_died(child.id());
+                false
             }
-            !exited
+            // Someone else reaped it: its pid may be another process's already.
+            Err(_) => false,
         });
     }
 }
