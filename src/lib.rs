@@ -13,7 +13,7 @@
 //                supervisor/
 //                pool
 //                dispatch, process
-//                stats, drivers
+//                stats, drivers, progress
 //                error
 //   worker/      worker, state
 //   shared/      handles
@@ -131,6 +131,8 @@ pub use parent::executor::{Executor, QueueFull, TaskHandle};
 pub use parent::map::{Map, MapStream, MapUnordered};
 #[cfg(feature = "executor")]
 pub use parent::process::WorkerStderr;
+#[cfg(feature = "executor")]
+pub use parent::progress::Progress;
 #[cfg(feature = "executor")]
 pub use parent::stats::{ExitCause, ExitCounts, LiveWorker, Stats, WorkerExit};
 pub use shared::{

@@ -21,6 +21,12 @@ procexec::tasks! {
         std::process::id()
     }
 
+    /// Panics on multiples of 100.
+    pub fn picky(x: u64) -> u64 {
+        assert!(x % 100 != 0, "{x} is round");
+        x
+    }
+
     pub fn flood(n: u32) {
         for i in 0..n {
             tracing::info!(i, "flood");
@@ -164,4 +170,36 @@ fn without_a_subscriber_nothing_is_forwarded() {
     let output = common::helper_command("no_subscriber_helper").output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("RECORDS 0"), "{stdout}");
+}
+
+#[tokio::test]
+async fn progress_counts_every_input_and_failure_and_reaches_the_total_once() {
+    hang_guard(async {
+        use futures::StreamExt;
+        let exec = executor(2).await;
+        let mut stream = exec.map_stream(picky, futures::stream::iter(1..=2_000u64));
+        let mut progress = stream.progress();
+        let watcher = tokio::spawn(async move {
+            let (mut snapshots, mut complete) = (Vec::new(), 0);
+            loop {
+                let now = *progress.borrow_and_update();
+                complete += u32::from(now.total == Some(now.done));
+                snapshots.push(now);
+                if progress.changed().await.is_err() {
+                    break;
+                }
+            }
+            (snapshots, complete)
+        });
+        let results: Vec<_> = (&mut stream).collect().await;
+        assert_eq!(results.iter().filter(|r| r.is_err()).count(), 20);
+        drop(stream);
+        let (snapshots, complete) = watcher.await.unwrap();
+        let last = snapshots.last().unwrap();
+        assert_eq!((last.done, last.failed, last.total), (2_000, 20, Some(2_000)));
+        assert_eq!(complete, 1, "100% exactly once");
+        assert!(snapshots.windows(2).all(|w| w[0].done <= w[1].done), "never backwards");
+        assert!(last.rate() > 0.0 && last.fraction() == Some(1.0));
+    })
+    .await
 }

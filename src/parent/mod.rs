@@ -11,6 +11,7 @@ mod fuzz;
 pub(crate) mod map;
 pub(crate) mod pool;
 pub(crate) mod process;
+pub(crate) mod progress;
 pub(crate) mod shared;
 pub(crate) mod stats;
 pub(crate) mod supervisor;
