@@ -23,7 +23,7 @@ procexec::tasks! {
 
     /// Panics on multiples of 100.
     pub fn picky(x: u64) -> u64 {
-        assert!(x % 100 != 0, "{x} is round");
+        assert!(!x.is_multiple_of(100), "{x} is round");
         x
     }
 
