@@ -25,7 +25,7 @@ procexec::tasks! {
         let count = (100_000..100_000 + n)
             .filter(|&k| (2..k).take_while(|d| d * d <= k).all(|d| k % d != 0))
             .count() as u64;
-        if n % 500 == 0 {
+        if n.is_multiple_of(500) {
             tracing::info!(n, count, "a round number");
         }
         if n == 2_345 {
