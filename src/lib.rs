@@ -134,7 +134,7 @@ pub use parent::process::WorkerStderr;
 #[cfg(feature = "executor")]
 pub use parent::progress::Progress;
 #[cfg(feature = "executor")]
-pub use parent::stats::{ExitCause, ExitCounts, LiveWorker, Stats, WorkerExit};
+pub use parent::stats::{ExitCause, ExitCounts, LiveWorker, RunningCall, Stats, WorkerExit};
 pub use shared::{
     ArrayGuard, LockGuard, LockResult, PoisonCause, Poisoned, SharedArray, SharedBytes, SharedError,
     SharedLock, SharedValue, ValueGuard,

@@ -27,6 +27,13 @@ procexec::tasks! {
         x
     }
 
+    /// Runs until the marker file exists.
+    pub fn wait_for(path: String) {
+        while !std::path::Path::new(&path).exists() {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
     pub fn flood(n: u32) {
         for i in 0..n {
             tracing::info!(i, "flood");
@@ -200,6 +207,29 @@ async fn progress_counts_every_input_and_failure_and_reaches_the_total_once() {
         assert_eq!(complete, 1, "100% exactly once");
         assert!(snapshots.windows(2).all(|w| w[0].done <= w[1].done), "never backwards");
         assert!(last.rate() > 0.0 && last.fraction() == Some(1.0));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn stats_show_the_call_each_worker_runs_and_export_as_prometheus_text() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let marker = common::marker("running-call");
+        let call = exec.spawn(wait_for, marker.display().to_string());
+        common::eventually("the worker shows its running call", || {
+            exec.stats().live.iter().any(|w| w.running.as_ref().is_some_and(|c| c.task == "wait_for"))
+        })
+        .await;
+        let text = exec.stats().prometheus();
+        assert!(text.contains("procexec_worker_running_seconds{slot=\"0\""), "{text}");
+        assert!(text.contains("task=\"wait_for\"} "), "{text}");
+        std::fs::write(&marker, b"").unwrap();
+        call.await.unwrap();
+        let _ = std::fs::remove_file(&marker);
+        let stats = exec.stats();
+        assert!(stats.live.iter().all(|w| w.running.is_none()), "{stats:?}");
+        assert!(stats.prometheus().contains("procexec_inputs_total{outcome=\"completed\"} 1\n"));
     })
     .await
 }

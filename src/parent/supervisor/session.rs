@@ -95,6 +95,8 @@ pub(super) struct Session<'a, L: Link = WorkerProcess> {
     control: VecDeque<Bytes>,
     /// The level of `tracing` events the worker forwards, as last told.
     log_level: u8,
+    /// The task last shown as running in `stats()`.
+    noted_task: &'static str,
     in_flight: VecDeque<Job>,
     /// How far their request frames are written. Once the pipe broke, replies are
     /// read until the stream ends.
@@ -128,6 +130,7 @@ impl<'a, L: Link> Session<'a, L> {
             control: VecDeque::new(),
             // What the worker was told at its handshake.
             log_level: crate::parent::process::wanted_log_level(),
+            noted_task: "",
             in_flight: VecDeque::new(),
             writer: FrameWriter::default(),
             service_ns,
@@ -174,6 +177,7 @@ impl<'a, L: Link> Session<'a, L> {
             self.poll_write(cx);
             if !self.head_running && self.head_written() {
                 self.head_running = true;
+                self.note_running();
                 continue; // arm the head's timer
             }
             // Checked after pulling, which drops withdrawn calls: a queue of only
@@ -229,6 +233,7 @@ impl<'a, L: Link> Session<'a, L> {
         // The next call starts as soon as this reply is written: now, if it was sent.
         self.head_running = self.head_written();
         self.head_timer.reset();
+        self.note_running();
 
         self.service_ns = Some(match self.service_ns {
             None => busy_ns,
@@ -366,6 +371,16 @@ impl<'a, L: Link> Session<'a, L> {
             }
             Poll::Pending => false,
         }
+    }
+
+    /// Shows in `stats()` which call the worker runs now, and since when.
+    fn note_running(&mut self) {
+        let task = self.in_flight.front().filter(|_| self.head_running).map(|job| job.task);
+        let same = task.is_some_and(|task| std::ptr::eq(task, self.noted_task));
+        if let Some(task) = task {
+            self.noted_task = task;
+        }
+        self.shared.counters.slots[self.worker.slot()].set_running(task, same);
     }
 
     /// Writes pending frames until the pipe is full or nothing is left.
