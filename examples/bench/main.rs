@@ -9,7 +9,8 @@
 //! parent/child pair over raw pipes (raw.rs). W7 measures channels (w7.rs) against
 //! Python's `Queue` and `Pipe` (bench/channels.py) and raw pipes carrying framed
 //! messages (chan_raw.rs). W9 measures shared memory (w9.rs) against Python's
-//! `Value.get_lock()` (bench/shared.py) and threads. `-- W8`, only when named, load-tests examples/service.rs
+//! `Value.get_lock()` (bench/shared.py) and threads; W10 the cost of forwarding the
+//! workers' `tracing` events (w10.rs). `-- W8`, only when named, load-tests examples/service.rs
 //! with `wrk` (scripts/service-load). Every figure is the median of several repetitions;
 //! ratios compare figures measured in this same run.
 
@@ -18,6 +19,7 @@ mod peers;
 mod pin;
 mod raw;
 mod table;
+mod w10;
 mod w7;
 mod w9;
 
@@ -66,6 +68,9 @@ procexec::tasks! {
 
     /// W9: sums a shared buffer; with the worker's memory.
     pub fn sum_shared(data: procexec::SharedBytes) -> (u64, u64, u64) { w9::sum_shared(data) }
+
+    /// W10: `double` with one `debug!` event.
+    pub fn double_logged(x: u64) -> u64 { w10::double_logged(x) }
 
     /// W9: sums the same bytes sent as input.
     pub fn sum_blob(data: procexec::Blob) -> (u64, u64, u64) { w9::sum_blob(data) }
@@ -159,6 +164,10 @@ fn main() {
     }
     if config.runs("W9") {
         w9::w9(&config, &mut table);
+    }
+    // Last: it installs a global subscriber.
+    if config.runs("W10") {
+        w10::w10(&config, &mut table);
     }
     // Only when named: it installs `wrk` (from Debian) if missing, and builds and
     // loads the service example.
