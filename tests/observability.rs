@@ -233,3 +233,67 @@ async fn stats_show_the_call_each_worker_runs_and_export_as_prometheus_text() {
     })
     .await
 }
+
+/// A subscriber whose level the test changes, as a reloadable filter does.
+struct Switchable(Arc<std::sync::atomic::AtomicU8>);
+
+impl Subscriber for Switchable {
+    fn register_callsite(
+        &self,
+        metadata: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        if self.enabled(metadata) {
+            tracing::subscriber::Interest::always()
+        } else {
+            tracing::subscriber::Interest::never()
+        }
+    }
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        let debug = self.0.load(std::sync::atomic::Ordering::Relaxed) == 1;
+        *metadata.level() <= if debug { tracing::Level::DEBUG } else { tracing::Level::INFO }
+    }
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(if self.0.load(std::sync::atomic::Ordering::Relaxed) == 1 {
+            tracing::level_filters::LevelFilter::DEBUG
+        } else {
+            tracing::level_filters::LevelFilter::INFO
+        })
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {}
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// Calls `chatty` at `info`, then again after the parent's filter turned to `debug`,
+/// printing how many records its worker forwarded after each.
+#[test]
+fn level_change_helper() {
+    if !common::is_helper("level_change_helper") {
+        return;
+    }
+    let level = Arc::new(std::sync::atomic::AtomicU8::new(0));
+    tracing::subscriber::set_global_default(Switchable(level.clone())).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let exec = executor(1).await;
+        exec.spawn(chatty, 5).await.unwrap();
+        println!("INFO {}", exec.stats().log_records);
+        level.store(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::callsite::rebuild_interest_cache();
+        exec.spawn(chatty, 5).await.unwrap();
+        println!("DEBUG {}", exec.stats().log_records);
+    });
+}
+
+#[test]
+fn the_workers_follow_a_change_of_the_parents_filter() {
+    let output = common::helper_command("level_change_helper").output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    // info + warn; then info + 5 debug + warn more.
+    assert!(stdout.contains("INFO 2\n") && stdout.contains("DEBUG 9\n"), "{stdout}");
+}
