@@ -142,7 +142,7 @@ pub use shared::{
 pub use task::{AnyTask, IntoTask, Registry, Task};
 pub use wire::blob::Blob;
 pub use worker::state::WorkerState;
-pub use worker::{init_worker, is_cancelled, serve_worker};
+pub use worker::{init_worker, is_cancelled, report_progress, serve_worker};
 
 /// Adds the test through which a test binary serves as its own worker.
 ///

@@ -27,6 +27,14 @@ procexec::tasks! {
         x
     }
 
+    /// Reports 5 of 10, then runs until the marker file exists.
+    pub fn half_way(path: String) {
+        procexec::report_progress(5, 10);
+        while !std::path::Path::new(&path).exists() {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
     /// Runs until the marker file exists.
     pub fn wait_for(path: String) {
         while !std::path::Path::new(&path).exists() {
@@ -296,4 +304,29 @@ fn the_workers_follow_a_change_of_the_parents_filter() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     // info + warn; then info + 5 debug + warn more.
     assert!(stdout.contains("INFO 2\n") && stdout.contains("DEBUG 9\n"), "{stdout}");
+}
+
+#[tokio::test]
+async fn a_tasks_own_progress_report_shows_in_the_live_view() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let marker = common::marker("half-way");
+        let call = exec.spawn(half_way, marker.display().to_string());
+        common::eventually("the report arrives", || {
+            exec.stats().live.iter().any(|w| w.running.as_ref().is_some_and(|c| c.reported == Some((5, 10))))
+        })
+        .await;
+        std::fs::write(&marker, b"").unwrap();
+        call.await.unwrap();
+        let _ = std::fs::remove_file(&marker);
+        // A new call starts without a report.
+        let call = exec.spawn(wait_for, marker.display().to_string());
+        common::eventually("the next call runs", || exec.stats().live.iter().any(|w| w.running.is_some()))
+            .await;
+        assert!(exec.stats().live.iter().all(|w| w.running.as_ref().is_none_or(|c| c.reported.is_none())));
+        std::fs::write(&marker, b"").unwrap();
+        call.await.unwrap();
+        let _ = std::fs::remove_file(&marker);
+    })
+    .await
 }

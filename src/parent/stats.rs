@@ -202,6 +202,9 @@ pub struct RunningCall {
     pub task: &'static str,
     /// How long it has run (since its request reached the worker).
     pub elapsed: std::time::Duration,
+    /// The task's own account, `(done, total)`, as it last reported it with
+    /// [`report_progress`](crate::report_progress).
+    pub reported: Option<(u64, u64)>,
 }
 
 /// How many worker processes stopped, by cause. The first four are failures; the
@@ -291,6 +294,9 @@ pub(crate) struct SlotCounters {
     running_since: AtomicU64,
     /// The task of its running call (or of the last one).
     running_task: Mutex<&'static str>,
+    /// The running call's report: done, and total plus one (0: none came).
+    reported_done: AtomicU64,
+    reported_total: AtomicU64,
 }
 
 /// The instant the running times of calls count from.
@@ -325,6 +331,12 @@ impl SlotCounters {
         self.busy.store(busy, Ordering::Relaxed);
     }
 
+    /// The running call reported its progress.
+    pub(crate) fn reported(&self, done: u64, total: u64) {
+        self.reported_done.store(done, Ordering::Relaxed);
+        self.reported_total.store(total.saturating_add(1), Ordering::Release);
+    }
+
     /// Its worker started running a call of `task` now (`None`: it runs none).
     /// `same_task`: the task is the one set last, so the name needs no update.
     pub(crate) fn set_running(&self, task: Option<&'static str>, same_task: bool) {
@@ -337,6 +349,7 @@ impl SlotCounters {
             }
             None => 0,
         };
+        self.reported_total.store(0, Ordering::Release);
         self.running_since.store(since, Ordering::Release);
     }
 
@@ -356,6 +369,10 @@ impl SlotCounters {
                 since => Some(RunningCall {
                     task: *self.running_task.lock().unwrap_or_else(|poisoned| poisoned.into_inner()),
                     elapsed: epoch().elapsed().saturating_sub(std::time::Duration::from_nanos(since - 1)),
+                    reported: match self.reported_total.load(Ordering::Acquire) {
+                        0 => None,
+                        total => Some((self.reported_done.load(Ordering::Relaxed), total - 1)),
+                    },
                 }),
             },
         })

@@ -218,6 +218,12 @@ impl<'a, L: Link> Session<'a, L> {
             match replies::match_reply(frame, head, self.head_written())? {
                 Matched::Call(answer) => answer,
                 Matched::Channel(message, body) => return self.channels.route(message, &body),
+                Matched::Progress { call, done, total } => {
+                    if self.in_flight.front().is_some_and(|job| job.id == call) {
+                        self.shared.counters.slots[self.worker.slot()].reported(done, total);
+                    }
+                    return Ok(());
+                }
                 Matched::Log { records, dropped } => {
                     let worker = (self.worker.slot(), self.worker.pid());
                     super::logs::emit(&self.shared.counters, worker, records, dropped, self.in_flight.iter());
