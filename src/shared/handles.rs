@@ -556,7 +556,13 @@ macro_rules! handle_traits {
 
         impl$(<$t>)? std::fmt::Debug for $handle$(<$t>)? {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                write!(f, "{}<{}>(len {})", stringify!($handle), self.segment.elem.name, self.segment.len)
+                let segment = &self.segment;
+                match segment.kind {
+                    Kind::Array => write!(f, "SharedArray<{}>(len {})", segment.elem.name, segment.len),
+                    Kind::Value => write!(f, "SharedValue<{}>", segment.elem.name),
+                    Kind::Bytes => write!(f, "SharedBytes(len {})", segment.len),
+                    Kind::Lock => f.write_str("SharedLock"),
+                }
             }
         }
     )*};
