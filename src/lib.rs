@@ -128,6 +128,8 @@ pub use parent::error::{
 #[cfg(feature = "executor")]
 pub use parent::executor::{Executor, QueueFull, TaskHandle};
 #[cfg(feature = "executor")]
+pub use parent::launch::{HOST_ENV, HOSTS_ENV, Hosts, Launcher, Slurm, Ssh, WorkerGroup};
+#[cfg(feature = "executor")]
 pub use parent::map::{Map, MapStream, MapUnordered};
 #[cfg(feature = "executor")]
 pub use parent::process::WorkerStderr;

@@ -109,6 +109,9 @@ pub struct ExitCounts {
     pub memory: u64,
     /// It was stopped after `idle_timeout` without work.
     pub idle: u64,
+    /// It was stopped because its Slurm allocation was about to end
+    /// ([`Slurm::stop_before_end`](crate::Slurm::stop_before_end)).
+    pub allocation_ending: u64,
 }
 
 /// One worker process that stopped, and why.
@@ -160,6 +163,8 @@ pub enum ExitCause {
     },
     /// It had no work for `idle_timeout` and was stopped.
     Idle,
+    /// Its Slurm allocation was about to end: it took no more work and stopped.
+    AllocationEnding,
 }
 
 /// What a slot's current worker has done, readable without a lock.
@@ -267,6 +272,7 @@ impl Counters {
             ExitCause::MaxTasks => &mut counts.max_tasks,
             ExitCause::Memory { .. } => &mut counts.memory,
             ExitCause::Idle => &mut counts.idle,
+            ExitCause::AllocationEnding => &mut counts.allocation_ending,
         } += 1;
         if log.recent.len() == RECENT_EXITS {
             log.recent.pop_front();

@@ -102,6 +102,8 @@ pub(super) struct Session<'a, L: Link = WorkerProcess> {
     served: u64,
     /// Set when the worker should stop once its calls are done.
     retiring: Option<ExitCause>,
+    /// Fires when the worker's group stops taking work (its Slurm allocation ends).
+    stop_at: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<'a, L: Link> Session<'a, L> {
@@ -111,6 +113,8 @@ impl<'a, L: Link> Session<'a, L> {
         channels: &'a mut Attachments,
         service_ns: Option<u64>,
     ) -> Self {
+        let group = shared.config.groups.of(worker.slot());
+        let stop_at = group.stop_at().map(|at| Box::pin(tokio::time::sleep_until(at.into())));
         Session {
             shared,
             worker,
@@ -124,6 +128,7 @@ impl<'a, L: Link> Session<'a, L> {
             idle_timer: IdleTimer::default(),
             served: 0,
             retiring: None,
+            stop_at,
         }
     }
 
@@ -148,6 +153,11 @@ impl<'a, L: Link> Session<'a, L> {
                 return Poll::Ready(end);
             }
             self.withdraw_abandoned(cx);
+            if self.stop_at.as_mut().is_some_and(|stop| stop.as_mut().poll(cx).is_ready()) {
+                self.stop_at = None;
+                // What it holds still finishes; nothing new is taken.
+                self.retiring.get_or_insert(ExitCause::AllocationEnding);
+            }
             if self.in_flight.is_empty() {
                 if let Some(cause) = self.retiring.take() {
                     return Poll::Ready(End::Retire(cause));
@@ -466,6 +476,7 @@ mod tests {
             measure_memory: false,
             initializer: None,
             executor: 1,
+            groups: std::sync::Arc::new(crate::parent::launch::Groups::local("fake".as_ref())),
         };
         Shared::new(config, Limits::default(), TaskTable::new(Vec::new()), 1, MAX_FRAME)
     }
