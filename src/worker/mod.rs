@@ -164,7 +164,6 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
 
     let mut reader = FrameReader::new(File::from(fds.input));
     let mut output = File::from(fds.output);
-    output.write_all(protocol::PREAMBLE)?;
     let mut replies = ReplyBuf::new()?;
     if let Some(page) = replies
         .file()
@@ -191,7 +190,10 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         tasks: tasks.infos(),
         progress: replies.file().map(|fd| std::os::fd::AsRawFd::as_raw_fd(&fd) as u32),
     };
-    let mut out = BytesMut::new();
+    // The preamble goes out with `Ready`, in one write: through a launcher that
+    // forwards stdout over TCP (srun), a frame written in two pieces can wait
+    // ~40 ms for an ACK (Nagle against delayed ACKs).
+    let mut out = BytesMut::from(&protocol::PREAMBLE[..]);
     protocol::write_message(&mut out, &ready, max_frame_len.max(protocol::READY_FRAME_LIMIT))
         .map_err(invalid)?;
     output.write_all(&out)?;
