@@ -9,10 +9,13 @@
 //! parent/child pair over raw pipes (raw.rs). W7 measures channels (w7.rs) against
 //! Python's `Queue` and `Pipe` (bench/channels.py) and raw pipes carrying framed
 //! messages (chan_raw.rs). `-- W8`, only when named, load-tests examples/service.rs
-//! with `wrk` (scripts/service-load). Every figure is the median of several repetitions;
+//! with `wrk` (scripts/service-load). `-- WC`, only when named, runs W1, W3 and W5
+//! through ssh and srun against local workers (cluster.rs, the daemons of
+//! scripts/test-cluster). Every figure is the median of several repetitions;
 //! ratios compare figures measured in this same run.
 
 mod chan_raw;
+mod cluster;
 mod peers;
 mod pin;
 mod raw;
@@ -138,6 +141,10 @@ fn main() {
     }
     if config.runs("W7") {
         w7::w7(&config, &mut table);
+    }
+    // Only when named: it needs the daemons of scripts/test-cluster.
+    if config.only.iter().any(|workload| workload.eq_ignore_ascii_case("WC")) {
+        cluster::wc(&config, &mut table);
     }
     // Only when named: it installs `wrk` (from Debian) if missing, and builds and
     // loads the service example.

@@ -808,6 +808,11 @@ impl Groups {
         &self.list[self.of_slot.get(slot).copied().unwrap_or(0)]
     }
 
+    /// Whether every group runs on this machine.
+    pub(crate) fn all_local(&self) -> bool {
+        self.list.iter().all(|group| group.same_host)
+    }
+
     /// One group of local workers: a stand-in until the real groups are prepared,
     /// and for tests.
     pub(crate) fn local(program: &Path) -> Groups {

@@ -229,6 +229,9 @@ pub(crate) struct Counters {
     pub(crate) failed: AtomicU64,
     pub(crate) retried: AtomicU64,
     pub(crate) cancelled: AtomicU64,
+    /// Per slot, the time its calls spend on the link beyond their run, when it
+    /// is measured (workers elsewhere); what map chunks are sized against.
+    pub(crate) link_ns: Box<[AtomicU64]>,
     exits: Mutex<ExitLog>,
 }
 
@@ -242,7 +245,11 @@ const RECENT_EXITS: usize = 32;
 
 impl Counters {
     pub(crate) fn new(slots: usize) -> Self {
-        Counters { slots: (0..slots).map(|_| SlotCounters::default()).collect(), ..Counters::default() }
+        Counters {
+            slots: (0..slots).map(|_| SlotCounters::default()).collect(),
+            link_ns: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            ..Counters::default()
+        }
     }
 
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
