@@ -475,3 +475,79 @@ async fn a_parent_killed_leaves_no_remote_worker() {
         let _ = Command::new("scancel").arg(job.to_string()).status();
     }
 }
+
+/// Collects the messages of tracing events (on this thread: the test's runtime
+/// runs the supervisors).
+struct Messages(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl tracing::Subscriber for Messages {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Text(String);
+        impl tracing::field::Visit for Text {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        let mut text = Text(String::new());
+        event.record(&mut text);
+        self.0.lock().unwrap().push(text.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[tokio::test]
+async fn a_host_that_keeps_failing_is_benched_and_the_rest_serve_on() {
+    let Some(ssh) = ssh("a_host_that_keeps_failing_is_benched_and_the_rest_serve_on") else { return };
+    let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let _log = tracing::subscriber::set_default(Messages(messages.clone()));
+    // The host's worker starts until `down` exists, then fails at once.
+    let dir = scratch("bench");
+    let down = dir.join("down");
+    let script = dir.join("worker");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n[ -e '{}' ] && {{ echo 'host is down' >&2; exit 1; }}\nexec '{}' \"$@\"\n",
+            down.display(),
+            std::env::current_exe().unwrap().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let label = WorkerGroup::ssh(1, ssh.clone()).label();
+    let exec = Executor::builder()
+        .test_harness()
+        .retries(1)
+        .group(WorkerGroup::local(1))
+        .group(WorkerGroup::ssh(2, ssh.program(&script)))
+        .build()
+        .await
+        .unwrap();
+    eventually("both ssh workers run", || launcher_pids(&exec, 1..3).len() == 2).await;
+    std::fs::write(&down, b"").unwrap();
+    for pid in launcher_pids(&exec, 1..3) {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    let benched = format!("benched host {label}");
+    eventually("the host is benched", || messages.lock().unwrap().iter().any(|m| m.starts_with(&benched)))
+        .await;
+    let logged = messages.lock().unwrap().iter().filter(|m| m.starts_with(&benched)).count();
+    assert_eq!(logged, 1, "benched once, said once");
+    // Its slots start nobody any more; the local worker serves everything.
+    let hosts = hang_guard(exec.map(host, vec![(); 16])).await.unwrap();
+    assert!(hosts.iter().all(|host| host == "local"), "{hosts:?}");
+    assert!(launcher_pids(&exec, 1..3).is_empty());
+    exec.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
