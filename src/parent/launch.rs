@@ -258,7 +258,9 @@ impl Ssh {
 /// --no-shell` and cancels when it is dropped. Steps `--overlap`, so any number of
 /// workers share its CPUs. The executor reads the allocation's end and stops
 /// sending work to its workers [`stop_before_end`](Slurm::stop_before_end) before
-/// it, so no call is cut off by the time limit. A worker step dies with its `srun`:
+/// it, so no call is cut off by the time limit. `build` waits while a requested
+/// allocation is pending (`salloc` blocks until it is granted). A worker step dies
+/// with its `srun`:
 /// killing it (as the executor does on drop, or the kernel on the parent's death,
 /// through the end of its stdin) cancels the step.
 ///
@@ -403,7 +405,10 @@ pub enum Launcher {
 ///
 /// An executor runs one or more groups ([`Builder::group`](crate::Builder::group));
 /// calls go to whichever worker is free, so each group takes work in proportion to
-/// its free workers.
+/// its free workers. Slots are numbered through the groups in order. For a worker
+/// elsewhere (ssh, Slurm, a command), the pid that [`Stats`](crate::Stats) and
+/// errors report is its launcher's (`ssh`, `srun`) on this machine, and its
+/// stderr lines are labelled with the group's [`label`](WorkerGroup::label).
 ///
 /// ```
 /// use procexec::{Launcher, WorkerGroup};

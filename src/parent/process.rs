@@ -44,11 +44,12 @@ use crate::wire::protocol::{self, Count, Reply, Request, Shape, TaskInfo};
 #[non_exhaustive]
 pub enum WorkerStderr {
     /// Write each line to this process's stderr, prefixed with
-    /// `[procexec worker <slot> pid <pid>]`. The default.
+    /// `[procexec worker <slot> pid <pid>]` (`[procexec worker <slot> on <host>]`
+    /// for a worker elsewhere, see [`WorkerGroup`](crate::WorkerGroup)). The default.
     #[default]
     Forward,
     /// Emit each line as a `tracing` event (target `procexec::worker`, level INFO)
-    /// with fields `worker` and `pid`.
+    /// with fields `worker` and `pid` (`host` for a worker elsewhere).
     Tracing,
     /// Keep only the tail that crash reports quote.
     Discard,
@@ -153,7 +154,9 @@ impl WorkerProcess {
         let child = spawn(command, stdio).await.map_err(|e| fail("cannot spawn it", e))?;
         drop(starting);
         let pid = child.pid;
-        let stderr = StderrLog::start(stderr_pipe, slot, pid, config.stderr);
+        // A worker elsewhere is named by its host: the pid here is its launcher's.
+        let host = (!group.same_host).then(|| Arc::<str>::from(group.label.as_str()));
+        let stderr = StderrLog::start(stderr_pipe, slot, pid, host, config.stderr);
         let mut process = ChildProcess { child, stderr };
 
         let handshake = async {
@@ -718,10 +721,16 @@ struct StderrLog {
 }
 
 impl StderrLog {
-    fn start(pipe: pipe::Receiver, slot: usize, pid: u32, mode: WorkerStderr) -> Self {
+    fn start(
+        pipe: pipe::Receiver,
+        slot: usize,
+        pid: u32,
+        host: Option<Arc<str>>,
+        mode: WorkerStderr,
+    ) -> Self {
         let tail = Arc::new(Mutex::new(Tail::default()));
         let (done, closed) = oneshot::channel();
-        let forwarder = tokio::spawn(forward_stderr(pipe, slot, pid, mode, tail.clone(), done));
+        let forwarder = tokio::spawn(forward_stderr(pipe, slot, pid, host, mode, tail.clone(), done));
         StderrLog { tail, forwarder, closed: Some(closed) }
     }
 
@@ -737,6 +746,7 @@ async fn forward_stderr(
     pipe: pipe::Receiver,
     slot: usize,
     pid: u32,
+    host: Option<Arc<str>>,
     mode: WorkerStderr,
     tail: Arc<Mutex<Tail>>,
     done: oneshot::Sender<()>,
@@ -761,13 +771,19 @@ async fn forward_stderr(
                 if let Some(writer) = stderr_writer() {
                     // Waits while the writer is behind: the worker's stderr pipe then
                     // fills and slows the worker, never the runtime.
-                    let line = format!("[procexec worker {slot} pid {pid}] {text}\n");
+                    let line = match &host {
+                        None => format!("[procexec worker {slot} pid {pid}] {text}\n"),
+                        Some(host) => format!("[procexec worker {slot} on {host}] {text}\n"),
+                    };
                     forwarded |= writer.send(ToStderr::Line(line)).await.is_ok();
                 }
             }
-            WorkerStderr::Tracing => {
-                tracing::info!(target: "procexec::worker", worker = slot, pid, "{text}");
-            }
+            WorkerStderr::Tracing => match &host {
+                None => tracing::info!(target: "procexec::worker", worker = slot, pid, "{text}"),
+                Some(host) => {
+                    tracing::info!(target: "procexec::worker", worker = slot, host = &**host, "{text}")
+                }
+            },
             WorkerStderr::Discard => {}
         }
     }
