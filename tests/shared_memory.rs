@@ -50,8 +50,7 @@ procexec::tasks! {
                 let cause = poisoned.cause();
                 let mut value = poisoned.into_inner();
                 *value = 100;
-                drop(value);
-                lock.clear_poison();
+                value.clear_poison();
                 match cause {
                     PoisonCause::OwnerDied { pid } => Some(pid),
                     _ => Some(0),
@@ -188,7 +187,7 @@ async fn a_worker_killed_holding_the_lock_poisons_it_and_the_next_locker_recover
         drop(poisoned); // releases the lock: still poisoned
         let err: procexec::Error = value.lock().await.unwrap_err().into();
         assert!(matches!(err, procexec::Error::Shared(SharedError::Poisoned(PoisonCause::OwnerDied { .. }))));
-        value.clear_poison();
+        value.lock().await.unwrap_err().into_inner().clear_poison();
         assert!(!value.is_poisoned());
         assert_eq!(*value.lock().await.unwrap(), 100);
     })
@@ -203,8 +202,7 @@ async fn a_task_that_panics_holding_the_lock_poisons_it() {
         assert!(exec.spawn(panic_holding, lock.clone()).await.unwrap_err().is_panic());
         let poisoned = lock.lock().await.unwrap_err();
         assert_eq!(poisoned.cause(), PoisonCause::Panicked);
-        drop(poisoned);
-        lock.clear_poison();
+        poisoned.into_inner().clear_poison();
         assert!(lock.lock().await.is_ok());
     })
     .await
@@ -235,9 +233,11 @@ async fn workers_fill_disjoint_ranges_and_the_parent_reads_the_whole() {
         let array = exec.shared_array::<f64>(len).unwrap();
         let ranges = (0..len).step_by(len / 8).map(|start| (array.clone(), start..start + len / 8));
         exec.map(squares, ranges).await.unwrap();
-        let all = array.lock().await.unwrap();
+        let all = array.to_vec();
         assert_eq!(all.len(), len);
         assert!(all.iter().enumerate().all(|(i, &x)| x == (i as f64) * (i as f64)));
+        let locked = array.lock().await.unwrap();
+        assert_eq!(locked.get(999_999), Some(999_999.0 * 999_999.0));
     })
     .await
 }
@@ -339,8 +339,16 @@ async fn a_replacement_worker_maps_the_segments_again() {
         let first = exec.spawn(add_locked, (counter.clone(), 5)).await.unwrap();
         let state = exec.shared_array::<u32>(2).unwrap();
         state.set(1, 1).unwrap();
-        assert!(exec.spawn(hold_and_die, (counter.clone(), state)).await.unwrap_err().is_worker_crash());
-        counter.clear_poison();
+        assert!(
+            exec.spawn(hold_and_die, (counter.clone(), state.clone())).await.unwrap_err().is_worker_crash()
+        );
+        // The killed worker is gone, and its mappings with it.
+        let killed = state.get(0).unwrap();
+        assert_eq!(killed, first);
+        eventually("the killed worker is gone", || !alive(killed) && shared_mappings(killed) == 0).await;
+        if let Err(poisoned) = counter.lock().await {
+            poisoned.into_inner().clear_poison();
+        }
         let second = exec.spawn(add_locked, (counter.clone(), 5)).await.unwrap();
         assert_ne!(first, second);
         assert_eq!(counter.load(), 10);
@@ -423,10 +431,56 @@ async fn nothing_is_left_after_the_parent_is_killed() {
     assert_eq!(dev_shm(), shm_before, "nothing was ever named in /dev/shm");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_parent_may_take_the_lock_blocking_on_a_blocking_thread() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let value = exec.shared_value(1u64).unwrap();
+        let on_thread = value.clone();
+        tokio::task::spawn_blocking(move || *on_thread.blocking_lock().unwrap() += 1).await.unwrap();
+        assert_eq!(value.load(), 2);
+    })
+    .await
+}
+
 #[tokio::test]
-#[should_panic(expected = "would block a Tokio runtime's thread")]
-async fn blocking_lock_in_the_parents_runtime_is_refused() {
-    let exec = executor(1).await;
-    let lock = exec.shared_lock().unwrap();
-    let _held = lock.blocking_lock();
+async fn a_forged_handle_cannot_turn_a_sealed_buffer_into_an_array() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let bytes = exec.shared_bytes(b"immutable").unwrap();
+        let mut wire = postcard::to_allocvec(&bytes).unwrap();
+        // The handle's kind (after the home and ids) said Bytes; say Array.
+        let kind_at = wire.len() - 1 - 1 - 1 - 1 - "u8".len();
+        assert_eq!(wire[kind_at], 2, "{wire:?}");
+        wire[kind_at] = 1;
+        assert!(postcard::from_bytes::<SharedArray<u8>>(&wire).is_err());
+        assert_eq!(&bytes[..], b"immutable");
+    })
+    .await
+}
+
+#[test]
+fn many_parent_tasks_waiting_for_one_lock_need_one_blocking_thread() {
+    // Two blocking threads: one waiter per task would take both.
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().max_blocking_threads(2).enable_all().build().unwrap();
+    runtime.block_on(hang_guard(async {
+        let exec = executor(1).await;
+        let value = exec.shared_value(0u64).unwrap();
+        let held = value.lock().await.unwrap();
+        let waiters: Vec<_> = (0..64)
+            .map(|_| {
+                let value = value.clone();
+                tokio::spawn(async move { *value.lock().await.unwrap() += 1 })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        // A holder that needs the blocking pool is not stuck behind the waiters.
+        tokio::task::spawn_blocking(|| ()).await.unwrap();
+        drop(held);
+        for waiter in waiters {
+            waiter.await.unwrap();
+        }
+        assert_eq!(value.load(), 64);
+    }))
 }

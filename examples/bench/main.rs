@@ -8,7 +8,8 @@
 //! rayon and tokio's blocking pool (in-process bounds), and the limit: a minimal
 //! parent/child pair over raw pipes (raw.rs). W7 measures channels (w7.rs) against
 //! Python's `Queue` and `Pipe` (bench/channels.py) and raw pipes carrying framed
-//! messages (chan_raw.rs). `-- W8`, only when named, load-tests examples/service.rs
+//! messages (chan_raw.rs). W9 measures shared memory (w9.rs) against Python's
+//! `Value.get_lock()` (bench/shared.py) and threads. `-- W8`, only when named, load-tests examples/service.rs
 //! with `wrk` (scripts/service-load). `-- WC`, only when named, runs W1, W3 and W5
 //! through ssh and srun against local workers (cluster.rs, the daemons of
 //! scripts/test-cluster). Every figure is the median of several repetitions;
@@ -21,6 +22,7 @@ mod pin;
 mod raw;
 mod table;
 mod w7;
+mod w9;
 
 use std::time::{Duration, Instant};
 
@@ -54,6 +56,22 @@ procexec::tasks! {
 
     /// W7: streams `count` results of `iterations` steps of work.
     pub fn works(count: u64, iterations: u64, out: procexec::Sender<u64>) { w7::works(count, iterations, out) }
+
+    /// W9: `pairs` lock, add, unlock; when it started and ended.
+    pub fn lock_pairs(value: procexec::SharedValue<u64>, arrived: procexec::SharedValue<u32>, pairs: u64) -> (f64, f64) {
+        w9::lock_pairs(value, arrived, pairs)
+    }
+
+    /// W9: `adds` atomic adds; when it started and ended.
+    pub fn atomic_adds(value: procexec::SharedValue<u64>, arrived: procexec::SharedValue<u32>, adds: u64) -> (f64, f64) {
+        w9::atomic_adds(value, arrived, adds)
+    }
+
+    /// W9: sums a shared buffer; with the worker's memory.
+    pub fn sum_shared(data: procexec::SharedBytes) -> (u64, u64, u64) { w9::sum_shared(data) }
+
+    /// W9: sums the same bytes sent as input.
+    pub fn sum_blob(data: procexec::Blob) -> (u64, u64, u64) { w9::sum_blob(data) }
 }
 
 /// Pure compute the optimizer cannot remove.
@@ -141,6 +159,9 @@ fn main() {
     }
     if config.runs("W7") {
         w7::w7(&config, &mut table);
+    }
+    if config.runs("W9") {
+        w9::w9(&config, &mut table);
     }
     // Only when named: it needs the daemons of scripts/test-cluster.
     if config.only.iter().any(|workload| workload.eq_ignore_ascii_case("WC")) {

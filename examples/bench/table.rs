@@ -179,6 +179,18 @@ impl Table {
             12.0,
             false,
         );
+        check(
+            "W9a: lock pairs, times Python's Value.get_lock()",
+            ratio(self.value("W9a", "procexec"), self.value("W9a", "Python")),
+            10.0,
+            true,
+        );
+        check(
+            "W9c: 256 MiB read, times faster shared than sent",
+            ratio(self.value("W9c", "procexec Blob"), self.value("W9c", "procexec SharedBytes")),
+            5.0,
+            true,
+        );
         for (id, placement) in [("W5", "across CPUs"), ("W5s", "same CPU")] {
             for flavor in ["multi-thread", "current-thread"] {
                 let rtt = self.value(id, &format!("procexec spawn().await, {flavor}"));

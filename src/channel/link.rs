@@ -30,14 +30,7 @@ const SLOW_BATCH: Duration = Duration::from_millis(10);
 
 /// The link of this worker process, once it serves.
 static LINK: Mutex<Option<Link>> = Mutex::new(None);
-/// Set once this process serves as a worker.
-static SERVING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Whether this process is a worker: its tasks may block (even one run inside a
-/// runtime, by a self-executing program that calls `init_worker` there).
-pub(crate) fn serving() -> bool {
-    SERVING.load(std::sync::atomic::Ordering::Relaxed)
-}
 /// Signals the flusher that items are pending.
 static FLUSH: Condvar = Condvar::new();
 /// Signals threads waiting on the link that a frame was read (see [`pump`]).
@@ -173,7 +166,6 @@ impl Link {
     /// Installs the link of this worker process: from now on channel handles
     /// decoded here bind to it.
     pub(crate) fn install(reader: FrameReader, output: File, executor: u64, max_frame_len: usize) {
-        SERVING.store(true, std::sync::atomic::Ordering::Relaxed);
         *lock() = Some(Link {
             reader: Some(reader),
             eof: false,
@@ -404,6 +396,27 @@ impl Link {
                 return if eof { Ok(None) } else { Err(io::Error::new(io::ErrorKind::BrokenPipe, err)) };
             }
         }
+    }
+
+    /// Writes a whole frame of the worker's own (its log records), after what
+    /// channels left pending. `wait`: even if another thread is writing; else
+    /// `Ok(false)` then. `Ok(false)` too outside a worker.
+    pub(crate) fn write_frame(frame: &[u8], wait: bool) -> io::Result<bool> {
+        let mut guard = if wait {
+            lock()
+        } else {
+            match LINK.try_lock() {
+                Ok(guard) => guard,
+                Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+            }
+        };
+        let Some(link) = guard.as_mut() else {
+            return Ok(false);
+        };
+        link.flush().map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        link.output.write_all(frame)?;
+        Ok(true)
     }
 
     /// Ends a call: items it got ahead and did not take go back, then its reply

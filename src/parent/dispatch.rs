@@ -108,6 +108,9 @@ pub(crate) struct Job {
     pub(crate) signalled: bool,
     /// Its inputs carry channel handles (a map's chunk; a spawn's holds say so).
     pub(crate) talking: bool,
+    /// The span current where the call was made: the worker's log records of it
+    /// are re-emitted under it.
+    pub(crate) span: tracing::Span,
 }
 
 impl Job {
@@ -132,6 +135,7 @@ impl Job {
             holds: Holds::default(),
             signalled: false,
             talking: false,
+            span: tracing::Span::current(),
         }
     }
 

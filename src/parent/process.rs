@@ -317,6 +317,7 @@ async fn handshake(
         index: slot as u32,
         measure_memory: config.measure_memory,
         executor: config.executor,
+        log_level: wanted_log_level(),
     };
     protocol::write_message(&mut init, &request, config.max_frame_len).map_err(|e| e.to_string())?;
     // A worker that dies first closes the pipe; its exit status then tells more.
@@ -479,6 +480,19 @@ impl Decoder for ReplyCodec {
             None => {}
         }
         Ok(frame)
+    }
+}
+
+/// The parent's filter as the workers' level number (0: nothing wanted): the most
+/// verbose level any subscriber of this process enables.
+pub(crate) fn wanted_log_level() -> u8 {
+    match tracing::level_filters::LevelFilter::current() {
+        tracing::level_filters::LevelFilter::OFF => 0,
+        tracing::level_filters::LevelFilter::ERROR => 1,
+        tracing::level_filters::LevelFilter::WARN => 2,
+        tracing::level_filters::LevelFilter::INFO => 3,
+        tracing::level_filters::LevelFilter::DEBUG => 4,
+        _ => 5,
     }
 }
 
@@ -703,12 +717,14 @@ fn serve_spawns(inbox: std_mpsc::Receiver<ToSpawner>) {
         }
         // Reaped, or not ours to reap (`ECHILD`): done with either way. Its
         // shared-memory locks are freed as `wait_exit` frees them.
-        dying.retain_mut(|child| {
-            let exited = !matches!(child.try_wait(), Ok(None));
-            if exited {
+        dying.retain_mut(|child| match child.try_wait() {
+            Ok(None) => true,
+            Ok(Some(_)) => {
                 crate::shared::segment::holder_died(child.id());
+                false
             }
-            !exited
+            // Someone else reaped it: its pid may be another process's already.
+            Err(_) => false,
         });
     }
 }

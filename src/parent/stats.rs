@@ -54,6 +54,12 @@ pub struct Stats {
     pub recent_exits: Vec<WorkerExit>,
     /// Every live worker process, by slot.
     pub live: Vec<LiveWorker>,
+    /// `tracing` events of tasks forwarded by the workers (only those the parent's
+    /// filter wants are sent).
+    pub log_records: u64,
+    /// Of those, records the workers dropped because their tasks logged faster
+    /// than they could send.
+    pub log_records_dropped: u64,
 }
 
 /// One live worker process, as [`Stats::live`] lists it.
@@ -232,6 +238,8 @@ pub(crate) struct Counters {
     /// Per slot, the time its calls spend on the link beyond their run, when it
     /// is measured (workers elsewhere); what map chunks are sized against.
     pub(crate) link_ns: Box<[AtomicU64]>,
+    pub(crate) log_records: AtomicU64,
+    pub(crate) log_records_dropped: AtomicU64,
     exits: Mutex<ExitLog>,
 }
 
@@ -297,6 +305,8 @@ impl Counters {
             failed: self.failed.load(Ordering::Relaxed),
             retried: self.retried.load(Ordering::Relaxed),
             cancelled: self.cancelled.load(Ordering::Relaxed),
+            log_records: self.log_records.load(Ordering::Relaxed),
+            log_records_dropped: self.log_records_dropped.load(Ordering::Relaxed),
             exits: log.counts,
             recent_exits: log.recent.iter().cloned().collect(),
             live: self

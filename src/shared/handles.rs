@@ -75,13 +75,9 @@ macro_rules! lock_methods {
         }
 
         /// Whether the lock is poisoned: a holder died or panicked holding it.
+        /// The guard's `clear_poison` ends it, once the data is repaired.
         pub fn is_poisoned(&self) -> bool {
             lock::poison_cause(&self.segment.map).is_some()
-        }
-
-        /// Clears the poison mark, once the data is repaired.
-        pub fn clear_poison(&self) {
-            lock::clear_poison(&self.segment.map)
         }
     };
 }
@@ -142,7 +138,7 @@ impl<T: Pod> SharedValue<T> {
         self.segment.map.write(0, value);
     }
 
-    lock_methods!(ValueGuard, |locked, _this| ValueGuard { locked, _type: PhantomData });
+    lock_methods!(ValueGuard, |locked, _this| ValueGuard::new(locked));
 }
 
 macro_rules! atomic_values {
@@ -197,35 +193,67 @@ atomic_values! {
     usize => std::sync::atomic::AtomicUsize, isize => std::sync::atomic::AtomicIsize,
 }
 
-/// The lock of a [`SharedValue`], held; derefs to the value.
-pub struct ValueGuard<'a, T> {
+/// The lock of a [`SharedValue`], held; derefs to a copy of the value, written
+/// back when the guard is dropped (if it was changed), before the lock is released.
+///
+/// A copy, because a Rust reference may not point at memory that another process
+/// can change meanwhile (an unlocked `set` or `fetch_add` elsewhere): those writes
+/// race with the lock's holder anyway, and the holder's write-back wins.
+pub struct ValueGuard<'a, T: Pod> {
     locked: Locked<'a>,
-    _type: PhantomData<&'a mut T>,
+    value: T,
+    changed: bool,
+}
+
+impl<'a, T: Pod> ValueGuard<'a, T> {
+    fn new(locked: Locked<'a>) -> Self {
+        let value = locked.map().read(0).unwrap_or_else(T::zeroed);
+        ValueGuard { locked, value, changed: false }
+    }
+
+    /// Ends the lock's poisoned state, once the value is repaired.
+    pub fn clear_poison(&self) {
+        self.locked.clear_poison()
+    }
 }
 
 impl<T: Pod> Deref for ValueGuard<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {
-        &self.locked.held().slice::<T>(1)[0]
+        &self.value
     }
 }
 
 impl<T: Pod> DerefMut for ValueGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
-        &mut self.locked.held_mut().slice_mut::<T>(1)[0]
+        self.changed = true;
+        &mut self.value
+    }
+}
+
+impl<T: Pod> Drop for ValueGuard<'_, T> {
+    fn drop(&mut self) {
+        // Also when dropped by a panic: as with `std`'s `Mutex`, what the holder
+        // wrote stays, and the lock is poisoned.
+        if self.changed {
+            self.locked.map().write(0, self.value);
+        }
     }
 }
 
 /// An array of plain old data in shared memory: Python's `multiprocessing.Array`.
 ///
 /// Made by [`Executor::shared_array`](crate::Executor::shared_array) (zeroed) or
-/// [`Executor::shared_array_from`](crate::Executor::shared_array_from). Tasks that
-/// each write their own range need no lock ([`write_from`](SharedArray::write_from));
-/// for compound updates, or a view of the whole as a slice without copying, take the
-/// lock: its guard derefs to `[T]`.
+/// [`Executor::shared_array_from`](crate::Executor::shared_array_from). Every
+/// process reads and writes the elements where they lie: tasks that each write their
+/// own range need no lock ([`write_from`](SharedArray::write_from)); for compound
+/// updates take the lock, whose [`ArrayGuard`] has the same accessors.
 ///
-/// Element access outside the lock copies: a value larger than a machine word can be
-/// seen half written when another process writes it meanwhile.
+/// Elements are copied in and out (by atomic units of their alignment, up to 8
+/// bytes), never lent as references: memory another process may write cannot be a
+/// Rust reference. So a value wider than its alignment (a struct of two `f64`s) can
+/// be seen half written by an unlocked reader while another process writes it; a
+/// `u64` or `f64` cannot.
 ///
 /// # Examples
 ///
@@ -246,8 +274,8 @@ impl<T: Pod> DerefMut for ValueGuard<'_, T> {
 /// let array = exec.shared_array::<u64>(1000)?;
 /// let ranges = (0..1000).step_by(250).map(|start| (array.clone(), start..start + 250));
 /// exec.map(squares, ranges).await?;
-/// let all = array.lock().await?; // a view of the whole, no copy
-/// assert_eq!(all[999], 999 * 999);
+/// assert_eq!(array.get(999), Some(999 * 999)); // read where it lies
+/// assert_eq!(array.to_vec()[10], 100);
 /// # Ok(()) }
 /// ```
 pub struct SharedArray<T> {
@@ -284,22 +312,18 @@ impl<T: Pod> SharedArray<T> {
 
     /// Sets the element at `index` without the lock.
     pub fn set(&self, index: usize, value: T) -> Result<(), SharedError> {
-        if self.segment.map.write(index, value) { Ok(()) } else { Err(self.out_of_bounds(index, 1)) }
+        bounded(self.segment.map.write(index, value), index, 1, self.len())
     }
 
     /// Copies `out.len()` elements from `start` into `out`, without the lock.
     pub fn read_into(&self, start: usize, out: &mut [T]) -> Result<(), SharedError> {
-        if self.segment.map.copy_out(start, out) { Ok(()) } else { Err(self.out_of_bounds(start, out.len())) }
+        bounded(self.segment.map.copy_out(start, out), start, out.len(), self.len())
     }
 
     /// Copies `data` into the elements from `start`, without the lock: the way for
     /// tasks that each fill their own range.
     pub fn write_from(&self, start: usize, data: &[T]) -> Result<(), SharedError> {
-        if self.segment.map.copy_in(start, data) {
-            Ok(())
-        } else {
-            Err(self.out_of_bounds(start, data.len()))
-        }
+        bounded(self.segment.map.copy_in(start, data), start, data.len(), self.len())
     }
 
     /// A copy of all elements, without the lock.
@@ -309,10 +333,6 @@ impl<T: Pod> SharedArray<T> {
         out
     }
 
-    fn out_of_bounds(&self, start: usize, count: usize) -> SharedError {
-        SharedError::OutOfBounds { start: start as u64, count: count as u64, len: self.len() as u64 }
-    }
-
     lock_methods!(ArrayGuard, |locked, this| ArrayGuard {
         locked,
         len: this.segment.len,
@@ -320,23 +340,66 @@ impl<T: Pod> SharedArray<T> {
     });
 }
 
-/// The lock of a [`SharedArray`], held; derefs to the elements as a slice.
-pub struct ArrayGuard<'a, T> {
+/// The lock of a [`SharedArray`], held: the same element access as the array's,
+/// with the other lockers kept out meanwhile.
+///
+/// No slice view: a Rust reference may not point at memory another process can
+/// change meanwhile (an unlocked write elsewhere), so elements are copied in and out.
+pub struct ArrayGuard<'a, T: Pod> {
     locked: Locked<'a>,
     len: usize,
     _type: PhantomData<&'a mut T>,
 }
 
-impl<T: Pod> Deref for ArrayGuard<'_, T> {
-    type Target = [T];
-    fn deref(&self) -> &[T] {
-        self.locked.held().slice(self.len)
+impl<T: Pod> ArrayGuard<'_, T> {
+    /// The number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The element at `index`; `None` out of bounds.
+    pub fn get(&self, index: usize) -> Option<T> {
+        self.locked.map().read(index)
+    }
+
+    /// Sets the element at `index`.
+    pub fn set(&self, index: usize, value: T) -> Result<(), SharedError> {
+        bounded(self.locked.map().write(index, value), index, 1, self.len)
+    }
+
+    /// Copies `out.len()` elements from `start` into `out`.
+    pub fn read_into(&self, start: usize, out: &mut [T]) -> Result<(), SharedError> {
+        bounded(self.locked.map().copy_out(start, out), start, out.len(), self.len)
+    }
+
+    /// Copies `data` into the elements from `start`.
+    pub fn write_from(&self, start: usize, data: &[T]) -> Result<(), SharedError> {
+        bounded(self.locked.map().copy_in(start, data), start, data.len(), self.len)
+    }
+
+    /// A copy of all elements.
+    pub fn to_vec(&self) -> Vec<T> {
+        let mut out = vec![T::zeroed(); self.len];
+        self.locked.map().copy_out(0, &mut out);
+        out
+    }
+
+    /// Ends the lock's poisoned state, once the data is repaired.
+    pub fn clear_poison(&self) {
+        self.locked.clear_poison()
     }
 }
 
-impl<T: Pod> DerefMut for ArrayGuard<'_, T> {
-    fn deref_mut(&mut self) -> &mut [T] {
-        self.locked.held_mut().slice_mut(self.len)
+fn bounded(done: bool, start: usize, count: usize, len: usize) -> Result<(), SharedError> {
+    if done {
+        Ok(())
+    } else {
+        Err(SharedError::OutOfBounds { start: start as u64, count: count as u64, len: len as u64 })
     }
 }
 
@@ -457,19 +520,22 @@ impl SharedLock {
     }
 
     /// Whether the lock is poisoned: a holder died or panicked holding it.
+    /// [`LockGuard::clear_poison`] ends it.
     pub fn is_poisoned(&self) -> bool {
         lock::poison_cause(&self.segment.map).is_some()
-    }
-
-    /// Clears the poison mark.
-    pub fn clear_poison(&self) {
-        lock::clear_poison(&self.segment.map)
     }
 }
 
 /// A [`SharedLock`], held; released when dropped.
 pub struct LockGuard<'a> {
     _locked: Locked<'a>,
+}
+
+impl LockGuard<'_> {
+    /// Ends the lock's poisoned state (see [`Poisoned`](crate::Poisoned)).
+    pub fn clear_poison(&self) {
+        self._locked.clear_poison()
+    }
 }
 
 macro_rules! handle_traits {
@@ -517,7 +583,7 @@ impl<T> Clone for SharedArray<T> {
 
 impl<T: Pod + std::fmt::Debug> std::fmt::Debug for ValueGuard<'_, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("ValueGuard").field(&**self).finish()
+        f.debug_tuple("ValueGuard").field(&self.value).finish()
     }
 }
 

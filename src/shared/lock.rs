@@ -30,7 +30,7 @@ pub(crate) fn me() -> u32 {
 
 /// The lock was taken, but its last holder died or panicked holding it: the data
 /// may be half updated. Holds the guard: [`Poisoned::into_inner`] to repair the data,
-/// then clear the mark with the handle's `clear_poison`.
+/// then clear the mark with the guard's `clear_poison`.
 ///
 /// Converts into [`SharedError::Poisoned`](crate::SharedError::Poisoned) (and so
 /// into `procexec::Error`) for `?`, which drops the guard.
@@ -87,15 +87,27 @@ pub type LockResult<G> = Result<G, Poisoned<G>>;
 /// The lock, held: releases it when dropped, and poisons it if dropped by a panic.
 pub(crate) struct Locked<'a> {
     held: Held<'a>,
+    /// The parent's turn among its own tasks waiting for this segment's lock.
+    #[cfg(feature = "executor")]
+    _turn: Option<tokio::sync::MutexGuard<'a, ()>>,
 }
 
 impl<'a> Locked<'a> {
-    pub(crate) fn held(&self) -> &Held<'a> {
-        &self.held
+    fn new(held: Held<'a>) -> Self {
+        Locked {
+            held,
+            #[cfg(feature = "executor")]
+            _turn: None,
+        }
     }
 
-    pub(crate) fn held_mut(&mut self) -> &mut Held<'a> {
-        &mut self.held
+    pub(crate) fn map(&self) -> &'a Mapping {
+        self.held.map()
+    }
+
+    /// Ends the poison: the holder repaired the data.
+    pub(crate) fn clear_poison(&self) {
+        clear_poison(self.map());
     }
 }
 
@@ -108,9 +120,9 @@ impl Drop for Locked<'_> {
 }
 
 /// Wraps a fresh hold in `make`'s guard, poisoned or not.
-fn result<'a, G>(held: Held<'a>, make: impl FnOnce(Locked<'a>) -> G) -> LockResult<G> {
-    let cause = poison_cause(held.map());
-    let guard = make(Locked { held });
+fn result<'a, G>(locked: Locked<'a>, make: impl FnOnce(Locked<'a>) -> G) -> LockResult<G> {
+    let cause = poison_cause(locked.map());
+    let guard = make(locked);
     match cause {
         None => Ok(guard),
         Some(cause) => Err(Poisoned { guard, cause }),
@@ -125,7 +137,7 @@ pub(crate) fn poison_cause(map: &Mapping) -> Option<PoisonCause> {
     }
 }
 
-pub(crate) fn clear_poison(map: &Mapping) {
+fn clear_poison(map: &Mapping) {
     if map.is_writable() {
         map.header().poison.store(0, Ordering::Release);
     }
@@ -146,12 +158,10 @@ fn process_lives(pid: u32) -> bool {
     !matches!(rustix::process::test_kill_process(pid), Err(rustix::io::Errno::SRCH))
 }
 
-/// Takes the lock, blocking this thread.
+/// Takes the lock, blocking this thread. (In async code, that blocks the
+/// runtime's thread: documented, not refused, since a blocking-pool thread, where
+/// it is right, looks the same to Tokio's public API.)
 pub(crate) fn blocking<'a, G>(map: &'a Mapping, make: impl FnOnce(Locked<'a>) -> G) -> LockResult<G> {
-    #[cfg(feature = "executor")]
-    if !crate::channel::link::serving() {
-        crate::channel::not_in_a_runtime("blocking_lock", "lock().await");
-    }
     let held = match map.try_lock(me()) {
         Some(held) => held,
         None => loop {
@@ -161,25 +171,28 @@ pub(crate) fn blocking<'a, G>(map: &'a Mapping, make: impl FnOnce(Locked<'a>) ->
             }
         },
     };
-    result(held, make)
+    result(Locked::new(held), make)
 }
 
 /// Takes the lock if it is free right now; `None` when another holds it.
 pub(crate) fn try_now<'a, G>(map: &'a Mapping, make: impl FnOnce(Locked<'a>) -> G) -> Option<LockResult<G>> {
-    map.try_lock(me()).map(|held| result(held, make))
+    map.try_lock(me()).map(|held| result(Locked::new(held), make))
 }
 
 /// Takes the lock without blocking the runtime: a blocking thread waits on the
 /// futex for it, and hands it over, or releases it again if this future was dropped
-/// meanwhile.
+/// meanwhile. The parent's own tasks first wait their turn in-process, so one
+/// blocking thread at most waits per segment, however many tasks want the lock.
 #[cfg(feature = "executor")]
 pub(crate) async fn acquire<'a, G>(
     segment: &'a std::sync::Arc<super::segment::Segment>,
     make: impl FnOnce(Locked<'a>) -> G,
 ) -> LockResult<G> {
     let map = &segment.map;
+    let mut turn = Some(segment.turn.lock().await);
+    let mut locked = |held: Held<'a>| Locked { held, _turn: turn.take() };
     if let Some(held) = map.try_lock(me()) {
-        return result(held, make);
+        return result(locked(held), make);
     }
     loop {
         let (send, receive) = tokio::sync::oneshot::channel::<()>();
@@ -205,7 +218,7 @@ pub(crate) async fn acquire<'a, G>(
         let mut handover = Handover { receive, map, armed: true };
         if handover.wait().await {
             if let Some(held) = map.adopt(me()) {
-                return result(held, make);
+                return result(locked(held), make);
             }
         }
     }
@@ -233,6 +246,9 @@ impl Handover<'_> {
 #[cfg(feature = "executor")]
 impl Drop for Handover<'_> {
     fn drop(&mut self) {
+        // Closed first: a hand-over then either came before (and is released here)
+        // or fails (and the waiting thread releases it).
+        self.receive.close();
         if self.armed && self.receive.try_recv().is_ok() {
             drop(self.map.adopt(me()));
         }

@@ -1,10 +1,11 @@
 //! A mapped memory file: its header, its elements and its lock word.
 //!
 //! All of the `unsafe` code of shared memory is in this module, and what it exports
-//! is safe to call: a mapping checks its bounds, elements are plain old data (any
-//! bytes are a valid value, so a read racing a write in another process can tear a
-//! value but never make an invalid one), and a `&mut` view of the data exists only
-//! behind [`Held`], the proof that this process holds the segment's lock.
+//! is safe to call: a mapping checks its bounds against its own length (never the
+//! header, which other processes can write); the data is only ever copied in and
+//! out by atomic units, so no Rust reference points into memory another process may
+//! change (a value may tear between units, and elements are plain old data, so any
+//! bytes are valid); the one exception, a sealed buffer, is immutable.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -112,23 +113,13 @@ impl Mapping {
 
     /// The element at `index`.
     pub(crate) fn read<T: Pod>(&self, index: usize) -> Option<T> {
-        let ptr = self.elements::<T>(index, 1)?;
-        // SAFETY: in bounds and aligned (data starts at a multiple of `MAX_ALIGN`, and
-        // an element's offset is a multiple of its size, so of its alignment). Any
-        // bytes are a valid `T`; volatile because other processes write it.
-        Some(unsafe { ptr.read_volatile() })
+        let mut value = T::zeroed();
+        self.copy_out(index, std::slice::from_mut(&mut value)).then_some(value)
     }
 
     /// Writes the element at `index`; false when out of bounds or read-only.
     pub(crate) fn write<T: Pod>(&self, index: usize, value: T) -> bool {
-        match self.elements::<T>(index, 1) {
-            // SAFETY: as in `read`, and the mapping is writable.
-            Some(ptr) if self.writable => {
-                unsafe { ptr.write_volatile(value) };
-                true
-            }
-            _ => false,
-        }
+        self.copy_in(index, std::slice::from_ref(&value))
     }
 
     /// Copies `out.len()` elements from `index` into `out`; false when out of bounds.
@@ -136,10 +127,13 @@ impl Mapping {
         let Some(ptr) = self.elements::<T>(index, out.len()) else {
             return false;
         };
-        // SAFETY: in bounds and aligned (see `read`), and any bytes are valid `T`s.
-        // `copy` allows `out` to overlap the source (a locked view of this mapping).
-        unsafe { std::ptr::copy(ptr.cast_const(), out.as_mut_ptr(), out.len()) };
-        atomic::fence(Ordering::Acquire);
+        let bytes = std::mem::size_of_val(out);
+        let dst = out.as_mut_ptr().cast::<u8>();
+        // SAFETY: `ptr` is in bounds for `bytes` bytes and aligned for `T` (see
+        // `elements`), so for the unit, which divides `T`'s alignment; `dst` is our
+        // own `out`, as many bytes, and any bytes are valid `T`s. Every access to the
+        // shared bytes is atomic, by every process, so none is a data race.
+        unsafe { copy_units::<T>(ptr.cast::<u8>().cast_const(), dst, bytes, Direction::Out) };
         true
     }
 
@@ -148,10 +142,11 @@ impl Mapping {
     pub(crate) fn copy_in<T: Pod>(&self, index: usize, data: &[T]) -> bool {
         match self.elements::<T>(index, data.len()) {
             Some(ptr) if self.writable => {
-                atomic::fence(Ordering::Release);
-                // SAFETY: in bounds, aligned and writable; `copy` allows overlap, so
-                // even a `data` that is a view of this mapping is fine.
-                unsafe { std::ptr::copy(data.as_ptr(), ptr, data.len()) };
+                let bytes = std::mem::size_of_val(data);
+                // SAFETY: as in `copy_out`, the other way, into a writable mapping.
+                unsafe {
+                    copy_units::<T>(data.as_ptr().cast::<u8>(), ptr.cast::<u8>(), bytes, Direction::In)
+                };
                 true
             }
             _ => false,
@@ -159,7 +154,7 @@ impl Mapping {
     }
 
     /// All the data, read-only. Sound only while nobody can write it: a sealed
-    /// segment ([`Mapping::sealed_bytes`]) or behind [`Held`].
+    /// segment ([`Mapping::sealed_bytes`]).
     fn data<T: Pod>(&self, len: usize) -> &[T] {
         match self.elements::<T>(0, len) {
             // SAFETY: in bounds and aligned; the callers guarantee no writes meanwhile.
@@ -214,6 +209,11 @@ impl Mapping {
     /// Returns `Err(holder)` when it is still held, so the caller can ask whether
     /// the holder still lives.
     pub(crate) fn lock_for(&self, me: u32, patience: Duration) -> Result<Held<'_>, u32> {
+        if !self.writable {
+            // A read-only segment has no lock to take (and its page would fault).
+            std::thread::sleep(patience);
+            return Err(0);
+        }
         let word = &self.header().lock;
         let deadline = std::time::Instant::now() + patience;
         loop {
@@ -246,7 +246,8 @@ impl Mapping {
     /// Takes over the lock that `me` holds already (acquired on another thread of
     /// this process for a future that waits on it).
     pub(crate) fn adopt(&self, me: u32) -> Option<Held<'_>> {
-        (self.header().lock.load(Ordering::Acquire) & HOLDER == me).then_some(Held { map: self })
+        (self.writable && self.header().lock.load(Ordering::Acquire) & HOLDER == me)
+            .then_some(Held { map: self })
     }
 
     /// Frees the lock if `pid` holds it (a process that died holding it): marks the
@@ -303,34 +304,16 @@ impl Sealed {
     }
 }
 
-/// The lock, held by this process, and what holding it allows: the data as a slice.
+/// The lock, held by this process.
 ///
 /// Releases the lock when dropped.
 pub(crate) struct Held<'a> {
     map: &'a Mapping,
 }
 
-impl Held<'_> {
-    pub(crate) fn map(&self) -> &Mapping {
+impl<'a> Held<'a> {
+    pub(crate) fn map(&self) -> &'a Mapping {
         self.map
-    }
-
-    /// The data as `len` elements.
-    pub(crate) fn slice<T: Pod>(&self, len: usize) -> &[T] {
-        self.map.data(len)
-    }
-
-    /// The data as `len` mutable elements.
-    pub(crate) fn slice_mut<T: Pod>(&mut self, len: usize) -> &mut [T] {
-        match self.map.elements::<T>(0, len) {
-            // SAFETY: in bounds and aligned; the lock makes this the only view of
-            // the data among processes that use it (all of procexec's slice views
-            // are behind the lock, and `&mut self` keeps ours unique here). Unlocked
-            // element writes by another process can only change plain-old-data
-            // values under it, never make one invalid.
-            Some(ptr) if self.map.writable => unsafe { std::slice::from_raw_parts_mut(ptr, len) },
-            _ => &mut [],
-        }
     }
 
     /// Keeps the lock held without this proof (to be adopted by another thread).
@@ -345,6 +328,63 @@ impl Drop for Held<'_> {
         if word.swap(0, Ordering::Release) & WAITERS != 0 {
             let _ = futex::wake(word, futex::Flags::empty(), 1);
         }
+    }
+}
+
+/// Which way [`copy_units`] copies.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// From the shared memory (`src`) into private memory.
+    Out,
+    /// From private memory into the shared memory (`dst`).
+    In,
+}
+
+/// Copies `bytes` bytes of `T`s between shared and private memory, the shared side
+/// accessed only by relaxed atomic loads or stores of `T`'s alignment (at most 8
+/// bytes), so racing another process's writes is defined: an element may be torn
+/// between units, never a unit.
+///
+/// # Safety
+/// Both ranges are valid for `bytes` bytes, `bytes` is a multiple of `T`'s size,
+/// and the shared side is aligned for `T`.
+unsafe fn copy_units<T>(src: *const u8, dst: *mut u8, bytes: usize, direction: Direction) {
+    macro_rules! copy {
+        ($atomic:ty, $int:ty) => {{
+            const WIDTH: usize = std::mem::size_of::<$int>();
+            for at in (0..bytes).step_by(WIDTH) {
+                // SAFETY: in bounds (the caller's contract); the shared side is
+                // aligned for the unit, the private side is read or written unaligned.
+                unsafe {
+                    match direction {
+                        Direction::Out => {
+                            let unit = <$atomic>::from_ptr(src.add(at).cast::<$int>().cast_mut());
+                            dst.add(at).cast::<$int>().write_unaligned(unit.load(Ordering::Relaxed));
+                        }
+                        Direction::In => {
+                            let unit = <$atomic>::from_ptr(dst.add(at).cast::<$int>());
+                            unit.store(src.add(at).cast::<$int>().read_unaligned(), Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        }};
+    }
+    // Pairs with the fence after a copy out elsewhere: what was written before
+    // this copy is seen by a reader that sees this copy (the lock's release and
+    // acquire cover the locked case already).
+    if direction == Direction::In {
+        atomic::fence(Ordering::Release);
+    }
+    // `T`'s size is a multiple of its alignment, so of the unit.
+    match std::mem::align_of::<T>().min(8) {
+        8 => copy!(atomic::AtomicU64, u64),
+        4 => copy!(atomic::AtomicU32, u32),
+        2 => copy!(atomic::AtomicU16, u16),
+        _ => copy!(atomic::AtomicU8, u8),
+    }
+    if direction == Direction::Out {
+        atomic::fence(Ordering::Acquire);
     }
 }
 
@@ -447,8 +487,9 @@ mod tests {
         let waiter = {
             let map = map.clone();
             std::thread::spawn(move || {
-                let mut held = map.lock_for(2, Duration::from_secs(30)).expect("woken before the hang guard");
-                held.slice_mut::<u64>(1)[0] += 1;
+                let _held = map.lock_for(2, Duration::from_secs(30)).expect("woken before the hang guard");
+                let value = map.read::<u64>(0).unwrap();
+                map.write(0, value + 1);
             })
         };
         // Wait until the waiter is parked, so the release has someone to wake.

@@ -104,6 +104,9 @@ pub(crate) struct Segment {
     token: [u8; 16],
     /// The memory file, kept by the process that made it, for its service to send.
     owned: Option<OwnedFd>,
+    /// Orders this process's async lockers (see `lock::acquire`).
+    #[cfg(feature = "executor")]
+    pub(crate) turn: tokio::sync::Mutex<()>,
 }
 
 impl Segment {
@@ -153,6 +156,8 @@ impl Segment {
             id: service.next_id.fetch_add(1, Ordering::Relaxed),
             token: random()?,
             owned: Some(fd),
+            #[cfg(feature = "executor")]
+            turn: tokio::sync::Mutex::new(()),
         });
         lock(&service.segments).insert(segment.id, Arc::downgrade(&segment));
         Ok(segment)
@@ -180,21 +185,32 @@ impl Segment {
                 found: format!("{}<{}>", wire.kind.name(), wire.elem),
             });
         }
-        if let Some(service) = SERVICE.get().filter(|service| service.home == wire.home) {
-            return lock(&service.segments)
+        let segment = if let Some(service) = SERVICE.get().filter(|service| service.home == wire.home) {
+            lock(&service.segments)
                 .get(&wire.id)
                 .and_then(Weak::upgrade)
                 .filter(|segment| segment.token == wire.token)
-                .ok_or(SharedError::Gone);
+                .ok_or(SharedError::Gone)?
+        } else {
+            let mut attached = lock(&ATTACHED);
+            match attached.get(&(wire.home, wire.id)).filter(|segment| segment.token == wire.token) {
+                Some(segment) => segment.clone(),
+                None => {
+                    let segment = Arc::new(attach(wire, elem)?);
+                    attached.insert((wire.home, wire.id), segment.clone());
+                    start_sweeper();
+                    segment
+                }
+            }
+        };
+        // What the segment really is, not what the handle says: a forged handle must
+        // not turn a sealed buffer into a writable array.
+        if segment.kind != kind || segment.elem.size != elem.size || segment.len as u64 != wire.len {
+            return Err(SharedError::WrongType {
+                expected: format!("{}<{}>", kind.name(), elem.name),
+                found: format!("{}<{}>", segment.kind.name(), segment.elem.name),
+            });
         }
-        let mut attached = lock(&ATTACHED);
-        if let Some(segment) =
-            attached.get(&(wire.home, wire.id)).filter(|segment| segment.token == wire.token)
-        {
-            return Ok(segment.clone());
-        }
-        let segment = Arc::new(attach(wire, elem)?);
-        attached.insert((wire.home, wire.id), segment.clone());
         Ok(segment)
     }
 }
@@ -226,8 +242,22 @@ impl Drop for Segment {
 type Attached = HashMap<(Home, u64), Arc<Segment>>;
 static ATTACHED: LazyLock<Mutex<Attached>> = LazyLock::new(Mutex::default);
 
+/// Sweeps every half second in a process that attached segments, so an idle worker
+/// does not keep memory its parent let go of until its next call.
+fn start_sweeper() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let _ = std::thread::Builder::new().name("procexec-shm-sweep".into()).spawn(|| {
+            loop {
+                std::thread::sleep(Duration::from_millis(500));
+                sweep();
+            }
+        });
+    });
+}
+
 /// Unmaps attached segments that their maker let go of and nothing here still uses:
-/// run by a worker after each call.
+/// run by a worker after each call, and every half second.
 pub(crate) fn sweep() {
     let Ok(mut attached) = ATTACHED.try_lock() else {
         return;
@@ -250,16 +280,12 @@ pub(crate) fn holder_died(pid: u32) {
     let segments: Vec<Arc<Segment>> = lock(&service.segments).values().filter_map(Weak::upgrade).collect();
     for segment in segments {
         if segment.map.release_dead_holder(pid) {
-            tracing_warn(pid);
+            tracing::warn!(
+                pid,
+                "a worker died holding a shared-memory lock: the next locker finds it poisoned"
+            );
         }
     }
-}
-
-fn tracing_warn(pid: u32) {
-    #[cfg(feature = "executor")]
-    tracing::warn!(pid, "a worker died holding a shared-memory lock: the next locker finds it poisoned");
-    #[cfg(not(feature = "executor"))]
-    let _ = pid;
 }
 
 /// This process's descriptor service, started with its first segment.
@@ -401,6 +427,8 @@ fn attach(wire: &Wire<'_>, elem: Elem) -> Result<Segment, SharedError> {
         id: wire.id,
         token: wire.token,
         owned: None,
+        #[cfg(feature = "executor")]
+        turn: tokio::sync::Mutex::new(()),
     })
 }
 
@@ -418,6 +446,14 @@ fn fetch(wire: &Wire<'_>) -> Result<OwnedFd, SharedError> {
         // whose abstract sockets this process cannot see).
         Err(rustix::io::Errno::CONNREFUSED | rustix::io::Errno::NOENT) => return Err(SharedError::Gone),
         Err(err) => return Err(system(err)),
+    }
+    // The name is visible to all (/proc/net/unix): after its maker exited, another
+    // process may have taken it. Only the maker itself gets the token.
+    match rustix::net::sockopt::socket_peercred(&conn) {
+        Ok(peer)
+            if peer.uid == rustix::process::getuid()
+                && peer.pid.as_raw_nonzero().get() as u32 == wire.home.pid => {}
+        _ => return Err(SharedError::Gone),
     }
     let _ = rustix::net::sockopt::set_socket_timeout(
         &conn,

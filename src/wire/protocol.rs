@@ -72,6 +72,9 @@ pub(crate) enum Request {
         measure_memory: bool,
         /// The executor's id: channel handles of another executor are refused.
         executor: u64,
+        /// The most verbose level of `tracing` events the parent wants forwarded
+        /// ([`LogRecord::level`] numbering; 0: none).
+        log_level: u8,
     },
     /// Run task number `task` on each of `items` inputs in the body.
     Call { id: u64, task: u32, items: Count },
@@ -79,6 +82,9 @@ pub(crate) enum Request {
     Exit,
     /// A channel message (see [`ToWorker`]), at any time, also while a call runs.
     Channel(ToWorker),
+    /// The parent's level filter changed: forward events up to `level` from now on
+    /// (taken between calls).
+    LogLevel { level: u8 },
 }
 
 /// A message from a worker to the parent.
@@ -96,6 +102,24 @@ pub(crate) enum Reply {
     Done { id: u64, errors: Count, busy_ns: Fixed64, peak_rss_kib: Fixed64 },
     /// A channel message (see [`ToParent`]), written by a running task.
     Channel(ToParent),
+    /// `tracing` events the worker's tasks emitted, oldest first; `dropped` more
+    /// were dropped because the worker's buffer was full.
+    Log { records: Vec<LogRecord>, dropped: u32 },
+}
+
+/// One `tracing` event of a worker, as the parent re-emits it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct LogRecord {
+    /// The call it was emitted in (0: between calls).
+    pub(crate) call: u64,
+    /// 1 error, 2 warn, 3 info, 4 debug, 5 trace.
+    pub(crate) level: u8,
+    /// The event's target (its module path, unless set).
+    pub(crate) target: String,
+    /// Its `message` field.
+    pub(crate) message: String,
+    /// Its other fields, as `name=value` separated by spaces.
+    pub(crate) fields: String,
 }
 
 /// What a task says about a channel (a queue or a channel end) to the parent, which

@@ -5,6 +5,7 @@
 //! only watches for the parent's hang-up, so a worker deep in a CPU loop still exits
 //! when its parent goes away.
 
+mod logs;
 pub(crate) mod state;
 
 use std::fs::File;
@@ -177,7 +178,7 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
     let Some(frame) = reader.next_frame()? else {
         return Ok(());
     };
-    let (Request::Init { version, max_frame_len, index: _, measure_memory, executor }, _) =
+    let (Request::Init { version, max_frame_len, index: _, measure_memory, executor, log_level }, _) =
         protocol::split_header(&frame).map_err(invalid)?
     else {
         return Err(invalid("the first request is not Init"));
@@ -205,6 +206,7 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
 
     // From here on the link reads and writes: tasks talk on it too (channels).
     Link::install(reader, output, executor, max_frame_len);
+    logs::install(log_level);
 
     // The end of one call is the start of the next when its frame was already
     // buffered: one clock read per call.
@@ -218,7 +220,12 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
             // its closing as the worker's exit and then kills what is left.
             Request::Exit => {
                 let _ = io::stdout().flush();
+                logs::flush(true);
                 return Ok(());
+            }
+            Request::LogLevel { level } => {
+                logs::set_level(level);
+                continue;
             }
             Request::Init { .. } => return Err(invalid("Init sent twice")),
             Request::Channel(_) => return Err(invalid("a channel message the link did not take")),
@@ -232,7 +239,9 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         // Blob inputs share the request frame instead of copying out of it.
         let registered = blob::register(&frame);
         RUNNING.store(id.wrapping_add(1), Ordering::Release);
+        logs::set_call(Some(id));
         clock = Some(self::call(tasks, &mut replies, max_frame_len, measure_memory, call));
+        logs::set_call(None);
         RUNNING.store(0, Ordering::Release);
         drop(registered);
         // Shared memory the parent let go of, and this call no longer uses.
@@ -240,6 +249,8 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         // One write per reply, before the next call starts: a reply that left the
         // worker survives the worker, and the progress record covers the call it is
         // in, so a crash can only lose the input it was running.
+        // What the call logged arrives before its result.
+        logs::flush(true);
         Link::finish_call(replies.frame())?;
         replies.clear();
     }

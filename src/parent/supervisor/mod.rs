@@ -24,6 +24,7 @@ use crate::parent::process::{CallProgress, WorkerProcess};
 use crate::parent::stats::{Counters, ExitCause, WorkerExit};
 use crate::wire::protocol;
 
+mod logs;
 mod pull;
 mod replies;
 mod session;
@@ -206,6 +207,16 @@ async fn drain_replies(
                     if channels.route(message, &body).is_err() {
                         return;
                     }
+                    continue;
+                }
+                Ok(Matched::Log { records, dropped }) => {
+                    logs::emit(
+                        &shared.counters,
+                        (worker.index, worker.pid),
+                        records,
+                        dropped,
+                        in_flight.iter(),
+                    );
                     continue;
                 }
                 Err(_) => return,

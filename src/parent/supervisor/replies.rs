@@ -6,7 +6,7 @@
 
 use bytes::{Bytes, BytesMut};
 
-use crate::wire::protocol::{self, Reply, ToParent};
+use crate::wire::protocol::{self, LogRecord, Reply, ToParent};
 
 /// A reply that answers the head call.
 #[derive(Debug, PartialEq, Eq)]
@@ -26,6 +26,8 @@ pub(super) enum Matched {
     Call(Answer),
     /// A channel message, and the rest of its frame.
     Channel(ToParent, Bytes),
+    /// Log records of the worker's tasks.
+    Log { records: Vec<LogRecord>, dropped: u32 },
 }
 
 /// Matches `frame` to the head call (`head`, its id, if a call is in flight), whose
@@ -38,6 +40,7 @@ pub(super) fn match_reply(frame: BytesMut, head: Option<u64>, head_written: bool
     let (id, errors, busy_ns, peak_rss_kib) = match reply {
         Reply::Done { id, errors, busy_ns, peak_rss_kib } => (id, errors, busy_ns, peak_rss_kib),
         Reply::Channel(message) => return Ok(Matched::Channel(message, frame.slice_ref(body))),
+        Reply::Log { records, dropped } => return Ok(Matched::Log { records, dropped }),
         reply => return Err(format!("unexpected message {reply:?}")),
     };
     match head {

@@ -21,6 +21,7 @@ use crate::parent::dispatch::{CancelPolicy, Completion, Delivery, Job, Room, Too
 use crate::parent::pool::{RunState, Shared};
 use crate::parent::process::WorkerProcess;
 use crate::parent::stats::{Counters, ExitCause};
+use crate::wire::protocol::{self, Request};
 
 /// Why a session ended.
 #[derive(Debug)]
@@ -46,6 +47,8 @@ pub(super) trait Link {
 
     /// The worker's slot.
     fn slot(&self) -> usize;
+    /// The worker's process id.
+    fn pid(&self) -> u32;
     /// The request pipe, unless closed.
     fn requests(&mut self) -> Option<&mut Self::Requests>;
     /// The next reply frame; `None` once the worker closed its end.
@@ -60,6 +63,11 @@ impl Link for WorkerProcess {
     #[inline]
     fn slot(&self) -> usize {
         self.index
+    }
+
+    #[inline]
+    fn pid(&self) -> u32 {
+        self.pid
     }
 
     #[inline]
@@ -85,6 +93,8 @@ pub(super) struct Session<'a, L: Link = WorkerProcess> {
     /// The channels the worker holds, and channel messages waiting to be written.
     channels: &'a mut Attachments,
     control: VecDeque<Bytes>,
+    /// The level of `tracing` events the worker forwards, as last told.
+    log_level: u8,
     in_flight: VecDeque<Job>,
     /// How far their request frames are written. Once the pipe broke, replies are
     /// read until the stream ends.
@@ -126,6 +136,8 @@ impl<'a, L: Link> Session<'a, L> {
             worker,
             channels,
             control: VecDeque::new(),
+            // What the worker was told at its handshake.
+            log_level: crate::parent::process::wanted_log_level(),
             in_flight: VecDeque::new(),
             writer: FrameWriter::default(),
             service_ns,
@@ -223,6 +235,11 @@ impl<'a, L: Link> Session<'a, L> {
             match replies::match_reply(frame, head, self.head_written())? {
                 Matched::Call(answer) => answer,
                 Matched::Channel(message, body) => return self.channels.route(message, &body),
+                Matched::Log { records, dropped } => {
+                    let worker = (self.worker.slot(), self.worker.pid());
+                    super::logs::emit(&self.shared.counters, worker, records, dropped, self.in_flight.iter());
+                    return Ok(());
+                }
             };
         let Some(job) = self.in_flight.pop_front() else {
             return Ok(());
@@ -396,6 +413,16 @@ impl<'a, L: Link> Session<'a, L> {
     /// Writes pending frames until the pipe is full or nothing is left.
     fn poll_write(&mut self, cx: &mut Context<'_>) {
         self.channels.port.drain_into(cx, &mut self.control);
+        // The parent's filter changed (a subscriber came, went, or was reloaded):
+        // the worker follows, from its next call.
+        let level = crate::parent::process::wanted_log_level();
+        if level != self.log_level {
+            self.log_level = level;
+            let mut frame = BytesMut::new();
+            if protocol::write_message(&mut frame, &Request::LogLevel { level }, usize::MAX).is_ok() {
+                self.control.push_back(frame.freeze());
+            }
+        }
         if let Some(requests) = self.worker.requests() {
             self.writer.poll_write(cx, requests, &self.in_flight, &mut self.control);
         }
@@ -428,6 +455,10 @@ mod tests {
         type Requests = DuplexStream;
 
         fn slot(&self) -> usize {
+            0
+        }
+
+        fn pid(&self) -> u32 {
             0
         }
 
