@@ -36,6 +36,12 @@ procexec::tasks! {
         x * x
     }
 
+    /// Logs one event, then answers.
+    pub fn logged_double(x: u64) -> u64 {
+        tracing::info!(x, "doubling");
+        2 * x
+    }
+
     /// Adds one to a shared counter.
     pub fn bump(counter: SharedValue<u64>) -> Result<u64, String> {
         Ok(counter.fetch_add(1) + 1)
@@ -550,4 +556,30 @@ async fn a_host_that_keeps_failing_is_benched_and_the_rest_serve_on() {
     assert!(launcher_pids(&exec, 1..3).is_empty());
     exec.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_call_that_logs_through_srun_is_not_stalled() {
+    if !slurm("a_call_that_logs_through_srun_is_not_stalled") {
+        return;
+    }
+    let _turn = SLURM_TURN.lock().await;
+    // A subscriber here makes the workers forward their events: the records go
+    // before each reply, which must leave in the same write (a second write waits
+    // ~40 ms for an ACK inside srun).
+    let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let _log = tracing::subscriber::set_default(Messages(messages.clone()));
+    let exec = Executor::builder().test_harness().group(slurm_group(1)).build().await.unwrap();
+    const CALLS: usize = 1000;
+    let mut slow = 0;
+    for i in 0..CALLS as u64 {
+        let start = Instant::now();
+        assert_eq!(exec.spawn(logged_double, i).await.unwrap(), 2 * i);
+        slow += usize::from(start.elapsed() >= Duration::from_millis(30));
+    }
+    let forwarded = messages.lock().unwrap().iter().filter(|m| m.as_str() == "doubling").count();
+    let _ = writeln!(std::io::stderr(), "srun, calls that log: {slow} of {CALLS} took 30 ms or more");
+    assert_eq!(forwarded, CALLS, "every event came through");
+    assert!(slow <= 2, "{slow} of {CALLS} round trips stalled");
+    exec.shutdown().await;
 }

@@ -249,9 +249,9 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         // One write per reply, before the next call starts: a reply that left the
         // worker survives the worker, and the progress record covers the call it is
         // in, so a crash can only lose the input it was running.
-        // What the call logged arrives before its result.
-        logs::flush(true);
-        Link::finish_call(replies.frame())?;
+        // What the call logged arrives before its result, in the same write.
+        let logged = logs::take_frame();
+        Link::finish_call(logged.as_deref().unwrap_or_default(), replies.frame())?;
         replies.clear();
     }
     Ok(())
