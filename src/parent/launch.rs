@@ -828,6 +828,9 @@ impl Groups {
     }
 }
 
+/// Starts in progress at once per ssh group, below sshd's default `MaxStartups`.
+const SSH_STARTS_AT_ONCE: usize = 8;
+
 /// A group as the executor runs it: its command line, prepared once.
 #[derive(Debug)]
 pub(crate) struct GroupRuntime {
@@ -848,6 +851,9 @@ pub(crate) struct GroupRuntime {
     benched: AtomicBool,
     /// Serialises the benching log line.
     bench_lock: Mutex<()>,
+    /// Bounds the group's starts in progress: sshd drops connections beyond
+    /// `MaxStartups` (10 unauthenticated by default) at random.
+    starting: Option<tokio::sync::Semaphore>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -935,7 +941,18 @@ impl GroupRuntime {
             failures: AtomicU32::new(0),
             benched: AtomicBool::new(false),
             bench_lock: Mutex::new(()),
+            starting: matches!(group.launcher, Launcher::Ssh(_))
+                .then(|| tokio::sync::Semaphore::new(SSH_STARTS_AT_ONCE)),
         })
+    }
+
+    /// Waits for the group's turn to start a worker; held until its handshake is
+    /// done.
+    pub(crate) async fn start_permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        match &self.starting {
+            Some(starting) => starting.acquire().await.ok(),
+            None => None,
+        }
     }
 
     /// The worker program where it runs.

@@ -112,6 +112,7 @@ impl WorkerProcess {
     /// host names it, and the program as it is called there.
     pub(crate) async fn start(config: &WorkerConfig, slot: usize) -> Result<WorkerProcess, WorkerStartError> {
         let group = config.groups.of(slot);
+        let _turn = group.start_permit().await;
         Self::start_here(config, slot).await.map_err(|mut err| {
             if !group.same_host {
                 err.host = Some(group.label.clone());
