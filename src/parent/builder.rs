@@ -158,8 +158,8 @@ impl fmt::Debug for Builder {
 
 impl Builder {
     /// The number of worker processes (the most, when
-    /// [`min_processes`](Builder::min_processes) is lower). Default: [`cpu_count()`].
-    /// Must be 1 to 4096.
+    /// [`min_processes`](Builder::min_processes) is lower). Default: [`cpu_count()`],
+    /// or the sum of the [`group`](Builder::group)s' workers. Must be 1 to 4096.
     pub fn processes(mut self, processes: usize) -> Self {
         self.processes = Some(processes);
         self
