@@ -13,7 +13,7 @@
 //                supervisor/
 //                pool
 //                dispatch, process
-//                stats, drivers
+//                stats, drivers, progress
 //                error
 //   worker/      worker, state
 //   shared/      handles
@@ -144,7 +144,9 @@ pub use parent::map::{Map, MapStream, MapUnordered};
 #[cfg(feature = "executor")]
 pub use parent::process::WorkerStderr;
 #[cfg(feature = "executor")]
-pub use parent::stats::{ExitCause, ExitCounts, LiveWorker, Stats, WorkerExit};
+pub use parent::progress::Progress;
+#[cfg(feature = "executor")]
+pub use parent::stats::{ExitCause, ExitCounts, LiveWorker, RunningCall, Stats, WorkerExit};
 pub use shared::{
     ArrayGuard, LockGuard, LockResult, PoisonCause, Poisoned, SharedArray, SharedBytes, SharedError,
     SharedLock, SharedValue, ValueGuard,
@@ -152,7 +154,7 @@ pub use shared::{
 pub use task::{AnyTask, IntoTask, Registry, Task};
 pub use wire::blob::Blob;
 pub use worker::state::WorkerState;
-pub use worker::{init_worker, is_cancelled, serve_worker};
+pub use worker::{init_worker, is_cancelled, report_progress, serve_worker};
 
 /// Adds the test through which a test binary serves as its own worker.
 ///

@@ -9,7 +9,8 @@
 //! parent/child pair over raw pipes (raw.rs). W7 measures channels (w7.rs) against
 //! Python's `Queue` and `Pipe` (bench/channels.py) and raw pipes carrying framed
 //! messages (chan_raw.rs). W9 measures shared memory (w9.rs) against Python's
-//! `Value.get_lock()` (bench/shared.py) and threads. `-- W8`, only when named, load-tests examples/service.rs
+//! `Value.get_lock()` (bench/shared.py) and threads; W10 the cost of forwarding the
+//! workers' `tracing` events (w10.rs). `-- W8`, only when named, load-tests examples/service.rs
 //! with `wrk` (scripts/service-load). `-- WC`, only when named, runs W1, W3 and W5
 //! through ssh and srun against local workers (cluster.rs, the daemons of
 //! scripts/test-cluster). Every figure is the median of several repetitions;
@@ -21,6 +22,7 @@ mod peers;
 mod pin;
 mod raw;
 mod table;
+mod w10;
 mod w7;
 mod w9;
 
@@ -69,6 +71,9 @@ procexec::tasks! {
 
     /// W9: sums a shared buffer; with the worker's memory.
     pub fn sum_shared(data: procexec::SharedBytes) -> (u64, u64, u64) { w9::sum_shared(data) }
+
+    /// W10: `double` with one `debug!` event.
+    pub fn double_logged(x: u64) -> u64 { w10::double_logged(x) }
 
     /// W9: sums the same bytes sent as input.
     pub fn sum_blob(data: procexec::Blob) -> (u64, u64, u64) { w9::sum_blob(data) }
@@ -166,6 +171,10 @@ fn main() {
     // Only when named: it needs the daemons of scripts/test-cluster.
     if config.only.iter().any(|workload| workload.eq_ignore_ascii_case("WC")) {
         cluster::wc(&config, &mut table);
+    }
+    // Last: it installs a global subscriber.
+    if config.runs("W10") {
+        w10::w10(&config, &mut table);
     }
     // Only when named: it installs `wrk` (from Debian) if missing, and builds and
     // loads the service example.

@@ -180,6 +180,12 @@ impl Table {
             false,
         );
         check(
+            "W10a: map with a filtered-out debug! per item / without",
+            ratio(self.value("W10a", "procexec map, debug!"), self.value("W10a", "procexec map, no event")),
+            1.05,
+            false,
+        );
+        check(
             "W9a: lock pairs, times Python's Value.get_lock()",
             ratio(self.value("W9a", "procexec"), self.value("W9a", "Python")),
             10.0,

@@ -127,21 +127,7 @@ pub fn w9(config: &Config, table: &mut Table) {
     );
     let label = "procexec SharedValue blocking_lock, 2 workers";
     if config.wants(label) {
-        let samples = runtime(false).block_on(async {
-            let exec = executor(2).await;
-            let mut samples = Vec::new();
-            for _ in 0..config.reps {
-                let value = exec.shared_value(0u64).unwrap();
-                let arrived = exec.shared_value(0u32).unwrap();
-                let spans =
-                    exec.map(crate::lock_pairs, vec![(value.clone(), arrived, pairs); 2]).await.unwrap();
-                assert_eq!(value.load(), 2 * pairs);
-                samples.push(rate(&spans, pairs));
-            }
-            exec.shutdown().await;
-            samples
-        });
-        table.row(Kind::Procexec, label, samples);
+        table.row(Kind::Procexec, label, in_two_workers(config.reps, pairs, false));
     }
     let label = "Python Value.get_lock(), 2 processes";
     if config.wants(label) {
@@ -160,21 +146,7 @@ pub fn w9(config: &Config, table: &mut Table) {
     table.workload("W9b", "W9 shared atomic: fetch_add(1) in 2 processes at once", "adds/s", Better::Higher);
     let label = "procexec SharedValue fetch_add, 2 workers";
     if config.wants(label) {
-        let samples = runtime(false).block_on(async {
-            let exec = executor(2).await;
-            let mut samples = Vec::new();
-            for _ in 0..config.reps {
-                let value = exec.shared_value(0u64).unwrap();
-                let arrived = exec.shared_value(0u32).unwrap();
-                let spans =
-                    exec.map(crate::atomic_adds, vec![(value.clone(), arrived, pairs); 2]).await.unwrap();
-                assert_eq!(value.load(), 2 * pairs);
-                samples.push(rate(&spans, pairs));
-            }
-            exec.shutdown().await;
-            samples
-        });
-        table.row(Kind::Procexec, label, samples);
+        table.row(Kind::Procexec, label, in_two_workers(config.reps, pairs, true));
     }
     let label = "AtomicU64 fetch_add, 2 threads of one process";
     if config.wants(label) {
@@ -236,6 +208,29 @@ pub fn w9(config: &Config, table: &mut Table) {
         table.row(Kind::Procexec, &format!("{label}: private (RssAnon)"), vec![anon as f64 / 1024.0]);
         table.row(Kind::Procexec, &format!("{label}: peak resident (VmHWM)"), vec![hwm as f64 / 1024.0]);
     }
+}
+
+/// Operations per second of 2 workers each doing `per_worker` lock pairs (or atomic
+/// adds) on one shared value, `reps` times.
+fn in_two_workers(reps: usize, per_worker: u64, atomic: bool) -> Vec<f64> {
+    runtime(false).block_on(async {
+        let exec = executor(2).await;
+        let mut samples = Vec::new();
+        for _ in 0..reps {
+            let value = exec.shared_value(0u64).unwrap();
+            let arrived = exec.shared_value(0u32).unwrap();
+            let inputs = vec![(value.clone(), arrived, per_worker); 2];
+            let spans = if atomic {
+                exec.map(crate::atomic_adds, inputs).await.unwrap()
+            } else {
+                exec.map(crate::lock_pairs, inputs).await.unwrap()
+            };
+            assert_eq!(value.load(), 2 * per_worker);
+            samples.push(rate(&spans, per_worker));
+        }
+        exec.shutdown().await;
+        samples
+    })
 }
 
 /// Operations per second of 2 threads doing `per_thread` operations each on one

@@ -34,6 +34,7 @@ use crate::channel::transit;
 use crate::parent::dispatch::{CallOptions, ChunkDone, Completion, Delivery, Job, ReplyTo, decode_record};
 use crate::parent::error::{Direction, Error, Result};
 use crate::parent::pool::Shared;
+use crate::parent::progress::{Progress, Tracker};
 use crate::parent::stats::Counters;
 use crate::task::Task;
 use crate::wire::codec;
@@ -92,6 +93,16 @@ impl<'a, O: DeserializeOwned> Map<'a, O> {
         self.stream.core.set_deadline(timeout);
         self
     }
+
+    /// Watches the map's progress: inputs done, failed and retried, the total when
+    /// the input stream knows it, and the time since it started. The receiver
+    /// holds the latest snapshot and wakes on each change (`changed().await`), so
+    /// a progress bar follows without polling; the last snapshot is the final count.
+    ///
+    /// Counting starts when this is first called: call it before awaiting.
+    pub fn progress(&mut self) -> tokio::sync::watch::Receiver<Progress> {
+        self.stream.core.progress.watch()
+    }
 }
 
 // The outputs are never pinned: they sit in a `Vec` until handed out by value.
@@ -138,6 +149,16 @@ pub struct MapStream<'a, O> {
 }
 
 impl<'a, O: DeserializeOwned> MapStream<'a, O> {
+    /// Watches the map's progress: inputs done, failed and retried, the total when
+    /// the input stream knows it, and the time since it started. The receiver
+    /// holds the latest snapshot and wakes on each change (`changed().await`), so
+    /// a progress bar follows without polling; the last snapshot is the final count.
+    ///
+    /// Counting starts when this is first called: call it before awaiting.
+    pub fn progress(&mut self) -> tokio::sync::watch::Receiver<Progress> {
+        self.core.progress.watch()
+    }
+
     pub(crate) fn new<I, S>(shared: Arc<Shared>, task: Task<I, O>, items: S, options: CallOptions) -> Self
     where
         I: Serialize + 'a,
@@ -182,6 +203,16 @@ pub struct MapUnordered<'a, O> {
 }
 
 impl<'a, O: DeserializeOwned> MapUnordered<'a, O> {
+    /// Watches the map's progress: inputs done, failed and retried, the total when
+    /// the input stream knows it, and the time since it started. The receiver
+    /// holds the latest snapshot and wakes on each change (`changed().await`), so
+    /// a progress bar follows without polling; the last snapshot is the final count.
+    ///
+    /// Counting starts when this is first called: call it before awaiting.
+    pub fn progress(&mut self) -> tokio::sync::watch::Receiver<Progress> {
+        self.core.progress.watch()
+    }
+
     pub(crate) fn new<I, S>(shared: Arc<Shared>, task: Task<I, O>, items: S, options: CallOptions) -> Self
     where
         I: Serialize + 'a,
@@ -335,6 +366,8 @@ struct MapCore<'a, O> {
     holds: transit::Holds,
     /// Its inputs carry handles that may make a call wait for others (see `Job::talks`).
     talks: bool,
+    /// Published to whoever asked for `progress()`.
+    progress: Tracker,
     _output: PhantomData<fn() -> O>,
 }
 
@@ -347,6 +380,10 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
         let (sink, done) = mpsc::unbounded_channel();
         let window = (3 * shared.processes).max(4);
         let remote = !shared.config.groups.all_local();
+        let total = match items.size_hint() {
+            (lower, Some(upper)) if lower == upper => Some(lower as u64),
+            _ => None,
+        };
         MapCore {
             task_index: shared.tasks.resolve(&task),
             shared,
@@ -374,6 +411,7 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             finished: false,
             holds: transit::Holds::default(),
             talks: false,
+            progress: Tracker::new(total),
             _output: PhantomData,
         }
     }
@@ -494,6 +532,19 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             Completion::Failed(error) => vec![Part::Done(Chunk::failed(piece.items, error))],
             Completion::Broken { done, error, unstarted } => self.mend(piece, done, error, unstarted),
         };
+        if self.progress.watched() {
+            let (mut done, mut failed) = (0, 0);
+            for part in &parts {
+                if let Part::Done(chunk) = part {
+                    done += u64::from(chunk.remaining);
+                    failed += match chunk.error {
+                        Some(_) => u64::from(chunk.remaining),
+                        None => u64::from(crate::wire::protocol::error_records(&chunk.body[chunk.offset..])),
+                    };
+                }
+            }
+            self.progress.add(done, failed, 0);
+        }
         if !self.ordered {
             for part in parts {
                 if let Part::Done(chunk) = part {
@@ -533,6 +584,7 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
         };
         if retry {
             Counters::add(&self.shared.counters.retried, 1);
+            self.progress.add(0, 0, 1);
             parts.push(resend(self, ran, 1, failures));
         } else {
             Counters::add(&self.shared.counters.failed, 1);

@@ -12,6 +12,7 @@ pub(crate) mod launch;
 pub(crate) mod map;
 pub(crate) mod pool;
 pub(crate) mod process;
+pub(crate) mod progress;
 pub(crate) mod shared;
 pub(crate) mod stats;
 pub(crate) mod supervisor;

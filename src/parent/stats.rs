@@ -62,6 +62,102 @@ pub struct Stats {
     pub log_records_dropped: u64,
 }
 
+impl Stats {
+    /// These statistics in the Prometheus text format, to serve at `/metrics` (or
+    /// feed to any metrics library): gauges for workers, queue and running calls,
+    /// counters for inputs by outcome, worker exits by cause and forwarded log
+    /// records, and per worker its calls, inputs, whether it is busy and how long
+    /// its running call has run.
+    ///
+    /// ```
+    /// procexec::tasks! {
+    ///     pub fn pid() -> u32 { std::process::id() }
+    /// }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> procexec::Result<()> {
+    /// # procexec::init_worker(&TASKS);
+    /// let exec = procexec::Executor::builder().processes(1).build().await?;
+    /// exec.spawn(pid, ()).await?;
+    /// let text = exec.stats().prometheus();
+    /// assert!(text.contains("procexec_workers 1\n"));
+    /// assert!(text.contains("procexec_inputs_total{outcome=\"completed\"} 1\n"));
+    /// assert!(text.contains("procexec_worker_calls_total{slot=\"0\""));
+    /// # Ok(()) }
+    /// ```
+    pub fn prometheus(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+            let _ = writeln!(out, "# HELP procexec_{name} {help}\n# TYPE procexec_{name} {kind}");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "procexec_{name}{labels} {value}");
+            }
+        };
+        let one = |value: f64| vec![(String::new(), value)];
+        metric("workers", "gauge", "Worker processes alive and serving.", &one(self.workers as f64));
+        metric("queued", "gauge", "Calls waiting in the parent for a worker.", &one(self.queued as f64));
+        metric("running", "gauge", "Calls sent to a worker and not yet answered.", &one(self.running as f64));
+        let outcomes = [
+            ("completed", self.completed),
+            ("failed", self.failed),
+            ("retried", self.retried),
+            ("cancelled", self.cancelled),
+        ];
+        let labelled = |label: &str, pairs: &[(&str, u64)]| -> Vec<(String, f64)> {
+            pairs.iter().map(|(value, n)| (format!("{{{label}=\"{value}\"}}"), *n as f64)).collect()
+        };
+        metric("inputs_total", "counter", "Inputs by outcome.", &labelled("outcome", &outcomes));
+        let e = &self.exits;
+        let causes = [
+            ("crashed", e.crashed),
+            ("timed_out", e.timed_out),
+            ("cancelled", e.cancelled),
+            ("protocol", e.protocol),
+            ("max_tasks", e.max_tasks),
+            ("memory", e.memory),
+            ("idle", e.idle),
+        ];
+        metric(
+            "worker_exits_total",
+            "counter",
+            "Worker processes stopped, by cause.",
+            &labelled("cause", &causes),
+        );
+        let logs = [("forwarded", self.log_records), ("dropped", self.log_records_dropped)];
+        metric("log_records_total", "counter", "Workers' tracing events.", &labelled("fate", &logs));
+        let per_worker = |value: &dyn Fn(&LiveWorker) -> f64| -> Vec<(String, f64)> {
+            self.live
+                .iter()
+                .map(|w| (format!("{{slot=\"{}\",pid=\"{}\"}}", w.slot, w.pid), value(w)))
+                .collect()
+        };
+        metric("worker_calls_total", "counter", "Calls a worker answered.", &per_worker(&|w| w.calls as f64));
+        metric(
+            "worker_inputs_total",
+            "counter",
+            "Inputs a worker served.",
+            &per_worker(&|w| w.inputs as f64),
+        );
+        metric(
+            "worker_busy",
+            "gauge",
+            "Whether a worker holds a call.",
+            &per_worker(&|w| f64::from(u8::from(w.busy))),
+        );
+        let running: Vec<(String, f64)> = self
+            .live
+            .iter()
+            .filter_map(|w| {
+                let call = w.running.as_ref()?;
+                let labels = format!("{{slot=\"{}\",pid=\"{}\",task=\"{}\"}}", w.slot, w.pid, call.task);
+                Some((labels, call.elapsed.as_secs_f64()))
+            })
+            .collect();
+        metric("worker_running_seconds", "gauge", "How long a worker's running call has run.", &running);
+        out
+    }
+}
+
 /// One live worker process, as [`Stats::live`] lists it.
 ///
 /// ```
@@ -94,6 +190,21 @@ pub struct LiveWorker {
     /// Its peak resident memory in bytes, as of its last reply, when measured (with
     /// `Builder::max_worker_memory`).
     pub peak_rss: Option<u64>,
+    /// The call it is running, if any.
+    pub running: Option<RunningCall>,
+}
+
+/// The call a worker is running, as [`LiveWorker::running`] shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RunningCall {
+    /// Its task.
+    pub task: &'static str,
+    /// How long it has run (since its request reached the worker).
+    pub elapsed: std::time::Duration,
+    /// The task's own account, `(done, total)`, as it last reported it with
+    /// [`report_progress`](crate::report_progress).
+    pub reported: Option<(u64, u64)>,
 }
 
 /// How many worker processes stopped, by cause. The first four are failures; the
@@ -183,6 +294,20 @@ pub(crate) struct SlotCounters {
     inputs: AtomicU64,
     /// KiB; 0 when not measured.
     peak_rss_kib: AtomicU64,
+    /// When its running call started, in nanoseconds since [`epoch`] plus one; 0
+    /// when it runs none.
+    running_since: AtomicU64,
+    /// The task of its running call (or of the last one).
+    running_task: Mutex<&'static str>,
+    /// The running call's report: done, and total plus one (0: none came).
+    reported_done: AtomicU64,
+    reported_total: AtomicU64,
+}
+
+/// The instant the running times of calls count from.
+fn epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
 }
 
 impl SlotCounters {
@@ -195,6 +320,7 @@ impl SlotCounters {
     }
 
     pub(crate) fn stopped(&self) {
+        self.running_since.store(0, Ordering::Release);
         self.pid.store(0, Ordering::Release);
     }
 
@@ -210,6 +336,28 @@ impl SlotCounters {
         self.busy.store(busy, Ordering::Relaxed);
     }
 
+    /// The running call reported its progress.
+    pub(crate) fn reported(&self, done: u64, total: u64) {
+        self.reported_done.store(done, Ordering::Relaxed);
+        self.reported_total.store(total.saturating_add(1), Ordering::Release);
+    }
+
+    /// Its worker started running a call of `task` now (`None`: it runs none).
+    /// `same_task`: the task is the one set last, so the name needs no update.
+    pub(crate) fn set_running(&self, task: Option<&'static str>, same_task: bool) {
+        let since = match task {
+            Some(task) => {
+                if !same_task {
+                    *self.running_task.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = task;
+                }
+                u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX - 1) + 1
+            }
+            None => 0,
+        };
+        self.reported_total.store(0, Ordering::Release);
+        self.running_since.store(since, Ordering::Release);
+    }
+
     fn snapshot(&self, slot: usize) -> Option<LiveWorker> {
         let pid = self.pid.load(Ordering::Acquire);
         (pid != 0).then(|| LiveWorker {
@@ -221,6 +369,17 @@ impl SlotCounters {
             peak_rss: Some(self.peak_rss_kib.load(Ordering::Relaxed))
                 .filter(|&kib| kib > 0)
                 .map(|kib| kib * 1024),
+            running: match self.running_since.load(Ordering::Acquire) {
+                0 => None,
+                since => Some(RunningCall {
+                    task: *self.running_task.lock().unwrap_or_else(|poisoned| poisoned.into_inner()),
+                    elapsed: epoch().elapsed().saturating_sub(std::time::Duration::from_nanos(since - 1)),
+                    reported: match self.reported_total.load(Ordering::Acquire) {
+                        0 => None,
+                        total => Some((self.reported_done.load(Ordering::Relaxed), total - 1)),
+                    },
+                }),
+            },
         })
     }
 }

@@ -105,6 +105,8 @@ pub(crate) enum Reply {
     /// `tracing` events the worker's tasks emitted, oldest first; `dropped` more
     /// were dropped because the worker's buffer was full.
     Log { records: Vec<LogRecord>, dropped: u32 },
+    /// The running call's own account of its progress (`report_progress`).
+    Progress { call: u64, done: u64, total: u64 },
 }
 
 /// One `tracing` event of a worker, as the parent re-emits it.

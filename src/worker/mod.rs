@@ -104,6 +104,37 @@ pub fn serve_worker(tasks: &'static Registry) -> ! {
     }
 }
 
+/// Tells the parent how far the running task is: `done` of `total` (any unit),
+/// shown in [`Stats::live`](crate::Stats::live) as the worker's
+/// [`RunningCall::reported`](crate::RunningCall::reported). Cheap to call often:
+/// reports are coalesced (one sent per 50 ms at most, and the last one when
+/// `done == total`), and a report never waits. Does nothing outside a worker.
+///
+/// ```
+/// procexec::tasks! {
+///     pub fn long_sum(n: u64) -> u64 {
+///         let mut sum = 0u64;
+///         for i in 0..n {
+///             sum = sum.wrapping_add(i);
+///             if i % 100_000 == 0 {
+///                 procexec::report_progress(i, n);
+///             }
+///         }
+///         procexec::report_progress(n, n);
+///         sum
+///     }
+/// }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> procexec::Result<()> {
+/// # procexec::init_worker(&TASKS);
+/// let exec = procexec::Executor::builder().processes(1).build().await?;
+/// assert_eq!(exec.spawn(long_sum, 1_000).await?, 499_500);
+/// # Ok(()) }
+/// ```
+pub fn report_progress(done: u64, total: u64) {
+    logs::report_progress(done, total)
+}
+
 /// Whether the caller of the task running in this worker has gone: its
 /// [`TaskHandle`](crate::TaskHandle) or map was dropped, or the executor shut down
 /// without waiting. A long task can check it now and then and return early. Under

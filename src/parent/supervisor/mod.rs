@@ -209,6 +209,7 @@ async fn drain_replies(
                     }
                     continue;
                 }
+                Ok(Matched::Progress { .. }) => continue,
                 Ok(Matched::Log { records, dropped }) => {
                     logs::emit(
                         &shared.counters,

@@ -28,6 +28,8 @@ pub(super) enum Matched {
     Channel(ToParent, Bytes),
     /// Log records of the worker's tasks.
     Log { records: Vec<LogRecord>, dropped: u32 },
+    /// A call's own progress report.
+    Progress { call: u64, done: u64, total: u64 },
 }
 
 /// Matches `frame` to the head call (`head`, its id, if a call is in flight), whose
@@ -41,6 +43,7 @@ pub(super) fn match_reply(frame: BytesMut, head: Option<u64>, head_written: bool
         Reply::Done { id, errors, busy_ns, peak_rss_kib } => (id, errors, busy_ns, peak_rss_kib),
         Reply::Channel(message) => return Ok(Matched::Channel(message, frame.slice_ref(body))),
         Reply::Log { records, dropped } => return Ok(Matched::Log { records, dropped }),
+        Reply::Progress { call, done, total } => return Ok(Matched::Progress { call, done, total }),
         reply => return Err(format!("unexpected message {reply:?}")),
     };
     match head {

@@ -95,6 +95,8 @@ pub(super) struct Session<'a, L: Link = WorkerProcess> {
     control: VecDeque<Bytes>,
     /// The level of `tracing` events the worker forwards, as last told.
     log_level: u8,
+    /// The task last shown as running in `stats()`.
+    noted_task: &'static str,
     in_flight: VecDeque<Job>,
     /// How far their request frames are written. Once the pipe broke, replies are
     /// read until the stream ends.
@@ -138,6 +140,7 @@ impl<'a, L: Link> Session<'a, L> {
             control: VecDeque::new(),
             // What the worker was told at its handshake.
             log_level: crate::parent::process::wanted_log_level(),
+            noted_task: "",
             in_flight: VecDeque::new(),
             writer: FrameWriter::default(),
             service_ns,
@@ -195,6 +198,7 @@ impl<'a, L: Link> Session<'a, L> {
                 if self.remote {
                     self.head_timer.ran();
                 }
+                self.note_running();
                 continue; // arm the head's timer
             }
             // Checked after pulling, which drops withdrawn calls: a queue of only
@@ -235,6 +239,12 @@ impl<'a, L: Link> Session<'a, L> {
             match replies::match_reply(frame, head, self.head_written())? {
                 Matched::Call(answer) => answer,
                 Matched::Channel(message, body) => return self.channels.route(message, &body),
+                Matched::Progress { call, done, total } => {
+                    if self.in_flight.front().is_some_and(|job| job.id == call) {
+                        self.shared.counters.slots[self.worker.slot()].reported(done, total);
+                    }
+                    return Ok(());
+                }
                 Matched::Log { records, dropped } => {
                     let worker = (self.worker.slot(), self.worker.pid());
                     super::logs::emit(&self.shared.counters, worker, records, dropped, self.in_flight.iter());
@@ -257,6 +267,7 @@ impl<'a, L: Link> Session<'a, L> {
             // The next call's clock starts now, when it can start running.
             self.head_timer.ran();
         }
+        self.note_running();
 
         self.service_ns = Some(match self.service_ns {
             None => busy_ns,
@@ -408,6 +419,16 @@ impl<'a, L: Link> Session<'a, L> {
             }
             Poll::Pending => false,
         }
+    }
+
+    /// Shows in `stats()` which call the worker runs now, and since when.
+    fn note_running(&mut self) {
+        let task = self.in_flight.front().filter(|_| self.head_running).map(|job| job.task);
+        let same = task.is_some_and(|task| std::ptr::eq(task, self.noted_task));
+        if let Some(task) = task {
+            self.noted_task = task;
+        }
+        self.shared.counters.slots[self.worker.slot()].set_running(task, same);
     }
 
     /// Writes pending frames until the pipe is full or nothing is left.
