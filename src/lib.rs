@@ -78,6 +78,16 @@
 //! - **In a crate's own tests**: [`test_worker!`] adds a test that serves as the
 //!   worker, and [`Builder::test_harness`] re-runs the test binary through it.
 //!
+//! # Beyond one machine
+//!
+//! Workers can run elsewhere, the protocol going over any launcher that connects
+//! their stdin and stdout: [`WorkerGroup::ssh`] (OpenSSH, optionally shipping the
+//! worker binary), [`WorkerGroup::slurm`] (steps of a Slurm allocation), and
+//! [`WorkerGroup::command`] (`docker exec -i`, `kubectl exec -i`), mixed with local
+//! workers in one executor ([`Builder::group`]), or read from a hosts file
+//! ([`Hosts`]). The same prefix mechanism runs workers under a debugging wrapper
+//! ([`Builder::worker_wrapper`]: `valgrind`, `strace`, `gdb`).
+//!
 //! # Failures
 //!
 //! Every failure is a typed [`Error`] delivered to exactly the calls it affects;
@@ -127,6 +137,8 @@ pub use parent::error::{
 };
 #[cfg(feature = "executor")]
 pub use parent::executor::{Executor, QueueFull, TaskHandle};
+#[cfg(feature = "executor")]
+pub use parent::launch::{HOST_ENV, HOSTS_ENV, Hosts, Launcher, Slurm, Ssh, WorkerGroup};
 #[cfg(feature = "executor")]
 pub use parent::map::{Map, MapStream, MapUnordered};
 #[cfg(feature = "executor")]

@@ -11,10 +11,13 @@
 //! messages (chan_raw.rs). W9 measures shared memory (w9.rs) against Python's
 //! `Value.get_lock()` (bench/shared.py) and threads; W10 the cost of forwarding the
 //! workers' `tracing` events (w10.rs). `-- W8`, only when named, load-tests examples/service.rs
-//! with `wrk` (scripts/service-load). Every figure is the median of several repetitions;
+//! with `wrk` (scripts/service-load). `-- WC`, only when named, runs W1, W3 and W5
+//! through ssh and srun against local workers (cluster.rs, the daemons of
+//! scripts/test-cluster). Every figure is the median of several repetitions;
 //! ratios compare figures measured in this same run.
 
 mod chan_raw;
+mod cluster;
 mod peers;
 mod pin;
 mod raw;
@@ -164,6 +167,10 @@ fn main() {
     }
     if config.runs("W9") {
         w9::w9(&config, &mut table);
+    }
+    // Only when named: it needs the daemons of scripts/test-cluster.
+    if config.only.iter().any(|workload| workload.eq_ignore_ascii_case("WC")) {
+        cluster::wc(&config, &mut table);
     }
     // Last: it installs a global subscriber.
     if config.runs("W10") {

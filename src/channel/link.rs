@@ -419,9 +419,13 @@ impl Link {
         Ok(true)
     }
 
-    /// Ends a call: items it got ahead and did not take go back, then its reply
-    /// is written.
-    pub(crate) fn finish_call(reply: &[u8]) -> io::Result<()> {
+    /// Ends a call: items it got ahead and did not take go back, then `before`
+    /// (its log records) and its reply are written.
+    ///
+    /// In one `write` with whatever is pending, unless the reply is large: through a
+    /// launcher that forwards stdout over TCP (srun), a second small write waits
+    /// for the ACK of the first (Nagle against delayed ACKs, ~40 ms).
+    pub(crate) fn finish_call(before: &[u8], reply: &[u8]) -> io::Result<()> {
         let mut guard = lock();
         let link = guard.as_mut().ok_or_else(|| io::Error::other("no link installed"))?;
         let pending: Vec<u64> = link
@@ -433,10 +437,25 @@ impl Link {
         for channel in pending {
             link.let_go(channel).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
         }
-        link.flush().map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
-        link.output.write_all(reply)
+        link.open_put = None;
+        if link.pending.is_empty() && before.is_empty() {
+            return link.output.write_all(reply);
+        }
+        link.pending.extend_from_slice(before);
+        let written = if reply.len() <= COALESCE_REPLY {
+            link.pending.extend_from_slice(reply);
+            link.output.write_all(&link.pending)
+        } else {
+            link.output.write_all(&link.pending).and_then(|()| link.output.write_all(reply))
+        };
+        link.pending.clear();
+        written
     }
 }
+
+/// Replies up to this size are copied behind what precedes them, to go out in one
+/// write; larger ones are written from where they are (a copy would cost more).
+const COALESCE_REPLY: usize = 64 * 1024;
 
 /// Binds a decoded handle to this worker's link. `None` outside a worker; else
 /// the largest item the link carries, or why the handle cannot be used here.

@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use crate::parent::dispatch::decode_record;
 use crate::parent::dispatch::{CallOptions, CancelPolicy};
 use crate::parent::error::{Error, Result, WorkerStartError};
+use crate::parent::launch::{GroupRuntime, Groups, Launcher, WorkerGroup};
 use crate::parent::pool::{Limits, Shared, TaskTable};
 use crate::parent::process::{
     Initializer, STARTS_AT_ONCE, TEST_WORKER_NAME, WorkerConfig, WorkerProcess, WorkerStderr,
@@ -115,6 +116,8 @@ pub struct Builder {
     initializer: Option<std::result::Result<Arc<Initializer>, String>>,
     max_queued_bytes: usize,
     raise_fd_limit: bool,
+    groups: Vec<WorkerGroup>,
+    wrapper: Vec<OsString>,
 }
 
 impl Default for Builder {
@@ -135,6 +138,8 @@ impl Default for Builder {
             initializer: None,
             max_queued_bytes: 64 << 20,
             raise_fd_limit: true,
+            groups: Vec::new(),
+            wrapper: Vec::new(),
         }
     }
 }
@@ -146,14 +151,15 @@ impl fmt::Debug for Builder {
             .field("program", &self.program)
             .field("options", &self.options)
             .field("limits", &self.limits)
+            .field("groups", &self.groups)
             .finish_non_exhaustive()
     }
 }
 
 impl Builder {
     /// The number of worker processes (the most, when
-    /// [`min_processes`](Builder::min_processes) is lower). Default: [`cpu_count()`].
-    /// Must be 1 to 4096.
+    /// [`min_processes`](Builder::min_processes) is lower). Default: [`cpu_count()`],
+    /// or the sum of the [`group`](Builder::group)s' workers. Must be 1 to 4096.
     pub fn processes(mut self, processes: usize) -> Self {
         self.processes = Some(processes);
         self
@@ -175,8 +181,63 @@ impl Builder {
 
     /// Sets an environment variable for the workers, on top of the inherited
     /// environment. Default: the environment is inherited unchanged.
+    ///
+    /// Workers on other hosts or in containers (ssh, Slurm, a command
+    /// [`Launcher`](crate::Launcher)) inherit nothing from this process: they get
+    /// exactly these variables (and procexec's `PROCEXEC_WORKER` and
+    /// [`PROCEXEC_HOST`](crate::HOST_ENV)).
     pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
         self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Adds a group of workers and how they are started: on this machine, over
+    /// ssh, in a Slurm allocation, through a command. With groups, the executor's
+    /// [`processes`](Builder::processes) is their sum (setting another number is an
+    /// error). Default: one local group of `processes` workers.
+    ///
+    /// ```no_run
+    /// use procexec::{Ssh, WorkerGroup};
+    /// # async fn demo() -> procexec::Result<()> {
+    /// let exec = procexec::Executor::builder()
+    ///     .group(WorkerGroup::local(2))
+    ///     .group(WorkerGroup::ssh(4, Ssh::new("node1")))
+    ///     .group(WorkerGroup::ssh(4, Ssh::new("node2")))
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn group(mut self, group: WorkerGroup) -> Self {
+        self.groups.push(group);
+        self
+    }
+
+    /// Adds several groups (see [`group`](Builder::group)), say those of a
+    /// [`Hosts`](crate::Hosts) file.
+    pub fn groups(mut self, groups: impl IntoIterator<Item = WorkerGroup>) -> Self {
+        self.groups.extend(groups);
+        self
+    }
+
+    /// Runs every worker under this command, where it runs: `["valgrind",
+    /// "--error-exitcode=9"]`, `["strace", "-f", "-o", "trace.txt"]`, `["env",
+    /// "FOO=1"]`, `["gdb", "-batch", "-ex", "run", "-ex", "bt", "--args"]`. A group
+    /// with its own [`wrapper`](WorkerGroup::wrapper) keeps it. Default: none.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> procexec::Result<()> {
+    /// let exec = procexec::Executor::builder()
+    ///     .worker_wrapper(["valgrind", "--error-exitcode=9", "--quiet"])
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn worker_wrapper<I, S>(mut self, wrapper: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.wrapper = wrapper.into_iter().map(Into::into).collect();
         self
     }
 
@@ -351,8 +412,9 @@ impl Builder {
     /// Starts the pool [`build`](Builder::build) wraps in an `Executor`, with the
     /// call options its handles start from.
     pub(crate) async fn start(self) -> Result<(Arc<Shared>, CallOptions)> {
-        let (config, limits, processes) = self.validate()?;
+        let (mut config, limits, processes) = self.validate()?;
         ensure_descriptors(processes, self.raise_fd_limit)?;
+        config.groups = Arc::new(self.prepare_groups(&config.program, processes).await?);
         // At least one, even for a pool that may scale to zero: the task table and
         // the check that the program is a worker come from a handshake. In bounded
         // batches: a worker being started holds more descriptors than one running.
@@ -367,8 +429,17 @@ impl Builder {
         }
         let tasks = TaskTable::new(workers[0].tasks.clone());
         if let Some(odd) = workers.iter().find(|worker| worker.tasks != tasks.infos()) {
-            let message = format!("worker {} serves other tasks than worker 0", odd.index);
-            return Err(Error::WorkerStart(Arc::new(WorkerStartError::new(&config.program, message))));
+            let (first, group) = (config.groups.of(0), config.groups.of(odd.index));
+            let message = format!(
+                "{} (unlike worker 0 on {}, which serves worker {} on {})",
+                crate::parent::process::task_difference(tasks.infos(), &odd.tasks),
+                first.label,
+                odd.index,
+                group.label,
+            );
+            let mut failure = WorkerStartError::new(group.program(), message);
+            failure.host = (!group.same_host).then(|| group.label.clone());
+            return Err(Error::WorkerStart(Arc::new(failure)));
         }
         let shared = Arc::new(Shared::new(config, limits, tasks, processes, self.max_queued_bytes));
         shared.counters.workers.store(workers.len(), std::sync::atomic::Ordering::Release);
@@ -381,8 +452,56 @@ impl Builder {
         Ok((shared, self.options))
     }
 
+    /// The groups, each prepared (allocations requested, binaries shipped) in
+    /// parallel, off the runtime's threads: that runs `salloc` and `ssh`.
+    async fn prepare_groups(&self, program: &std::path::Path, processes: usize) -> Result<Groups> {
+        let groups = match self.groups.is_empty() {
+            true => vec![WorkerGroup::local(processes)],
+            false => self.groups.clone(),
+        };
+        let mut prepared = Vec::with_capacity(groups.len());
+        for group in groups {
+            let group =
+                if group.wrapper_is_empty() { group.wrapper(self.wrapper.iter().cloned()) } else { group };
+            let program = program.to_path_buf();
+            prepared.push(tokio::task::spawn_blocking(move || {
+                let runtime = GroupRuntime::prepare(&group, &program);
+                runtime.map(|runtime| (runtime, group.processes()))
+            }));
+        }
+        let mut list = Vec::with_capacity(prepared.len());
+        let mut failure = None;
+        for handle in prepared {
+            // Every one awaited, so allocations already granted are dropped (and
+            // cancelled) on failure rather than left behind.
+            match handle.await {
+                Ok(Ok(group)) => list.push(group),
+                Ok(Err(err)) => failure = failure.or(Some(err)),
+                Err(err) => {
+                    failure = failure.or(Some(Error::Config(format!("preparing a group panicked: {err}"))))
+                }
+            }
+        }
+        match failure {
+            Some(err) => Err(err),
+            None => Ok(Groups::new(list)),
+        }
+    }
+
     fn validate(&self) -> Result<(WorkerConfig, Limits, usize)> {
-        let processes = self.processes.unwrap_or_else(cpu_count);
+        let sum: usize = self.groups.iter().map(WorkerGroup::processes).sum();
+        if let Some(empty) = self.groups.iter().find(|group| group.processes() == 0) {
+            return Err(Error::Config(format!("group {} has no workers", empty.label())));
+        }
+        let processes = match (self.processes, self.groups.is_empty()) {
+            (Some(processes), false) if processes != sum => {
+                return Err(Error::Config(format!(
+                    "processes ({processes}) differs from the sum of the groups' workers ({sum}): set one of them"
+                )));
+            }
+            (_, false) => sum,
+            (processes, true) => processes.unwrap_or_else(cpu_count),
+        };
         if processes == 0 || processes > MAX_PROCESSES {
             return Err(Error::Config(format!("processes must be 1 to {MAX_PROCESSES}, not {processes}")));
         }
@@ -441,8 +560,17 @@ impl Builder {
                 Error::WorkerStart(Arc::new(start))
             })?,
         };
+        // A program only run elsewhere need not exist here.
+        let used_here = self.groups.is_empty()
+            || self.groups.iter().any(|group| match group.launcher() {
+                Launcher::Local => true,
+                Launcher::Ssh(ssh) => ssh.ships(),
+                _ => false,
+            });
         if let Err(message) = crate::sys::check_executable(&program) {
-            return Err(Error::WorkerStart(Arc::new(WorkerStartError::new(&program, message))));
+            if used_here {
+                return Err(Error::WorkerStart(Arc::new(WorkerStartError::new(&program, message))));
+            }
         }
         let mut args = Vec::new();
         if self.test_harness {
@@ -462,6 +590,8 @@ impl Builder {
             measure_memory: self.limits.max_worker_memory.is_some(),
             initializer,
             executor: next_executor_id(),
+            // Replaced by the prepared groups in `start`.
+            groups: Arc::new(Groups::local(std::path::Path::new(""))),
         };
         Ok((config, Limits { min_processes, ..self.limits }, processes))
     }

@@ -509,6 +509,7 @@ impl std::error::Error for ProtocolViolation {}
 #[derive(Debug)]
 pub struct WorkerStartError {
     pub(crate) program: PathBuf,
+    pub(crate) host: Option<String>,
     pub(crate) message: String,
     pub(crate) stderr_tail: String,
     pub(crate) source: Option<std::io::Error>,
@@ -518,6 +519,7 @@ impl WorkerStartError {
     pub(crate) fn new(program: &std::path::Path, message: impl Into<String>) -> Self {
         WorkerStartError {
             program: program.to_path_buf(),
+            host: None,
             message: message.into(),
             stderr_tail: String::new(),
             source: None,
@@ -527,6 +529,12 @@ impl WorkerStartError {
     /// The worker program.
     pub fn program(&self) -> &std::path::Path {
         &self.program
+    }
+
+    /// The host (the label of its [`WorkerGroup`](crate::WorkerGroup)) of a
+    /// worker that runs on another machine or in a container; `None` for this one.
+    pub fn host(&self) -> Option<&str> {
+        self.host.as_deref()
     }
 
     /// What went wrong.
@@ -544,7 +552,11 @@ impl fmt::Display for WorkerStartError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The IO error, if any, is the `source()`: printing it here too would repeat
         // it in every report that walks the chain.
-        write!(f, "cannot start worker `{}`: {}", self.program.display(), self.message)?;
+        write!(f, "cannot start worker `{}`", self.program.display())?;
+        if let Some(host) = &self.host {
+            write!(f, " on host {host}")?;
+        }
+        write!(f, ": {}", self.message)?;
         write_tail(f, &self.stderr_tail)
     }
 }

@@ -42,6 +42,8 @@ use crate::wire::protocol::{self, Count, Request};
 
 /// Work per chunk the sizing aims at.
 const TARGET_CHUNK_NS: u64 = 1_000_000;
+/// The most work per chunk sized against a slow link.
+const MAX_TARGET_CHUNK_NS: u64 = 100_000_000;
 /// Most items in one chunk.
 const MAX_CHUNK_ITEMS: u64 = 1 << 16;
 /// A chunk stops growing once its inputs take this many bytes, and is sized so its
@@ -343,6 +345,8 @@ struct MapCore<'a, O> {
     pieces: HashMap<u64, Piece>,
     next_piece: u64,
     window: usize,
+    /// Some workers run elsewhere: chunks are sized against their links.
+    remote: bool,
     /// Ordered mode: the parts of each chunk from `base_seq` on.
     reorder: VecDeque<Vec<Part>>,
     base_seq: u64,
@@ -375,6 +379,7 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
     {
         let (sink, done) = mpsc::unbounded_channel();
         let window = (3 * shared.processes).max(4);
+        let remote = !shared.config.groups.all_local();
         let total = match items.size_hint() {
             (lower, Some(upper)) if lower == upper => Some(lower as u64),
             _ => None,
@@ -394,6 +399,7 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             pieces: HashMap::new(),
             next_piece: 0,
             window,
+            remote,
             reorder: VecDeque::new(),
             base_seq: 0,
             ready: VecDeque::new(),
@@ -661,9 +667,16 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             // A time limit applies to each input, so each input is its own call.
             return 1;
         }
+        // Behind a slow link (workers elsewhere), a chunk carries at least as much
+        // work as the slowest link's latency, which it otherwise spends idle.
+        let target = match self.remote {
+            true => self.shared.counters.link_ns.iter().map(|ns| ns.load(Ordering::Relaxed)).max(),
+            false => None,
+        };
+        let target = target.unwrap_or(0).clamp(TARGET_CHUNK_NS, MAX_TARGET_CHUNK_NS);
         let by_time = match self.item_ns {
             None => 1,
-            Some(ns) => (TARGET_CHUNK_NS / ns.max(1)).clamp(1, MAX_CHUNK_ITEMS),
+            Some(ns) => (target / ns.max(1)).clamp(1, MAX_CHUNK_ITEMS),
         };
         // Keep the reply well inside the frame limit.
         let output_budget = MAX_CHUNK_BYTES.min(self.shared.max_frame_len() / 4) as u64;

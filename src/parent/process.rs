@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_util::codec::{Decoder, FramedRead, LengthDelimitedCodec};
 
 use crate::parent::error::{Direction, Error, ExitReason, Result, WorkerStartError};
+use crate::parent::launch::Groups;
 use crate::sys;
 use crate::task::Signature;
 use crate::wire::protocol::{self, Count, Reply, Request, Shape, TaskInfo};
@@ -43,11 +44,12 @@ use crate::wire::protocol::{self, Count, Reply, Request, Shape, TaskInfo};
 #[non_exhaustive]
 pub enum WorkerStderr {
     /// Write each line to this process's stderr, prefixed with
-    /// `[procexec worker <slot> pid <pid>]`. The default.
+    /// `[procexec worker <slot> pid <pid>]` (`[procexec worker <slot> on <host>]`
+    /// for a worker elsewhere, see [`WorkerGroup`](crate::WorkerGroup)). The default.
     #[default]
     Forward,
     /// Emit each line as a `tracing` event (target `procexec::worker`, level INFO)
-    /// with fields `worker` and `pid`.
+    /// with fields `worker` and `pid` (`host` for a worker elsewhere).
     Tracing,
     /// Keep only the tail that crash reports quote.
     Discard,
@@ -68,6 +70,8 @@ pub(crate) struct WorkerConfig {
     pub(crate) initializer: Option<Arc<Initializer>>,
     /// The executor's id, which its channel handles carry.
     pub(crate) executor: u64,
+    /// Where each slot's worker runs, and how it is started.
+    pub(crate) groups: Arc<Groups>,
 }
 
 /// Most worker starts, in this process, between creating their pipes and spawning.
@@ -104,8 +108,22 @@ pub(crate) enum CallProgress {
 }
 
 impl WorkerProcess {
-    /// Spawns a worker for `slot` and completes the handshake.
+    /// Spawns a worker for `slot` and completes the handshake. A failure on another
+    /// host names it, and the program as it is called there.
     pub(crate) async fn start(config: &WorkerConfig, slot: usize) -> Result<WorkerProcess, WorkerStartError> {
+        let group = config.groups.of(slot);
+        let _turn = group.start_permit().await;
+        Self::start_here(config, slot).await.map_err(|mut err| {
+            if !group.same_host {
+                err.host = Some(group.label.clone());
+                err.program = group.program().to_path_buf();
+            }
+            err
+        })
+    }
+
+    async fn start_here(config: &WorkerConfig, slot: usize) -> Result<WorkerProcess, WorkerStartError> {
+        let group = config.groups.of(slot);
         let fail = |message: &str, source: io::Error| {
             let mut err = WorkerStartError::new(&config.program, message);
             err.source = Some(source);
@@ -126,17 +144,20 @@ impl WorkerProcess {
         let replies = pipe::Receiver::from_owned_fd(reply_read).map_err(register)?;
         let stderr_pipe = pipe::Receiver::from_owned_fd(stderr_read).map_err(register)?;
 
-        let mut command = std::process::Command::new(&config.program);
-        command
-            .args(&config.args)
-            .envs(config.env.iter().map(|(k, v)| (k, v)))
-            .env(protocol::WORKER_ENV, std::process::id().to_string());
+        // The marker goes with the explicit environment: a launcher passes on only that.
+        let mut env = config.env.clone();
+        env.push((protocol::WORKER_ENV.into(), std::process::id().to_string().into()));
+        let mut command = group.command(&config.args, &env).map_err(|message| {
+            WorkerStartError::new(group.program(), format!("cannot form its command line: {message}"))
+        })?;
         sys::prepare_worker_command(&mut command);
         let stdio = [request_read, reply_write, stderr_write].map(Stdio::from);
         let child = spawn(command, stdio).await.map_err(|e| fail("cannot spawn it", e))?;
         drop(starting);
         let pid = child.pid;
-        let stderr = StderrLog::start(stderr_pipe, slot, pid, config.stderr);
+        // A worker elsewhere is named by its host: the pid here is its launcher's.
+        let host = (!group.same_host).then(|| Arc::<str>::from(group.label.as_str()));
+        let stderr = StderrLog::start(stderr_pipe, slot, pid, host, config.stderr);
         let mut process = ChildProcess { child, stderr };
 
         let handshake = async {
@@ -149,7 +170,9 @@ impl WorkerProcess {
         match tokio::time::timeout(config.handshake_timeout, handshake).await {
             Ok(Ok((replies, ready))) => {
                 let mut progress = None;
-                if let Some(fd) = ready.progress {
+                // A worker elsewhere (another host, a container) has a pid that means
+                // nothing here, or worse, another process's.
+                if let Some(fd) = ready.progress.filter(|_| group.same_host) {
                     match sys::open_foreign_fd(ready.pid, fd) {
                         Ok(file) => progress = Some(file),
                         // Our own child, which just said it has this descriptor: it
@@ -715,10 +738,16 @@ struct StderrLog {
 }
 
 impl StderrLog {
-    fn start(pipe: pipe::Receiver, slot: usize, pid: u32, mode: WorkerStderr) -> Self {
+    fn start(
+        pipe: pipe::Receiver,
+        slot: usize,
+        pid: u32,
+        host: Option<Arc<str>>,
+        mode: WorkerStderr,
+    ) -> Self {
         let tail = Arc::new(Mutex::new(Tail::default()));
         let (done, closed) = oneshot::channel();
-        let forwarder = tokio::spawn(forward_stderr(pipe, slot, pid, mode, tail.clone(), done));
+        let forwarder = tokio::spawn(forward_stderr(pipe, slot, pid, host, mode, tail.clone(), done));
         StderrLog { tail, forwarder, closed: Some(closed) }
     }
 
@@ -734,6 +763,7 @@ async fn forward_stderr(
     pipe: pipe::Receiver,
     slot: usize,
     pid: u32,
+    host: Option<Arc<str>>,
     mode: WorkerStderr,
     tail: Arc<Mutex<Tail>>,
     done: oneshot::Sender<()>,
@@ -758,13 +788,19 @@ async fn forward_stderr(
                 if let Some(writer) = stderr_writer() {
                     // Waits while the writer is behind: the worker's stderr pipe then
                     // fills and slows the worker, never the runtime.
-                    let line = format!("[procexec worker {slot} pid {pid}] {text}\n");
+                    let line = match &host {
+                        None => format!("[procexec worker {slot} pid {pid}] {text}\n"),
+                        Some(host) => format!("[procexec worker {slot} on {host}] {text}\n"),
+                    };
                     forwarded |= writer.send(ToStderr::Line(line)).await.is_ok();
                 }
             }
-            WorkerStderr::Tracing => {
-                tracing::info!(target: "procexec::worker", worker = slot, pid, "{text}");
-            }
+            WorkerStderr::Tracing => match &host {
+                None => tracing::info!(target: "procexec::worker", worker = slot, pid, "{text}"),
+                Some(host) => {
+                    tracing::info!(target: "procexec::worker", worker = slot, host = &**host, "{text}")
+                }
+            },
             WorkerStderr::Discard => {}
         }
     }
@@ -887,6 +923,50 @@ impl fmt::Debug for Initializer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Initializer").field("task", &self.task).finish_non_exhaustive()
     }
+}
+
+/// How the task table `theirs` (a worker's) differs from `ours`: the tasks one
+/// side lacks and those with other types, a few of each, for a stale-binary error.
+pub(crate) fn task_difference(ours: &[TaskInfo], theirs: &[TaskInfo]) -> String {
+    const SHOWN: usize = 3;
+    let list = |names: Vec<&str>| {
+        let mut text =
+            names.iter().take(SHOWN).map(|name| format!("`{name}`")).collect::<Vec<_>>().join(", ");
+        if names.len() > SHOWN {
+            text.push_str(&format!(" and {} more", names.len() - SHOWN));
+        }
+        text
+    };
+    let find = |table: &'_ [TaskInfo], name: &str| table.iter().position(|info| info.name == name);
+    let lacks: Vec<&str> = ours
+        .iter()
+        .filter(|info| find(theirs, &info.name).is_none())
+        .map(|info| info.name.as_str())
+        .collect();
+    let extra: Vec<&str> = theirs
+        .iter()
+        .filter(|info| find(ours, &info.name).is_none())
+        .map(|info| info.name.as_str())
+        .collect();
+    let changed: Vec<&str> = ours
+        .iter()
+        .filter(|info| find(theirs, &info.name).is_some_and(|at| theirs[at] != **info))
+        .map(|info| info.name.as_str())
+        .collect();
+    let mut parts = Vec::new();
+    if !lacks.is_empty() {
+        parts.push(format!("it lacks {}", list(lacks)));
+    }
+    if !extra.is_empty() {
+        parts.push(format!("it has {} besides", list(extra)));
+    }
+    if !changed.is_empty() {
+        parts.push(format!("{} take or return other types", list(changed)));
+    }
+    if parts.is_empty() {
+        parts.push("its tasks are in another order".into());
+    }
+    format!("a stale or different worker binary: {}", parts.join("; "))
 }
 
 /// Checks that the worker's `info` has the types this process knows `task` by,

@@ -226,6 +226,9 @@ pub struct ExitCounts {
     pub memory: u64,
     /// It was stopped after `idle_timeout` without work.
     pub idle: u64,
+    /// It was stopped because its Slurm allocation was about to end
+    /// ([`Slurm::stop_before_end`](crate::Slurm::stop_before_end)).
+    pub allocation_ending: u64,
 }
 
 /// One worker process that stopped, and why.
@@ -277,6 +280,8 @@ pub enum ExitCause {
     },
     /// It had no work for `idle_timeout` and was stopped.
     Idle,
+    /// Its Slurm allocation was about to end: it took no more work and stopped.
+    AllocationEnding,
 }
 
 /// What a slot's current worker has done, readable without a lock.
@@ -389,6 +394,9 @@ pub(crate) struct Counters {
     pub(crate) failed: AtomicU64,
     pub(crate) retried: AtomicU64,
     pub(crate) cancelled: AtomicU64,
+    /// Per slot, the time its calls spend on the link beyond their run, when it
+    /// is measured (workers elsewhere); what map chunks are sized against.
+    pub(crate) link_ns: Box<[AtomicU64]>,
     pub(crate) log_records: AtomicU64,
     pub(crate) log_records_dropped: AtomicU64,
     exits: Mutex<ExitLog>,
@@ -404,7 +412,11 @@ const RECENT_EXITS: usize = 32;
 
 impl Counters {
     pub(crate) fn new(slots: usize) -> Self {
-        Counters { slots: (0..slots).map(|_| SlotCounters::default()).collect(), ..Counters::default() }
+        Counters {
+            slots: (0..slots).map(|_| SlotCounters::default()).collect(),
+            link_ns: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            ..Counters::default()
+        }
     }
 
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
@@ -434,6 +446,7 @@ impl Counters {
             ExitCause::MaxTasks => &mut counts.max_tasks,
             ExitCause::Memory { .. } => &mut counts.memory,
             ExitCause::Idle => &mut counts.idle,
+            ExitCause::AllocationEnding => &mut counts.allocation_ending,
         } += 1;
         if log.recent.len() == RECENT_EXITS {
             log.recent.pop_front();

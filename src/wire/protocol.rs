@@ -13,11 +13,11 @@
 //!
 //! The conversation:
 //!
-//! 1. The worker writes [`PREAMBLE`], so the parent can skip whatever a harness (say,
-//!    libtest's "running 1 test") printed on stdout before the worker took it over.
-//! 2. The parent sends [`Request::Init`]; the worker answers [`Reply::Ready`] with its
-//!    pid and its task table.
-//! 3. The parent sends any number of [`Request::Call`]s without waiting (prefetch).
+//! 1. The parent sends [`Request::Init`]; the worker answers [`PREAMBLE`] and
+//!    [`Reply::Ready`] (its pid and its task table) in one write. The preamble lets
+//!    the parent skip whatever a harness (say, libtest's "running 1 test") printed on
+//!    stdout before the worker took it over.
+//! 2. The parent sends any number of [`Request::Call`]s without waiting (prefetch).
 //!    The worker runs them one at a time, in order, and answers each with one
 //!    [`Reply::Done`], flushed before it starts the next call. So when a worker dies,
 //!    every call whose reply did not arrive is either the one it was running or one it

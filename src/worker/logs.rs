@@ -103,6 +103,29 @@ pub(crate) fn report_progress(done: u64, total: u64) {
     }
 }
 
+/// What is buffered, as a frame for the caller to write (at the end of a call,
+/// in the same write as the reply); `None` when nothing is.
+pub(crate) fn take_frame() -> Option<BytesMut> {
+    let (records, dropped) = {
+        let mut buffer = lock();
+        if buffer.records.is_empty() && buffer.dropped == 0 {
+            return None;
+        }
+        (std::mem::take(&mut buffer.records), std::mem::take(&mut buffer.dropped))
+    };
+    let mut frame = BytesMut::new();
+    let reply = Reply::Log { records, dropped };
+    match protocol::write_message(&mut frame, &reply, usize::MAX) {
+        Ok(()) => Some(frame),
+        Err(_) => {
+            if let Reply::Log { records, dropped } = reply {
+                lock().dropped += dropped + records.len() as u32;
+            }
+            None
+        }
+    }
+}
+
 /// Sends what is buffered; `wait`: even if the link is busy (at the end of a call).
 pub(crate) fn flush(wait: bool) {
     let (records, dropped) = {

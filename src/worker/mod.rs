@@ -196,7 +196,6 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
 
     let mut reader = FrameReader::new(File::from(fds.input));
     let mut output = File::from(fds.output);
-    output.write_all(protocol::PREAMBLE)?;
     let mut replies = ReplyBuf::new()?;
     if let Some(page) = replies
         .file()
@@ -223,7 +222,10 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         tasks: tasks.infos(),
         progress: replies.file().map(|fd| std::os::fd::AsRawFd::as_raw_fd(&fd) as u32),
     };
-    let mut out = BytesMut::new();
+    // The preamble goes out with `Ready`, in one write: through a launcher that
+    // forwards stdout over TCP (srun), a frame written in two pieces can wait
+    // ~40 ms for an ACK (Nagle against delayed ACKs).
+    let mut out = BytesMut::from(&protocol::PREAMBLE[..]);
     protocol::write_message(&mut out, &ready, max_frame_len.max(protocol::READY_FRAME_LIMIT))
         .map_err(invalid)?;
     output.write_all(&out)?;
@@ -278,9 +280,9 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         // One write per reply, before the next call starts: a reply that left the
         // worker survives the worker, and the progress record covers the call it is
         // in, so a crash can only lose the input it was running.
-        // What the call logged arrives before its result.
-        logs::flush(true);
-        Link::finish_call(replies.frame())?;
+        // What the call logged arrives before its result, in the same write.
+        let logged = logs::take_frame();
+        Link::finish_call(logged.as_deref().unwrap_or_default(), replies.frame())?;
         replies.clear();
     }
     Ok(())

@@ -250,6 +250,12 @@ fn judge_running(shared: &Shared, worker: &WorkerProcess, mut job: Job, error: i
             return;
         }
         CallProgress::Done { items, body } => (items, Some(body)),
+        // A chunk of a worker without a progress record (on another host, say),
+        // whose retries allow running its inputs again: as if its first input
+        // were the one that failed, so the map retries it and sends the rest anew.
+        CallProgress::Unknown if job.is_chunk() && job.failures < job.options.retries => {
+            (0, Some(bytes::Bytes::new()))
+        }
         CallProgress::Unknown => (0, None),
     };
     job.failures += 1;
@@ -315,8 +321,12 @@ async fn died(shared: &Shared, worker: &mut WorkerProcess, in_flight: VecDeque<J
 }
 
 /// Starts a replacement worker, backing off on failure. `None` when the executor is
-/// shutting down, or when the slot gave up after repeated failures.
+/// shutting down, when the slot gave up after repeated failures, or when its group
+/// stopped (its host benched, its Slurm allocation ending).
 async fn restart(shared: &Shared, slot: usize) -> Option<WorkerProcess> {
+    let group = shared.config.groups.of(slot);
+    // Another host may be down for a while: it is retried more patiently.
+    let max_delay = if group.same_host { Duration::from_secs(1) } else { Duration::from_secs(10) };
     let mut delay = Duration::from_millis(10);
     let mut failures = 0;
     loop {
@@ -325,15 +335,31 @@ async fn restart(shared: &Shared, slot: usize) -> Option<WorkerProcess> {
             RunState::Draining if !shared.queue.has_live_jobs() => return None,
             _ => {}
         }
+        if let Some(why) = group.stopped() {
+            tracing::info!(worker = slot, host = %group.label, "{why}: the slot starts no worker");
+            let failure = WorkerStartError::new(group.program(), why);
+            shared.slot_gave_up(Error::WorkerStart(Arc::new(failure)));
+            shared.queue.leave(slot);
+            shared.queue.pass_demand();
+            return None;
+        }
         let failure = match WorkerProcess::start(&shared.config, slot).await {
             Ok(worker) if worker.tasks == shared.tasks.infos() => {
+                group.started();
                 shared.counters.workers.fetch_add(1, Ordering::AcqRel);
                 return Some(worker);
             }
-            Ok(_) => WorkerStartError::new(
-                &shared.config.program,
-                "its tasks differ from the other workers' (was the binary rebuilt while running?)",
-            ),
+            Ok(worker) => {
+                let mut failure = WorkerStartError::new(
+                    group.program(),
+                    format!(
+                        "{} (unlike the other workers: was the binary rebuilt while running?)",
+                        crate::parent::process::task_difference(shared.tasks.infos(), &worker.tasks)
+                    ),
+                );
+                failure.host = (!group.same_host).then(|| group.label.clone());
+                failure
+            }
             Err(err) => err,
         };
         failures += 1;
@@ -342,7 +368,8 @@ async fn restart(shared: &Shared, slot: usize) -> Option<WorkerProcess> {
             Some(cause) => tracing::error!(worker = slot, failures, "{failure}: {cause}"),
             None => tracing::error!(worker = slot, failures, "{failure}"),
         }
-        if failures >= MAX_START_FAILURES {
+        let benched = !group.same_host && group.start_failed(MAX_START_FAILURES, &failure);
+        if failures >= MAX_START_FAILURES || benched {
             shared.slot_gave_up(Error::WorkerStart(Arc::new(failure)));
             // This slot may have been woken for waiting work: another one tries.
             shared.queue.leave(slot);
@@ -350,7 +377,7 @@ async fn restart(shared: &Shared, slot: usize) -> Option<WorkerProcess> {
             return None;
         }
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(1));
+        delay = (delay * 2).min(max_delay);
     }
 }
 

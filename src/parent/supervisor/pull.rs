@@ -16,7 +16,11 @@ const MAX_DEPTH: usize = 256;
 /// round trip when calls are short (`service_ns`, its average, when known).
 /// `head_ran` is how long its current call has run, if one is running.
 #[inline]
-pub(super) fn depth(service_ns: Option<u64>, head_ran: Option<Duration>) -> usize {
+///
+/// `link_ns` is the time a call spends on the way there and back beyond its run
+/// (0 for a local worker, milliseconds through srun): the queued work covers it too,
+/// so a worker behind a slow link is not left waiting on it between calls.
+pub(super) fn depth(service_ns: Option<u64>, head_ran: Option<Duration>, link_ns: u64) -> usize {
     if head_ran.is_some_and(|ran| ran >= Duration::from_nanos(LONG_CALL_NS)) {
         // The averages may say calls are short, but this one has run long: what
         // would queue behind it can run elsewhere, or here once it is done.
@@ -25,7 +29,7 @@ pub(super) fn depth(service_ns: Option<u64>, head_ran: Option<Duration>) -> usiz
     match service_ns {
         None => 1,
         Some(ns) if ns >= LONG_CALL_NS => 1,
-        Some(ns) => (1 + PREFETCH_NS.div_ceil(ns.max(1)) as usize).min(MAX_DEPTH),
+        Some(ns) => (1 + (PREFETCH_NS + link_ns).div_ceil(ns.max(1)) as usize).min(MAX_DEPTH),
     }
 }
 
@@ -46,32 +50,39 @@ mod tests {
 
     #[test]
     fn a_worker_whose_call_time_is_unknown_holds_one_call() {
-        assert_eq!(depth(None, None), 1);
+        assert_eq!(depth(None, None, 0), 1);
     }
 
     #[test]
     fn a_worker_with_long_calls_holds_one_call() {
-        assert_eq!(depth(Some(LONG_CALL_NS), None), 1);
-        assert_eq!(depth(Some(u64::MAX), None), 1);
+        assert_eq!(depth(Some(LONG_CALL_NS), None, 0), 1);
+        assert_eq!(depth(Some(u64::MAX), None, 0), 1);
     }
 
     #[test]
     fn a_worker_with_short_calls_holds_enough_to_cover_a_round_trip() {
-        assert_eq!(depth(Some(PREFETCH_NS), None), 2);
-        assert_eq!(depth(Some(100_000), None), 4);
-        assert_eq!(depth(Some(1_000_000), None), 2);
+        assert_eq!(depth(Some(PREFETCH_NS), None, 0), 2);
+        assert_eq!(depth(Some(100_000), None, 0), 4);
+        assert_eq!(depth(Some(1_000_000), None, 0), 2);
+    }
+
+    #[test]
+    fn a_slow_link_is_covered_by_queued_work() {
+        // 1 ms calls behind a 44 ms link (srun with a stall): enough to cover it.
+        assert_eq!(depth(Some(1_000_000), None, 44_000_000), 1 + 45);
+        assert_eq!(depth(Some(LONG_CALL_NS), None, 44_000_000), 1);
     }
 
     #[test]
     fn the_depth_is_capped() {
-        assert_eq!(depth(Some(1), None), MAX_DEPTH);
-        assert_eq!(depth(Some(0), None), MAX_DEPTH);
+        assert_eq!(depth(Some(1), None, 0), MAX_DEPTH);
+        assert_eq!(depth(Some(0), None, 0), MAX_DEPTH);
     }
 
     #[test]
     fn a_call_that_has_run_long_stops_prefetch_behind_it() {
-        assert_eq!(depth(Some(1_000), Some(Duration::from_millis(1))), depth(Some(1_000), None));
-        assert_eq!(depth(Some(1_000), Some(Duration::from_nanos(LONG_CALL_NS))), 1);
+        assert_eq!(depth(Some(1_000), Some(Duration::from_millis(1)), 0), depth(Some(1_000), None, 0));
+        assert_eq!(depth(Some(1_000), Some(Duration::from_nanos(LONG_CALL_NS)), 0), 1);
     }
 
     #[test]

@@ -114,6 +114,13 @@ pub(super) struct Session<'a, L: Link = WorkerProcess> {
     served: u64,
     /// Set when the worker should stop once its calls are done.
     retiring: Option<ExitCause>,
+    /// Fires when the worker's group stops taking work (its Slurm allocation ends).
+    stop_at: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The worker runs elsewhere: its link's latency is measured (a clock read per
+    /// call, which local workers are spared).
+    remote: bool,
+    /// Average time a call spends on the link beyond its run.
+    link_ns: u64,
 }
 
 impl<'a, L: Link> Session<'a, L> {
@@ -123,6 +130,9 @@ impl<'a, L: Link> Session<'a, L> {
         channels: &'a mut Attachments,
         service_ns: Option<u64>,
     ) -> Self {
+        let group = shared.config.groups.of(worker.slot());
+        let stop_at = group.stop_at().map(|at| Box::pin(tokio::time::sleep_until(at.into())));
+        let remote = !group.same_host;
         Session {
             shared,
             worker,
@@ -139,6 +149,9 @@ impl<'a, L: Link> Session<'a, L> {
             idle_timer: IdleTimer::default(),
             served: 0,
             retiring: None,
+            stop_at,
+            remote,
+            link_ns: 0,
         }
     }
 
@@ -163,6 +176,11 @@ impl<'a, L: Link> Session<'a, L> {
                 return Poll::Ready(end);
             }
             self.withdraw_abandoned(cx);
+            if self.stop_at.as_mut().is_some_and(|stop| stop.as_mut().poll(cx).is_ready()) {
+                self.stop_at = None;
+                // What it holds still finishes; nothing new is taken.
+                self.retiring.get_or_insert(ExitCause::AllocationEnding);
+            }
             if self.in_flight.is_empty() {
                 if let Some(cause) = self.retiring.take() {
                     return Poll::Ready(End::Retire(cause));
@@ -177,6 +195,9 @@ impl<'a, L: Link> Session<'a, L> {
             self.poll_write(cx);
             if !self.head_running && self.head_written() {
                 self.head_running = true;
+                if self.remote {
+                    self.head_timer.ran();
+                }
                 self.note_running();
                 continue; // arm the head's timer
             }
@@ -238,7 +259,14 @@ impl<'a, L: Link> Session<'a, L> {
         self.shared.counters.answered(job.items, errors, job.withdrawn || job.signalled);
         // The next call starts as soon as this reply is written: now, if it was sent.
         self.head_running = self.head_written();
+        if self.remote {
+            self.measure_link(busy_ns);
+        }
         self.head_timer.reset();
+        if self.remote && self.head_running {
+            // The next call's clock starts now, when it can start running.
+            self.head_timer.ran();
+        }
         self.note_running();
 
         self.service_ns = Some(match self.service_ns {
@@ -267,6 +295,19 @@ impl<'a, L: Link> Session<'a, L> {
         slot.set_busy(!self.in_flight.is_empty());
         job.complete(Completion::Done(Delivery { body, busy_ns }));
         Ok(())
+    }
+
+    /// Learns the link's latency from a call that took `busy_ns` in the worker: its
+    /// time from when it could start (written, the call before it answered) to its
+    /// reply, beyond its run.
+    fn measure_link(&mut self, busy_ns: u64) {
+        let Some(started) = self.head_timer.started() else {
+            return;
+        };
+        let total = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let link = total.saturating_sub(busy_ns);
+        self.link_ns = if self.link_ns == 0 { link } else { (self.link_ns * 7 + link) / 8 };
+        self.shared.counters.link_ns[self.worker.slot()].store(self.link_ns, Ordering::Relaxed);
     }
 
     /// Whether the head call's frame has been fully written (so it may be running).
@@ -343,7 +384,8 @@ impl<'a, L: Link> Session<'a, L> {
     fn pull(&mut self, cx: &mut Context<'_>) -> bool {
         let busy = !self.in_flight.is_empty();
         let head_ran = (busy && self.head_running).then(|| self.head_timer.ran());
-        let mut room = pull::depth(self.service_ns, head_ran).saturating_sub(self.in_flight.len());
+        let mut room =
+            pull::depth(self.service_ns, head_ran, self.link_ns).saturating_sub(self.in_flight.len());
         // A call that talks runs alone (the queue hands it only to an idle worker):
         // it may run until other calls have run, so nothing waits behind it.
         if self.in_flight.front().is_some_and(Job::talks) {
@@ -518,6 +560,7 @@ mod tests {
             measure_memory: false,
             initializer: None,
             executor: 1,
+            groups: std::sync::Arc::new(crate::parent::launch::Groups::local("fake".as_ref())),
         };
         Shared::new(config, Limits::default(), TaskTable::new(Vec::new()), 1, MAX_FRAME)
     }

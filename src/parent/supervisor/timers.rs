@@ -37,6 +37,12 @@ impl HeadTimer {
         *self = HeadTimer::default();
     }
 
+    /// When the head call's clock started, if it did.
+    #[inline]
+    pub(super) fn started(&self) -> Option<Instant> {
+        self.since
+    }
+
     /// How long the head call has run, starting its clock if nothing did yet.
     #[inline]
     pub(super) fn ran(&mut self) -> Duration {
