@@ -16,6 +16,7 @@ mod chan_raw;
 mod peers;
 mod pin;
 mod raw;
+mod scale;
 mod table;
 mod w7;
 
@@ -34,6 +35,9 @@ procexec::tasks! {
 
     /// W3: sends the payload back (a Blob: written once, shared on arrival).
     pub fn echo(data: procexec::Blob) -> procexec::Blob { data }
+
+    /// W10: a plain byte vector back (through serde, unlike a Blob).
+    pub fn echo_vec(data: Vec<u8>) -> Vec<u8> { data }
 
     /// The worker's process id.
     pub fn worker_pid() -> u32 { std::process::id() }
@@ -138,6 +142,12 @@ fn main() {
     }
     if config.runs("W7") {
         w7::w7(&config, &mut table);
+    }
+    if config.runs("W9") {
+        scale::w9(&config, &mut table);
+    }
+    if config.runs("W10") {
+        scale::w10(&config, &mut table);
     }
     // Only when named: it installs `wrk` (from Debian) if missing, and builds and
     // loads the service example.

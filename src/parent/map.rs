@@ -33,7 +33,7 @@ use tokio::time::Sleep;
 use crate::channel::transit;
 use crate::parent::dispatch::{CallOptions, ChunkDone, Completion, Delivery, Job, ReplyTo, decode_record};
 use crate::parent::error::{Direction, Error, Result};
-use crate::parent::pool::Shared;
+use crate::parent::pool::{Learned, Shared};
 use crate::parent::stats::Counters;
 use crate::task::Task;
 use crate::wire::codec;
@@ -46,6 +46,10 @@ const MAX_CHUNK_ITEMS: u64 = 1 << 16;
 /// A chunk stops growing once its inputs take this many bytes, and is sized so its
 /// outputs take about as many (never more than a quarter of the frame limit).
 const MAX_CHUNK_BYTES: usize = 256 * 1024;
+/// Least work per chunk when the input is split to keep every worker busy: below
+/// it, a chunk's frame and wake-up cost more than the parallelism gains, and a large
+/// pool would get hundreds of chunks of a few microseconds each.
+const MIN_CHUNK_NS: u64 = 250_000;
 /// Results handed out between two looks at finished chunks, when no chunk ran out.
 const REFILL_EVERY: u32 = 64;
 
@@ -342,8 +346,11 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
     {
         let (sink, done) = mpsc::unbounded_channel();
         let window = (3 * shared.processes).max(4);
+        let task_index = shared.tasks.resolve(&task);
+        // Start from what earlier maps of this task measured.
+        let learned = task_index.as_ref().map(|&index| shared.tasks.learned(index)).unwrap_or_default();
         MapCore {
-            task_index: shared.tasks.resolve(&task),
+            task_index,
             shared,
             task: task.name(),
             options,
@@ -360,8 +367,8 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             reorder: VecDeque::new(),
             base_seq: 0,
             ready: VecDeque::new(),
-            item_ns: None,
-            output_bytes: 0,
+            item_ns: learned.item_ns,
+            output_bytes: learned.output_bytes,
             last_frame_len: 256,
             yielded: 0,
             deadline: None,
@@ -550,6 +557,10 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
         // Outputs can grow suddenly: follow increases at once, decreases slowly.
         let output = delivery.body.len() as u64 / items;
         self.output_bytes = output.max(self.output_bytes - self.output_bytes / 8);
+        if let Ok(index) = self.task_index {
+            let learned = Learned { item_ns: self.item_ns, output_bytes: self.output_bytes };
+            self.shared.tasks.learn(index, learned);
+        }
     }
 
     /// Files a chunk that finished before it was sent.
@@ -599,8 +610,13 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
     /// Whether another chunk may be sent: chunks in flight and chunks finished but
     /// not yet yielded share one window, so a slow consumer holds memory flat.
     fn has_room(&self) -> bool {
+        // Until a chunk has told the task's time, one single-input chunk per worker:
+        // enough to start them all when tasks are long, and no more one-input frames
+        // than that when they are tiny (the next chunks are sized from the first).
+        let window =
+            if self.item_ns.is_none() { self.window.min(self.shared.processes) } else { self.window };
         let waiting = if self.ordered { self.reorder.len() } else { self.pieces.len() };
-        self.pieces.len() < self.window && waiting + self.ready.len() < 2 * self.window
+        self.pieces.len() < window && waiting + self.ready.len() < 2 * self.window
     }
 
     /// How many items the next chunk should hold.
@@ -609,21 +625,24 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             // A time limit applies to each input, so each input is its own call.
             return 1;
         }
-        let by_time = match self.item_ns {
-            None => 1,
-            Some(ns) => (TARGET_CHUNK_NS / ns.max(1)).clamp(1, MAX_CHUNK_ITEMS),
+        let Some(item_ns) = self.item_ns else {
+            return 1;
         };
+        let item_ns = item_ns.max(1);
+        let by_time = (TARGET_CHUNK_NS / item_ns).clamp(1, MAX_CHUNK_ITEMS);
         // Keep the reply well inside the frame limit.
         let output_budget = MAX_CHUNK_BYTES.min(self.shared.max_frame_len() / 4) as u64;
         let by_time = by_time.min((output_budget / self.output_bytes.max(1)).max(1));
         // A worker's budget of inputs holds at least one chunk.
         let by_time = by_time.min(self.shared.limits.max_tasks_per_worker.unwrap_or(u64::MAX));
-        // Leave enough chunks for every worker until the end.
+        // Leave enough chunks for every worker until the end, but not chunks so small
+        // that their frames cost more than their work.
         let remaining = self.source.as_ref().map_or(0, |source| source.remaining()) as u64;
         if remaining == 0 {
             return by_time;
         }
-        by_time.min((remaining / (2 * self.shared.processes as u64)).max(1))
+        let spread = remaining / (2 * self.shared.processes as u64);
+        by_time.min(spread.max(MIN_CHUNK_NS / item_ns).max(1))
     }
 
     /// Builds and sends chunks while there is room and input.

@@ -49,6 +49,19 @@ pub(crate) struct TaskTable {
     /// Per task, the types (in this process) that passed the check: tracing them
     /// again on every call would cost more than the call's bookkeeping.
     checked: Vec<OnceLock<[TypeId; 2]>>,
+    /// Per task, what maps learned of it (0 while unknown), so that the next map
+    /// sizes its first chunks from it instead of starting at one input a chunk.
+    item_ns: Vec<AtomicU64>,
+    output_bytes: Vec<AtomicU64>,
+}
+
+/// What earlier maps measured of a task.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Learned {
+    /// The worker's time per input.
+    pub(crate) item_ns: Option<u64>,
+    /// The encoded output per input, in bytes.
+    pub(crate) output_bytes: u64,
 }
 
 impl TaskTable {
@@ -58,7 +71,30 @@ impl TaskTable {
             by_name.entry(info.name.clone()).or_insert(index as u32);
         }
         let checked = infos.iter().map(|_| OnceLock::new()).collect();
-        TaskTable { infos, by_name, checked }
+        let item_ns = infos.iter().map(|_| AtomicU64::new(0)).collect();
+        let output_bytes = infos.iter().map(|_| AtomicU64::new(0)).collect();
+        TaskTable { infos, by_name, checked, item_ns, output_bytes }
+    }
+
+    /// What maps have learned of task `index` so far.
+    pub(crate) fn learned(&self, index: u32) -> Learned {
+        let index = index as usize;
+        let load = |values: &[AtomicU64]| values.get(index).map_or(0, |v| v.load(Ordering::Relaxed));
+        Learned {
+            item_ns: Some(load(&self.item_ns)).filter(|&ns| ns > 0),
+            output_bytes: load(&self.output_bytes),
+        }
+    }
+
+    /// Records what a map learned of task `index`, for the maps after it.
+    pub(crate) fn learn(&self, index: u32, learned: Learned) {
+        let index = index as usize;
+        if let (Some(slot), Some(ns)) = (self.item_ns.get(index), learned.item_ns) {
+            slot.store(ns.max(1), Ordering::Relaxed);
+        }
+        if let Some(slot) = self.output_bytes.get(index) {
+            slot.store(learned.output_bytes, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn infos(&self) -> &[TaskInfo] {
