@@ -768,6 +768,8 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
         let reply = ReplyTo::Chunk { piece, sink: self.sink.clone(), cancelled: self.cancelled.clone() };
         let mut job = Job::new(id, self.task, items, frame.clone(), reply, self.options);
         job.failures = failures;
+        job.task_index = self.task_index.as_ref().ok().copied();
+        job.expected_ns = self.item_ns.map(|ns| ns.saturating_mul(u64::from(items)));
         // Once an input carried channel handles, every chunk of the map may talk.
         self.talks |= transit::collecting_any();
         job.talking = self.talks;

@@ -86,6 +86,20 @@ impl TaskTable {
         }
     }
 
+    /// Records a call of task `index` that kept its worker busy `busy_ns` for
+    /// `items` inputs.
+    pub(crate) fn learn_call(&self, index: u32, busy_ns: u64, items: u32) {
+        let Some(slot) = self.item_ns.get(index as usize) else {
+            return;
+        };
+        let per_item = (busy_ns / u64::from(items.max(1))).max(1);
+        let average = match slot.load(Ordering::Relaxed) {
+            0 => per_item,
+            average => average.saturating_mul(3).saturating_add(per_item) / 4,
+        };
+        slot.store(average.max(1), Ordering::Relaxed);
+    }
+
     /// Records what a map learned of task `index`, for the maps after it.
     pub(crate) fn learn(&self, index: u32, learned: Learned) {
         let index = index as usize;
@@ -231,6 +245,8 @@ impl Shared {
         let (sender, receiver) = oneshot::channel();
         let mut job = Job::new(id, task.name(), 1, buf.freeze(), ReplyTo::Once(sender), options);
         job.holds = holds;
+        job.task_index = Some(index);
+        job.expected_ns = self.tasks.learned(index).item_ns;
         Ok((job, receiver))
     }
 
