@@ -94,6 +94,9 @@ pub(crate) struct Job {
     /// The whole frame, length prefix included; kept until the reply arrives so the
     /// job can be sent again if its worker dies before starting it.
     pub(crate) frame: Bytes,
+    /// The rest of the frame after `frame`, when large blobs in it were spliced
+    /// rather than copied: the blobs, and the bytes between and after them.
+    pub(crate) rest: Vec<Bytes>,
     pub(crate) reply: ReplyTo,
     pub(crate) options: CallOptions,
     /// Runs that ended in a crash or a timeout so far.
@@ -128,6 +131,7 @@ impl Job {
             task,
             items,
             frame,
+            rest: Vec::new(),
             reply,
             options,
             failures: 0,
@@ -142,6 +146,11 @@ impl Job {
     }
 
     /// Whether nobody waits for the result any more (the future or stream was dropped).
+    /// The whole request frame's length, its spliced pieces included.
+    pub(crate) fn frame_len(&self) -> usize {
+        self.frame.len() + self.rest.iter().map(Bytes::len).sum::<usize>()
+    }
+
     pub(crate) fn is_cancelled(&self) -> bool {
         match &self.reply {
             ReplyTo::Once(sender) => sender.is_closed(),

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -19,8 +19,8 @@ use crate::parent::error::{Direction, Error, Result};
 use crate::parent::process::{WorkerConfig, check_types};
 use crate::parent::stats::{Counters, Stats};
 use crate::task::Task;
-use crate::wire::codec;
 use crate::wire::protocol::{self, Count, Request, TaskInfo};
+use crate::wire::{blob, codec};
 
 /// The executor's lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,20 +230,26 @@ impl Shared {
         let mut buf = BytesMut::with_capacity(64);
         let (id, start, _) = self.call_frame(index, 1, &mut buf);
         let record = protocol::begin_record(&mut buf);
-        let (encoded, holds) = transit::collect(|| protocol::encode_into(&mut buf, input));
+        // Large blobs stay in their own buffers: the frame refers to them, and the
+        // writer sends them from there (no copy, no second payload in memory).
+        let ((encoded, holds), spliced) =
+            blob::splicing(|| transit::collect(|| protocol::encode_into(&mut buf, input)));
         encoded.map_err(|err| {
             Error::codec(task.name(), Direction::Input, "encode", codec::encode_error_message(input, &err))
         })?;
-        protocol::end_record(&mut buf, record);
+        let extra: usize = spliced.iter().map(|(_, part)| part.len()).sum();
+        protocol::end_record_with(&mut buf, record, extra);
         let limit = self.config.max_frame_len;
-        protocol::end_frame(&mut buf, start, limit).map_err(|size| Error::FrameTooLarge {
+        protocol::end_frame_with(&mut buf, start, limit, extra).map_err(|size| Error::FrameTooLarge {
             task: task.name().into(),
             direction: Direction::Input,
             size: size as u64,
             limit: limit as u64,
         })?;
+        let (head, rest) = pieces(buf.freeze(), spliced);
         let (sender, receiver) = oneshot::channel();
-        let mut job = Job::new(id, task.name(), 1, buf.freeze(), ReplyTo::Once(sender), options);
+        let mut job = Job::new(id, task.name(), 1, head, ReplyTo::Once(sender), options);
+        job.rest = rest;
         job.holds = holds;
         job.task_index = Some(index);
         job.expected_ns = self.tasks.learned(index).item_ns;
@@ -253,7 +259,7 @@ impl Shared {
     /// The share of the spawn queue's room a job needs: its frame's size, but no
     /// more than all of it, so a call larger than the queue still goes alone.
     pub(crate) fn room_for(&self, job: &Job) -> u32 {
-        job.frame.len().clamp(1, self.queue_room.max) as u32
+        job.frame_len().clamp(1, self.queue_room.max) as u32
     }
 
     /// Takes room in the spawn queue for `job` at once, if there is enough.
@@ -368,6 +374,27 @@ impl Shared {
     }
 }
 
+/// A frame's pieces in order: its buffer cut where the spliced blobs belong, with
+/// the blobs between the cuts.
+fn pieces(frame: Bytes, spliced: Vec<(usize, Bytes)>) -> (Bytes, Vec<Bytes>) {
+    if spliced.is_empty() {
+        return (frame, Vec::new());
+    }
+    let mut rest = Vec::with_capacity(2 * spliced.len());
+    let mut cut = spliced[0].0;
+    let head = frame.slice(..cut);
+    let mut parts = spliced.into_iter().peekable();
+    while let Some((_, part)) = parts.next() {
+        rest.push(part);
+        let next = parts.peek().map_or(frame.len(), |(at, _)| *at);
+        if next > cut {
+            rest.push(frame.slice(cut..next));
+        }
+        cut = next;
+    }
+    (head, rest)
+}
+
 /// Counts a running supervisor; see [`Shared::supervisor_guard`].
 pub(crate) struct SupervisorGuard<'a> {
     shared: &'a Shared,
@@ -379,5 +406,21 @@ impl Drop for SupervisorGuard<'_> {
             self.shared.last_supervisor_stopped();
             self.shared.all_stopped.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spliced_frame_is_cut_where_its_blobs_belong() {
+        let frame = Bytes::from_static(b"abcdef");
+        let (x, y) = (Bytes::from_static(b"XX"), Bytes::from_static(b"YY"));
+        let (head, rest) = pieces(frame.clone(), vec![(2, x.clone()), (2, y.clone()), (5, x.clone())]);
+        let mut whole = head.to_vec();
+        rest.iter().for_each(|piece| whole.extend_from_slice(piece));
+        assert_eq!(whole, b"abXXYYcdeXXf");
+        assert_eq!(pieces(frame.clone(), Vec::new()), (frame, Vec::new()));
     }
 }

@@ -274,7 +274,14 @@ pub(crate) fn begin_record<B: Buf>(buf: &mut B) -> usize {
 /// Finishes the record begun at `start` by writing its length.
 #[inline]
 pub(crate) fn end_record<B: Buf>(buf: &mut B, start: usize) {
-    let len = buf.len() - start - RECORD_PREFIX;
+    end_record_with(buf, start, 0)
+}
+
+/// [`end_record`] for a record of which `spliced` bytes are not in `buf` (they
+/// are written from their own buffers: see `blob::splicing`).
+#[inline]
+pub(crate) fn end_record_with<B: Buf>(buf: &mut B, start: usize, spliced: usize) {
+    let len = buf.len() - start - RECORD_PREFIX + spliced;
     // A record longer than 4 GiB cannot fit a frame, whose length has 4 bytes too.
     let len = u32::try_from(len).unwrap_or(u32::MAX);
     buf.patch(start, &len.to_le_bytes());
@@ -527,7 +534,10 @@ impl<B: Buf> postcard::ser_flavors::Flavor for Append<'_, B> {
 
     #[inline]
     fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-        self.0.extend_from_slice(data);
+        // A large blob of a frame being spliced stays where it is.
+        if !crate::wire::blob::take_spliced(data, self.0.len()) {
+            self.0.extend_from_slice(data);
+        }
         Ok(())
     }
 
@@ -562,7 +572,18 @@ pub(crate) fn begin_frame<B: Buf>(buf: &mut B) -> usize {
 /// the frame (`buf.truncate(start)`).
 #[inline]
 pub(crate) fn end_frame<B: Buf>(buf: &mut B, start: usize, max_frame_len: usize) -> Result<(), usize> {
-    let len = buf.len() - start - LENGTH_PREFIX;
+    end_frame_with(buf, start, max_frame_len, 0)
+}
+
+/// [`end_frame`] for a frame of which `spliced` bytes are not in `buf`.
+#[inline]
+pub(crate) fn end_frame_with<B: Buf>(
+    buf: &mut B,
+    start: usize,
+    max_frame_len: usize,
+    spliced: usize,
+) -> Result<(), usize> {
+    let len = buf.len() - start - LENGTH_PREFIX + spliced;
     if len > max_frame_len || len > u32::MAX as usize {
         return Err(len);
     }
