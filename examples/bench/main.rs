@@ -36,7 +36,9 @@ procexec::tasks! {
     /// W3: sends the payload back (a Blob: written once, shared on arrival).
     pub fn echo(data: procexec::Blob) -> procexec::Blob { data }
 
-    /// W10: a plain byte vector back (through serde, unlike a Blob).
+    /// W10: a plain byte vector back (through serde, unlike a Blob: what the
+    /// `Vec<u8>` warning is about, measured).
+    #[allow(deprecated)]
     pub fn echo_vec(data: Vec<u8>) -> Vec<u8> { data }
 
     /// The worker's process id.
