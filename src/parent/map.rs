@@ -321,6 +321,9 @@ struct MapCore<'a, O> {
     base_seq: u64,
     /// Chunks ready to yield, in yield order.
     ready: VecDeque<Chunk>,
+    /// Outputs decoded ahead from the front chunk, in yield order: a stream decodes
+    /// them in batches, under one registration of their frame, not one per poll.
+    decoded: VecDeque<Result<O>>,
     /// Moving average of the worker's time per item.
     item_ns: Option<u64>,
     /// Recent largest encoded output per item, in bytes.
@@ -337,6 +340,9 @@ struct MapCore<'a, O> {
     talks: bool,
     _output: PhantomData<fn() -> O>,
 }
+
+// Decoded outputs wait in a `VecDeque` until handed out by value: never pinned.
+impl<O> Unpin for MapCore<'_, O> {}
 
 impl<'a, O: DeserializeOwned> MapCore<'a, O> {
     fn new<I, S>(shared: Arc<Shared>, task: Task<I, O>, items: S, options: CallOptions, ordered: bool) -> Self
@@ -367,6 +373,7 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             reorder: VecDeque::new(),
             base_seq: 0,
             ready: VecDeque::new(),
+            decoded: VecDeque::new(),
             item_ns: learned.item_ns,
             output_bytes: learned.output_bytes,
             last_frame_len: 256,
@@ -401,6 +408,10 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             }
         }
         loop {
+            if let Some(item) = self.decoded.pop_front() {
+                self.yielded += 1;
+                return Poll::Ready(Some(item));
+            }
             if self.ready.is_empty() || self.yielded >= REFILL_EVERY {
                 self.yielded = 0;
                 self.refill(cx);
@@ -422,22 +433,15 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
                 continue;
             };
             let registered = crate::wire::blob::register(&chunk.body);
-            let item = chunk.next(self.task);
+            let batch = chunk.remaining.min(REFILL_EVERY);
+            self.decoded.extend((0..batch).map_while(|_| chunk.next(self.task)));
             drop(registered);
-            let exhausted = chunk.remaining == 0;
-            if exhausted {
+            if chunk.remaining == 0 {
                 // Its room in the window is free: fill it now, so the workers are
                 // busy while the consumer works through what is ready.
                 self.ready.pop_front();
-                self.yielded = REFILL_EVERY;
-            }
-            if let Some(item) = item {
-                self.yielded += 1;
-                if exhausted {
-                    self.yielded = 0;
-                    self.refill(cx);
-                }
-                return Poll::Ready(Some(item));
+                self.yielded = 0;
+                self.refill(cx);
             }
         }
     }
@@ -455,6 +459,9 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
     /// Moves every output of the chunks ready, in order, to `outputs`; stops at the
     /// first error (which is consumed and returned).
     fn drain_ready(&mut self, outputs: &mut Vec<O>) -> Result<()> {
+        while let Some(result) = self.decoded.pop_front() {
+            outputs.push(result?);
+        }
         while let Some(chunk) = self.ready.front_mut() {
             let _registered = crate::wire::blob::register(&chunk.body);
             while let Some(result) = chunk.next(self.task) {
@@ -471,6 +478,7 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
         self.source = None;
         self.carry = None;
         self.ready.clear();
+        self.decoded.clear();
         self.reorder.clear();
         self.cancel();
     }
