@@ -8,7 +8,8 @@
 //! rayon and tokio's blocking pool (in-process bounds), and the limit: a minimal
 //! parent/child pair over raw pipes (raw.rs). W7 measures channels (w7.rs) against
 //! Python's `Queue` and `Pipe` (bench/channels.py) and raw pipes carrying framed
-//! messages (chan_raw.rs). `-- W8`, only when named, load-tests examples/service.rs
+//! messages (chan_raw.rs). W9 and W10 (scale.rs) measure pool sizes 2 to 256 and
+//! payloads 1 KiB to 60 MiB. `-- W8`, only when named, load-tests examples/service.rs
 //! with `wrk` (scripts/service-load). Every figure is the median of several repetitions;
 //! ratios compare figures measured in this same run.
 
