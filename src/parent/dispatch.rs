@@ -374,7 +374,7 @@ impl Queue {
         // run there now, and must, when they wait for each other (a consumer and its
         // producer, talking over a channel).
         let others_idle = state.idle.iter().any(|&other| other != slot);
-        let spread = !(state.dormant.is_empty() && !others_idle);
+        let spread = !state.dormant.is_empty() || others_idle;
         let max_jobs = if spread && room.busy { 0 } else { room.jobs };
         // While spreading, an idle worker takes one call, and more only while their
         // known run time stays below what waking another worker costs: a burst of

@@ -254,7 +254,7 @@ impl Executor {
                     }
                     // Outside a runtime, it gets in line when the handle is polled.
                     Err(_) => {
-                        let (job, receiver) = (Some(job), Some(receiver));
+                        let (job, receiver) = (Some(Box::new(job)), Some(receiver));
                         HandleState::Admitting { shared: shared.clone(), job, receiver, admission }
                     }
                 }
@@ -591,7 +591,8 @@ enum HandleState {
     /// Not queued yet: waits for room in the queue.
     Admitting {
         shared: Arc<Shared>,
-        job: Option<Job>,
+        /// Boxed: only calls made outside a runtime into a full queue wait here.
+        job: Option<Box<Job>>,
         receiver: Option<oneshot::Receiver<Completion>>,
         admission: Admission,
     },
@@ -637,7 +638,7 @@ impl<O> TaskHandle<O> {
                 drop(runtime.spawn(async move {
                     if let Ok(permit) = admission.await {
                         job.admission = Some(permit);
-                        if let HandleState::Waiting(receiver) = queue(&shared, job, receiver) {
+                        if let HandleState::Waiting(receiver) = queue(&shared, *job, receiver) {
                             drop(receiver.await);
                         }
                     }
@@ -682,7 +683,7 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
             let next = match permit {
                 Ok(permit) => {
                     job.admission = Some(permit);
-                    queue(shared, job, receiver)
+                    queue(shared, *job, receiver)
                 }
                 Err(_) => HandleState::Failed(Some(Box::new(Error::Shutdown))),
             };

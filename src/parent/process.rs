@@ -1042,7 +1042,7 @@ mod tests {
         let len = 2 * LARGE_FRAME;
         let mut codec = ReplyCodec::new(0, 4 * LARGE_FRAME);
         let mut src = BytesMut::from(&protocol::PREAMBLE[..]);
-        let mut feed = |src: &mut BytesMut, codec: &mut ReplyCodec| {
+        let feed = |src: &mut BytesMut, codec: &mut ReplyCodec| {
             // The head and a little of the body, then the rest, as reads would bring them.
             src.extend_from_slice(&(len as u32).to_be_bytes());
             src.extend_from_slice(&[7; 100]);
