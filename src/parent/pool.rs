@@ -19,8 +19,8 @@ use crate::parent::error::{Direction, Error, Result};
 use crate::parent::process::{WorkerConfig, check_types};
 use crate::parent::stats::{Counters, Stats};
 use crate::task::Task;
+use crate::wire::codec;
 use crate::wire::protocol::{self, Count, Request, TaskInfo};
-use crate::wire::{blob, codec};
 
 /// The executor's lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,7 +233,7 @@ impl Shared {
         // Large blobs stay in their own buffers: the frame refers to them, and the
         // writer sends them from there (no copy, no second payload in memory).
         let ((encoded, holds), spliced) =
-            blob::splicing(|| transit::collect(|| protocol::encode_into(&mut buf, input)));
+            protocol::splicing(|| transit::collect(|| protocol::encode_into(&mut buf, input)));
         encoded.map_err(|err| {
             Error::codec(task.name(), Direction::Input, "encode", codec::encode_error_message(input, &err))
         })?;

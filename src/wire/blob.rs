@@ -8,6 +8,8 @@ use bytes::Bytes;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::wire::protocol;
+
 /// An immutable, cheaply cloneable byte buffer for large task inputs and outputs.
 ///
 /// A `Blob` is written to the frame in one `memcpy` (a `spawn`'s input of 64 KiB or
@@ -143,91 +145,15 @@ impl fmt::Debug for Blob {
 
 impl Serialize for Blob {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        if self.0.len() < SPLICE_FROM {
-            return serializer.serialize_bytes(&self.0);
-        }
-        // A frame being spliced (see `splicing`) takes these bytes by reference
-        // when they reach it; any other serializer just copies them.
-        let offered = SPLICE.try_with(|splice| {
-            let mut splice = splice.borrow_mut();
-            match splice.as_mut() {
-                Some(splice) => splice.offered = Some(self.0.clone()),
-                None => return false,
-            }
-            true
-        });
+        // A frame being spliced (see `protocol::splicing`) takes these bytes by
+        // reference when they reach it; any other serializer just copies them.
+        let offered = protocol::offer_splice(&self.0);
         let result = serializer.serialize_bytes(&self.0);
-        if offered == Ok(true) {
-            let _ =
-                SPLICE.try_with(|splice| splice.borrow_mut().as_mut().map(|splice| splice.offered = None));
+        if offered {
+            protocol::withdraw_splice();
         }
         result
     }
-}
-
-/// Blobs from this size on are not copied into a frame being spliced: the frame
-/// refers to them and they are written from their own buffers. Below it, a copy
-/// costs less than one more piece to write.
-pub(crate) const SPLICE_FROM: usize = 64 * 1024;
-
-/// The blobs an encoding left out of its buffer, each with the buffer offset it
-/// belongs at.
-#[derive(Default)]
-pub(crate) struct Splice {
-    /// The blob being serialized, whose bytes the flavor may take by reference.
-    offered: Option<Bytes>,
-    pub(crate) parts: Vec<(usize, Bytes)>,
-}
-
-thread_local! {
-    static SPLICE: RefCell<Option<Splice>> = const { RefCell::new(None) };
-}
-
-/// Runs `encode` with large blobs spliced rather than copied: what it returns, and
-/// the blobs left out of the buffer with their offsets (see `take_spliced`).
-pub(crate) fn splicing<R>(encode: impl FnOnce() -> R) -> (R, Vec<(usize, Bytes)>) {
-    struct Restore(Option<Splice>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            let previous = self.0.take();
-            let _ = SPLICE.try_with(|splice| splice.replace(previous));
-        }
-    }
-    let previous = SPLICE.try_with(|splice| splice.replace(Some(Splice::default()))).ok().flatten();
-    let restore = Restore(previous);
-    let result = encode();
-    let parts = SPLICE
-        .try_with(|splice| splice.borrow_mut().take().map(|splice| splice.parts).unwrap_or_default())
-        .unwrap_or_default();
-    drop(restore);
-    (result, parts)
-}
-
-/// Called by the encoding flavor with bytes about to be copied into a buffer of
-/// `len` bytes: true if they are the offered blob's, now recorded at `len` instead.
-#[inline]
-pub(crate) fn take_spliced(data: &[u8], len: usize) -> bool {
-    if data.len() < SPLICE_FROM {
-        return false;
-    }
-    SPLICE
-        .try_with(|splice| {
-            let mut splice = splice.borrow_mut();
-            let Some(splice) = splice.as_mut() else {
-                return false;
-            };
-            match splice.offered.take() {
-                Some(blob) if blob.as_ptr() == data.as_ptr() && blob.len() == data.len() => {
-                    splice.parts.push((len, blob));
-                    true
-                }
-                other => {
-                    splice.offered = other;
-                    false
-                }
-            }
-        })
-        .unwrap_or(false)
 }
 
 thread_local! {
@@ -350,11 +276,10 @@ mod tests {
 
     #[test]
     fn a_large_blob_is_spliced_out_of_the_buffer_and_a_small_one_copied() {
-        let large = Blob::from(vec![3u8; SPLICE_FROM]);
+        let large = Blob::from(vec![3u8; protocol::SPLICE_FROM]);
         let small = Blob::from(vec![4u8; 10]);
         let mut buf = bytes::BytesMut::new();
-        let (encoded, parts) =
-            splicing(|| crate::wire::protocol::encode_into(&mut buf, &(&small, &large, 7u8)));
+        let (encoded, parts) = protocol::splicing(|| protocol::encode_into(&mut buf, &(&small, &large, 7u8)));
         encoded.unwrap();
         assert_eq!(parts.len(), 1);
         let (at, part) = &parts[0];
@@ -366,8 +291,8 @@ mod tests {
         assert_eq!(whole, postcard::to_allocvec(&(&small, &large, 7u8)).unwrap());
         // Outside `splicing`, nothing is left out.
         let mut plain = bytes::BytesMut::new();
-        crate::wire::protocol::encode_into(&mut plain, &large).unwrap();
-        assert_eq!(plain.len(), SPLICE_FROM + 3);
+        protocol::encode_into(&mut plain, &large).unwrap();
+        assert_eq!(plain.len(), protocol::SPLICE_FROM + 3);
     }
 
     #[test]
