@@ -104,7 +104,38 @@ def w5(reps, calls):
         report("Pool.apply", 1, rtts)
 
 
+def w11(reps, n, n_spawns):
+    for size in (2, 16, 64, 256):
+        builds, shutdowns, maps, applies = [], [], [], []
+        for rep in range(reps):
+            start = time.perf_counter()
+            pool = mp.get_context("fork").Pool(size)
+            builds.append(time.perf_counter() - start)
+            pool.map(double, range(1000))
+            if rep == 0:
+                maps = timed(reps, lambda: pool.map(double, range(n)))
+                applies = timed(reps, lambda: [r.get() for r in [pool.apply_async(double, (i,)) for i in range(n_spawns)]])
+            start = time.perf_counter()
+            pool.close()
+            pool.join()
+            shutdowns.append(time.perf_counter() - start)
+        report(f"build, Pool({size}) fork", 1, builds)
+        report(f"shutdown, Pool({size}) close + join", 1, shutdowns)
+        report(f"map, Pool({size}).map (default chunks)", n, maps)
+        report(f"apply_async each, Pool({size})", n_spawns, applies)
+
+
+def w12(reps, *sizes_calls):
+    names = {1024: "1 KiB", 1 << 20: "1 MiB", 16 << 20: "16 MiB", 60 << 20: "60 MiB"}
+    with mp.get_context("fork").Pool(1) as pool:
+        for size, calls in zip(sizes_calls[::2], sizes_calls[1::2]):
+            data = b"\x07" * size
+            pool.apply(echo, (data,))
+            report(f"Pool(1).apply echo {names.get(size, size)}, bytes", size * calls,
+                   timed(reps, lambda: [pool.apply(echo, (data,)) for _ in range(calls)]))
+
+
 if __name__ == "__main__":
     workload, reps = sys.argv[1], int(sys.argv[2])
     args = [int(a) if a.isdigit() else float(a) for a in sys.argv[3:]]
-    {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5}[workload](reps, *args)
+    {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W11": w11, "W12": w12}[workload](reps, *args)

@@ -151,6 +151,8 @@ pub use shared::{
     ArrayGuard, LockGuard, LockResult, PoisonCause, Poisoned, SharedArray, SharedBytes, SharedError,
     SharedLock, SharedValue, ValueGuard,
 };
+#[doc(hidden)]
+pub use task::lint as __lint;
 pub use task::{AnyTask, IntoTask, Registry, Task};
 pub use wire::blob::Blob;
 pub use worker::state::WorkerState;

@@ -380,12 +380,38 @@ macro_rules! tasks {
                         -> $crate::__task_output!($($ret)?) { $body },
                 )
             }
+
+            // Never called: type-checking it is what warns about `Vec<u8>` (the
+            // task's own attributes apply: `#[allow(deprecated)]` silences it).
+            const _: () = {
+                $(#[$attr])*
+                #[allow(dead_code, clippy::all)]
+                fn lint() {
+                    $( $crate::__bytes_lint!($ty); )*
+                    $( $crate::__bytes_lint!($ret); )?
+                }
+            };
         )*
+
 
         /// Every task defined in this module's `procexec::tasks!` block.
         #[allow(dead_code)]
         pub static TASKS: $crate::Registry = $crate::Registry::new(&[$(&const { $name() }),*]);
     };
+}
+
+/// Warns (deprecation lint, at compile time) where a task takes or returns a plain
+/// `Vec<u8>`: serde moves it one byte at a time, 4-10x slower than `Blob` or
+/// `serde_bytes::ByteBuf` (see `Blob`). Autoref picks the warning method for
+/// exactly `Vec<u8>` and the silent one for every other type.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __bytes_lint {
+    ($ty:ty) => {{
+        #[allow(unused_imports)]
+        use $crate::__lint::{BytesVec as _, NotBytesVec as _};
+        (&$crate::__lint::Probe::<$ty>::NEW).check();
+    }};
 }
 
 #[doc(hidden)]
@@ -413,6 +439,35 @@ macro_rules! __task_pattern {
     () => { () };
     ($arg:ident) => { $arg };
     ($($arg:ident),+) => { ($($arg),+) };
+}
+
+/// The probe behind `__bytes_lint!`.
+#[doc(hidden)]
+pub mod lint {
+    use std::marker::PhantomData;
+
+    pub struct Probe<T: ?Sized>(PhantomData<T>);
+
+    impl<T: ?Sized> Probe<T> {
+        pub const NEW: Self = Probe(PhantomData);
+    }
+
+    /// Picked for exactly `Vec<u8>` (the receiver matches without autoref).
+    pub trait BytesVec {
+        #[deprecated(
+            note = "a task input or output of `Vec<u8>` goes through serde one byte at a time (4-10x slower than `procexec::Blob`): use `procexec::Blob`, or `serde_bytes::ByteBuf`, or wrap it with `#[serde(with = \"serde_bytes\")]`"
+        )]
+        fn check(&self) {}
+    }
+
+    impl BytesVec for Probe<Vec<u8>> {}
+
+    /// Picked for every other type, through autoref.
+    pub trait NotBytesVec {
+        fn check(&self) {}
+    }
+
+    impl<T: ?Sized> NotBytesVec for &Probe<T> {}
 }
 
 #[cfg(test)]

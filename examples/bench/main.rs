@@ -10,7 +10,8 @@
 //! Python's `Queue` and `Pipe` (bench/channels.py) and raw pipes carrying framed
 //! messages (chan_raw.rs). W9 measures shared memory (w9.rs) against Python's
 //! `Value.get_lock()` (bench/shared.py) and threads; W10 the cost of forwarding the
-//! workers' `tracing` events (w10.rs). `-- W8`, only when named, load-tests examples/service.rs
+//! workers' `tracing` events (w10.rs); W11 and W12 (scale.rs) measure pool sizes 2 to
+//! 256 and payloads 1 KiB to 60 MiB. `-- W8`, only when named, load-tests examples/service.rs
 //! with `wrk` (scripts/service-load). `-- WC`, only when named, runs W1, W3 and W5
 //! through ssh and srun against local workers (cluster.rs, the daemons of
 //! scripts/test-cluster). Every figure is the median of several repetitions;
@@ -21,6 +22,7 @@ mod cluster;
 mod peers;
 mod pin;
 mod raw;
+mod scale;
 mod table;
 mod w10;
 mod w7;
@@ -41,6 +43,11 @@ procexec::tasks! {
 
     /// W3: sends the payload back (a Blob: written once, shared on arrival).
     pub fn echo(data: procexec::Blob) -> procexec::Blob { data }
+
+    /// W10: a plain byte vector back (through serde, unlike a Blob: what the
+    /// `Vec<u8>` warning is about, measured).
+    #[allow(deprecated)]
+    pub fn echo_vec(data: Vec<u8>) -> Vec<u8> { data }
 
     /// The worker's process id.
     pub fn worker_pid() -> u32 { std::process::id() }
@@ -167,6 +174,12 @@ fn main() {
     }
     if config.runs("W9") {
         w9::w9(&config, &mut table);
+    }
+    if config.runs("W11") {
+        scale::w11(&config, &mut table);
+    }
+    if config.runs("W12") {
+        scale::w12(&config, &mut table);
     }
     // Only when named: it needs the daemons of scripts/test-cluster.
     if config.only.iter().any(|workload| workload.eq_ignore_ascii_case("WC")) {

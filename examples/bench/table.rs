@@ -197,6 +197,30 @@ impl Table {
             5.0,
             true,
         );
+        let two = self.value("W11d", "procexec map, 2 workers");
+        check(
+            "W11 tiny map: 256 workers / 2 workers (µs per task)",
+            ratio(self.value("W11d", "procexec map, 256 workers"), two),
+            1.3,
+            false,
+        );
+        let two = self.value("W11e", "procexec spawn each, 2 workers");
+        check(
+            "W11 10k spawns: 256 workers / 2 workers (µs per call)",
+            ratio(self.value("W11e", "procexec spawn each, 256 workers"), two),
+            1.3,
+            false,
+        );
+        check(
+            "W12 60 MiB Blob echo: MB/s both ways",
+            self.value("W12", "procexec echo 60 MiB, Blob"),
+            2000.0,
+            true,
+        );
+        for side in ["parent", "worker"] {
+            let peak = self.value("W12m", &format!("procexec echo 60 MiB, Blob: {side}"));
+            check(&format!("W12 60 MiB Blob echo: peak added in the {side} (x payload)"), peak, 1.5, false);
+        }
         for (id, placement) in [("W5", "across CPUs"), ("W5s", "same CPU")] {
             for flavor in ["multi-thread", "current-thread"] {
                 let rtt = self.value(id, &format!("procexec spawn().await, {flavor}"));

@@ -591,7 +591,7 @@ enum HandleState {
     /// Not queued yet: waits for room in the queue.
     Admitting {
         shared: Arc<Shared>,
-        /// Boxed: rare (the queue is full), and a job is large.
+        /// Boxed: only calls made outside a runtime into a full queue wait here.
         job: Option<Box<Job>>,
         receiver: Option<oneshot::Receiver<Completion>>,
         admission: Admission,

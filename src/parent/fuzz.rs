@@ -13,6 +13,7 @@ use crate::wire::protocol::{self, Count, Fixed64, Reply};
 
 crate::tasks! {
     fn text(s: String) -> usize { s.len() }
+    #[allow(deprecated)] // a plain byte vector on purpose
     fn pair(a: u64, b: Vec<u8>) -> u64 { a + b.len() as u64 }
 }
 

@@ -33,7 +33,7 @@ use tokio::time::Sleep;
 use crate::channel::transit;
 use crate::parent::dispatch::{CallOptions, ChunkDone, Completion, Delivery, Job, ReplyTo, decode_record};
 use crate::parent::error::{Direction, Error, Result};
-use crate::parent::pool::Shared;
+use crate::parent::pool::{Learned, Shared};
 use crate::parent::progress::{Progress, Tracker};
 use crate::parent::stats::Counters;
 use crate::task::Task;
@@ -49,6 +49,10 @@ const MAX_CHUNK_ITEMS: u64 = 1 << 16;
 /// A chunk stops growing once its inputs take this many bytes, and is sized so its
 /// outputs take about as many (never more than a quarter of the frame limit).
 const MAX_CHUNK_BYTES: usize = 256 * 1024;
+/// Least work per chunk when the input is split to keep every worker busy: below
+/// it, a chunk's frame and wake-up cost more than the parallelism gains, and a large
+/// pool would get hundreds of chunks of a few microseconds each.
+const MIN_CHUNK_NS: u64 = 250_000;
 /// Results handed out between two looks at finished chunks, when no chunk ran out.
 const REFILL_EVERY: u32 = 64;
 
@@ -352,6 +356,9 @@ struct MapCore<'a, O> {
     base_seq: u64,
     /// Chunks ready to yield, in yield order.
     ready: VecDeque<Chunk>,
+    /// Outputs decoded ahead from the front chunk, in yield order: a stream decodes
+    /// them in batches, under one registration of their frame, not one per poll.
+    decoded: VecDeque<Result<O>>,
     /// Moving average of the worker's time per item.
     item_ns: Option<u64>,
     /// Recent largest encoded output per item, in bytes.
@@ -371,6 +378,9 @@ struct MapCore<'a, O> {
     _output: PhantomData<fn() -> O>,
 }
 
+// Decoded outputs wait in a `VecDeque` until handed out by value: never pinned.
+impl<O> Unpin for MapCore<'_, O> {}
+
 impl<'a, O: DeserializeOwned> MapCore<'a, O> {
     fn new<I, S>(shared: Arc<Shared>, task: Task<I, O>, items: S, options: CallOptions, ordered: bool) -> Self
     where
@@ -384,8 +394,11 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             (lower, Some(upper)) if lower == upper => Some(lower as u64),
             _ => None,
         };
+        let task_index = shared.tasks.resolve(&task);
+        // Start from what earlier maps of this task measured.
+        let learned = task_index.as_ref().map(|&index| shared.tasks.learned(index)).unwrap_or_default();
         MapCore {
-            task_index: shared.tasks.resolve(&task),
+            task_index,
             shared,
             task: task.name(),
             options,
@@ -403,8 +416,9 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             reorder: VecDeque::new(),
             base_seq: 0,
             ready: VecDeque::new(),
-            item_ns: None,
-            output_bytes: 0,
+            decoded: VecDeque::new(),
+            item_ns: learned.item_ns,
+            output_bytes: learned.output_bytes,
             last_frame_len: 256,
             yielded: 0,
             deadline: None,
@@ -438,6 +452,10 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             }
         }
         loop {
+            if let Some(item) = self.decoded.pop_front() {
+                self.yielded += 1;
+                return Poll::Ready(Some(item));
+            }
             if self.ready.is_empty() || self.yielded >= REFILL_EVERY {
                 self.yielded = 0;
                 self.refill(cx);
@@ -459,22 +477,15 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
                 continue;
             };
             let registered = crate::wire::blob::register(&chunk.body);
-            let item = chunk.next(self.task);
+            let batch = chunk.remaining.min(REFILL_EVERY);
+            self.decoded.extend((0..batch).map_while(|_| chunk.next(self.task)));
             drop(registered);
-            let exhausted = chunk.remaining == 0;
-            if exhausted {
+            if chunk.remaining == 0 {
                 // Its room in the window is free: fill it now, so the workers are
                 // busy while the consumer works through what is ready.
                 self.ready.pop_front();
-                self.yielded = REFILL_EVERY;
-            }
-            if let Some(item) = item {
-                self.yielded += 1;
-                if exhausted {
-                    self.yielded = 0;
-                    self.refill(cx);
-                }
-                return Poll::Ready(Some(item));
+                self.yielded = 0;
+                self.refill(cx);
             }
         }
     }
@@ -492,6 +503,9 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
     /// Moves every output of the chunks ready, in order, to `outputs`; stops at the
     /// first error (which is consumed and returned).
     fn drain_ready(&mut self, outputs: &mut Vec<O>) -> Result<()> {
+        while let Some(result) = self.decoded.pop_front() {
+            outputs.push(result?);
+        }
         while let Some(chunk) = self.ready.front_mut() {
             let _registered = crate::wire::blob::register(&chunk.body);
             while let Some(result) = chunk.next(self.task) {
@@ -508,6 +522,7 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
         self.source = None;
         self.carry = None;
         self.ready.clear();
+        self.decoded.clear();
         self.reorder.clear();
         self.cancel();
     }
@@ -608,6 +623,10 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
         // Outputs can grow suddenly: follow increases at once, decreases slowly.
         let output = delivery.body.len() as u64 / items;
         self.output_bytes = output.max(self.output_bytes - self.output_bytes / 8);
+        if let Ok(index) = self.task_index {
+            let learned = Learned { item_ns: self.item_ns, output_bytes: self.output_bytes };
+            self.shared.tasks.learn(index, learned);
+        }
     }
 
     /// Files a chunk that finished before it was sent.
@@ -657,8 +676,13 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
     /// Whether another chunk may be sent: chunks in flight and chunks finished but
     /// not yet yielded share one window, so a slow consumer holds memory flat.
     fn has_room(&self) -> bool {
+        // Until a chunk has told the task's time, one single-input chunk per worker:
+        // enough to start them all when tasks are long, and no more one-input frames
+        // than that when they are tiny (the next chunks are sized from the first).
+        let window =
+            if self.item_ns.is_none() { self.window.min(self.shared.processes) } else { self.window };
         let waiting = if self.ordered { self.reorder.len() } else { self.pieces.len() };
-        self.pieces.len() < self.window && waiting + self.ready.len() < 2 * self.window
+        self.pieces.len() < window && waiting + self.ready.len() < 2 * self.window
     }
 
     /// How many items the next chunk should hold.
@@ -667,6 +691,10 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             // A time limit applies to each input, so each input is its own call.
             return 1;
         }
+        let Some(item_ns) = self.item_ns else {
+            return 1;
+        };
+        let item_ns = item_ns.max(1);
         // Behind a slow link (workers elsewhere), a chunk carries at least as much
         // work as the slowest link's latency, which it otherwise spends idle.
         let target = match self.remote {
@@ -674,21 +702,20 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
             false => None,
         };
         let target = target.unwrap_or(0).clamp(TARGET_CHUNK_NS, MAX_TARGET_CHUNK_NS);
-        let by_time = match self.item_ns {
-            None => 1,
-            Some(ns) => (target / ns.max(1)).clamp(1, MAX_CHUNK_ITEMS),
-        };
+        let by_time = (target / item_ns).clamp(1, MAX_CHUNK_ITEMS);
         // Keep the reply well inside the frame limit.
         let output_budget = MAX_CHUNK_BYTES.min(self.shared.max_frame_len() / 4) as u64;
         let by_time = by_time.min((output_budget / self.output_bytes.max(1)).max(1));
         // A worker's budget of inputs holds at least one chunk.
         let by_time = by_time.min(self.shared.limits.max_tasks_per_worker.unwrap_or(u64::MAX));
-        // Leave enough chunks for every worker until the end.
+        // Leave enough chunks for every worker until the end, but not chunks so small
+        // that their frames cost more than their work.
         let remaining = self.source.as_ref().map_or(0, |source| source.remaining()) as u64;
         if remaining == 0 {
             return by_time;
         }
-        by_time.min((remaining / (2 * self.shared.processes as u64)).max(1))
+        let spread = remaining / (2 * self.shared.processes as u64);
+        by_time.min(spread.max(MIN_CHUNK_NS / item_ns).max(1))
     }
 
     /// Builds and sends chunks while there is room and input.
@@ -814,6 +841,8 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
         let reply = ReplyTo::Chunk { piece, sink: self.sink.clone(), cancelled: self.cancelled.clone() };
         let mut job = Job::new(id, self.task, items, frame.clone(), reply, self.options);
         job.failures = failures;
+        job.task_index = self.task_index.as_ref().ok().copied();
+        job.expected_ns = self.item_ns.map(|ns| ns.saturating_mul(u64::from(items)));
         // Once an input carried channel handles, every chunk of the map may talk.
         self.talks |= transit::collecting_any();
         job.talking = self.talks;

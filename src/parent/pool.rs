@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -49,6 +49,19 @@ pub(crate) struct TaskTable {
     /// Per task, the types (in this process) that passed the check: tracing them
     /// again on every call would cost more than the call's bookkeeping.
     checked: Vec<OnceLock<[TypeId; 2]>>,
+    /// Per task, what maps learned of it (0 while unknown), so that the next map
+    /// sizes its first chunks from it instead of starting at one input a chunk.
+    item_ns: Vec<AtomicU64>,
+    output_bytes: Vec<AtomicU64>,
+}
+
+/// What earlier maps measured of a task.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Learned {
+    /// The worker's time per input.
+    pub(crate) item_ns: Option<u64>,
+    /// The encoded output per input, in bytes.
+    pub(crate) output_bytes: u64,
 }
 
 impl TaskTable {
@@ -58,7 +71,44 @@ impl TaskTable {
             by_name.entry(info.name.clone()).or_insert(index as u32);
         }
         let checked = infos.iter().map(|_| OnceLock::new()).collect();
-        TaskTable { infos, by_name, checked }
+        let item_ns = infos.iter().map(|_| AtomicU64::new(0)).collect();
+        let output_bytes = infos.iter().map(|_| AtomicU64::new(0)).collect();
+        TaskTable { infos, by_name, checked, item_ns, output_bytes }
+    }
+
+    /// What maps have learned of task `index` so far.
+    pub(crate) fn learned(&self, index: u32) -> Learned {
+        let index = index as usize;
+        let load = |values: &[AtomicU64]| values.get(index).map_or(0, |v| v.load(Ordering::Relaxed));
+        Learned {
+            item_ns: Some(load(&self.item_ns)).filter(|&ns| ns > 0),
+            output_bytes: load(&self.output_bytes),
+        }
+    }
+
+    /// Records a call of task `index` that kept its worker busy `busy_ns` for
+    /// `items` inputs.
+    pub(crate) fn learn_call(&self, index: u32, busy_ns: u64, items: u32) {
+        let Some(slot) = self.item_ns.get(index as usize) else {
+            return;
+        };
+        let per_item = (busy_ns / u64::from(items.max(1))).max(1);
+        let average = match slot.load(Ordering::Relaxed) {
+            0 => per_item,
+            average => average.saturating_mul(3).saturating_add(per_item) / 4,
+        };
+        slot.store(average.max(1), Ordering::Relaxed);
+    }
+
+    /// Records what a map learned of task `index`, for the maps after it.
+    pub(crate) fn learn(&self, index: u32, learned: Learned) {
+        let index = index as usize;
+        if let (Some(slot), Some(ns)) = (self.item_ns.get(index), learned.item_ns) {
+            slot.store(ns.max(1), Ordering::Relaxed);
+        }
+        if let Some(slot) = self.output_bytes.get(index) {
+            slot.store(learned.output_bytes, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn infos(&self) -> &[TaskInfo] {
@@ -180,28 +230,36 @@ impl Shared {
         let mut buf = BytesMut::with_capacity(64);
         let (id, start, _) = self.call_frame(index, 1, &mut buf);
         let record = protocol::begin_record(&mut buf);
-        let (encoded, holds) = transit::collect(|| protocol::encode_into(&mut buf, input));
+        // Large blobs stay in their own buffers: the frame refers to them, and the
+        // writer sends them from there (no copy, no second payload in memory).
+        let ((encoded, holds), spliced) =
+            protocol::splicing(|| transit::collect(|| protocol::encode_into(&mut buf, input)));
         encoded.map_err(|err| {
             Error::codec(task.name(), Direction::Input, "encode", codec::encode_error_message(input, &err))
         })?;
-        protocol::end_record(&mut buf, record);
+        let extra: usize = spliced.iter().map(|(_, part)| part.len()).sum();
+        protocol::end_record_with(&mut buf, record, extra);
         let limit = self.config.max_frame_len;
-        protocol::end_frame(&mut buf, start, limit).map_err(|size| Error::FrameTooLarge {
+        protocol::end_frame_with(&mut buf, start, limit, extra).map_err(|size| Error::FrameTooLarge {
             task: task.name().into(),
             direction: Direction::Input,
             size: size as u64,
             limit: limit as u64,
         })?;
+        let (head, rest) = pieces(buf.freeze(), spliced);
         let (sender, receiver) = oneshot::channel();
-        let mut job = Job::new(id, task.name(), 1, buf.freeze(), ReplyTo::Once(sender), options);
+        let mut job = Job::new(id, task.name(), 1, head, ReplyTo::Once(sender), options);
+        job.rest = rest;
         job.holds = holds;
+        job.task_index = Some(index);
+        job.expected_ns = self.tasks.learned(index).item_ns;
         Ok((job, receiver))
     }
 
     /// The share of the spawn queue's room a job needs: its frame's size, but no
     /// more than all of it, so a call larger than the queue still goes alone.
     pub(crate) fn room_for(&self, job: &Job) -> u32 {
-        job.frame.len().clamp(1, self.queue_room.max) as u32
+        job.frame_len().clamp(1, self.queue_room.max) as u32
     }
 
     /// Takes room in the spawn queue for `job` at once, if there is enough.
@@ -316,6 +374,27 @@ impl Shared {
     }
 }
 
+/// A frame's pieces in order: its buffer cut where the spliced blobs belong, with
+/// the blobs between the cuts.
+fn pieces(frame: Bytes, spliced: Vec<(usize, Bytes)>) -> (Bytes, Vec<Bytes>) {
+    if spliced.is_empty() {
+        return (frame, Vec::new());
+    }
+    let mut rest = Vec::with_capacity(2 * spliced.len());
+    let mut cut = spliced[0].0;
+    let head = frame.slice(..cut);
+    let mut parts = spliced.into_iter().peekable();
+    while let Some((_, part)) = parts.next() {
+        rest.push(part);
+        let next = parts.peek().map_or(frame.len(), |(at, _)| *at);
+        if next > cut {
+            rest.push(frame.slice(cut..next));
+        }
+        cut = next;
+    }
+    (head, rest)
+}
+
 /// Counts a running supervisor; see [`Shared::supervisor_guard`].
 pub(crate) struct SupervisorGuard<'a> {
     shared: &'a Shared,
@@ -327,5 +406,21 @@ impl Drop for SupervisorGuard<'_> {
             self.shared.last_supervisor_stopped();
             self.shared.all_stopped.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spliced_frame_is_cut_where_its_blobs_belong() {
+        let frame = Bytes::from_static(b"abcdef");
+        let (x, y) = (Bytes::from_static(b"XX"), Bytes::from_static(b"YY"));
+        let (head, rest) = pieces(frame.clone(), vec![(2, x.clone()), (2, y.clone()), (5, x.clone())]);
+        let mut whole = head.to_vec();
+        rest.iter().for_each(|piece| whole.extend_from_slice(piece));
+        assert_eq!(whole, b"abXXYYcdeXXf");
+        assert_eq!(pieces(frame.clone(), Vec::new()), (frame, Vec::new()));
     }
 }

@@ -25,9 +25,10 @@
 //!    many items are done, and their records) in memory the parent can read after the
 //!    worker died ([`Progress`]), so a crash costs only the input that caused it.
 
+use std::cell::RefCell;
 use std::io;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 #[cfg(feature = "executor")]
 use tokio_util::codec::LengthDelimitedCodec;
@@ -300,7 +301,14 @@ pub(crate) fn begin_record<B: Buf>(buf: &mut B) -> usize {
 /// Finishes the record begun at `start` by writing its length.
 #[inline]
 pub(crate) fn end_record<B: Buf>(buf: &mut B, start: usize) {
-    let len = buf.len() - start - RECORD_PREFIX;
+    end_record_with(buf, start, 0)
+}
+
+/// [`end_record`] for a record of which `spliced` bytes are not in `buf` (they
+/// are written from their own buffers: see `blob::splicing`).
+#[inline]
+pub(crate) fn end_record_with<B: Buf>(buf: &mut B, start: usize, spliced: usize) {
+    let len = buf.len() - start - RECORD_PREFIX + spliced;
     // A record longer than 4 GiB cannot fit a frame, whose length has 4 bytes too.
     let len = u32::try_from(len).unwrap_or(u32::MAX);
     buf.patch(start, &len.to_le_bytes());
@@ -545,6 +553,93 @@ pub(crate) fn take_frame(buf: &mut BytesMut, max_frame_len: usize) -> io::Result
     Ok(None)
 }
 
+/// Blobs (`crate::Blob`) from this size on are not copied into a frame being spliced: the frame
+/// refers to them and they are written from their own buffers. Below it, a copy
+/// costs less than one more piece to write.
+pub(crate) const SPLICE_FROM: usize = 64 * 1024;
+
+/// The blobs an encoding left out of its buffer, each with the buffer offset it
+/// belongs at.
+#[derive(Default)]
+pub(crate) struct Splice {
+    /// The blob being serialized, whose bytes the flavor may take by reference.
+    offered: Option<Bytes>,
+    pub(crate) parts: Vec<(usize, Bytes)>,
+}
+
+thread_local! {
+    static SPLICE: RefCell<Option<Splice>> = const { RefCell::new(None) };
+}
+
+/// Runs `encode` with large blobs spliced rather than copied: what it returns, and
+/// the blobs left out of the buffer with their offsets (see `take_spliced`).
+pub(crate) fn splicing<R>(encode: impl FnOnce() -> R) -> (R, Vec<(usize, Bytes)>) {
+    struct Restore(Option<Splice>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            let _ = SPLICE.try_with(|splice| splice.replace(previous));
+        }
+    }
+    let previous = SPLICE.try_with(|splice| splice.replace(Some(Splice::default()))).ok().flatten();
+    let restore = Restore(previous);
+    let result = encode();
+    let parts = SPLICE
+        .try_with(|splice| splice.borrow_mut().take().map(|splice| splice.parts).unwrap_or_default())
+        .unwrap_or_default();
+    drop(restore);
+    (result, parts)
+}
+
+/// Offers a blob's bytes to the frame being spliced on this thread, if any (true
+/// then: withdraw the offer once they are serialized).
+pub(crate) fn offer_splice(bytes: &Bytes) -> bool {
+    if bytes.len() < SPLICE_FROM {
+        return false;
+    }
+    SPLICE
+        .try_with(|splice| match splice.borrow_mut().as_mut() {
+            Some(splice) => {
+                splice.offered = Some(bytes.clone());
+                true
+            }
+            None => false,
+        })
+        .unwrap_or(false)
+}
+
+/// Withdraws what [`offer_splice`] offered, taken or not.
+pub(crate) fn withdraw_splice() {
+    let _ = SPLICE.try_with(|splice| splice.borrow_mut().as_mut().map(|splice| splice.offered = None));
+}
+
+/// Called by the encoding flavor with bytes about to be copied into a buffer of
+/// `len` bytes: true if they are the offered blob's, now recorded at `len` instead.
+#[inline]
+fn take_spliced(data: &[u8], len: usize) -> bool {
+    if data.len() < SPLICE_FROM {
+        return false;
+    }
+    SPLICE
+        .try_with(|splice| {
+            let mut splice = splice.borrow_mut();
+            let Some(splice) = splice.as_mut() else {
+                return false;
+            };
+            match splice.offered.take() {
+                Some(blob) if blob.as_ptr() == data.as_ptr() && blob.len() == data.len() => {
+                    splice.parts.push((len, blob));
+                    true
+                }
+                other => {
+                    splice.offered = other;
+                    false
+                }
+            }
+        })
+        .unwrap_or(false)
+}
+
 /// A postcard flavor that appends to a [`Buf`], copying byte strings in one go.
 pub(crate) struct Append<'a, B>(pub(crate) &'a mut B);
 
@@ -553,7 +648,10 @@ impl<B: Buf> postcard::ser_flavors::Flavor for Append<'_, B> {
 
     #[inline]
     fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-        self.0.extend_from_slice(data);
+        // A large blob of a frame being spliced stays where it is.
+        if !take_spliced(data, self.0.len()) {
+            self.0.extend_from_slice(data);
+        }
         Ok(())
     }
 
@@ -588,7 +686,18 @@ pub(crate) fn begin_frame<B: Buf>(buf: &mut B) -> usize {
 /// the frame (`buf.truncate(start)`).
 #[inline]
 pub(crate) fn end_frame<B: Buf>(buf: &mut B, start: usize, max_frame_len: usize) -> Result<(), usize> {
-    let len = buf.len() - start - LENGTH_PREFIX;
+    end_frame_with(buf, start, max_frame_len, 0)
+}
+
+/// [`end_frame`] for a frame of which `spliced` bytes are not in `buf`.
+#[inline]
+pub(crate) fn end_frame_with<B: Buf>(
+    buf: &mut B,
+    start: usize,
+    max_frame_len: usize,
+    spliced: usize,
+) -> Result<(), usize> {
+    let len = buf.len() - start - LENGTH_PREFIX + spliced;
     if len > max_frame_len || len > u32::MAX as usize {
         return Err(len);
     }

@@ -276,6 +276,9 @@ impl<'a, L: Link> Session<'a, L> {
         if !job.withdrawn {
             // A skipped call used none of the worker's budget.
             self.served += u64::from(job.items);
+            if let Some(index) = job.task_index {
+                self.shared.tasks.learn_call(index, busy_ns, job.items);
+            }
         }
         let limits = &self.shared.limits;
         let peak_rss = peak_rss_kib.saturating_mul(1024);

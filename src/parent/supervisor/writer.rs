@@ -21,7 +21,12 @@ const STAGE_LIMIT: usize = 64 * 1024;
 
 /// Something in flight with a whole request frame to write.
 pub(super) trait Framed {
+    /// The frame, or its first piece when it has more.
     fn frame(&self) -> &[u8];
+    /// The frame's further pieces (large blobs spliced in, and what follows them).
+    fn rest(&self) -> &[Bytes] {
+        &[]
+    }
 }
 
 impl Framed for Job {
@@ -29,6 +34,33 @@ impl Framed for Job {
     fn frame(&self) -> &[u8] {
         &self.frame
     }
+
+    #[inline]
+    fn rest(&self) -> &[Bytes] {
+        &self.rest
+    }
+}
+
+/// The whole frame's length.
+fn frame_len<F: Framed>(framed: &F) -> usize {
+    framed.frame().len() + framed.rest().iter().map(Bytes::len).sum::<usize>()
+}
+
+/// What is left to write of a frame `written` bytes in, up to the end of the piece
+/// that holds that offset.
+fn unwritten<F: Framed>(framed: &F, mut written: usize) -> &[u8] {
+    let first = framed.frame();
+    if written < first.len() || framed.rest().is_empty() {
+        return &first[written.min(first.len())..];
+    }
+    written -= first.len();
+    for piece in framed.rest() {
+        if written < piece.len() {
+            return &piece[written..];
+        }
+        written -= piece.len();
+    }
+    &[]
 }
 
 /// The write state of the frames at the back of a queue of calls in flight.
@@ -119,6 +151,7 @@ impl FrameWriter {
                     if !control.is_empty()
                         || self.direct.is_some()
                         || frame.len() > SMALL_FRAME
+                        || !job.rest().is_empty()
                         || self.staged.len() >= STAGE_LIMIT
                     {
                         break;
@@ -134,7 +167,7 @@ impl FrameWriter {
             } else if let Some(frame) = self.direct.as_ref().filter(|_| direct) {
                 &frame[self.direct_pos..]
             } else if self.unwritten > 0 {
-                &in_flight[first].frame()[self.written..]
+                unwritten(&in_flight[first], self.written)
             } else {
                 return;
             };
@@ -166,7 +199,7 @@ impl FrameWriter {
                 // A large frame goes out as it is, without a copy.
                 Poll::Ready(Ok(n)) => {
                     self.written += n;
-                    if self.written == in_flight[first].frame().len() {
+                    if self.written == frame_len(&in_flight[first]) {
                         self.written = 0;
                         self.unwritten -= 1;
                     }
@@ -240,6 +273,40 @@ mod tests {
 
     fn concat(in_flight: &VecDeque<Bytes>) -> Vec<u8> {
         in_flight.iter().flat_map(|frame| frame.iter().copied()).collect()
+    }
+
+    /// A frame in pieces, as a spliced call's.
+    struct Pieces(Bytes, Vec<Bytes>);
+
+    impl Framed for Pieces {
+        fn frame(&self) -> &[u8] {
+            &self.0
+        }
+        fn rest(&self) -> &[Bytes] {
+            &self.1
+        }
+    }
+
+    #[test]
+    fn a_frame_in_pieces_is_written_whole_each_piece_from_its_own_buffer() {
+        let blob = Bytes::from(vec![9u8; 3 * SMALL_FRAME]);
+        let small = Pieces(Bytes::from_static(b"s"), Vec::new());
+        let spliced = Pieces(Bytes::from_static(b"head"), vec![blob.clone(), Bytes::from_static(b"tail")]);
+        let in_flight: VecDeque<Pieces> = [small, spliced].into();
+        let (mut writer, mut pipe) = (FrameWriter::default(), Pipe::new(SMALL_FRAME, usize::MAX));
+        writer.queued(2);
+        writer.poll_write(
+            &mut Context::from_waker(Waker::noop()),
+            &mut pipe,
+            &in_flight,
+            &mut VecDeque::new(),
+        );
+        let mut expected = b"shead".to_vec();
+        expected.extend_from_slice(&blob);
+        expected.extend_from_slice(b"tail");
+        assert_eq!(pipe.data, expected);
+        assert_eq!(writer.written(2), 2);
+        assert!(pipe.writes.contains(&(blob.as_ptr() as usize, SMALL_FRAME)), "the blob is not copied");
     }
 
     #[test]
