@@ -53,7 +53,7 @@ mod stale {
     // An older build of the worker: the same task names, one with other types,
     // one missing.
     procexec::tasks! {
-        pub fn echo(bytes: Vec<u8>) -> usize { bytes.len() }
+        pub fn echo(words: Vec<u16>) -> usize { words.len() }
         pub fn host(_unit: ()) -> String { String::new() }
     }
 }

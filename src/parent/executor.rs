@@ -249,12 +249,12 @@ impl Executor {
                 let admission = Box::pin(shared.queue_room.semaphore.clone().acquire_many_owned(room));
                 match tokio::runtime::Handle::try_current() {
                     Ok(runtime) => {
-                        drop(runtime.spawn(admit(shared.clone(), job, admission)));
+                        drop(runtime.spawn(admit(shared.clone(), *job, admission)));
                         HandleState::Waiting(receiver)
                     }
                     // Outside a runtime, it gets in line when the handle is polled.
                     Err(_) => {
-                        let (job, receiver) = (Some(Box::new(job)), Some(receiver));
+                        let (job, receiver) = (Some(job), Some(receiver));
                         HandleState::Admitting { shared: shared.clone(), job, receiver, admission }
                     }
                 }
@@ -271,7 +271,7 @@ impl Executor {
                 if shared.try_admit(&mut job) {
                     Prepared::Ready(queue(shared, job, receiver))
                 } else {
-                    Prepared::Full(job, receiver)
+                    Prepared::Full(Box::new(job), receiver)
                 }
             }
             Err(err) => Prepared::Ready(HandleState::Failed(Some(Box::new(err)))),
@@ -530,7 +530,8 @@ enum Prepared {
     /// Queued, or failed before it could be.
     Ready(HandleState),
     /// Encoded, but the queue has no room for it now.
-    Full(Job, oneshot::Receiver<Completion>),
+    /// Boxed: a job is large, and a full queue is rare.
+    Full(Box<Job>, oneshot::Receiver<Completion>),
 }
 
 /// Waits for room in the queue for `job`, then queues it, unless its caller left.
