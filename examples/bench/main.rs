@@ -226,7 +226,17 @@ fn flavor(multi: bool) -> &'static str {
 }
 
 async fn executor() -> Executor {
-    Executor::builder().processes(2).stderr(WorkerStderr::Discard).build().await.expect("the executor starts")
+    executor_of(2).await
+}
+
+/// An executor of `processes` workers, their stderr discarded.
+async fn executor_of(processes: usize) -> Executor {
+    Executor::builder()
+        .processes(processes)
+        .stderr(WorkerStderr::Discard)
+        .build()
+        .await
+        .expect("the executor starts")
 }
 
 fn per_item(samples: &[Duration], items: u64) -> Vec<f64> {

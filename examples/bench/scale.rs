@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use procexec::{Blob, Executor, WorkerStderr};
+use procexec::Blob;
 
 use crate::table::{Better, Kind, Table};
 use crate::{Config, double, echo, echo_vec, peers, per_item, runtime, timed_async};
@@ -13,15 +13,6 @@ use crate::{Config, double, echo, echo_vec, peers, per_item, runtime, timed_asyn
 pub const POOLS: [usize; 4] = [2, 16, 64, 256];
 const TINY: u64 = 100_000;
 const SPAWNS: u64 = 10_000;
-
-async fn pool(processes: usize) -> Executor {
-    Executor::builder()
-        .processes(processes)
-        .stderr(WorkerStderr::Discard)
-        .build()
-        .await
-        .expect("the executor starts")
-}
 
 fn open_descriptors() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count().saturating_sub(1))
@@ -42,7 +33,7 @@ pub fn w11(config: &Config, table: &mut Table) {
             for rep in 0..reps.min(3) {
                 let before = open_descriptors();
                 let start = Instant::now();
-                let exec = pool(processes).await;
+                let exec = crate::executor_of(processes).await;
                 build.push(start.elapsed());
                 fds.push((open_descriptors() - before) as f64);
                 exec.map(double, 0..10_000u64).await.unwrap();
@@ -153,7 +144,7 @@ pub fn w12(config: &Config, table: &mut Table) {
     let mut peaks: Vec<(String, Vec<f64>)> = Vec::new();
     runtime(false).block_on(async {
         // One worker: every echo goes to it, so its peak is the one measured.
-        let exec = pool(1).await;
+        let exec = crate::executor_of(1).await;
         exec.spawn(double, 1).await.unwrap();
         let worker = exec.stats().live[0].pid.to_string();
         for (size, name, calls) in PAYLOADS {

@@ -85,15 +85,6 @@ fn rate(spans: &[(f64, f64)], per_process: u64) -> f64 {
     (spans.len() as u64 * per_process) as f64 / (end - start)
 }
 
-async fn executor(processes: usize) -> Executor {
-    Executor::builder()
-        .processes(processes)
-        .stderr(WorkerStderr::Discard)
-        .build()
-        .await
-        .expect("the executor starts")
-}
-
 /// Python's lock pairs per second, from bench/shared.py.
 fn python_lock_pairs(quick: bool) -> Vec<f64> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/bench/shared.py");
@@ -214,7 +205,7 @@ pub fn w9(config: &Config, table: &mut Table) {
 /// adds) on one shared value, `reps` times.
 fn in_two_workers(reps: usize, per_worker: u64, atomic: bool) -> Vec<f64> {
     runtime(false).block_on(async {
-        let exec = executor(2).await;
+        let exec = crate::executor_of(2).await;
         let mut samples = Vec::new();
         for _ in 0..reps {
             let value = exec.shared_value(0u64).unwrap();
