@@ -9,7 +9,9 @@ use tokio_util::codec::Decoder;
 
 use crate::parent::dispatch::decode_record;
 use crate::parent::process::ReplyCodec;
-use crate::wire::protocol::{self, Count, Fixed64, Reply};
+use crate::parent::stats::Counters;
+use crate::shared::SharedError;
+use crate::wire::protocol::{self, Count, Fixed64, LogRecord, Reply};
 
 crate::tasks! {
     fn text(s: String) -> usize { s.len() }
@@ -32,14 +34,25 @@ fn decode_worker_output(stream: &[u8], reads: &[usize]) {
         at = end;
         loop {
             match codec.decode(&mut buf) {
-                Ok(Some(frame)) => {
-                    if let Ok((Reply::Done { .. }, mut body)) = protocol::split_header::<Reply>(&frame) {
+                Ok(Some(frame)) => match protocol::split_header::<Reply>(&frame) {
+                    Ok((Reply::Done { .. }, mut body)) => {
                         for _ in 0..4 {
                             let _ = decode_record::<String>("fuzz", &mut body);
                             let _ = decode_record::<(u64, Vec<u8>)>("fuzz", &mut body);
                         }
                     }
-                }
+                    // As the session re-emits them, with no call in flight.
+                    Ok((Reply::Log { records, dropped }, _)) => {
+                        crate::parent::supervisor::logs::emit(
+                            &Counters::new(1),
+                            (0, 1),
+                            records,
+                            dropped,
+                            std::iter::empty(),
+                        );
+                    }
+                    _ => {}
+                },
                 Ok(None) => break,
                 Err(_) => return, // the supervisor kills such a worker
             }
@@ -70,7 +83,24 @@ proptest! {
             protocol::encode_into(&mut frames, &protocol::Outcome::Ok).unwrap();
             protocol::encode_into(&mut frames, &format!("output {id}")).unwrap();
             protocol::end_record(&mut frames, record);
+            let record = protocol::begin_record(&mut frames);
+            protocol::encode_into(&mut frames, &protocol::Outcome::Shared { error: SharedError::Gone }).unwrap();
+            protocol::end_record(&mut frames, record);
             protocol::end_frame(&mut frames, start, 1 << 16).unwrap();
+            // Protocol 4's other messages between the calls: log records, progress.
+            let log = Reply::Log {
+                records: vec![LogRecord {
+                    call: *id,
+                    level: (*id % 6) as u8,
+                    target: "fuzz".into(),
+                    message: format!("event {id}"),
+                    fields: "k=v".into(),
+                }],
+                dropped: (*id % 3) as u32,
+            };
+            protocol::write_message(&mut frames, &log, 1 << 16).unwrap();
+            let progress = Reply::Progress { call: *id, done: *id, total: id.wrapping_mul(2) };
+            protocol::write_message(&mut frames, &progress, 1 << 16).unwrap();
         }
         stream.extend_from_slice(&frames);
         for (at, byte) in flips {

@@ -9,7 +9,7 @@ use crate::wire::protocol::LogRecord;
 
 /// Re-emits `records` of the worker in `slot`; the call each names is looked up
 /// among `jobs` (those in flight) for its task and span.
-pub(super) fn emit<'a>(
+pub(crate) fn emit<'a>(
     counters: &Counters,
     (slot, pid): (usize, u32),
     records: Vec<LogRecord>,

@@ -24,7 +24,7 @@ use crate::parent::process::{CallProgress, WorkerProcess};
 use crate::parent::stats::{Counters, ExitCause, WorkerExit};
 use crate::wire::protocol;
 
-mod logs;
+pub(crate) mod logs;
 mod pull;
 mod replies;
 mod session;
