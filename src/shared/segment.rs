@@ -198,6 +198,7 @@ impl Segment {
                 None => {
                     let segment = Arc::new(attach(wire, elem)?);
                     attached.insert((wire.home, wire.id), segment.clone());
+                    ATTACHED_ANY.store(true, Ordering::Release);
                     start_sweeper();
                     segment
                 }
@@ -241,6 +242,8 @@ impl Drop for Segment {
 /// with every call costs one lookup after the first.
 type Attached = HashMap<(Home, u64), Arc<Segment>>;
 static ATTACHED: LazyLock<Mutex<Attached>> = LazyLock::new(Mutex::default);
+/// Whether this process ever attached a segment.
+static ATTACHED_ANY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Sweeps every half second in a process that attached segments, so an idle worker
 /// does not keep memory its parent let go of until its next call.
@@ -259,6 +262,10 @@ fn start_sweeper() {
 /// Unmaps attached segments that their maker let go of and nothing here still uses:
 /// run by a worker after each call, and every half second.
 pub(crate) fn sweep() {
+    // After every call of every worker: nothing to do in one that never attached.
+    if !ATTACHED_ANY.load(Ordering::Acquire) {
+        return;
+    }
     let Ok(mut attached) = ATTACHED.try_lock() else {
         return;
     };

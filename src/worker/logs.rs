@@ -12,7 +12,7 @@
 
 use std::fmt::Write as _;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use bytes::BytesMut;
 use tracing::field::{Field, Visit};
@@ -33,6 +33,9 @@ static LEVEL: AtomicU8 = AtomicU8::new(0);
 /// The call running now, plus one (0: none).
 static CALL: AtomicU64 = AtomicU64::new(0);
 static BUFFER: Mutex<Buffer> = Mutex::new(Buffer { records: Vec::new(), dropped: 0 });
+/// Whether `BUFFER` may hold something: a call that logged nothing ends without
+/// taking its lock.
+static PENDING: AtomicBool = AtomicBool::new(false);
 
 struct Buffer {
     records: Vec<LogRecord>,
@@ -106,6 +109,14 @@ pub(crate) fn report_progress(done: u64, total: u64) {
 /// What is buffered, as a frame for the caller to write (at the end of a call,
 /// in the same write as the reply); `None` when nothing is.
 pub(crate) fn take_frame() -> Option<BytesMut> {
+    take().map(|(frame, _)| frame)
+}
+
+/// What is buffered as a frame, and how many records it accounts for.
+fn take() -> Option<(BytesMut, u32)> {
+    if !PENDING.swap(false, Ordering::Acquire) {
+        return None;
+    }
     let (records, dropped) = {
         let mut buffer = lock();
         if buffer.records.is_empty() && buffer.dropped == 0 {
@@ -113,14 +124,12 @@ pub(crate) fn take_frame() -> Option<BytesMut> {
         }
         (std::mem::take(&mut buffer.records), std::mem::take(&mut buffer.dropped))
     };
+    let lost = dropped + records.len() as u32;
     let mut frame = BytesMut::new();
-    let reply = Reply::Log { records, dropped };
-    match protocol::write_message(&mut frame, &reply, usize::MAX) {
-        Ok(()) => Some(frame),
+    match protocol::write_message(&mut frame, &Reply::Log { records, dropped }, usize::MAX) {
+        Ok(()) => Some((frame, lost)),
         Err(_) => {
-            if let Reply::Log { records, dropped } = reply {
-                lock().dropped += dropped + records.len() as u32;
-            }
+            count_lost(lost);
             None
         }
     }
@@ -128,24 +137,19 @@ pub(crate) fn take_frame() -> Option<BytesMut> {
 
 /// Sends what is buffered; `wait`: even if the link is busy (at the end of a call).
 pub(crate) fn flush(wait: bool) {
-    let (records, dropped) = {
-        let mut buffer = lock();
-        if buffer.records.is_empty() && buffer.dropped == 0 {
-            return;
-        }
-        (std::mem::take(&mut buffer.records), std::mem::take(&mut buffer.dropped))
+    let Some((frame, records)) = take() else {
+        return;
     };
-    let mut frame = BytesMut::new();
-    let reply = Reply::Log { records, dropped };
-    if protocol::write_message(&mut frame, &reply, usize::MAX).is_ok() {
-        // A batch the link cannot take now (busy, or broken) is dropped and counted.
-        let sent = Link::write_frame(&frame, wait);
-        if !matches!(sent, Ok(true)) {
-            if let Reply::Log { records, dropped } = reply {
-                lock().dropped += dropped + records.len() as u32;
-            }
-        }
+    // A batch the link cannot take now (busy, or broken) is dropped and counted.
+    if !matches!(Link::write_frame(&frame, wait), Ok(true)) {
+        count_lost(records);
     }
+}
+
+/// Records that will never be sent, said in the next batch's `dropped`.
+fn count_lost(records: u32) {
+    lock().dropped += records;
+    PENDING.store(true, Ordering::Release);
 }
 
 fn lock() -> std::sync::MutexGuard<'static, Buffer> {
@@ -211,6 +215,7 @@ impl Subscriber for Forwarder {
             buffer.records.push(record);
             buffer.records.len() >= BATCH
         };
+        PENDING.store(true, Ordering::Release);
         if full {
             flush(false);
         }
