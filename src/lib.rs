@@ -136,13 +136,13 @@ pub use parent::error::{
     Direction, Error, ExitReason, ProtocolViolation, Result, TaskPanic, WorkerCrash, WorkerStartError,
 };
 #[cfg(feature = "executor")]
-pub use parent::executor::{Executor, QueueFull, TaskHandle};
+pub use parent::executor::{Captured, CapturedHandle, Executor, QueueFull, TaskHandle};
 #[cfg(feature = "executor")]
 pub use parent::launch::{HOST_ENV, HOSTS_ENV, Hosts, Launcher, Slurm, Ssh, WorkerGroup};
 #[cfg(feature = "executor")]
 pub use parent::map::{Map, MapStream, MapUnordered};
 #[cfg(feature = "executor")]
-pub use parent::process::WorkerStderr;
+pub use parent::output::WorkerStderr;
 #[cfg(feature = "executor")]
 pub use parent::progress::Progress;
 #[cfg(feature = "executor")]

@@ -125,23 +125,101 @@ fn dup2(from: BorrowedFd<'_>, to: libc::c_int) -> io::Result<()> {
     }
 }
 
-/// Blocks until every writer of the pipe `fd` has closed it: the parent died or
-/// dropped the executor.
+/// Blocks until every writer of the pipe `fd` has closed it (the parent died or
+/// dropped the executor), or `timeout` passed. Returns whether it was closed.
 ///
 /// `poll` with no requested events still reports `POLLHUP`, so this never consumes or
 /// races for the data the worker's main thread is reading from the same pipe.
-pub(crate) fn wait_for_hangup(fd: BorrowedFd<'_>) {
+pub(crate) fn wait_for_hangup(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> bool {
     let mut pollfd = libc::pollfd { fd: fd.as_raw_fd(), events: 0, revents: 0 };
+    // `Duration::MAX`: no timeout.
+    let ms = if timeout == std::time::Duration::MAX {
+        -1
+    } else {
+        timeout.as_millis().min(i32::MAX as u128) as i32
+    };
     loop {
         // SAFETY: `pollfd` is a valid, exclusively borrowed array of length 1.
-        let ready = unsafe { libc::poll(&mut pollfd, 1, -1) };
-        if ready > 0 {
-            return;
+        let ready = unsafe { libc::poll(&mut pollfd, 1, ms) };
+        if ready != 0 {
+            // An error other than EINTR cannot be waited out: taken as a hang-up.
+            return ready > 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted;
         }
-        if ready < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            return;
+        if ready == 0 {
+            return false;
         }
     }
+}
+
+/// Whether this process (and so its children) may write files of any size.
+pub(crate) fn file_size_unlimited() -> bool {
+    rustix::process::getrlimit(rustix::process::Resource::Fsize).current.is_none()
+}
+
+/// A fresh memory file for a worker's output (see `worker::output`).
+pub(crate) fn output_file() -> io::Result<OwnedFd> {
+    Ok(rustix::fs::memfd_create("procexec-output", rustix::fs::MemfdFlags::CLOEXEC)?)
+}
+
+/// The device and inode numbers of the file `fd`.
+pub(crate) fn file_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    let stat = rustix::fs::fstat(fd)?;
+    Ok((stat.st_dev as u64, stat.st_ino))
+}
+
+/// Points fd 1 at the file fd 2 is, from `offset`, through a description (and so a
+/// file position) of its own.
+pub(crate) fn stdout_into_stderr_file(offset: u64) -> io::Result<()> {
+    use rustix::fs::{Mode, OFlags};
+    let file = rustix::fs::open("/proc/self/fd/2", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())?;
+    rustix::fs::seek(&file, rustix::fs::SeekFrom::Start(offset))?;
+    dup2(file.as_fd(), 1)
+}
+
+/// This process's stdout (1) or stderr (2).
+pub(crate) fn std_fd(fd: i32) -> BorrowedFd<'static> {
+    assert!(fd == 1 || fd == 2, "not stdout or stderr");
+    // SAFETY: fds 1 and 2 stay open for the life of a worker: it points them at
+    // other files (`take_protocol_stdio`, `stdout_into_stderr_file`), never closes them.
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}
+
+/// The file position of `fd`.
+pub(crate) fn position(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    Ok(rustix::fs::seek(fd, rustix::fs::SeekFrom::Current(0))?)
+}
+
+/// Reads `len` bytes of the file `fd` from `offset` (fewer at its end).
+pub(crate) fn read_at(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0; len];
+    let mut done = 0;
+    while done < len {
+        match rustix::io::pread(fd, &mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    buf.truncate(done);
+    Ok(buf)
+}
+
+/// Where the data of the file `fd` at or after `offset` ends: the next hole.
+pub(crate) fn data_end(fd: BorrowedFd<'_>, offset: u64) -> io::Result<u64> {
+    match rustix::fs::seek(fd, rustix::fs::SeekFrom::Hole(offset)) {
+        Ok(end) => Ok(end),
+        // At or past the end of the file.
+        Err(rustix::io::Errno::NXIO) => Ok(offset),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Frees the memory of `len` bytes of the file `fd` from `offset`, which then read
+/// as zeros.
+pub(crate) fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    use rustix::fs::FallocateFlags;
+    Ok(rustix::fs::fallocate(fd, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len)?)
 }
 
 /// Waits until `fd` has something to read (or its writer hung up), for at most
@@ -553,7 +631,7 @@ mod tests {
         let mut writer = std::fs::File::from(write);
         writer.write_all(b"pending data does not count as a hang-up").unwrap();
         let watcher = std::thread::spawn(move || {
-            wait_for_hangup(read.as_fd());
+            wait_for_hangup(read.as_fd(), std::time::Duration::MAX);
             // The data is still there to read after the hang-up.
             let mut rest = String::new();
             std::fs::File::from(read).read_to_string(&mut rest).unwrap();

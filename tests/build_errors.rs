@@ -206,5 +206,8 @@ async fn a_worker_of_an_older_protocol_is_refused_at_the_handshake_naming_both_v
     let err = hang_guard(build).await.unwrap_err();
     let message = err.to_string();
     assert!(err.is_worker_start(), "{message}");
-    assert!(message.contains("protocol version 1") && message.contains("speaks 4"), "{message}");
+    assert!(
+        message.contains("protocol version 1") && message.contains("this procexec speaks 5"),
+        "{message}"
+    );
 }

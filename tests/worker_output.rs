@@ -1,5 +1,6 @@
-//! A task's prints never touch the protocol; worker stderr reaches the parent,
-//! labelled with the worker's slot and pid.
+//! A task's prints never touch the protocol; what a worker prints reaches the
+//! parent labelled with the worker's slot and pid and the call that printed it, or
+//! comes back with the call's result (`spawn_captured`).
 mod common;
 
 // The workers of `common::builder` are this test binary, serving these tasks.
@@ -50,9 +51,12 @@ fn worker_stderr_and_prints_are_forwarded_with_slot_and_pid() {
     assert!(helper.wait().unwrap().success(), "{stdout}\n{stderr}");
     let worker =
         stdout.lines().find_map(|line| line.strip_prefix("WORKER ")).expect("the helper reports its worker");
-    let prefix = format!("[procexec worker 0 pid {worker}]");
-    assert!(stderr.contains(&format!("{prefix} stdout: hello from a task\n")), "{stderr}");
-    assert!(stderr.contains(&format!("{prefix} stderr: hello from a task\n")), "{stderr}");
+    // The third call of the executor: `pid` was its second (after the handshake's).
+    let prefix = format!("[procexec worker 0 pid {worker} task print call ");
+    for stream in ["stdout", "stderr"] {
+        let line = stderr.lines().find(|line| line.ends_with(&format!("] {stream}: hello from a task")));
+        assert!(line.is_some_and(|line| line.starts_with(&prefix)), "{stderr}");
+    }
     assert!(!stdout.contains("hello from a task"), "a task's stdout goes to stderr: {stdout}");
 }
 
@@ -148,8 +152,10 @@ fn worker_stderr_can_go_to_tracing() {
         exec.spawn(print, "traced".into()).await.unwrap();
         exec.shutdown().await;
         let lines = lines.0.lock().unwrap();
-        let expected = format!("message=stderr: traced worker=0 pid={worker} ");
-        assert!(lines.contains(&expected), "{lines:?}");
+        let traced = lines.iter().find(|line| line.starts_with("message=stderr: traced "));
+        let expected = format!("worker=0 pid={worker} task=\"print\" call=");
+        let stream = "stream=\"stderr\" ";
+        assert!(traced.is_some_and(|line| line.contains(&expected) && line.ends_with(stream)), "{lines:?}");
     }));
 }
 
@@ -195,6 +201,148 @@ fn a_worker_stopped_by_shutdown_exits_normally_and_flushes_what_tasks_left_buffe
     let worker =
         stdout.lines().find_map(|line| line.strip_prefix("WORKER ")).expect("the helper reports its worker");
     // A killed worker would have lost the line still in its stdout buffer.
-    assert!(stderr.contains(&format!("[procexec worker 0 pid {worker}] no newline yet\n")), "{stderr}");
+    let prefix = format!("[procexec worker 0 pid {worker} task print_unfinished call ");
+    let line = stderr.lines().find(|line| line.ends_with("] no newline yet"));
+    assert!(line.is_some_and(|line| line.starts_with(&prefix)), "{stderr}");
     assert!(stdout.contains("EXITS 0"), "a normal stop is no exit to report: {stdout}");
+}
+
+#[tokio::test]
+async fn captured_output_is_each_calls_own_even_when_calls_run_at_once() {
+    hang_guard(async {
+        let exec = executor(2).await;
+        let handles: Vec<_> =
+            (0..200u32).map(|i| exec.spawn_captured(print_lines, (format!("call {i}"), i % 7))).collect();
+        for (i, captured) in futures::future::join_all(handles).await.into_iter().enumerate() {
+            let count = (i % 7) as u32;
+            assert_eq!(*captured.result.as_ref().unwrap(), count);
+            let expected = |parity: u32| -> String {
+                (0..count).filter(|n| n % 2 == parity).map(|n| format!("call {i} {n}\n")).collect()
+            };
+            assert_eq!(captured.stdout_text(), expected(0), "call {i}");
+            assert_eq!(captured.stderr_text(), expected(1), "call {i}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_crashed_call_captures_what_it_printed_before_it_died() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let captured = exec.spawn_captured(complain_and_abort, "last words".into()).await;
+        let crash = captured.result.as_ref().unwrap_err();
+        assert!(crash.is_worker_crash(), "{crash}");
+        assert_eq!(captured.stderr_text(), "last words\n");
+        // And the crash report quotes it.
+        assert!(crash.to_string().contains("last words"), "{crash}");
+        assert_eq!(exec.spawn(square, 3).await.unwrap(), 9);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_timed_out_call_captures_what_it_printed() {
+    hang_guard(async {
+        let exec = executor(1).await.with_timeout(Duration::from_millis(300));
+        let never = marker("never-created").display().to_string();
+        let captured = exec.spawn_captured(print_then_wait, ("waiting".into(), never)).await;
+        assert!(matches!(captured.result, Err(procexec::Error::TimedOut { .. })), "{:?}", captured.result);
+        assert_eq!(captured.stdout_text(), "waiting\n");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn programs_a_task_runs_print_into_its_call() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let captured = exec.spawn_captured(shell, "echo out; echo err >&2; printf partial".into()).await;
+        assert_eq!(*captured.result.as_ref().unwrap(), 0);
+        assert_eq!(captured.stdout_text(), "out\npartial");
+        assert_eq!(captured.stderr_text(), "err\n");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_call_that_prints_megabytes_captures_every_byte() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let captured = exec.spawn_captured(flood_stderr, 5 << 20).await;
+        let written = captured.result.unwrap();
+        assert_eq!(captured.stderr.len() as u64, written);
+        assert!(captured.stderr.split(|&b| b == b'\n').all(|line| line.is_empty() || line == [b'e'; 99]));
+        // The next call captures only its own.
+        let next = exec.spawn_captured(print, "after".into()).await;
+        assert_eq!(next.stderr_text(), "stderr: after\n");
+    })
+    .await;
+}
+
+#[test]
+fn a_running_calls_lines_arrive_while_it_runs() {
+    let lines = Lines::default();
+    let _guard = tracing::subscriber::set_default(lines.clone());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(hang_guard(async {
+        let exec = Executor::builder()
+            .test_harness()
+            .processes(1)
+            .stderr(WorkerStderr::Tracing)
+            .build()
+            .await
+            .unwrap();
+        let go = marker("live-line-seen");
+        let call = exec.spawn(print_then_wait, ("still running".into(), go.display().to_string()));
+        let call = tokio::spawn(call);
+        let seen = || lines.0.lock().unwrap().iter().any(|line| line.starts_with("message=still running "));
+        eventually("the line printed by the running call", seen).await;
+        let line =
+            lines.0.lock().unwrap().iter().find(|line| line.starts_with("message=still running ")).cloned();
+        assert!(line.is_some_and(|line| line.contains("task=\"print_then_wait\"")));
+        std::fs::write(&go, b"").unwrap();
+        assert!(call.await.unwrap().unwrap(), "the call saw the file");
+        let _ = std::fs::remove_file(go);
+    }));
+}
+
+#[test]
+fn file_size_limit_helper() {
+    if !is_helper("file_size_limit_helper") {
+        return;
+    }
+    // A worker's output file is written at far offsets: under a file size limit it
+    // would be killed by SIGXFSZ, so its output goes through a pipe instead.
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `limit` is a valid, writable rlimit.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) }, 0);
+    limit.rlim_cur = 1 << 30;
+    // SAFETY: as above; setrlimit only reads it.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &limit) }, 0);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let exec = Executor::builder().test_harness().processes(1).build().await.unwrap();
+        let worker = exec.spawn(pid, ()).await.unwrap();
+        let captured = exec.spawn_captured(print, "under a limit".into()).await;
+        assert_eq!(captured.result.unwrap(), 13);
+        exec.shutdown().await;
+        println!("WORKER {worker} CAPTURED {}", captured.stdout.len());
+    });
+}
+
+#[test]
+fn under_a_file_size_limit_output_goes_through_a_pipe_unattributed() {
+    let mut helper = start_helper("file_size_limit_helper");
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    helper.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    helper.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(helper.wait().unwrap().success(), "{stdout}\n{stderr}");
+    let line = stdout.lines().find_map(|line| line.strip_prefix("WORKER ")).expect("the helper reports");
+    let (worker, captured) = line.split_once(" CAPTURED ").unwrap();
+    assert_eq!(captured, "0", "nothing to capture through a pipe");
+    assert!(
+        stderr.contains(&format!("[procexec worker 0 pid {worker}] stdout: under a limit\n")),
+        "{stderr}"
+    );
 }

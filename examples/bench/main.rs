@@ -82,6 +82,9 @@ procexec::tasks! {
     /// W10: `double` with one `debug!` event.
     pub fn double_logged(x: u64) -> u64 { w10::double_logged(x) }
 
+    /// W10: `double`, printing one line.
+    pub fn double_printed(x: u64) -> u64 { w10::double_printed(x) }
+
     /// W9: sums the same bytes sent as input.
     pub fn sum_blob(data: procexec::Blob) -> (u64, u64, u64) { w9::sum_blob(data) }
 }

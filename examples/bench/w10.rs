@@ -2,7 +2,9 @@
 //! emits one `debug!` per item, the parent's filter at `info` (the events are never
 //! sent: against the same map without them) and at `debug` (every event forwarded
 //! and re-emitted: events per second, against a thread emitting the same events
-//! into the same subscriber in-process).
+//! into the same subscriber in-process). And what tasks print: calls made one at
+//! a time that print nothing, print a line forwarded to the parent (as a `tracing`
+//! event), or print a line captured with the result.
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
@@ -61,6 +63,12 @@ impl Subscriber for Counting {
 fn set_level(level: u8) {
     LEVEL.store(level, Ordering::Relaxed);
     tracing::callsite::rebuild_interest_cache();
+}
+
+/// The task: W1's `double`, printing one line.
+pub fn double_printed(x: u64) -> u64 {
+    println!("doubling {x}");
+    2 * x
 }
 
 /// The task: W1's `double`, with one `debug!` event.
@@ -145,4 +153,53 @@ pub fn w10(config: &Config, table: &mut Table) {
         table.row(Kind::InProcess, label, samples);
     }
     set_level(3);
+    printing(config, table);
+}
+
+const PRINTING_CALLS: u64 = 20_000;
+
+/// W10c: calls one at a time (each waits for the last), printing nothing or a line.
+fn printing(config: &Config, table: &mut Table) {
+    table.workload("W10c", "W10 printing: spawn one call at a time", "µs/call", Better::Lower);
+    for (label, printed, captured) in [
+        ("prints nothing, current-thread", false, false),
+        ("one println! forwarded (to tracing), current-thread", true, false),
+        ("one println! captured (spawn_captured), current-thread", true, true),
+    ] {
+        if !config.wants(label) {
+            continue;
+        }
+        let samples = runtime(false).block_on(async {
+            let exec = procexec::Executor::builder()
+                .processes(2)
+                .stderr(procexec::WorkerStderr::Tracing)
+                .build()
+                .await
+                .expect("the executor starts");
+            let run = || async {
+                for x in 0..PRINTING_CALLS {
+                    let doubled = match (printed, captured) {
+                        (false, _) => exec.spawn(crate::double, x).await.unwrap(),
+                        (true, false) => exec.spawn(crate::double_printed, x).await.unwrap(),
+                        (true, true) => {
+                            let captured = exec.spawn_captured(crate::double_printed, x).await;
+                            assert_eq!(captured.stdout.len(), format!("doubling {x}\n").len());
+                            captured.result.unwrap()
+                        }
+                    };
+                    assert_eq!(doubled, 2 * x);
+                }
+            };
+            run().await; // warm-up
+            let before = EVENTS.load(Ordering::Relaxed);
+            let samples = timed_async(config.reps, run).await;
+            let forwarded = EVENTS.load(Ordering::Relaxed) - before;
+            if printed && !captured {
+                assert!(forwarded >= PRINTING_CALLS * config.reps as u64, "every line arrived ({forwarded})");
+            }
+            exec.shutdown().await;
+            samples
+        });
+        table.row(Kind::Procexec, label, per_item(&samples, PRINTING_CALLS));
+    }
 }

@@ -14,10 +14,9 @@ use crate::parent::dispatch::decode_record;
 use crate::parent::dispatch::{CallOptions, CancelPolicy};
 use crate::parent::error::{Error, Result, WorkerStartError};
 use crate::parent::launch::{GroupRuntime, Groups, Launcher, WorkerGroup};
+use crate::parent::output::WorkerStderr;
 use crate::parent::pool::{Limits, Shared, TaskTable};
-use crate::parent::process::{
-    Initializer, STARTS_AT_ONCE, TEST_WORKER_NAME, WorkerConfig, WorkerProcess, WorkerStderr,
-};
+use crate::parent::process::{Initializer, STARTS_AT_ONCE, TEST_WORKER_NAME, WorkerConfig, WorkerProcess};
 use crate::task::IntoTask;
 use crate::wire::codec;
 use crate::wire::protocol;
@@ -264,8 +263,10 @@ impl Builder {
         self
     }
 
-    /// What to do with the workers' stderr (and so with their `println!`). Default:
-    /// [`WorkerStderr::Forward`]. The tail is kept for crash reports either way.
+    /// What to do with what workers print (stdout and stderr), unless a call
+    /// captures it ([`Executor::spawn_captured`](crate::Executor::spawn_captured)).
+    /// Default: [`WorkerStderr::Forward`], each line labelled with the worker and
+    /// the call that printed it. The tail is kept for crash reports either way.
     pub fn stderr(mut self, stderr: WorkerStderr) -> Self {
         self.stderr = stderr;
         self

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::channel::transit::Holds;
 use crate::parent::error::{Direction, Error, TaskPanic};
+use crate::parent::output::{CallLabel, Capture};
 use crate::wire::codec::decode_exactly;
 use crate::wire::protocol::{self, Outcome};
 
@@ -118,6 +119,8 @@ pub(crate) struct Job {
     pub(crate) task_index: Option<u32>,
     /// How long its worker should take, from what earlier calls of its task took.
     pub(crate) expected_ns: Option<u64>,
+    /// Where what it prints goes, if to its caller (`spawn_captured`).
+    pub(crate) capture: Option<Capture>,
 }
 
 impl Job {
@@ -146,7 +149,13 @@ impl Job {
             span: tracing::Span::current(),
             task_index: None,
             expected_ns: None,
+            capture: None,
         }
+    }
+
+    /// How its output is labelled.
+    pub(crate) fn label(&self) -> CallLabel {
+        CallLabel { task: self.task, call: self.id }
     }
 
     /// Whether nobody waits for the result any more (the future or stream was dropped).

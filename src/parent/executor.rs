@@ -17,6 +17,7 @@ use crate::parent::builder::Builder;
 use crate::parent::dispatch::{CallOptions, CancelPolicy, Completion, Job, decode_record};
 use crate::parent::error::{Error, Result};
 use crate::parent::map::{Map, MapStream, MapUnordered};
+use crate::parent::output::Capture;
 use crate::parent::pool::Shared;
 use crate::parent::stats::Stats;
 use crate::task::IntoTask;
@@ -238,8 +239,66 @@ impl Executor {
         T::Input: Serialize,
         T::Output: DeserializeOwned,
     {
+        self.spawn_with(task, input, None)
+    }
+
+    /// Like [`spawn`](Executor::spawn), but what the call prints to stdout and
+    /// stderr is kept and returned with its result, rather than forwarded (see
+    /// [`WorkerStderr`](crate::WorkerStderr)): GNU parallel's grouped output, and a
+    /// way for tests to assert on what a task printed. Output of concurrent calls
+    /// is never mixed.
+    ///
+    /// It holds whatever the call printed: through Rust's `print!` and
+    /// `eprint!`, C's stdio, or programs it ran that inherited its stdout and
+    /// stderr, up to the moment its reply was sent (or it crashed or timed out,
+    /// whose last lines are kept too). A call that was retried holds the output of
+    /// every attempt. Threads a task leaves running print into whichever call
+    /// runs when they print.
+    ///
+    /// Only for workers on this machine: a worker elsewhere
+    /// ([`WorkerGroup::ssh`](crate::WorkerGroup::ssh) and the like) prints through
+    /// its launcher, unattributed, and its calls capture nothing.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// procexec::tasks! {
+    ///     pub fn greet(name: String) -> usize {
+    ///         println!("hello, {name}");
+    ///         eprintln!("greeted {name}");
+    ///         name.len()
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> procexec::Result<()> {
+    /// # procexec::init_worker(&TASKS);
+    /// let exec = procexec::Executor::builder().processes(2).build().await?;
+    /// let captured = exec.spawn_captured(greet, "Ada".to_string()).await;
+    /// assert_eq!(captured.stdout_text(), "hello, Ada\n");
+    /// assert_eq!(captured.stderr_text(), "greeted Ada\n");
+    /// // Last: `?` moves the result out (`captured.result.as_ref()` would not).
+    /// assert_eq!(captured.result?, 3);
+    /// # Ok(()) }
+    /// ```
+    pub fn spawn_captured<T>(&self, task: T, input: T::Input) -> CapturedHandle<T::Output>
+    where
+        T: IntoTask,
+        T::Input: Serialize,
+        T::Output: DeserializeOwned,
+    {
+        let printed = Capture::default();
+        CapturedHandle { handle: self.spawn_with(task, input, Some(printed.clone())), printed }
+    }
+
+    fn spawn_with<T>(&self, task: T, input: T::Input, capture: Option<Capture>) -> TaskHandle<T::Output>
+    where
+        T: IntoTask,
+        T::Input: Serialize,
+        T::Output: DeserializeOwned,
+    {
         let task = task.into_task();
-        let state = match self.prepare(&task, &input) {
+        let state = match self.prepare(&task, &input, capture) {
             Prepared::Ready(state) => state,
             Prepared::Full(job, receiver) => {
                 // The queue is full: the call waits for room, in line (the semaphore is
@@ -264,10 +323,16 @@ impl Executor {
     }
 
     /// Encodes a call and queues it if the queue has room for it now.
-    fn prepare<I: Serialize, O>(&self, task: &crate::Task<I, O>, input: &I) -> Prepared {
+    fn prepare<I: Serialize, O>(
+        &self,
+        task: &crate::Task<I, O>,
+        input: &I,
+        capture: Option<Capture>,
+    ) -> Prepared {
         let shared = self.shared();
         match shared.encode_one(task, input, self.options) {
             Ok((mut job, receiver)) => {
+                job.capture = capture;
                 if shared.try_admit(&mut job) {
                     Prepared::Ready(queue(shared, job, receiver))
                 } else {
@@ -312,7 +377,7 @@ impl Executor {
         T::Output: DeserializeOwned,
     {
         let task = task.into_task();
-        let state = match self.prepare(&task, &input) {
+        let state = match self.prepare(&task, &input, None) {
             Prepared::Ready(state) => state,
             Prepared::Full(..) => return Err(QueueFull { input }),
         };
@@ -709,6 +774,98 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
             HandleState::Failed(err) => Poll::Ready(Err(err.take().map_or(Error::Shutdown, |err| *err))),
             HandleState::Admitting { .. } => Poll::Pending,
         }
+    }
+}
+
+/// A call's result, with what it printed: the output of
+/// [`CapturedHandle`] (see [`Executor::spawn_captured`]).
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Captured<O> {
+    /// What the call returned, or how it failed.
+    pub result: Result<O>,
+    /// What it printed to stdout.
+    pub stdout: Vec<u8>,
+    /// What it printed to stderr.
+    pub stderr: Vec<u8>,
+}
+
+impl<O> Captured<O> {
+    /// [`stdout`](Captured::stdout) as text (invalid UTF-8 replaced).
+    ///
+    /// ```
+    /// # procexec::tasks! { pub fn hi() { println!("hi") } }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> procexec::Result<()> {
+    /// # procexec::init_worker(&TASKS);
+    /// # let exec = procexec::Executor::builder().processes(1).build().await?;
+    /// let captured = exec.spawn_captured(hi, ()).await;
+    /// assert_eq!(captured.stdout_text(), "hi\n");
+    /// # Ok(()) }
+    /// ```
+    pub fn stdout_text(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.stdout)
+    }
+
+    /// [`stderr`](Captured::stderr) as text (invalid UTF-8 replaced).
+    ///
+    /// ```
+    /// # procexec::tasks! { pub fn oops() { eprintln!("oops"); panic!("gave up") } }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> procexec::Result<()> {
+    /// # procexec::init_worker(&TASKS);
+    /// # let exec = procexec::Executor::builder().processes(1).build().await?;
+    /// let captured = exec.spawn_captured(oops, ()).await;
+    /// assert!(captured.result.is_err());
+    /// assert_eq!(captured.stderr_text(), "oops\n");
+    /// # Ok(()) }
+    /// ```
+    pub fn stderr_text(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.stderr)
+    }
+}
+
+/// The future of a call made with [`Executor::spawn_captured`]: a [`TaskHandle`]
+/// whose output comes with what the call printed. Dropping it cancels the call.
+#[must_use = "a CapturedHandle does nothing useful unless awaited; dropping it withdraws the call"]
+pub struct CapturedHandle<O> {
+    handle: TaskHandle<O>,
+    printed: Capture,
+}
+
+impl<O> CapturedHandle<O> {
+    /// The name of the task this handle runs.
+    ///
+    /// ```
+    /// # procexec::tasks! { pub fn square(x: u64) -> u64 { x * x } }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> procexec::Result<()> {
+    /// # procexec::init_worker(&TASKS);
+    /// # let exec = procexec::Executor::builder().processes(1).build().await?;
+    /// let handle = exec.spawn_captured(square, 3);
+    /// assert_eq!(handle.task_name(), "square");
+    /// assert_eq!(handle.await.result?, 9);
+    /// # Ok(()) }
+    /// ```
+    pub fn task_name(&self) -> &'static str {
+        self.handle.task
+    }
+}
+
+impl<O: DeserializeOwned> Future for CapturedHandle<O> {
+    type Output = Captured<O>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Captured<O>> {
+        let result = std::task::ready!(Pin::new(&mut self.handle).poll(cx));
+        // Everything the call printed arrived before its completion.
+        let printed = std::mem::take(&mut *self.printed.lock().unwrap_or_else(|p| p.into_inner()));
+        Poll::Ready(Captured { result, stdout: printed.stdout, stderr: printed.stderr })
+    }
+}
+
+impl<O> fmt::Debug for CapturedHandle<O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CapturedHandle").field("task", &self.handle.task).finish_non_exhaustive()
     }
 }
 

@@ -8,8 +8,10 @@ use proptest::prelude::*;
 use tokio_util::codec::Decoder;
 
 use crate::parent::dispatch::decode_record;
+use crate::parent::output::{CallLabel, OutputFile, Source};
 use crate::parent::process::ReplyCodec;
 use crate::parent::stats::Counters;
+use crate::parent::supervisor::replies::{self, Matched};
 use crate::shared::SharedError;
 use crate::wire::protocol::{self, Count, Fixed64, LogRecord, Reply};
 
@@ -23,6 +25,9 @@ crate::tasks! {
 /// every frame's header and outcomes as the supervisor and the callers would.
 fn decode_worker_output(stream: &[u8], reads: &[usize]) {
     let mut codec = ReplyCodec::new(0, 1 << 16);
+    let (file, _) = OutputFile::create().unwrap();
+    let source = Source { slot: 0, pid: 1, host: None, mode: crate::WorkerStderr::Discard };
+    let mut output = OutputFile::new(file, source);
     let mut buf = BytesMut::new();
     let mut at = 0;
     for &read in reads.iter().chain(std::iter::repeat(&64)) {
@@ -39,6 +44,18 @@ fn decode_worker_output(stream: &[u8], reads: &[usize]) {
                         for _ in 0..4 {
                             let _ = decode_record::<String>("fuzz", &mut body);
                             let _ = decode_record::<(u64, Vec<u8>)>("fuzz", &mut body);
+                        }
+                    }
+                    // As the session passes it on, with no call in flight.
+                    Ok((Reply::Output { .. }, _)) => {
+                        let matched = replies::match_reply(frame, None, false);
+                        if let Ok(Matched::Output { call, stderr, stdout }) = matched {
+                            output.received(
+                                call.map(|call| CallLabel { task: "fuzz", call }),
+                                None,
+                                &stderr,
+                                &stdout,
+                            );
                         }
                     }
                     // As the session re-emits them, with no call in flight.
@@ -101,6 +118,11 @@ proptest! {
             protocol::write_message(&mut frames, &log, 1 << 16).unwrap();
             let progress = Reply::Progress { call: *id, done: *id, total: id.wrapping_mul(2) };
             protocol::write_message(&mut frames, &progress, 1 << 16).unwrap();
+            // Protocol 5's: what a call printed.
+            let start = protocol::begin_frame(&mut frames);
+            protocol::encode_into(&mut frames, &Reply::Output { call: Some(*id), stderr: 6 }).unwrap();
+            frames.extend_from_slice(format!("error\nprinted {id}\n").as_bytes());
+            protocol::end_frame(&mut frames, start, 1 << 16).unwrap();
         }
         stream.extend_from_slice(&frames);
         for (at, byte) in flips {

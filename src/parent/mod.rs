@@ -10,6 +10,7 @@ pub(crate) mod executor;
 mod fuzz;
 pub(crate) mod launch;
 pub(crate) mod map;
+pub(crate) mod output;
 pub(crate) mod pool;
 pub(crate) mod process;
 pub(crate) mod progress;

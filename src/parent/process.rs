@@ -1,10 +1,9 @@
 //! One worker process as the parent sees it: spawning it, the handshake, its stderr,
 //! and how it ended.
 
-use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fmt;
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -14,46 +13,17 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::oneshot;
 use tokio_util::codec::{Decoder, FramedRead, LengthDelimitedCodec};
 
 use crate::parent::error::{Direction, Error, ExitReason, Result, WorkerStartError};
 use crate::parent::launch::Groups;
+use crate::parent::output::{CallLabel, Capture, OutputFile, Source, StderrLog, WorkerOutput, WorkerStderr};
 use crate::sys;
 use crate::task::Signature;
 use crate::wire::protocol::{self, Count, Reply, Request, Shape, TaskInfo};
-
-/// What to do with the lines a worker writes to stderr.
-///
-/// ```
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> procexec::Result<()> {
-/// # procexec::tasks! {}
-/// # procexec::init_worker(&TASKS);
-/// // Route worker output into the application's tracing subscriber.
-/// let exec = procexec::Executor::builder()
-///     .stderr(procexec::WorkerStderr::Tracing)
-///     .build()
-///     .await?;
-/// # Ok(()) }
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum WorkerStderr {
-    /// Write each line to this process's stderr, prefixed with
-    /// `[procexec worker <slot> pid <pid>]` (`[procexec worker <slot> on <host>]`
-    /// for a worker elsewhere, see [`WorkerGroup`](crate::WorkerGroup)). The default.
-    #[default]
-    Forward,
-    /// Emit each line as a `tracing` event (target `procexec::worker`, level INFO)
-    /// with fields `worker` and `pid` (`host` for a worker elsewhere).
-    Tracing,
-    /// Keep only the tail that crash reports quote.
-    Discard,
-}
 
 /// How to start a worker, shared by every slot of an executor.
 #[derive(Debug, Clone)]
@@ -134,7 +104,17 @@ impl WorkerProcess {
         let starting = STARTING.acquire().await;
         let (request_read, request_write) = sys::pipe().map_err(|e| fail("cannot create a pipe", e))?;
         let (reply_read, reply_write) = sys::pipe().map_err(|e| fail("cannot create a pipe", e))?;
-        let (stderr_read, stderr_write) = sys::pipe().map_err(|e| fail("cannot create a pipe", e))?;
+        // A worker here prints into a file (see `output`); one elsewhere, through its
+        // launcher, into a pipe. So does one under a file size limit, which writes
+        // at the file's far offsets would break (`SIGXFSZ`).
+        let (output, stderr_write) = if group.same_host && sys::file_size_unlimited() {
+            let (file, for_worker) =
+                OutputFile::create().map_err(|e| fail("cannot create its output file", e))?;
+            (Printing::File(file), for_worker)
+        } else {
+            let (read, write) = sys::pipe().map_err(|e| fail("cannot create a pipe", e))?;
+            (Printing::Pipe(read), write)
+        };
         sys::grow_pipe(request_write.as_fd(), config.pipe_capacity);
         sys::grow_pipe(reply_write.as_fd(), config.pipe_capacity);
         // Registered before the process exists: what can fail after it does must
@@ -142,7 +122,10 @@ impl WorkerProcess {
         let register = |e| fail("cannot register a pipe", e);
         let mut requests = pipe::Sender::from_owned_fd(request_write).map_err(register)?;
         let replies = pipe::Receiver::from_owned_fd(reply_read).map_err(register)?;
-        let stderr_pipe = pipe::Receiver::from_owned_fd(stderr_read).map_err(register)?;
+        let output = match output {
+            Printing::File(file) => Printing::File(file),
+            Printing::Pipe(read) => Printing::Pipe(pipe::Receiver::from_owned_fd(read).map_err(register)?),
+        };
 
         // The marker goes with the explicit environment: a launcher passes on only that.
         let mut env = config.env.clone();
@@ -157,11 +140,16 @@ impl WorkerProcess {
         let pid = child.pid;
         // A worker elsewhere is named by its host: the pid here is its launcher's.
         let host = (!group.same_host).then(|| Arc::<str>::from(group.label.as_str()));
-        let stderr = StderrLog::start(stderr_pipe, slot, pid, host, config.stderr);
-        let mut process = ChildProcess { child, stderr };
+        let source = Source { slot, pid, host, mode: config.stderr };
+        let output = match output {
+            Printing::File(file) => WorkerOutput::File(OutputFile::new(file, source)),
+            Printing::Pipe(pipe) => WorkerOutput::Pipe(StderrLog::start(pipe, source)),
+        };
+        let mut process = ChildProcess { child, output };
+        let identity = process.output.file().and_then(|file| file.identity());
 
         let handshake = async {
-            let (mut replies, ready) = handshake(config, slot, &mut requests, replies).await?;
+            let (mut replies, ready) = handshake(config, slot, identity, &mut requests, replies).await?;
             if let Some(initializer) = &config.initializer {
                 initialize(config, initializer, &ready.tasks, &mut requests, &mut replies).await?;
             }
@@ -308,6 +296,7 @@ struct Ready {
 async fn handshake(
     config: &WorkerConfig,
     slot: usize,
+    output: Option<(u64, u64)>,
     requests: &mut pipe::Sender,
     replies: pipe::Receiver,
 ) -> Result<(Replies, Ready), String> {
@@ -319,6 +308,7 @@ async fn handshake(
         measure_memory: config.measure_memory,
         executor: config.executor,
         log_level: wanted_log_level(),
+        output,
     };
     protocol::write_message(&mut init, &request, config.max_frame_len).map_err(|e| e.to_string())?;
     // A worker that dies first closes the pipe; its exit status then tells more.
@@ -543,10 +533,16 @@ impl ReplyCodec {
     }
 }
 
-/// The child process itself: killing, reaping, and its stderr.
+/// Where a worker being started prints.
+enum Printing<F, P> {
+    File(F),
+    Pipe(P),
+}
+
+/// The child process itself: killing, reaping, and what it printed.
 pub(crate) struct ChildProcess {
     child: Spawned,
-    stderr: StderrLog,
+    pub(crate) output: WorkerOutput,
 }
 
 impl ChildProcess {
@@ -554,7 +550,7 @@ impl ChildProcess {
         self.kill();
         let exit = self.wait_exit(Duration::from_secs(5)).await;
         let mut err = WorkerStartError::new(&config.program, format!("{message} (it ended with {exit})"));
-        err.stderr_tail = self.stderr_tail().await;
+        err.stderr_tail = self.stderr_tail(None).await;
         err
     }
 
@@ -583,24 +579,18 @@ impl ChildProcess {
         }
     }
 
-    /// The last lines of the worker's stderr, once the pipe has closed (or after a
-    /// short wait, when a grandchild still holds it).
-    pub(crate) async fn stderr_tail(&mut self) -> String {
-        self.stderr.tail_after_close(Duration::from_millis(500)).await
+    /// The last lines the worker printed, once it is dead: what it never sent is
+    /// passed on as printed by the `running` call. (A pipe is read until it closes,
+    /// or for a short while when a grandchild still holds it.)
+    pub(crate) async fn stderr_tail(&mut self, running: Option<(CallLabel, Option<&Capture>)>) -> String {
+        self.output.tail(running, Duration::from_millis(500)).await
     }
 
     /// Waits until the worker's last lines are forwarded: after a normal stop, when
-    /// its process group is gone and nothing else should hold the pipe, so `patience`
+    /// its process group is gone and nothing else should hold its pipe, so `patience`
     /// only guards against a process that left the group.
     pub(crate) async fn stderr_forwarded(&mut self, patience: Duration) {
-        let _ = self.stderr.tail_after_close(patience).await;
-    }
-}
-
-impl Drop for ChildProcess {
-    fn drop(&mut self) {
-        // `Spawned` kills and reaps the process itself.
-        self.stderr.forwarder.abort();
+        let _ = self.output.tail(None, patience).await;
     }
 }
 
@@ -776,181 +766,6 @@ fn serve_spawns(inbox: std_mpsc::Receiver<ToSpawner>) {
     }
 }
 
-/// The worker's stderr: forwarded line by line, and its tail kept for crash reports.
-struct StderrLog {
-    tail: Arc<Mutex<Tail>>,
-    forwarder: JoinHandle<()>,
-    closed: Option<oneshot::Receiver<()>>,
-}
-
-impl StderrLog {
-    fn start(
-        pipe: pipe::Receiver,
-        slot: usize,
-        pid: u32,
-        host: Option<Arc<str>>,
-        mode: WorkerStderr,
-    ) -> Self {
-        let tail = Arc::new(Mutex::new(Tail::default()));
-        let (done, closed) = oneshot::channel();
-        let forwarder = tokio::spawn(forward_stderr(pipe, slot, pid, host, mode, tail.clone(), done));
-        StderrLog { tail, forwarder, closed: Some(closed) }
-    }
-
-    async fn tail_after_close(&mut self, patience: Duration) -> String {
-        if let Some(closed) = self.closed.take() {
-            let _ = tokio::time::timeout(patience, closed).await;
-        }
-        self.tail.lock().unwrap_or_else(|p| p.into_inner()).text()
-    }
-}
-
-async fn forward_stderr(
-    pipe: pipe::Receiver,
-    slot: usize,
-    pid: u32,
-    host: Option<Arc<str>>,
-    mode: WorkerStderr,
-    tail: Arc<Mutex<Tail>>,
-    done: oneshot::Sender<()>,
-) {
-    let mut reader = BufReader::with_capacity(8 * 1024, pipe);
-    let mut line = Vec::with_capacity(256);
-    let mut forwarded = false;
-    loop {
-        line.clear();
-        // A "line" without a newline ends at MAX_LINE bytes, so output without
-        // newlines cannot grow the parent's memory.
-        match (&mut reader).take(MAX_LINE).read_until(b'\n', &mut line).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        let text = String::from_utf8_lossy(&line);
-        let text = text.trim_end_matches(['\n', '\r']);
-        // Kept before forwarding, so a slow stderr does not delay what crash reports quote.
-        tail.lock().unwrap_or_else(|p| p.into_inner()).push(text);
-        match mode {
-            WorkerStderr::Forward => {
-                if let Some(writer) = stderr_writer() {
-                    // Waits while the writer is behind: the worker's stderr pipe then
-                    // fills and slows the worker, never the runtime.
-                    let line = match &host {
-                        None => format!("[procexec worker {slot} pid {pid}] {text}\n"),
-                        Some(host) => format!("[procexec worker {slot} on {host}] {text}\n"),
-                    };
-                    forwarded |= writer.send(ToStderr::Line(line)).await.is_ok();
-                }
-            }
-            WorkerStderr::Tracing => match &host {
-                None => tracing::info!(target: "procexec::worker", worker = slot, pid, "{text}"),
-                Some(host) => {
-                    tracing::info!(target: "procexec::worker", worker = slot, host = &**host, "{text}")
-                }
-            },
-            WorkerStderr::Discard => {}
-        }
-    }
-    // A worker stopped at shutdown has its last lines written before `closed`
-    // fires, so they are not lost when the program exits right after.
-    if forwarded {
-        if let Some(writer) = stderr_writer() {
-            let (ack, written) = oneshot::channel();
-            if writer.send(ToStderr::Flush(ack)).await.is_ok() {
-                let _ = written.await;
-            }
-        }
-    }
-    let _ = done.send(());
-}
-
-/// What forwarders send the `procexec-stderr` thread.
-enum ToStderr {
-    /// A line to write, newline included.
-    Line(String),
-    /// Answered once every line sent before it is written.
-    Flush(oneshot::Sender<()>),
-}
-
-/// The lines the `procexec-stderr` thread writes to this process's stderr, or
-/// `None` if it cannot be started.
-///
-/// Writing to stderr blocks when it is a pipe nobody drains; on a runtime thread
-/// that would stall every task (all of them, on a current-thread runtime). One
-/// thread for the whole process does the writing instead.
-fn stderr_writer() -> Option<&'static mpsc::Sender<ToStderr>> {
-    static WRITER: OnceLock<Option<mpsc::Sender<ToStderr>>> = OnceLock::new();
-    WRITER
-        .get_or_init(|| {
-            let (sender, mut messages) = mpsc::channel(STDERR_BACKLOG);
-            let started = std::thread::Builder::new().name("procexec-stderr".into()).spawn(move || {
-                while let Some(message) = messages.blocking_recv() {
-                    match message {
-                        ToStderr::Line(line) => {
-                            let _ = io::stderr().lock().write_all(line.as_bytes());
-                        }
-                        ToStderr::Flush(ack) => {
-                            let _ = ack.send(());
-                        }
-                    }
-                }
-            });
-            match started {
-                Ok(_) => Some(sender),
-                Err(err) => {
-                    tracing::error!(
-                        "cannot start the procexec-stderr thread, worker stderr is not forwarded: {err}"
-                    );
-                    None
-                }
-            }
-        })
-        .as_ref()
-}
-
-/// Lines waiting for the `procexec-stderr` thread, across all workers: enough to
-/// ride out a burst, few enough to bound memory (lines are at most `MAX_LINE`).
-const STDERR_BACKLOG: usize = 64;
-
-/// Longest stderr line forwarded as one.
-const MAX_LINE: u64 = 64 * 1024;
-
-/// The last lines of a stream, bounded in lines and bytes.
-#[derive(Default)]
-struct Tail {
-    lines: VecDeque<String>,
-    bytes: usize,
-}
-
-impl Tail {
-    const MAX_LINES: usize = 20;
-    const MAX_BYTES: usize = 4096;
-
-    fn push(&mut self, line: &str) {
-        let mut end = line.len().min(Self::MAX_BYTES);
-        while !line.is_char_boundary(end) {
-            end -= 1;
-        }
-        let line = line[..end].to_string();
-        self.bytes += line.len();
-        self.lines.push_back(line);
-        while self.lines.len() > Self::MAX_LINES || self.bytes > Self::MAX_BYTES {
-            match self.lines.pop_front() {
-                Some(old) => self.bytes -= old.len(),
-                None => break,
-            }
-        }
-    }
-
-    fn text(&self) -> String {
-        let mut text = String::with_capacity(self.bytes + self.lines.len());
-        for line in &self.lines {
-            text.push_str(line);
-            text.push('\n');
-        }
-        text
-    }
-}
-
 /// The name of the test that `test_worker!` defines.
 pub(crate) const TEST_WORKER_NAME: &str = "procexec_test_worker";
 
@@ -1060,22 +875,6 @@ mod tests {
         let ready = Reply::Ready { version: 7, pid: 300, tasks: Vec::new(), progress: None };
         let bytes = postcard::to_allocvec(&ready).unwrap();
         assert_eq!(postcard::take_from_bytes::<(u32, u32)>(&bytes).unwrap().0, (READY_VARIANT, 7));
-    }
-
-    #[test]
-    fn the_tail_keeps_the_last_lines_within_bounds() {
-        let mut tail = Tail::default();
-        for i in 0..100 {
-            tail.push(&format!("line {i}"));
-        }
-        let text = tail.text();
-        assert!(text.ends_with("line 99\n"));
-        assert_eq!(text.lines().count(), Tail::MAX_LINES);
-        tail.push(&"x".repeat(10_000));
-        assert!(tail.text().len() <= Tail::MAX_BYTES + Tail::MAX_LINES);
-        // A long line of multi-byte characters keeps its first 4 KiB, cut cleanly.
-        tail.push(&"é".repeat(10_000));
-        assert!(tail.text().starts_with('é') && tail.text().len() > Tail::MAX_BYTES / 2);
     }
 
     #[test]

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::codec::LengthDelimitedCodec;
 
 /// Bumped whenever a message changes shape.
-pub(crate) const PROTOCOL_VERSION: u32 = 4;
+pub(crate) const PROTOCOL_VERSION: u32 = 5;
 
 /// Written by a worker before its first frame.
 /// It never changes between protocol versions: it is how a parent finds a worker of
@@ -47,6 +47,10 @@ pub(crate) const PREAMBLE_SEARCH_LIMIT: usize = 1 << 20;
 /// Set in every worker's environment (to the parent's pid, for diagnostics).
 /// `init_worker` serves when it sees it.
 pub(crate) const WORKER_ENV: &str = "PROCEXEC_WORKER";
+
+/// Where a local worker's stdout starts in its output file (its stderr starts at 0):
+/// far enough that stderr never reaches it, and holes cost nothing.
+pub(crate) const STDOUT_AT: u64 = 1 << 40;
 
 /// The size of the length prefix of every frame.
 pub(crate) const LENGTH_PREFIX: usize = 4;
@@ -76,6 +80,10 @@ pub(crate) enum Request {
         /// The most verbose level of `tracing` events the parent wants forwarded
         /// ([`LogRecord::level`] numbering; 0: none).
         log_level: u8,
+        /// The worker's stderr is the memory file with this device and inode
+        /// number, which the parent reads after the worker died: the worker then
+        /// sends what was printed into it as [`Reply::Output`], attributed to calls.
+        output: Option<(u64, u64)>,
     },
     /// Run task number `task` on each of `items` inputs in the body.
     Call { id: u64, task: u32, items: Count },
@@ -108,6 +116,10 @@ pub(crate) enum Reply {
     Log { records: Vec<LogRecord>, dropped: u32 },
     /// The running call's own account of its progress (`report_progress`).
     Progress { call: u64, done: u64, total: u64 },
+    /// What was printed to stderr (the body's first `stderr` bytes) and stdout
+    /// (the rest) since the last `Output`: during call `call` if it is set. A
+    /// call's last `Output` comes before its [`Reply::Done`].
+    Output { call: Option<u64>, stderr: u32 },
 }
 
 /// One `tracing` event of a worker, as the parent re-emits it.

@@ -6,6 +6,7 @@
 //! when its parent goes away.
 
 mod logs;
+mod output;
 pub(crate) mod state;
 
 use std::fs::File;
@@ -188,10 +189,17 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
     let fds = sys::take_protocol_stdio()?;
     let hangup = fds.input.try_clone()?;
     std::thread::Builder::new().name("procexec-hangup".into()).spawn(move || {
-        sys::wait_for_hangup(hangup.as_fd());
-        // Right away, without exit handlers: a task may hold any lock, and nobody
-        // waits for its result any more.
-        sys::exit_now(0);
+        loop {
+            let running = RUNNING.load(Ordering::Acquire);
+            let every = if running == 0 { IDLE_LOOK } else { output::LIVE_EVERY };
+            if sys::wait_for_hangup(hangup.as_fd(), every) {
+                // Right away, without exit handlers: a task may hold any lock, and
+                // nobody waits for its result any more.
+                sys::exit_now(0);
+            }
+            // A running call's lines are shown while it runs.
+            output::forward_live(|| RUNNING.load(Ordering::Acquire).checked_sub(1));
+        }
     })?;
 
     let mut reader = FrameReader::new(File::from(fds.input));
@@ -209,8 +217,18 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
     let Some(frame) = reader.next_frame()? else {
         return Ok(());
     };
-    let (Request::Init { version, max_frame_len, index: _, measure_memory, executor, log_level }, _) =
-        protocol::split_header(&frame).map_err(invalid)?
+    let (
+        Request::Init {
+            version,
+            max_frame_len,
+            index: _,
+            measure_memory,
+            executor,
+            log_level,
+            output: output_file,
+        },
+        _,
+    ) = protocol::split_header(&frame).map_err(invalid)?
     else {
         return Err(invalid("the first request is not Init"));
     };
@@ -238,6 +256,10 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
     // From here on the link reads and writes: tasks talk on it too (channels).
     Link::install(reader, output, executor, max_frame_len);
     logs::install(log_level);
+    if output::install(output_file, max_frame_len) {
+        // What the program printed before it became a worker.
+        send_output(None)?;
+    }
 
     // The end of one call is the start of the next when its frame was already
     // buffered: one clock read per call.
@@ -250,7 +272,7 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
             // flushed now, while the reply pipe is open, because the parent takes
             // its closing as the worker's exit and then kills what is left.
             Request::Exit => {
-                let _ = io::stdout().flush();
+                send_output(None)?;
                 logs::flush(true);
                 return Ok(());
             }
@@ -272,6 +294,9 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         RUNNING.store(id.wrapping_add(1), Ordering::Release);
         logs::set_call(Some(id));
         clock = Some(self::call(tasks, &mut replies, max_frame_len, measure_memory, call));
+        // What the call printed arrives before its result, in the same write, and
+        // so does what it logged.
+        let mut before = take_output(Some(id))?;
         logs::set_call(None);
         RUNNING.store(0, Ordering::Release);
         drop(registered);
@@ -280,10 +305,39 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         // One write per reply, before the next call starts: a reply that left the
         // worker survives the worker, and the progress record covers the call it is
         // in, so a crash can only lose the input it was running.
-        // What the call logged arrives before its result, in the same write.
-        let logged = logs::take_frame();
-        Link::finish_call(logged.as_deref().unwrap_or_default(), replies.frame())?;
+        if let Some(logged) = logs::take_frame() {
+            before.extend_from_slice(&logged);
+        }
+        Link::finish_call(&before, replies.frame())?;
         replies.clear();
+    }
+    Ok(())
+}
+
+/// How often an idle worker looks for output printed between calls.
+const IDLE_LOOK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Most printed bytes that go out with a reply; more is written ahead of it.
+const OUTPUT_WITH_REPLY: usize = 1 << 20;
+
+/// What was printed since the last look, as frames to write (as printed during
+/// `call`); beyond [`OUTPUT_WITH_REPLY`], the oldest is written now.
+fn take_output(call: Option<u64>) -> io::Result<BytesMut> {
+    // A `print!` without a newline is still in Rust's stdout buffer.
+    let _ = io::stdout().flush();
+    let mut frames = BytesMut::new();
+    while output::take(call, &mut frames, OUTPUT_WITH_REPLY, false) {
+        Link::write_frame(&frames, true)?;
+        frames.clear();
+    }
+    Ok(frames)
+}
+
+/// Writes what was printed since the last look.
+fn send_output(call: Option<u64>) -> io::Result<()> {
+    let frames = take_output(call)?;
+    if !frames.is_empty() {
+        Link::write_frame(&frames, true)?;
     }
     Ok(())
 }

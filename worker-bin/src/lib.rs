@@ -89,6 +89,39 @@ procexec::tasks! {
         written
     }
 
+    /// Prints `count` numbered lines starting with `prefix`, odd ones to stderr,
+    /// even ones to stdout, and returns `count`.
+    pub fn print_lines(prefix: String, count: u32) -> u32 {
+        for i in 0..count {
+            if i % 2 == 0 {
+                println!("{prefix} {i}");
+            } else {
+                eprintln!("{prefix} {i}");
+            }
+        }
+        count
+    }
+
+    /// Prints `text` to stdout, then waits (up to a minute) until a file exists at
+    /// `path`: whoever creates it saw the line while the call still ran.
+    pub fn print_then_wait(text: String, path: String) -> bool {
+        println!("{text}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !std::path::Path::new(&path).exists() {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// Runs `sh -c script` with the worker's stdout and stderr, returning its exit code.
+    pub fn shell(script: String) -> i32 {
+        let status = std::process::Command::new("sh").arg("-c").arg(script).status().expect("sh runs");
+        status.code().unwrap_or(-1)
+    }
+
     /// Writes `text` to stderr, then aborts.
     pub fn complain_and_abort(text: String) -> u64 {
         eprintln!("{text}");

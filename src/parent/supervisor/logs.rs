@@ -1,9 +1,11 @@
 //! A worker's `tracing` events, re-emitted in the parent's subscriber: with the
 //! worker's slot and pid, the task and call, under the span that was current where
 //! the call was made. One callsite per level (`procexec::worker`), whatever the
-//! worker's events were, so forwarding registers no metadata per event.
+//! worker's events were, so forwarding registers no metadata per event. And what
+//! its calls printed, to their callers or labelled with the call.
 
 use crate::parent::dispatch::Job;
+use crate::parent::output::OutputFile;
 use crate::parent::stats::Counters;
 use crate::wire::protocol::LogRecord;
 
@@ -55,4 +57,20 @@ pub(crate) fn emit<'a>(
             "the worker dropped log records: its tasks logged faster than it could send"
         );
     }
+}
+
+/// Passes on what a worker printed during `call` (one of `jobs`, those in flight),
+/// or between calls.
+pub(crate) fn printed<'a>(
+    file: Option<&mut OutputFile>,
+    mut jobs: impl Iterator<Item = &'a Job>,
+    call: Option<u64>,
+    stderr: &[u8],
+    stdout: &[u8],
+) {
+    let Some(file) = file else {
+        return;
+    };
+    let job = call.and_then(|id| jobs.find(|job| job.id == id));
+    file.received(job.map(Job::label), job.and_then(|job| job.capture.as_ref()), stderr, stdout);
 }

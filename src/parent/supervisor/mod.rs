@@ -26,7 +26,7 @@ use crate::wire::protocol;
 
 pub(crate) mod logs;
 mod pull;
-mod replies;
+pub(crate) mod replies;
 mod session;
 mod timers;
 mod writer;
@@ -123,6 +123,11 @@ async fn supervise(shared: &Shared, slot: usize, first: Option<WorkerProcess>) {
                 channels.lost();
                 let mut jobs = in_flight.into_iter();
                 let head = jobs.next();
+                // What it printed and never sent, as the killed call's.
+                if let Some(file) = worker.process.output.file() {
+                    let job = head.as_ref().filter(|job| job.id == id);
+                    file.finish(job.map(Job::label), job.and_then(|job| job.capture.as_ref()));
+                }
                 // The calls behind it never started: back to the queue first, so that
                 // the head, if it goes back too, goes in front of them.
                 shared.requeue(jobs);
@@ -176,8 +181,13 @@ async fn supervise(shared: &Shared, slot: usize, first: Option<WorkerProcess>) {
 async fn stop_idle_worker(worker: &mut WorkerProcess) {
     let asked = async {
         worker.ask_to_exit().await;
-        // The reply pipe ends when the worker has exited (it is not inherited).
-        while let Some(Ok(_)) = futures::StreamExt::next(&mut worker.replies).await {}
+        // The reply pipe ends when the worker has exited (it is not inherited). On
+        // its way out it sends what it printed since its last call.
+        while let Some(Ok(frame)) = futures::StreamExt::next(&mut worker.replies).await {
+            if let Ok(Matched::Output { stderr, stdout, .. }) = replies::match_reply(frame, None, false) {
+                logs::printed(worker.process.output.file(), std::iter::empty(), None, &stderr, &stdout);
+            }
+        }
     };
     let _ = tokio::time::timeout(STOP_GRACE, asked).await;
     worker.close_requests();
@@ -210,6 +220,10 @@ async fn drain_replies(
                     continue;
                 }
                 Ok(Matched::Progress { .. }) => continue,
+                Ok(Matched::Output { call, stderr, stdout }) => {
+                    logs::printed(worker.process.output.file(), in_flight.iter(), call, &stderr, &stdout);
+                    continue;
+                }
                 Ok(Matched::Log { records, dropped }) => {
                     logs::emit(
                         &shared.counters,
@@ -305,9 +319,10 @@ async fn died(shared: &Shared, worker: &mut WorkerProcess, in_flight: VecDeque<J
     // Also takes down a worker that merely closed stdout, and its grandchildren.
     worker.process.kill();
     let exit = worker.process.wait_exit(EXIT_GRACE).await;
-    let stderr_tail = worker.process.stderr_tail().await;
     let mut jobs = in_flight.into_iter();
     let running = if head_started { jobs.next() } else { None };
+    let printing = running.as_ref().map(|job| (job.label(), job.capture.as_ref()));
+    let stderr_tail = worker.process.stderr_tail(printing).await;
     let task = running.as_ref().map(|job| job.task.to_string());
     tracing::warn!(worker = worker.index, pid = worker.pid, %exit, task, "worker died");
     let cause = ExitCause::Crashed { task, exit };

@@ -10,18 +10,18 @@ use crate::wire::protocol::{self, LogRecord, Reply, ToParent};
 
 /// A reply that answers the head call.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) struct Answer {
+pub(crate) struct Answer {
     /// The outcome records, sharing the frame's buffer.
-    pub(super) body: Bytes,
-    pub(super) busy_ns: u64,
-    pub(super) peak_rss_kib: u64,
+    pub(crate) body: Bytes,
+    pub(crate) busy_ns: u64,
+    pub(crate) peak_rss_kib: u64,
     /// Items whose outcome is an error.
-    pub(super) errors: u32,
+    pub(crate) errors: u32,
 }
 
 /// What a reply frame is.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Matched {
+pub(crate) enum Matched {
     /// The answer to the head call.
     Call(Answer),
     /// A channel message, and the rest of its frame.
@@ -30,12 +30,14 @@ pub(super) enum Matched {
     Log { records: Vec<LogRecord>, dropped: u32 },
     /// A call's own progress report.
     Progress { call: u64, done: u64, total: u64 },
+    /// What the worker printed, during `call` if set.
+    Output { call: Option<u64>, stderr: Bytes, stdout: Bytes },
 }
 
 /// Matches `frame` to the head call (`head`, its id, if a call is in flight), whose
 /// request is fully written if `head_written`, unless it is a channel message. An
 /// error is a protocol violation.
-pub(super) fn match_reply(frame: BytesMut, head: Option<u64>, head_written: bool) -> Result<Matched, String> {
+pub(crate) fn match_reply(frame: BytesMut, head: Option<u64>, head_written: bool) -> Result<Matched, String> {
     let frame = frame.freeze();
     let (reply, body) =
         protocol::split_header::<Reply>(&frame).map_err(|e| format!("undecodable reply: {e}"))?;
@@ -44,6 +46,18 @@ pub(super) fn match_reply(frame: BytesMut, head: Option<u64>, head_written: bool
         Reply::Channel(message) => return Ok(Matched::Channel(message, frame.slice_ref(body))),
         Reply::Log { records, dropped } => return Ok(Matched::Log { records, dropped }),
         Reply::Progress { call, done, total } => return Ok(Matched::Progress { call, done, total }),
+        Reply::Output { call, stderr } => {
+            let printed = frame.slice_ref(body);
+            let stderr = stderr as usize;
+            if stderr > printed.len() {
+                return Err(format!("output of {stderr} bytes of stderr in {} bytes", printed.len()));
+            }
+            return Ok(Matched::Output {
+                call,
+                stderr: printed.slice(..stderr),
+                stdout: printed.slice(stderr..),
+            });
+        }
         reply => return Err(format!("unexpected message {reply:?}")),
     };
     match head {

@@ -18,6 +18,7 @@ use super::timers::{CANCEL_GRACE, HeadTimer, IdleTimer, WITHDRAWN_GRACE};
 use super::writer::FrameWriter;
 use crate::channel::broker::Attachments;
 use crate::parent::dispatch::{CancelPolicy, Completion, Delivery, Job, Room, Took};
+use crate::parent::output::OutputFile;
 use crate::parent::pool::{RunState, Shared};
 use crate::parent::process::WorkerProcess;
 use crate::parent::stats::{Counters, ExitCause};
@@ -55,6 +56,8 @@ pub(super) trait Link {
     fn poll_reply(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<BytesMut>>>;
     /// See [`WorkerProcess::withdraw`].
     fn withdraw(&mut self, id: u64) -> bool;
+    /// The file the worker prints into, if it sends what it printed.
+    fn output_file(&mut self) -> Option<&mut OutputFile>;
 }
 
 impl Link for WorkerProcess {
@@ -83,6 +86,10 @@ impl Link for WorkerProcess {
     #[inline]
     fn withdraw(&mut self, id: u64) -> bool {
         WorkerProcess::withdraw(self, id)
+    }
+
+    fn output_file(&mut self) -> Option<&mut OutputFile> {
+        self.process.output.file()
     }
 }
 
@@ -248,6 +255,11 @@ impl<'a, L: Link> Session<'a, L> {
                 Matched::Log { records, dropped } => {
                     let worker = (self.worker.slot(), self.worker.pid());
                     super::logs::emit(&self.shared.counters, worker, records, dropped, self.in_flight.iter());
+                    return Ok(());
+                }
+                Matched::Output { call, stderr, stdout } => {
+                    let file = self.worker.output_file();
+                    super::logs::printed(file, self.in_flight.iter(), call, &stderr, &stdout);
                     return Ok(());
                 }
             };
@@ -457,8 +469,9 @@ impl<'a, L: Link> Session<'a, L> {
 mod tests {
     use super::*;
     use crate::parent::dispatch::{CallOptions, ReplyTo};
+    use crate::parent::output::WorkerStderr;
     use crate::parent::pool::{Limits, TaskTable};
-    use crate::parent::process::{WorkerConfig, WorkerStderr};
+    use crate::parent::process::WorkerConfig;
     use crate::wire::protocol::{self, Count, Fixed64, Reply, Request};
     use bytes::Bytes;
     use futures::{SinkExt, StreamExt};
@@ -496,6 +509,10 @@ mod tests {
 
         fn withdraw(&mut self, _: u64) -> bool {
             false
+        }
+
+        fn output_file(&mut self) -> Option<&mut OutputFile> {
+            None
         }
     }
 
