@@ -13,9 +13,11 @@
 //                supervisor/
 //                pool
 //                dispatch, process
+//                in_process
 //                stats, drivers, progress
 //                error
 //   worker/      worker, state
+//                context
 //   shared/      handles
 //                lock
 //                segment

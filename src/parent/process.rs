@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_util::codec::{Decoder, FramedRead, LengthDelimitedCodec};
 
 use crate::parent::error::{Direction, Error, ExitReason, Result, WorkerStartError};
+use crate::parent::in_process::WorkerThread;
 use crate::parent::launch::Groups;
 use crate::sys;
 use crate::task::Signature;
@@ -68,6 +69,9 @@ pub(crate) struct WorkerConfig {
     /// Ask workers for their peak memory with every reply.
     pub(crate) measure_memory: bool,
     pub(crate) initializer: Option<Arc<Initializer>>,
+    /// Serve these tasks on threads of this process instead (see
+    /// [`Builder::in_process`](crate::Builder::in_process)).
+    pub(crate) in_process: Option<&'static crate::task::Registry>,
     /// The executor's id, which its channel handles carry.
     pub(crate) executor: u64,
     /// Where each slot's worker runs, and how it is started.
@@ -134,7 +138,6 @@ impl WorkerProcess {
         let starting = STARTING.acquire().await;
         let (request_read, request_write) = sys::pipe().map_err(|e| fail("cannot create a pipe", e))?;
         let (reply_read, reply_write) = sys::pipe().map_err(|e| fail("cannot create a pipe", e))?;
-        let (stderr_read, stderr_write) = sys::pipe().map_err(|e| fail("cannot create a pipe", e))?;
         sys::grow_pipe(request_write.as_fd(), config.pipe_capacity);
         sys::grow_pipe(reply_write.as_fd(), config.pipe_capacity);
         // Registered before the process exists: what can fail after it does must
@@ -142,23 +145,36 @@ impl WorkerProcess {
         let register = |e| fail("cannot register a pipe", e);
         let mut requests = pipe::Sender::from_owned_fd(request_write).map_err(register)?;
         let replies = pipe::Receiver::from_owned_fd(reply_read).map_err(register)?;
-        let stderr_pipe = pipe::Receiver::from_owned_fd(stderr_read).map_err(register)?;
 
-        // The marker goes with the explicit environment: a launcher passes on only that.
-        let mut env = config.env.clone();
-        env.push((protocol::WORKER_ENV.into(), std::process::id().to_string().into()));
-        let mut command = group.command(&config.args, &env).map_err(|message| {
-            WorkerStartError::new(group.program(), format!("cannot form its command line: {message}"))
-        })?;
-        sys::prepare_worker_command(&mut command);
-        let stdio = [request_read, reply_write, stderr_write].map(Stdio::from);
-        let child = spawn(command, stdio).await.map_err(|e| fail("cannot spawn it", e))?;
-        drop(starting);
-        let pid = child.pid;
-        // A worker elsewhere is named by its host: the pid here is its launcher's.
-        let host = (!group.same_host).then(|| Arc::<str>::from(group.label.as_str()));
-        let stderr = StderrLog::start(stderr_pipe, slot, pid, host, config.stderr);
-        let mut process = ChildProcess { child, stderr };
+        let (pid, mut process) = match config.in_process {
+            // A thread of this process: it prints to this process's stdout and
+            // stderr itself, so there is no stderr pipe.
+            Some(tasks) => {
+                let thread = WorkerThread::start(tasks, slot, request_read, reply_write)
+                    .map_err(|e| fail("cannot start its thread", e))?;
+                drop(starting);
+                (std::process::id(), ChildProcess { child: Handle::Thread(thread), stderr: None })
+            }
+            None => {
+                let (stderr_read, stderr_write) = sys::pipe().map_err(|e| fail("cannot create a pipe", e))?;
+                let stderr_pipe = pipe::Receiver::from_owned_fd(stderr_read).map_err(register)?;
+                // The marker goes with the explicit environment: a launcher passes on only that.
+                let mut env = config.env.clone();
+                env.push((protocol::WORKER_ENV.into(), std::process::id().to_string().into()));
+                let mut command = group.command(&config.args, &env).map_err(|message| {
+                    WorkerStartError::new(group.program(), format!("cannot form its command line: {message}"))
+                })?;
+                sys::prepare_worker_command(&mut command);
+                let stdio = [request_read, reply_write, stderr_write].map(Stdio::from);
+                let child = spawn(command, stdio).await.map_err(|e| fail("cannot spawn it", e))?;
+                drop(starting);
+                let pid = child.pid;
+                // A worker elsewhere is named by its host: the pid here is its launcher's.
+                let host = (!group.same_host).then(|| Arc::<str>::from(group.label.as_str()));
+                let stderr = StderrLog::start(stderr_pipe, slot, pid, host, config.stderr);
+                (pid, ChildProcess { child: Handle::Process(child), stderr: Some(stderr) })
+            }
+        };
 
         let handshake = async {
             let (mut replies, ready) = handshake(config, slot, &mut requests, replies).await?;
@@ -545,8 +561,15 @@ impl ReplyCodec {
 
 /// The child process itself: killing, reaping, and its stderr.
 pub(crate) struct ChildProcess {
-    child: Spawned,
-    stderr: StderrLog,
+    child: Handle,
+    /// `None` for a worker thread, which writes to this process's stderr.
+    stderr: Option<StderrLog>,
+}
+
+/// What runs a worker: a process, or, in-process, a thread of this one.
+enum Handle {
+    Process(Spawned),
+    Thread(WorkerThread),
 }
 
 impl ChildProcess {
@@ -559,23 +582,33 @@ impl ChildProcess {
     }
 
     /// Kills the worker and anything it started in its process group.
+    /// A worker thread cannot be killed: it is abandoned (see [`WorkerThread`]).
     pub(crate) fn kill(&mut self) {
-        self.child.kill();
+        match &mut self.child {
+            Handle::Process(child) => child.kill(),
+            Handle::Thread(thread) => thread.kill(),
+        }
     }
 
     /// Waits for the worker to exit, killing it if it takes longer than `grace`.
     pub(crate) async fn wait_exit(&mut self, grace: Duration) -> ExitReason {
-        let status = match tokio::time::timeout(grace, self.child.wait()).await {
+        // Never `holder_died` for a thread: its pid is this process's, whose own
+        // shared-memory locks it would free.
+        let child = match &mut self.child {
+            Handle::Process(child) => child,
+            Handle::Thread(thread) => return thread.wait(grace).await,
+        };
+        let status = match tokio::time::timeout(grace, child.wait()).await {
             Ok(status) => status,
             Err(_) => {
-                self.kill();
-                self.child.wait().await
+                child.kill();
+                child.wait().await
             }
         };
         if status.is_ok() {
             // Dead and reaped just now, its pid not yet reused: the shared-memory
             // locks it held are freed for the next locker, marked poisoned.
-            crate::shared::segment::holder_died(self.child.pid);
+            crate::shared::segment::holder_died(child.pid);
         }
         match status {
             Ok(status) => ExitReason::from_status(&status),
@@ -586,21 +619,37 @@ impl ChildProcess {
     /// The last lines of the worker's stderr, once the pipe has closed (or after a
     /// short wait, when a grandchild still holds it).
     pub(crate) async fn stderr_tail(&mut self) -> String {
-        self.stderr.tail_after_close(Duration::from_millis(500)).await
+        match &mut self.stderr {
+            Some(stderr) => stderr.tail_after_close(Duration::from_millis(500)).await,
+            None => String::new(),
+        }
     }
 
     /// Waits until the worker's last lines are forwarded: after a normal stop, when
     /// its process group is gone and nothing else should hold the pipe, so `patience`
     /// only guards against a process that left the group.
     pub(crate) async fn stderr_forwarded(&mut self, patience: Duration) {
-        let _ = self.stderr.tail_after_close(patience).await;
+        if let Some(stderr) = &mut self.stderr {
+            let _ = stderr.tail_after_close(patience).await;
+        }
+    }
+
+    /// How long to read the replies a killed worker left: until its pipe ends,
+    /// within `grace`; a worker thread given up may hold it open long after.
+    pub(crate) fn drain_patience(&self, grace: Duration) -> Duration {
+        match &self.child {
+            Handle::Process(_) => grace,
+            Handle::Thread(thread) => thread.drain_patience(grace),
+        }
     }
 }
 
 impl Drop for ChildProcess {
     fn drop(&mut self) {
         // `Spawned` kills and reaps the process itself.
-        self.stderr.forwarder.abort();
+        if let Some(stderr) = &self.stderr {
+            stderr.forwarder.abort();
+        }
     }
 }
 

@@ -5,21 +5,21 @@
 //! only watches for the parent's hang-up, so a worker deep in a CPU loop still exits
 //! when its parent goes away.
 
+mod context;
 mod logs;
 pub(crate) mod state;
 
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsFd;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::BytesMut;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::channel::link::{FrameReader, Link};
+use self::context::Context;
+use crate::channel::link::{FrameReader, Link, LinkRef};
 use crate::sys;
 use crate::task::sealed::Sealed;
 use crate::task::{Registry, Task};
@@ -132,7 +132,7 @@ pub fn serve_worker(tasks: &'static Registry) -> ! {
 /// # Ok(()) }
 /// ```
 pub fn report_progress(done: u64, total: u64) {
-    logs::report_progress(done, total)
+    Context::report_progress(done, total)
 }
 
 /// Whether the caller of the task running in this worker has gone: its
@@ -164,19 +164,10 @@ pub fn report_progress(done: u64, total: u64) {
 /// assert_eq!(patient_sum().call_in_process(4), Some(6));
 /// ```
 pub fn is_cancelled() -> bool {
-    let running = RUNNING.load(Ordering::Acquire);
-    let Some(page) = CANCELS.get().filter(|_| running != 0) else {
-        return false;
-    };
-    (0..protocol::Progress::CANCEL_SLOTS)
-        .any(|slot| page.load(protocol::Progress::CANCEL_AT + 8 * slot) == running)
+    Context::is_cancelled()
 }
 
-/// The call running, plus one (0: none), for [`is_cancelled`].
-static RUNNING: AtomicU64 = AtomicU64::new(0);
-/// The page of the progress record where the parent marks cancelled calls.
-static CANCELS: OnceLock<sys::ForeignPage> = OnceLock::new();
-
+/// Serves `tasks` on this process's stdin and stdout: a worker process.
 fn serve(tasks: &'static Registry) -> io::Result<()> {
     // Before the worker starts a thread of its own (see `remove_worker_marker`).
     sys::remove_worker_marker(protocol::WORKER_ENV);
@@ -193,9 +184,43 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         // waits for its result any more.
         sys::exit_now(0);
     })?;
+    serve_on(tasks, File::from(fds.input), File::from(fds.output), Context::process(), Mode::Process)
+}
 
-    let mut reader = FrameReader::new(File::from(fds.input));
-    let mut output = File::from(fds.output);
+/// Where a worker runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// In a process of its own: it forwards its `tracing` events.
+    Process,
+    /// On a thread of the parent: its events go to the parent's subscriber as they are.
+    Thread,
+}
+
+/// Serves an in-process worker on this thread (see `Builder::in_process`): the same
+/// loop a worker process runs, over the request pipe `input` and the reply pipe
+/// `output`, with a context and a link of its own. Returns when the parent closes
+/// the request pipe or asks it to exit (or a pipe breaks); the link is uninstalled
+/// then, so what the task left behind cannot reach a later worker.
+pub(crate) fn serve_thread(tasks: &'static Registry, input: File, output: File) -> io::Result<()> {
+    let link =
+        LinkRef::new_thread().ok_or_else(|| io::Error::other("this thread serves a worker already"))?;
+    let context = Context::new_thread(link.clone())
+        .ok_or_else(|| io::Error::other("this thread serves a worker already"))?;
+    let served = serve_on(tasks, input, output, &context, Mode::Thread);
+    link.uninstall();
+    served
+}
+
+/// The serve loop: the handshake, then calls until the request pipe ends.
+fn serve_on(
+    tasks: &'static Registry,
+    input: File,
+    output: File,
+    context: &Context,
+    mode: Mode,
+) -> io::Result<()> {
+    let mut reader = FrameReader::new(input);
+    let mut output = output;
     let mut replies = ReplyBuf::new()?;
     if let Some(page) = replies
         .file()
@@ -203,7 +228,7 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         .map(File::from)
         .and_then(|file| sys::ForeignPage::map(&file).ok())
     {
-        let _ = CANCELS.set(page);
+        context.set_cancels(page);
     }
 
     let Some(frame) = reader.next_frame()? else {
@@ -236,13 +261,16 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
     }
 
     // From here on the link reads and writes: tasks talk on it too (channels).
-    Link::install(reader, output, executor, max_frame_len);
-    logs::install(log_level);
+    let link = context.link();
+    Link::install(link, reader, output, executor, max_frame_len);
+    if mode == Mode::Process {
+        logs::install(log_level);
+    }
 
     // The end of one call is the start of the next when its frame was already
     // buffered: one clock read per call.
     let mut clock = None;
-    while let Some((frame, waited)) = Link::next_request()? {
+    while let Some((frame, waited)) = Link::next_request(link)? {
         let (request, body) = protocol::split_header::<Request>(&frame).map_err(invalid)?;
         let (id, task, items) = match request {
             Request::Call { id, task, items } => (id, task, items),
@@ -255,7 +283,9 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
                 return Ok(());
             }
             Request::LogLevel { level } => {
-                logs::set_level(level);
+                if mode == Mode::Process {
+                    logs::set_level(level);
+                }
                 continue;
             }
             Request::Init { .. } => return Err(invalid("Init sent twice")),
@@ -269,11 +299,11 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         let call = Call { id, task, items, body, started };
         // Blob inputs share the request frame instead of copying out of it.
         let registered = blob::register(&frame);
-        RUNNING.store(id.wrapping_add(1), Ordering::Release);
+        context.set_running(Some(id));
         logs::set_call(Some(id));
         clock = Some(self::call(tasks, &mut replies, max_frame_len, measure_memory, call));
         logs::set_call(None);
-        RUNNING.store(0, Ordering::Release);
+        context.set_running(None);
         drop(registered);
         // Shared memory the parent let go of, and this call no longer uses.
         crate::shared::segment::sweep();
@@ -282,7 +312,7 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         // in, so a crash can only lose the input it was running.
         // What the call logged arrives before its result, in the same write.
         let logged = logs::take_frame();
-        Link::finish_call(logged.as_deref().unwrap_or_default(), replies.frame())?;
+        Link::finish_call(link, logged.as_deref().unwrap_or_default(), replies.frame())?;
         replies.clear();
     }
     Ok(())

@@ -197,6 +197,7 @@ async fn drain_replies(
     channels: &mut Attachments,
     in_flight: &mut VecDeque<Job>,
 ) {
+    let patience = worker.process.drain_patience(EXIT_GRACE);
     let drained = async {
         while let Some(Ok(frame)) = futures::StreamExt::next(&mut worker.replies).await {
             // The worker is dead: a request it replied to was written whole.
@@ -229,7 +230,7 @@ async fn drain_replies(
         }
     };
     // The pipe ends with the worker (it is not inherited); this only guards a hang.
-    let _ = tokio::time::timeout(EXIT_GRACE, drained).await;
+    let _ = tokio::time::timeout(patience, drained).await;
 }
 
 /// The call at the head of a worker that died (or was killed) may have been

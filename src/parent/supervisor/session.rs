@@ -562,6 +562,7 @@ mod tests {
             pipe_capacity: 0,
             measure_memory: false,
             initializer: None,
+            in_process: None,
             executor: 1,
             groups: std::sync::Arc::new(crate::parent::launch::Groups::local("fake".as_ref())),
         };

@@ -1,0 +1,98 @@
+//! In-process workers (see [`Builder::in_process`](crate::Builder::in_process)): a
+//! thread of the parent runs the worker's serve loop over a pair of real pipes,
+//! so the rest of the parent (handshake, session, dispatch, timers, channels)
+//! cannot tell it from a process, and every call takes the full encode, frame and
+//! decode round trip.
+//!
+//! What a thread cannot be is killed: a "killed" worker thread is abandoned. The
+//! parent closes its ends of the pipes when it drops the worker, so the thread,
+//! once its task returns, finds them closed and ends.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::parent::error::ExitReason;
+use crate::task::Registry;
+
+/// A worker thread, as the parent's process handle sees it.
+pub(crate) struct WorkerThread {
+    /// Answered with how the serve loop ended (closed if the thread panicked).
+    ended: Option<oneshot::Receiver<ExitReason>>,
+    /// How it ended, once known.
+    exit: Option<ExitReason>,
+    /// Killed: nobody waits for it any more.
+    abandoned: bool,
+}
+
+/// How long the replies an abandoned thread wrote before it was given up are read.
+/// What is in the pipe is read at once; its thread may still hold the pipe open,
+/// so its end never comes.
+const ABANDONED_DRAIN: Duration = Duration::from_millis(20);
+
+impl WorkerThread {
+    /// Starts the thread of worker `slot`, serving `tasks` on the read end of the
+    /// request pipe and the write end of the reply pipe.
+    pub(crate) fn start(
+        tasks: &'static Registry,
+        slot: usize,
+        requests: OwnedFd,
+        replies: OwnedFd,
+    ) -> io::Result<WorkerThread> {
+        let (done, ended) = oneshot::channel();
+        std::thread::Builder::new().name(format!("procexec-worker-{slot}")).spawn(move || {
+            let exit = match crate::worker::serve_thread(tasks, File::from(requests), File::from(replies)) {
+                Ok(()) => ExitReason::Code(0),
+                // A pipe the parent closed on an abandoned thread, mostly; what a
+                // worker process would print before exiting with code 3.
+                Err(err) => {
+                    tracing::debug!(worker = slot, "in-process worker ended: {err}");
+                    ExitReason::Code(3)
+                }
+            };
+            let _ = done.send(exit);
+        })?;
+        Ok(WorkerThread { ended: Some(ended), exit: None, abandoned: false })
+    }
+
+    /// Gives the thread up: it cannot be stopped, so it runs on until its task
+    /// returns and it finds its pipes closed.
+    pub(crate) fn kill(&mut self) {
+        self.abandoned = true;
+    }
+
+    /// Waits up to `grace` for the thread to end; at once for an abandoned one.
+    pub(crate) async fn wait(&mut self, grace: Duration) -> ExitReason {
+        if let Some(exit) = self.exit {
+            return exit;
+        }
+        let Some(ended) = &mut self.ended else {
+            return ExitReason::Unknown;
+        };
+        let patience = if self.abandoned { Duration::ZERO } else { grace };
+        // `timeout` looks at the thread's answer before the clock: one that ended
+        // already is seen even without patience.
+        match tokio::time::timeout(patience, ended).await {
+            Ok(Ok(exit)) => {
+                self.exit = Some(exit);
+                self.ended = None;
+                exit
+            }
+            // The serve loop panicked (a task's panic never gets this far).
+            Ok(Err(_)) => {
+                self.exit = Some(ExitReason::Unknown);
+                self.ended = None;
+                ExitReason::Unknown
+            }
+            Err(_) => ExitReason::Abandoned,
+        }
+    }
+
+    /// How long to read the replies of a killed worker.
+    pub(crate) fn drain_patience(&self, grace: Duration) -> Duration {
+        if self.abandoned && self.exit.is_none() { ABANDONED_DRAIN } else { grace }
+    }
+}
