@@ -60,6 +60,11 @@ procexec::tasks! {
     }
 
     pub fn is_cancelled_now() -> bool { procexec::is_cancelled() }
+
+    pub fn say(x: u64) -> u64 {
+        tracing::info!(x, "hello");
+        x
+    }
 }
 
 procexec::test_worker!(TASKS);
@@ -265,4 +270,48 @@ async fn a_killed_worker_thread_is_abandoned_not_waited_for() {
     assert_eq!(ExitReason::Abandoned.to_string(), "its thread abandoned, running on");
     assert_eq!(exec.spawn(square, 2).await.unwrap(), 4);
     exec.shutdown().await;
+}
+
+/// An event's target, and the spans it was in, innermost first.
+type Seen = (String, Vec<String>);
+
+/// The events the test's subscriber saw.
+#[derive(Clone, Default)]
+struct Collect(std::sync::Arc<std::sync::Mutex<Vec<Seen>>>);
+
+impl<S> tracing_subscriber::Layer<S> for Collect
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        let spans = ctx
+            .event_scope(event)
+            .map(|scope| scope.map(|span| span.name().to_string()).collect())
+            .unwrap_or_default();
+        self.0.lock().unwrap().push((event.metadata().target().to_string(), spans));
+    }
+}
+
+#[test]
+fn a_tasks_events_reach_the_callers_subscriber_under_a_call_span_in_the_callers_span() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let collect = Collect::default();
+    // A thread's own subscriber, not the global one: the worker thread uses the
+    // caller's span's.
+    let _default = tracing::subscriber::set_default(tracing_subscriber::registry().with(collect.clone()));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(common::hang_guard(async {
+        let exec = threads(1).build().await.unwrap();
+        let call = {
+            let span = tracing::info_span!("request");
+            let _entered = span.enter();
+            exec.spawn(say, 3)
+        };
+        assert_eq!(call.await.unwrap(), 3);
+        exec.shutdown().await;
+    }));
+    let seen = collect.0.lock().unwrap().clone();
+    let said: Vec<_> = seen.iter().filter(|(target, _)| target.starts_with("in_process")).collect();
+    assert_eq!(said.len(), 1, "{seen:?}");
+    assert_eq!(said[0].1, ["procexec::worker", "request"], "{seen:?}");
 }

@@ -261,9 +261,11 @@ impl Builder {
     /// pair of pipes, so every call is encoded, framed and decoded as it would be
     /// (a serde bug still surfaces), and spawn, map, streams, typed errors, retries,
     /// timeouts, channels, shared memory, [`is_cancelled`](crate::is_cancelled) and
-    /// [`report_progress`](crate::report_progress) behave as with processes. A
-    /// task's `tracing` events go straight to this process's subscriber, and what
-    /// it prints to this process's stdout and stderr.
+    /// [`report_progress`](crate::report_progress) behave as with processes
+    /// (called from the worker's own thread). A task's `tracing` events go straight
+    /// to this process's subscriber, inside a `procexec::worker` span (fields
+    /// `worker`, `task`, `call`) under the span current where the call was made, and
+    /// what it prints to this process's stdout and stderr.
     ///
     /// What a thread does not isolate:
     ///

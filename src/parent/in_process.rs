@@ -7,16 +7,64 @@
 //! What a thread cannot be is killed: a "killed" worker thread is abandoned. The
 //! parent closes its ends of the pipes when it drops the worker, so the thread,
 //! once its task returns, finds them closed and ends.
+//!
+//! A task's `tracing` events need no forwarding: the thread runs each call inside a
+//! `procexec::worker` span (fields `worker`, `task`, `call`) whose parent is the
+//! span current where the call was made, in that span's subscriber. The protocol
+//! carries no span, so the session leaves it here, by executor and call id.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 
 use crate::parent::error::ExitReason;
 use crate::task::Registry;
+
+/// The spans current where calls sent to in-process workers were made, by executor
+/// and call id; the worker thread takes its call's out when it starts it. Only
+/// enabled spans are kept: without one, the call's span would go nowhere.
+static CALLER_SPANS: LazyLock<Mutex<HashMap<(u64, u64), tracing::Span>>> = LazyLock::new(Mutex::default);
+
+fn caller_spans() -> std::sync::MutexGuard<'static, HashMap<(u64, u64), tracing::Span>> {
+    // Nothing user-written runs under the lock.
+    CALLER_SPANS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Call `id`, made in `span`, goes to an in-process worker of `executor`: its span
+/// goes ahead of it.
+pub(crate) fn sending(executor: u64, id: u64, span: &tracing::Span) {
+    if !span.is_none() {
+        caller_spans().insert((executor, id), span.clone());
+    }
+}
+
+/// Runs `run` (call `id` of task number `task`, on worker `slot`) inside its
+/// `procexec::worker` span, in the subscriber of the span its caller was in.
+fn in_call_span(tasks: &Registry, executor: u64, slot: usize, id: u64, task: u32, run: &mut dyn FnMut()) {
+    let caller = caller_spans().remove(&(executor, id));
+    let Some((caller, dispatch)) =
+        caller.and_then(|span| span.with_subscriber(|(_, dispatch)| dispatch.clone()).map(|d| (span, d)))
+    else {
+        return run();
+    };
+    let task = tasks.get(task).map_or("?", |task| task.name());
+    tracing::dispatcher::with_default(&dispatch, || {
+        let span = tracing::info_span!(
+            target: "procexec::worker",
+            parent: &caller,
+            "procexec::worker",
+            worker = slot,
+            task,
+            call = id
+        );
+        span.in_scope(run)
+    })
+}
 
 /// A worker thread, as the parent's process handle sees it.
 pub(crate) struct WorkerThread {
@@ -38,13 +86,17 @@ impl WorkerThread {
     /// request pipe and the write end of the reply pipe.
     pub(crate) fn start(
         tasks: &'static Registry,
+        executor: u64,
         slot: usize,
         requests: OwnedFd,
         replies: OwnedFd,
     ) -> io::Result<WorkerThread> {
         let (done, ended) = oneshot::channel();
         std::thread::Builder::new().name(format!("procexec-worker-{slot}")).spawn(move || {
-            let exit = match crate::worker::serve_thread(tasks, File::from(requests), File::from(replies)) {
+            let around = |id, task, run: &mut dyn FnMut()| in_call_span(tasks, executor, slot, id, task, run);
+            let served =
+                crate::worker::serve_thread(tasks, File::from(requests), File::from(replies), &around);
+            let exit = match served {
                 Ok(()) => ExitReason::Code(0),
                 // A pipe the parent closed on an abandoned thread, mostly; what a
                 // worker process would print before exiting with code 3.

@@ -150,7 +150,7 @@ impl WorkerProcess {
             // A thread of this process: it prints to this process's stdout and
             // stderr itself, so there is no stderr pipe.
             Some(tasks) => {
-                let thread = WorkerThread::start(tasks, slot, request_read, reply_write)
+                let thread = WorkerThread::start(tasks, config.executor, slot, request_read, reply_write)
                     .map_err(|e| fail("cannot start its thread", e))?;
                 drop(starting);
                 (std::process::id(), ChildProcess { child: Handle::Thread(thread), stderr: None })

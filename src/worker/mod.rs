@@ -188,25 +188,34 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
 }
 
 /// Where a worker runs.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
+enum Mode<'a> {
     /// In a process of its own: it forwards its `tracing` events.
     Process,
-    /// On a thread of the parent: its events go to the parent's subscriber as they are.
-    Thread,
+    /// On a thread of the parent: its events go to the parent's subscriber as they
+    /// are, and each call runs inside this (given the call's id and task number,
+    /// and the call to run).
+    Thread(&'a Around<'a>),
 }
+
+/// What an in-process worker runs each call inside (see [`serve_thread`]).
+pub(crate) type Around<'a> = dyn Fn(u64, u32, &mut dyn FnMut()) + 'a;
 
 /// Serves an in-process worker on this thread (see `Builder::in_process`): the same
 /// loop a worker process runs, over the request pipe `input` and the reply pipe
 /// `output`, with a context and a link of its own. Returns when the parent closes
 /// the request pipe or asks it to exit (or a pipe breaks); the link is uninstalled
 /// then, so what the task left behind cannot reach a later worker.
-pub(crate) fn serve_thread(tasks: &'static Registry, input: File, output: File) -> io::Result<()> {
+pub(crate) fn serve_thread(
+    tasks: &'static Registry,
+    input: File,
+    output: File,
+    around: &Around<'_>,
+) -> io::Result<()> {
     let link =
         LinkRef::new_thread().ok_or_else(|| io::Error::other("this thread serves a worker already"))?;
     let context = Context::new_thread(link.clone())
         .ok_or_else(|| io::Error::other("this thread serves a worker already"))?;
-    let served = serve_on(tasks, input, output, &context, Mode::Thread);
+    let served = serve_on(tasks, input, output, &context, Mode::Thread(around));
     link.uninstall();
     served
 }
@@ -217,7 +226,7 @@ fn serve_on(
     input: File,
     output: File,
     context: &Context,
-    mode: Mode,
+    mode: Mode<'_>,
 ) -> io::Result<()> {
     let mut reader = FrameReader::new(input);
     let mut output = output;
@@ -263,7 +272,7 @@ fn serve_on(
     // From here on the link reads and writes: tasks talk on it too (channels).
     let link = context.link();
     Link::install(link, reader, output, executor, max_frame_len);
-    if mode == Mode::Process {
+    if matches!(mode, Mode::Process) {
         logs::install(log_level);
     }
 
@@ -283,7 +292,7 @@ fn serve_on(
                 return Ok(());
             }
             Request::LogLevel { level } => {
-                if mode == Mode::Process {
+                if matches!(mode, Mode::Process) {
                     logs::set_level(level);
                 }
                 continue;
@@ -301,7 +310,18 @@ fn serve_on(
         let registered = blob::register(&frame);
         context.set_running(Some(id));
         logs::set_call(Some(id));
-        clock = Some(self::call(tasks, &mut replies, max_frame_len, measure_memory, call));
+        clock = Some(match mode {
+            Mode::Process => self::call(tasks, &mut replies, max_frame_len, measure_memory, call),
+            Mode::Thread(around) => {
+                let (mut call, mut ended) = (Some(call), None);
+                around(id, task, &mut || {
+                    if let Some(call) = call.take() {
+                        ended = Some(self::call(tasks, &mut replies, max_frame_len, measure_memory, call));
+                    }
+                });
+                ended.unwrap_or_else(Instant::now)
+            }
+        });
         logs::set_call(None);
         context.set_running(None);
         drop(registered);
