@@ -43,6 +43,14 @@ pub(crate) fn sending(executor: u64, id: u64, span: &tracing::Span) {
     }
 }
 
+/// Calls `ids` of `executor` will never start: their spans are let go of.
+pub(crate) fn forget(executor: u64, ids: impl Iterator<Item = u64>) {
+    let mut spans = caller_spans();
+    for id in ids {
+        spans.remove(&(executor, id));
+    }
+}
+
 /// Runs `run` (call `id` of task number `task`, on worker `slot`) inside its
 /// `procexec::worker` span, in the subscriber of the span its caller was in.
 fn in_call_span(tasks: &Registry, executor: u64, slot: usize, id: u64, task: u32, run: &mut dyn FnMut()) {
@@ -81,6 +89,9 @@ pub(crate) struct WorkerThread {
 /// so its end never comes.
 const ABANDONED_DRAIN: Duration = Duration::from_millis(20);
 
+/// The stack of a worker thread.
+const WORKER_STACK: usize = 8 << 20;
+
 impl WorkerThread {
     /// Starts the thread of worker `slot`, serving `tasks` on the read end of the
     /// request pipe and the write end of the reply pipe.
@@ -92,21 +103,28 @@ impl WorkerThread {
         replies: OwnedFd,
     ) -> io::Result<WorkerThread> {
         let (done, ended) = oneshot::channel();
-        std::thread::Builder::new().name(format!("procexec-worker-{slot}")).spawn(move || {
-            let around = |id, task, run: &mut dyn FnMut()| in_call_span(tasks, executor, slot, id, task, run);
-            let served =
-                crate::worker::serve_thread(tasks, File::from(requests), File::from(replies), &around);
-            let exit = match served {
-                Ok(()) => ExitReason::Code(0),
-                // A pipe the parent closed on an abandoned thread, mostly; what a
-                // worker process would print before exiting with code 3.
-                Err(err) => {
-                    tracing::debug!(worker = slot, "in-process worker ended: {err}");
-                    ExitReason::Code(3)
-                }
-            };
-            let _ = done.send(exit);
-        })?;
+        std::thread::Builder::new()
+            .name(format!("procexec-worker-{slot}"))
+            // A main thread's usual stack, as a worker process has: a task that
+            // recurses deeply there must not overflow here, where that aborts
+            // the whole process.
+            .stack_size(WORKER_STACK)
+            .spawn(move || {
+                let around =
+                    |id, task, run: &mut dyn FnMut()| in_call_span(tasks, executor, slot, id, task, run);
+                let served =
+                    crate::worker::serve_thread(tasks, File::from(requests), File::from(replies), &around);
+                let exit = match served {
+                    Ok(()) => ExitReason::Code(0),
+                    // A pipe the parent closed on an abandoned thread, mostly; what a
+                    // worker process would print before exiting with code 3.
+                    Err(err) => {
+                        tracing::debug!(worker = slot, "in-process worker ended: {err}");
+                        ExitReason::Code(3)
+                    }
+                };
+                let _ = done.send(exit);
+            })?;
         Ok(WorkerThread { ended: Some(ended), exit: None, abandoned: false })
     }
 

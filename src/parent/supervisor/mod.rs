@@ -97,6 +97,11 @@ async fn supervise(shared: &Shared, slot: usize, first: Option<WorkerProcess>) {
             }
             End::Terminated => {
                 worker.process.kill();
+                if shared.config.in_process.is_some() {
+                    // Sent, never to be started: the spans left for them go.
+                    let ids = in_flight.iter().map(|job| job.id);
+                    crate::parent::in_process::forget(shared.config.executor, ids);
+                }
                 shared.fail(in_flight, &Error::Shutdown);
                 let _ = worker.process.wait_exit(EXIT_GRACE).await;
                 return;
