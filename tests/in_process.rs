@@ -200,6 +200,16 @@ in_both_modes! {
         exec.shutdown().await;
     }
 
+    async fn a_call_that_times_out_is_retried_on_a_fresh_worker(builder, _threads) {
+        let exec = builder(1).timeout(Duration::from_millis(100)).retries(1).build().await.unwrap();
+        let err = exec.spawn(sleep_ms, 2_000).await.unwrap_err();
+        assert!(matches!(err, Error::TimedOut { .. }), "{err:?}");
+        let stats = exec.stats();
+        assert_eq!((stats.exits.timed_out, stats.retried), (2, 1), "{stats:?}");
+        assert_eq!(exec.spawn(square, 6).await.unwrap(), 36);
+        exec.shutdown().await;
+    }
+
     async fn a_dropped_call_is_cancelled_and_its_task_can_tell(builder, _threads) {
         let exec = builder(1).cancel_policy(procexec::CancelPolicy::Finish).build().await.unwrap();
         assert!(!exec.spawn(is_cancelled_now, ()).await.unwrap());

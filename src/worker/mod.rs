@@ -108,7 +108,9 @@ pub fn serve_worker(tasks: &'static Registry) -> ! {
 /// shown in [`Stats::live`](crate::Stats::live) as the worker's
 /// [`RunningCall::reported`](crate::RunningCall::reported). Cheap to call often:
 /// reports are coalesced (one sent per 50 ms at most, and the last one when
-/// `done == total`), and a report never waits. Does nothing outside a worker.
+/// `done == total`), and a report never waits. Does nothing outside a worker, nor,
+/// in-process (see [`Builder::in_process`](crate::Builder::in_process)), on a
+/// thread other than the worker's own.
 ///
 /// ```
 /// procexec::tasks! {
@@ -140,8 +142,10 @@ pub fn report_progress(done: u64, total: u64) {
 /// without waiting. A long task can check it now and then and return early. Under
 /// [`CancelPolicy::Kill`](crate::CancelPolicy::Kill) (the default) the worker is
 /// killed 10 ms later anyway; under `Finish` the call runs to its end unless it
-/// looks. Always `false` outside a worker, and where the worker keeps no progress
-/// record (no `memfd`).
+/// looks. Always `false` outside a worker, where the worker keeps no progress
+/// record (no `memfd`), and, in-process (see
+/// [`Builder::in_process`](crate::Builder::in_process)), on a thread other than the
+/// worker's own.
 ///
 /// # Examples
 ///
