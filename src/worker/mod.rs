@@ -4,6 +4,11 @@
 //! read/compute/write loop is the shortest path a request can take. A second thread
 //! only watches for the parent's hang-up, so a worker deep in a CPU loop still exits
 //! when its parent goes away.
+//!
+//! The same loop also runs on a thread of the parent, in-process (see
+//! `Builder::in_process`): then without what only a process of its own may do
+//! (take over stdio, watch for the hang-up, exit, install a global subscriber), and
+//! with a link and a context of its own instead of the process's.
 
 mod context;
 mod logs;
