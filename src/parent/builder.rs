@@ -26,6 +26,9 @@ use crate::wire::protocol;
 /// stderr pipes and its progress record. Its exit is waited for through `SIGCHLD`,
 /// which costs none.
 const FDS_PER_WORKER: u64 = 4;
+/// Descriptors an in-process worker holds in this process: both ends of its two
+/// pipes, its progress record, and the parent's copy of the record.
+const FDS_PER_THREAD: u64 = 6;
 /// Descriptors a starting worker holds on top: the child's ends of its pipes, from
 /// their creation until it is spawned (its progress record is not open yet then).
 /// At most [`STARTS_AT_ONCE`] starts hold them at once, whatever starts them.
@@ -37,13 +40,13 @@ const START_BATCH: usize = STARTS_AT_ONCE;
 
 /// Checks that `processes` workers fit the descriptor limit, raising the soft limit
 /// toward the hard one when allowed.
-fn ensure_descriptors(processes: usize, raise: bool) -> Result<()> {
+fn ensure_descriptors(processes: usize, per_worker: u64, raise: bool) -> Result<()> {
     let Ok((soft, hard)) = crate::sys::fd_limits() else {
         return Ok(());
     };
     let open = crate::sys::open_fds().unwrap_or(0);
     let starting = processes.min(STARTS_AT_ONCE) as u64;
-    let need = open + processes as u64 * FDS_PER_WORKER + starting * FDS_PER_START + FD_MARGIN;
+    let need = open + processes as u64 * per_worker + starting * FDS_PER_START + FD_MARGIN;
     if need <= soft {
         return Ok(());
     }
@@ -52,7 +55,7 @@ fn ensure_descriptors(processes: usize, raise: bool) -> Result<()> {
         return Ok(());
     }
     Err(Error::Config(format!(
-        "{processes} workers need about {need} open descriptors ({open} open now, {FDS_PER_WORKER} per worker, \
+        "{processes} workers need about {need} open descriptors ({open} open now, {per_worker} per worker, \
          {FDS_PER_START} more for each of {starting} starting at once, {FD_MARGIN} to spare), but the limit (RLIMIT_NOFILE) is {soft} (hard limit {hard}){}: raise it \
          (`ulimit -n`), or use fewer processes",
         if raise { "" } else { ", and raise_fd_limit(false) keeps it" }
@@ -469,7 +472,8 @@ impl Builder {
     /// call options its handles start from.
     pub(crate) async fn start(self) -> Result<(Arc<Shared>, CallOptions)> {
         let (mut config, limits, processes) = self.validate()?;
-        ensure_descriptors(processes, self.raise_fd_limit)?;
+        let per_worker = if self.in_process.is_some() { FDS_PER_THREAD } else { FDS_PER_WORKER };
+        ensure_descriptors(processes, per_worker, self.raise_fd_limit)?;
         config.groups = Arc::new(self.prepare_groups(&config.program, processes).await?);
         // At least one, even for a pool that may scale to zero: the task table and
         // the check that the program is a worker come from a handshake. In bounded
