@@ -61,6 +61,13 @@ procexec::tasks! {
 
     pub fn is_cancelled_now() -> bool { procexec::is_cancelled() }
 
+    /// Sends `0..n` on a channel (whose sends linger a moment to share writes).
+    pub fn send_numbers(tx: procexec::Sender<u64>, n: u64) {
+        for i in 0..n {
+            tx.blocking_send(i).unwrap();
+        }
+    }
+
     pub fn say(x: u64) -> u64 {
         tracing::info!(x, "hello");
         x
@@ -236,6 +243,19 @@ in_both_modes! {
         exec.shutdown().await;
     }
 
+    async fn a_channel_streams_from_a_task_to_the_parent(builder, _threads) {
+        let exec = builder(1).build().await.unwrap();
+        let (tx, rx) = exec.channel::<u64>(8);
+        let sent = exec.spawn(send_numbers, (tx, 1_000));
+        let mut sum = 0;
+        while let Some(x) = rx.recv().await.unwrap() {
+            sum += x;
+        }
+        sent.await.unwrap();
+        assert_eq!(sum, 499_500);
+        exec.shutdown().await;
+    }
+
     async fn shared_memory_reaches_the_tasks(builder, _threads) {
         let exec = builder(3).build().await.unwrap();
         let counter = exec.shared_value(0u64).unwrap();
@@ -324,4 +344,36 @@ fn a_tasks_events_reach_the_callers_subscriber_under_a_call_span_in_the_callers_
     let said: Vec<_> = seen.iter().filter(|(target, _)| target.starts_with("in_process")).collect();
     assert_eq!(said.len(), 1, "{seen:?}");
     assert_eq!(said[0].1, ["procexec::worker", "request"], "{seen:?}");
+}
+
+/// Threads of this process whose name starts with `prefix` (at most 15 bytes).
+fn threads_named(prefix: &str) -> usize {
+    let tasks = std::fs::read_dir("/proc/self/task").expect("/proc/self/task");
+    tasks
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|name| name.starts_with(prefix))
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_and_their_flushers_end_with_the_executor() {
+    let _alone = CHILDREN.write().await;
+    // Threads given up by earlier tests only end meanwhile.
+    let before = threads_named("procexec-worker") + threads_named("procexec-flush");
+    common::hang_guard(async {
+        let exec = threads(3).build().await.unwrap();
+        assert!(threads_named("procexec-worker") >= 3);
+        let (tx, rx) = exec.channel::<u64>(8);
+        let sent = exec.spawn(send_numbers, (tx, 100));
+        while rx.recv().await.unwrap().is_some() {}
+        sent.await.unwrap();
+        exec.shutdown().await;
+        common::eventually("the worker threads and flushers end", || {
+            threads_named("procexec-worker") + threads_named("procexec-flush") <= before
+        })
+        .await;
+    })
+    .await;
 }
