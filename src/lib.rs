@@ -13,9 +13,11 @@
 //                supervisor/
 //                pool
 //                dispatch, process
+//                in_process
 //                stats, drivers, progress
 //                error
 //   worker/      worker, state
+//                context
 //   shared/      handles
 //                lock
 //                segment
@@ -77,6 +79,9 @@
 //!   binaries depend on.
 //! - **In a crate's own tests**: [`test_worker!`] adds a test that serves as the
 //!   worker, and [`Builder::test_harness`] re-runs the test binary through it.
+//! - **In-process**: [`Builder::in_process`] runs the workers as threads of the
+//!   parent, through the same pipes and encoding, to step through a task in a
+//!   debugger or test tasks without processes (and without their isolation).
 //!
 //! # Beyond one machine
 //!

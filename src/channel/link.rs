@@ -8,11 +8,12 @@
 //! touches a channel costs nothing more than before. Every put is written to the
 //! pipe before it returns, so an item put survives the worker dying right after.
 
+use std::cell::OnceCell;
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsFd;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -28,31 +29,81 @@ const FAST_BATCH: Duration = Duration::from_millis(1);
 /// A batch that took longer than this makes the next one a single item again.
 const SLOW_BATCH: Duration = Duration::from_millis(10);
 
+/// One worker's link and the conditions its threads wait on: the process's own in
+/// a worker process, or, in-process (see `Builder::in_process`), each worker
+/// thread's.
+pub(crate) struct WorkerLink {
+    link: Mutex<Option<Link>>,
+    /// Signals the flusher that items are pending.
+    flush: Condvar,
+    /// Signals threads waiting on the link that a frame was read (see [`pump`]).
+    read: Condvar,
+}
+
 /// The link of this worker process, once it serves.
-static LINK: Mutex<Option<Link>> = Mutex::new(None);
+static PROCESS: WorkerLink = WorkerLink::new();
 
-/// Signals the flusher that items are pending.
-static FLUSH: Condvar = Condvar::new();
-/// Signals threads waiting on the link that a frame was read (see [`pump`]).
-static READ: Condvar = Condvar::new();
+thread_local! {
+    /// The link of the in-process worker this thread runs, if it runs one: consulted
+    /// before [`PROCESS`], so handles a task decodes bind to its own worker's link.
+    static THREAD: OnceCell<Arc<WorkerLink>> = const { OnceCell::new() };
+}
 
-/// How long items sent on a channel's end may wait to share a write.
-const LINGER: Duration = Duration::from_micros(200);
-/// Pending bytes that are written at once.
-const FLUSH_AT: usize = 64 * 1024;
-/// Items from this size on are written from where they are, not copied first.
-const WRITE_DIRECTLY: usize = 16 * 1024;
+/// A handle on a worker's link: what a channel handle decoded in a worker keeps,
+/// so it reaches that worker's link from any thread.
+#[derive(Clone)]
+pub(crate) enum LinkRef {
+    /// This process's (a worker process).
+    Process,
+    /// An in-process worker thread's.
+    Thread(Arc<WorkerLink>),
+}
 
-/// The flusher: writes pending items [`LINGER`] after they became pending.
-fn flush_soon() {
-    let mut guard = lock();
+impl std::ops::Deref for LinkRef {
+    type Target = WorkerLink;
+
+    fn deref(&self) -> &WorkerLink {
+        match self {
+            LinkRef::Process => &PROCESS,
+            LinkRef::Thread(link) => link,
+        }
+    }
+}
+
+impl LinkRef {
+    /// The link of the worker running on this thread: its thread's, in-process; else
+    /// the process's (installed only in a worker process).
+    pub(crate) fn current() -> LinkRef {
+        match THREAD.try_with(|link| link.get().cloned()) {
+            Ok(Some(link)) => LinkRef::Thread(link),
+            _ => LinkRef::Process,
+        }
+    }
+
+    /// Makes this thread an in-process worker with a link of its own (not installed
+    /// yet); `None` if it already is one.
+    pub(crate) fn new_thread() -> Option<LinkRef> {
+        let link = Arc::new(WorkerLink::new());
+        THREAD.try_with(|cell| cell.set(link.clone()).ok()).ok().flatten()?;
+        Some(LinkRef::Thread(link))
+    }
+}
+
+/// The flusher of `owner`: writes pending items [`LINGER`] after they became
+/// pending, until the link is uninstalled.
+fn flush_soon(owner: LinkRef) {
+    let mut guard = owner.lock();
     loop {
-        guard = FLUSH
-            .wait_while(guard, |link| link.as_ref().is_none_or(|link| link.pending.is_empty()))
+        guard = owner
+            .flush
+            .wait_while(guard, |link| link.as_ref().is_some_and(|link| link.pending.is_empty()))
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if guard.is_none() {
+            return;
+        }
         drop(guard);
         std::thread::sleep(LINGER);
-        guard = lock();
+        guard = owner.lock();
         if let Some(link) = guard.as_mut() {
             // A broken link ends the worker anyway.
             let _ = link.flush();
@@ -60,11 +111,33 @@ fn flush_soon() {
     }
 }
 
-fn lock() -> MutexGuard<'static, Option<Link>> {
-    // A panic in a task never happens while this is held (nothing user-written
-    // runs under it), and the state stays whole anyway.
-    LINK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+impl WorkerLink {
+    const fn new() -> Self {
+        WorkerLink { link: Mutex::new(None), flush: Condvar::new(), read: Condvar::new() }
+    }
+
+    /// Ends an in-process worker's link: its pipes close, its flusher ends, and the
+    /// handles its task kept fail with `Disconnected` from now on.
+    pub(crate) fn uninstall(&self) {
+        let link = self.lock().take();
+        self.flush.notify_all();
+        self.read.notify_all();
+        drop(link);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Link>> {
+        // A panic in a task never happens while this is held (nothing user-written
+        // runs under it), and the state stays whole anyway.
+        self.link.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
+
+/// How long items sent on a channel's end may wait to share a write.
+const LINGER: Duration = Duration::from_micros(200);
+/// Pending bytes that are written at once.
+const FLUSH_AT: usize = 64 * 1024;
+/// Items from this size on are written from where they are, not copied first.
+const WRITE_DIRECTLY: usize = 16 * 1024;
 
 /// How long a get may wait.
 #[derive(Debug, Clone, Copy)]
@@ -163,10 +236,16 @@ fn role_index(role: Role) -> usize {
 }
 
 impl Link {
-    /// Installs the link of this worker process: from now on channel handles
-    /// decoded here bind to it.
-    pub(crate) fn install(reader: FrameReader, output: File, executor: u64, max_frame_len: usize) {
-        *lock() = Some(Link {
+    /// Installs the link of this worker: from now on channel handles decoded in it
+    /// bind to it.
+    pub(crate) fn install(
+        owner: &WorkerLink,
+        reader: FrameReader,
+        output: File,
+        executor: u64,
+        max_frame_len: usize,
+    ) {
+        *owner.lock() = Some(Link {
             reader: Some(reader),
             eof: false,
             waiting: 0,
@@ -199,7 +278,7 @@ impl Link {
 
     /// Adds `item` to a put frame of `channel`. With `linger`, it may stay pending
     /// for [`LINGER`], so that items put in a row share frames and writes.
-    fn put(&mut self, channel: u64, item: &[u8], linger: bool) -> Result<(), ChannelError> {
+    fn put(&mut self, owner: &LinkRef, channel: u64, item: &[u8], linger: bool) -> Result<(), ChannelError> {
         if item.len() >= WRITE_DIRECTLY {
             return self.put_large(channel, item);
         }
@@ -236,7 +315,7 @@ impl Link {
             return self.flush();
         }
         if was_empty {
-            self.wake_flusher();
+            self.wake_flusher(owner);
         }
         Ok(())
     }
@@ -275,12 +354,15 @@ impl Link {
 
     /// Makes sure pending items are written within [`LINGER`] even if the task
     /// puts nothing more: a thread of the worker's, started at the first such put.
-    fn wake_flusher(&mut self) {
+    fn wake_flusher(&mut self, owner: &LinkRef) {
         if !self.flusher {
-            self.flusher =
-                std::thread::Builder::new().name("procexec-flush".into()).spawn(flush_soon).is_ok();
+            let owner = owner.clone();
+            self.flusher = std::thread::Builder::new()
+                .name("procexec-flush".into())
+                .spawn(move || flush_soon(owner))
+                .is_ok();
         }
-        FLUSH.notify_one();
+        owner.flush.notify_one();
     }
 
     fn chan(&mut self, channel: u64) -> &mut Chan {
@@ -288,9 +370,9 @@ impl Link {
     }
 
     /// Wakes the threads waiting for a frame, if any.
-    fn wake_waiting(&self) {
+    fn wake_waiting(&self, owner: &WorkerLink) {
         if self.waiting > 0 {
-            READ.notify_all();
+            owner.read.notify_all();
         }
     }
 
@@ -378,8 +460,8 @@ impl Link {
 
     /// The serve loop's next request (a call, or exit), and whether it had to wait
     /// for it (read the pipe) since the last; `None` at a clean end of the stream.
-    pub(crate) fn next_request() -> io::Result<Option<(Bytes, bool)>> {
-        let mut guard = lock();
+    pub(crate) fn next_request(owner: &WorkerLink) -> io::Result<Option<(Bytes, bool)>> {
+        let mut guard = owner.lock();
         loop {
             let link = guard.as_mut().ok_or_else(|| io::Error::other("no link installed"))?;
             if let Some(frame) = link.stash.pop_front() {
@@ -389,7 +471,7 @@ impl Link {
             if link.eof {
                 return Ok(None);
             }
-            let (again, pumped) = pump(guard, Wait::Forever);
+            let (again, pumped) = pump(owner, guard, Wait::Forever);
             guard = again;
             if let Err(err) = pumped {
                 let eof = guard.as_ref().is_some_and(|link| link.eof && link.stash.is_empty());
@@ -401,11 +483,11 @@ impl Link {
     /// Writes a whole frame of the worker's own (its log records), after what
     /// channels left pending. `wait`: even if another thread is writing; else
     /// `Ok(false)` then. `Ok(false)` too outside a worker.
-    pub(crate) fn write_frame(frame: &[u8], wait: bool) -> io::Result<bool> {
+    pub(crate) fn write_frame(owner: &WorkerLink, frame: &[u8], wait: bool) -> io::Result<bool> {
         let mut guard = if wait {
-            lock()
+            owner.lock()
         } else {
-            match LINK.try_lock() {
+            match owner.link.try_lock() {
                 Ok(guard) => guard,
                 Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
                 Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
@@ -425,8 +507,8 @@ impl Link {
     /// In one `write` with whatever is pending, unless the reply is large: through a
     /// launcher that forwards stdout over TCP (srun), a second small write waits
     /// for the ACK of the first (Nagle against delayed ACKs, ~40 ms).
-    pub(crate) fn finish_call(before: &[u8], reply: &[u8]) -> io::Result<()> {
-        let mut guard = lock();
+    pub(crate) fn finish_call(owner: &WorkerLink, before: &[u8], reply: &[u8]) -> io::Result<()> {
+        let mut guard = owner.lock();
         let link = guard.as_mut().ok_or_else(|| io::Error::other("no link installed"))?;
         let pending: Vec<u64> = link
             .channels
@@ -457,10 +539,17 @@ impl Link {
 /// write; larger ones are written from where they are (a copy would cost more).
 const COALESCE_REPLY: usize = 64 * 1024;
 
-/// Binds a decoded handle to this worker's link. `None` outside a worker; else
-/// the largest item the link carries, or why the handle cannot be used here.
-pub(crate) fn attach(executor: u64, channel: u64, role: Role, window: u32) -> Option<Result<usize, String>> {
-    let mut guard = lock();
+/// Binds a decoded handle to the link of the worker running on this thread. `None`
+/// outside a worker; else the link and the largest item it carries, or why the
+/// handle cannot be used here.
+pub(crate) fn attach(
+    executor: u64,
+    channel: u64,
+    role: Role,
+    window: u32,
+) -> Option<Result<(usize, LinkRef), String>> {
+    let owner = LinkRef::current();
+    let mut guard = owner.lock();
     let link = guard.as_mut()?;
     if executor != link.executor {
         return Some(Err(format!(
@@ -475,19 +564,20 @@ pub(crate) fn attach(executor: u64, channel: u64, role: Role, window: u32) -> Op
     if *refs == 1 && link.write_message(ToParent::Attach { channel, role }, &[]).is_err() {
         return Some(Err("the worker's link to its parent broke".into()));
     }
-    Some(Ok(max_item))
+    drop(guard);
+    Some(Ok((max_item, owner)))
 }
 
 /// One more handle (a clone) in `role`.
-pub(crate) fn hold(channel: u64, role: Role) {
-    if let Some(link) = lock().as_mut() {
+pub(crate) fn hold(owner: &WorkerLink, channel: u64, role: Role) {
+    if let Some(link) = owner.lock().as_mut() {
         link.chan(channel).refs[role_index(role)] += 1;
     }
 }
 
 /// A handle in `role` was dropped.
-pub(crate) fn release(channel: u64, role: Role) {
-    let mut guard = lock();
+pub(crate) fn release(owner: &WorkerLink, channel: u64, role: Role) {
+    let mut guard = owner.lock();
     let Some(link) = guard.as_mut() else { return };
     let chan = link.chan(channel);
     let refs = &mut chan.refs[role_index(role)];
@@ -503,14 +593,18 @@ pub(crate) fn release(channel: u64, role: Role) {
     }
 }
 
-type Guard = MutexGuard<'static, Option<Link>>;
+type Guard<'a> = MutexGuard<'a, Option<Link>>;
 
 /// Reads and applies one frame, or waits while another thread of the task does:
 /// the lock is not held while blocked in a read, so a task's threads can each wait
 /// on their own channel. Writes what is pending first (the parent may need it to
 /// answer). Returns `Ok(false)` if nothing came in time; `Ok(true)` when something
 /// may have changed, for the caller to look again.
-fn pump(mut guard: Guard, wait: Wait) -> (Guard, Result<bool, ChannelError>) {
+fn pump<'a>(
+    owner: &'a WorkerLink,
+    mut guard: Guard<'a>,
+    wait: Wait,
+) -> (Guard<'a>, Result<bool, ChannelError>) {
     let Some(link) = guard.as_mut() else {
         return (guard, Err(ChannelError::Disconnected));
     };
@@ -527,12 +621,12 @@ fn pump(mut guard: Guard, wait: Wait) -> (Guard, Result<bool, ChannelError>) {
             Wait::Until(deadline) => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let (again, timeout) =
-                    READ.wait_timeout(guard, left).unwrap_or_else(std::sync::PoisonError::into_inner);
+                    owner.read.wait_timeout(guard, left).unwrap_or_else(std::sync::PoisonError::into_inner);
                 guard = again;
                 !timeout.timed_out()
             }
             _ => {
-                guard = READ.wait(guard).unwrap_or_else(std::sync::PoisonError::into_inner);
+                guard = owner.read.wait(guard).unwrap_or_else(std::sync::PoisonError::into_inner);
                 true
             }
         };
@@ -552,7 +646,7 @@ fn pump(mut guard: Guard, wait: Wait) -> (Guard, Result<bool, ChannelError>) {
     if let Some(frame) = frame {
         link.reader = Some(reader);
         let dispatched = link.dispatch(frame.freeze());
-        link.wake_waiting();
+        link.wake_waiting(owner);
         return (guard, dispatched.map(|()| true));
     }
     // Nothing buffered: read without the lock.
@@ -565,12 +659,12 @@ fn pump(mut guard: Guard, wait: Wait) -> (Guard, Result<bool, ChannelError>) {
         }
     };
     let filled = if ready { reader.fill() } else { Ok(true) };
-    guard = lock();
+    guard = owner.lock();
     let Some(link) = guard.as_mut() else {
         return (guard, Err(ChannelError::Disconnected));
     };
     link.reader = Some(reader);
-    link.wake_waiting();
+    link.wake_waiting(owner);
     match filled {
         Ok(true) => (guard, Ok(ready)),
         Ok(false) => {
@@ -584,25 +678,31 @@ fn pump(mut guard: Guard, wait: Wait) -> (Guard, Result<bool, ChannelError>) {
 /// Puts `item`, waiting for credit if the worker has none. With `linger`, it may
 /// share a write with the items put right after it (a channel's ends); else it is
 /// in the pipe when this returns, so it survives the worker dying (queues).
-pub(crate) fn put(channel: u64, item: Bytes, linger: bool) -> Result<(), ChannelError> {
-    match put_waiting(channel, item, linger, Wait::Forever) {
+pub(crate) fn put(owner: &LinkRef, channel: u64, item: Bytes, linger: bool) -> Result<(), ChannelError> {
+    match put_waiting(owner, channel, item, linger, Wait::Forever) {
         Ok(()) => Ok(()),
         Err((_, err)) => Err(err.unwrap_or(ChannelError::Disconnected)),
     }
 }
 
 /// Puts `item` if the worker has credit (after reading what already arrived).
-pub(crate) fn try_put(channel: u64, item: Bytes, linger: bool) -> Result<(), (Bytes, Option<ChannelError>)> {
-    put_waiting(channel, item, linger, Wait::No)
+pub(crate) fn try_put(
+    owner: &LinkRef,
+    channel: u64,
+    item: Bytes,
+    linger: bool,
+) -> Result<(), (Bytes, Option<ChannelError>)> {
+    put_waiting(owner, channel, item, linger, Wait::No)
 }
 
 fn put_waiting(
+    owner: &LinkRef,
     channel: u64,
     item: Bytes,
     linger: bool,
     wait: Wait,
 ) -> Result<(), (Bytes, Option<ChannelError>)> {
-    let mut guard = lock();
+    let mut guard = owner.lock();
     loop {
         let Some(link) = guard.as_mut() else {
             return Err((item, Some(ChannelError::Disconnected)));
@@ -613,9 +713,9 @@ fn put_waiting(
         }
         if chan.credit > 0 {
             chan.credit -= 1;
-            return link.put(channel, &item, linger).map_err(|err| (item, Some(err)));
+            return link.put(owner, channel, &item, linger).map_err(|err| (item, Some(err)));
         }
-        let (again, pumped) = pump(guard, wait);
+        let (again, pumped) = pump(owner, guard, wait);
         guard = again;
         match pumped {
             Ok(true) => {}
@@ -627,8 +727,8 @@ fn put_waiting(
 
 /// Takes an item, waiting as `wait` says. `None` when none came in time, or the
 /// channel is closed and empty (`Wait::Forever` ends only so).
-pub(crate) fn get(channel: u64, wait: Wait) -> Result<Option<Item>, ChannelError> {
-    let mut guard = lock();
+pub(crate) fn get(owner: &WorkerLink, channel: u64, wait: Wait) -> Result<Option<Item>, ChannelError> {
+    let mut guard = owner.lock();
     let mut asked = false;
     loop {
         let Some(link) = guard.as_mut() else {
@@ -668,7 +768,7 @@ pub(crate) fn get(channel: u64, wait: Wait) -> Result<Option<Item>, ChannelError
         }
         // A get that must not wait still waits for its answer, which comes at once.
         let pump_wait = if matches!(wait, Wait::No) { Wait::Forever } else { wait };
-        let (again, pumped) = pump(guard, pump_wait);
+        let (again, pumped) = pump(owner, guard, pump_wait);
         guard = again;
         if !pumped? {
             // Timed out: withdraw the request.
@@ -680,23 +780,26 @@ pub(crate) fn get(channel: u64, wait: Wait) -> Result<Option<Item>, ChannelError
     }
 }
 
-fn with_link<R>(run: impl FnOnce(&mut Link) -> Result<R, ChannelError>) -> Result<R, ChannelError> {
-    match lock().as_mut() {
+fn with_link<R>(
+    owner: &WorkerLink,
+    run: impl FnOnce(&mut Link) -> Result<R, ChannelError>,
+) -> Result<R, ChannelError> {
+    match owner.lock().as_mut() {
         Some(link) => run(link),
         None => Err(ChannelError::Disconnected),
     }
 }
 
-pub(crate) fn ack(channel: u64, delivery: u64) {
-    let _ = with_link(|link| link.write_message(ToParent::Ack { channel, delivery }, &[]));
+pub(crate) fn ack(owner: &WorkerLink, channel: u64, delivery: u64) {
+    let _ = with_link(owner, |link| link.write_message(ToParent::Ack { channel, delivery }, &[]));
 }
 
-pub(crate) fn requeue(channel: u64, delivery: u64) {
-    let _ = with_link(|link| link.write_message(ToParent::Nack { channel, delivery }, &[]));
+pub(crate) fn requeue(owner: &WorkerLink, channel: u64, delivery: u64) {
+    let _ = with_link(owner, |link| link.write_message(ToParent::Nack { channel, delivery }, &[]));
 }
 
-pub(crate) fn close(channel: u64) {
-    let _ = with_link(|link| {
+pub(crate) fn close(owner: &WorkerLink, channel: u64) {
+    let _ = with_link(owner, |link| {
         link.chan(channel).closed.get_or_insert(Ended::Closed);
         link.write_message(ToParent::Close { channel }, &[])
     });

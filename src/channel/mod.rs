@@ -113,7 +113,7 @@ enum Route {
     #[cfg(feature = "executor")]
     Parent(Arc<broker::Broker>),
     /// In a worker, through its link.
-    Worker,
+    Worker(link::LinkRef),
 }
 
 impl Endpoint {
@@ -135,7 +135,7 @@ impl Endpoint {
     pub(crate) fn broker(&self) -> Option<&Arc<broker::Broker>> {
         match &self.route {
             Route::Parent(broker) => Some(broker),
-            Route::Worker => None,
+            Route::Worker(_) => None,
         }
     }
 
@@ -161,7 +161,7 @@ impl Endpoint {
                 let mut item = Some(item);
                 std::future::poll_fn(|cx| broker.poll_put(cx, &mut item)).await.map_err(ChannelError::ended)
             }
-            Route::Worker => link::put(self.channel, item, self.lingers()),
+            Route::Worker(owner) => link::put(owner, self.channel, item, self.lingers()),
         }
     }
 
@@ -172,9 +172,9 @@ impl Endpoint {
                 not_in_a_runtime("blocking_put", "put(item).await");
                 futures::executor::block_on(self.put(item))
             }
-            Route::Worker => {
+            Route::Worker(owner) => {
                 self.check_size(&item)?;
-                link::put(self.channel, item, self.lingers())
+                link::put(owner, self.channel, item, self.lingers())
             }
         }
     }
@@ -189,7 +189,7 @@ impl Endpoint {
             Route::Parent(broker) => {
                 broker.try_put(item).map_err(|(item, why)| (item, why.map(ChannelError::ended)))
             }
-            Route::Worker => link::try_put(self.channel, item, self.lingers()),
+            Route::Worker(owner) => link::try_put(owner, self.channel, item, self.lingers()),
         }
     }
 
@@ -201,7 +201,7 @@ impl Endpoint {
                 .await
                 .map(|taken| taken.map(link::Item::from))
                 .map_err(ChannelError::ended),
-            Route::Worker => link::get(self.channel, link::Wait::Forever),
+            Route::Worker(owner) => link::get(owner, self.channel, link::Wait::Forever),
         }
     }
 
@@ -223,7 +223,7 @@ impl Endpoint {
                     block_on_until(self.get(), deadline).unwrap_or(Ok(None))
                 }
             },
-            Route::Worker => link::get(self.channel, wait),
+            Route::Worker(owner) => link::get(owner, self.channel, wait),
         }
     }
 
@@ -231,7 +231,7 @@ impl Endpoint {
         match &self.route {
             #[cfg(feature = "executor")]
             Route::Parent(broker) => broker.ack(delivery),
-            Route::Worker => link::ack(self.channel, delivery),
+            Route::Worker(owner) => link::ack(owner, self.channel, delivery),
         }
     }
 
@@ -239,7 +239,7 @@ impl Endpoint {
         match &self.route {
             #[cfg(feature = "executor")]
             Route::Parent(broker) => broker.requeue(delivery),
-            Route::Worker => link::requeue(self.channel, delivery),
+            Route::Worker(owner) => link::requeue(owner, self.channel, delivery),
         }
     }
 
@@ -247,7 +247,7 @@ impl Endpoint {
         match &self.route {
             #[cfg(feature = "executor")]
             Route::Parent(broker) => broker.close(Ended::Closed),
-            Route::Worker => link::close(self.channel),
+            Route::Worker(owner) => link::close(owner, self.channel),
         }
     }
 
@@ -299,12 +299,19 @@ impl Clone for Endpoint {
                 broker.hold(self.role);
                 Route::Parent(broker.clone())
             }
-            Route::Worker => {
-                link::hold(self.channel, self.role);
-                Route::Worker
+            Route::Worker(owner) => {
+                link::hold(owner, self.channel, self.role);
+                Route::Worker(owner.clone())
             }
         };
-        Endpoint { route, ..*self }
+        Endpoint {
+            route,
+            channel: self.channel,
+            executor: self.executor,
+            window: self.window,
+            role: self.role,
+            max_item: self.max_item,
+        }
     }
 }
 
@@ -313,7 +320,7 @@ impl Drop for Endpoint {
         match &self.route {
             #[cfg(feature = "executor")]
             Route::Parent(broker) => broker.release(self.role),
-            Route::Worker => link::release(self.channel, self.role),
+            Route::Worker(owner) => link::release(owner, self.channel, self.role),
         }
     }
 }
@@ -340,14 +347,14 @@ impl<'de> Deserialize<'de> for Endpoint {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let wire = Wire::deserialize(deserializer)?;
         if let Some(link) = link::attach(wire.executor, wire.channel, wire.role, wire.window) {
-            let max_item = link.map_err(serde::de::Error::custom)?;
+            let (max_item, owner) = link.map_err(serde::de::Error::custom)?;
             return Ok(Endpoint {
                 channel: wire.channel,
                 executor: wire.executor,
                 window: wire.window,
                 role: wire.role,
                 max_item,
-                route: Route::Worker,
+                route: Route::Worker(owner),
             });
         }
         #[cfg(feature = "executor")]
@@ -585,7 +592,7 @@ fn start_send<T: Serialize>(end: &Endpoint, state: &mut StreamState, item: &T) -
     end.check_size(&bytes)?;
     match &end.route {
         Route::Parent(_) => state.pending = Some(bytes),
-        Route::Worker => link::put(end.channel, bytes, end.lingers())?,
+        Route::Worker(owner) => link::put(owner, end.channel, bytes, end.lingers())?,
     }
     Ok(())
 }

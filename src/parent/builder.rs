@@ -17,7 +17,7 @@ use crate::parent::launch::{GroupRuntime, Groups, Launcher, WorkerGroup};
 use crate::parent::output::WorkerStderr;
 use crate::parent::pool::{Limits, Shared, TaskTable};
 use crate::parent::process::{Initializer, STARTS_AT_ONCE, TEST_WORKER_NAME, WorkerConfig, WorkerProcess};
-use crate::task::IntoTask;
+use crate::task::{IntoTask, Registry};
 use crate::wire::codec;
 use crate::wire::protocol;
 
@@ -25,6 +25,9 @@ use crate::wire::protocol;
 /// stderr pipes and its progress record. Its exit is waited for through `SIGCHLD`,
 /// which costs none.
 const FDS_PER_WORKER: u64 = 4;
+/// Descriptors an in-process worker holds in this process: both ends of its two
+/// pipes, its progress record, and the parent's copy of the record.
+const FDS_PER_THREAD: u64 = 6;
 /// Descriptors a starting worker holds on top: the child's ends of its pipes, from
 /// their creation until it is spawned (its progress record is not open yet then).
 /// At most [`STARTS_AT_ONCE`] starts hold them at once, whatever starts them.
@@ -36,13 +39,13 @@ const START_BATCH: usize = STARTS_AT_ONCE;
 
 /// Checks that `processes` workers fit the descriptor limit, raising the soft limit
 /// toward the hard one when allowed.
-fn ensure_descriptors(processes: usize, raise: bool) -> Result<()> {
+fn ensure_descriptors(processes: usize, per_worker: u64, raise: bool) -> Result<()> {
     let Ok((soft, hard)) = crate::sys::fd_limits() else {
         return Ok(());
     };
     let open = crate::sys::open_fds().unwrap_or(0);
     let starting = processes.min(STARTS_AT_ONCE) as u64;
-    let need = open + processes as u64 * FDS_PER_WORKER + starting * FDS_PER_START + FD_MARGIN;
+    let need = open + processes as u64 * per_worker + starting * FDS_PER_START + FD_MARGIN;
     if need <= soft {
         return Ok(());
     }
@@ -51,7 +54,7 @@ fn ensure_descriptors(processes: usize, raise: bool) -> Result<()> {
         return Ok(());
     }
     Err(Error::Config(format!(
-        "{processes} workers need about {need} open descriptors ({open} open now, {FDS_PER_WORKER} per worker, \
+        "{processes} workers need about {need} open descriptors ({open} open now, {per_worker} per worker, \
          {FDS_PER_START} more for each of {starting} starting at once, {FD_MARGIN} to spare), but the limit (RLIMIT_NOFILE) is {soft} (hard limit {hard}){}: raise it \
          (`ulimit -n`), or use fewer processes",
         if raise { "" } else { ", and raise_fd_limit(false) keeps it" }
@@ -117,6 +120,7 @@ pub struct Builder {
     raise_fd_limit: bool,
     groups: Vec<WorkerGroup>,
     wrapper: Vec<OsString>,
+    in_process: Option<&'static Registry>,
 }
 
 impl Default for Builder {
@@ -139,6 +143,7 @@ impl Default for Builder {
             raise_fd_limit: true,
             groups: Vec::new(),
             wrapper: Vec::new(),
+            in_process: None,
         }
     }
 }
@@ -151,6 +156,7 @@ impl fmt::Debug for Builder {
             .field("options", &self.options)
             .field("limits", &self.limits)
             .field("groups", &self.groups)
+            .field("in_process", &self.in_process.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -245,6 +251,61 @@ impl Builder {
     /// tests that define their tasks with [`tasks!`](crate::tasks). Default: off.
     pub fn test_harness(mut self) -> Self {
         self.test_harness = true;
+        self
+    }
+
+    /// Runs the workers as threads of this process, serving `tasks`, instead of as
+    /// processes: in-process mode, for stepping through a task in a debugger, and
+    /// for unit tests that should not start processes. Default: off.
+    ///
+    /// Everything else stays as it is: each of the [`processes`](Builder::processes)
+    /// slots gets a thread that runs the same loop a worker process runs, over a
+    /// pair of pipes, so every call is encoded, framed and decoded as it would be
+    /// (a serde bug still surfaces), and spawn, map, streams, typed errors, retries,
+    /// timeouts, channels, shared memory, [`is_cancelled`](crate::is_cancelled) and
+    /// [`report_progress`](crate::report_progress) behave as with processes
+    /// (called from the worker's own thread). A task's `tracing` events go straight
+    /// to this process's subscriber, inside a `procexec::worker` span (fields
+    /// `worker`, `task`, `call`) under the span current where the call was made, and
+    /// what it prints goes to this process's stdout and stderr as it is, unlabelled
+    /// ([`Executor::spawn_captured`](crate::Executor::spawn_captured) captures
+    /// nothing).
+    ///
+    /// What a thread does not isolate:
+    ///
+    /// - A task that aborts, segfaults or exits takes this process down with it.
+    /// - A thread cannot be killed. A call that times out, or whose caller left
+    ///   (under [`CancelPolicy::Kill`](crate::CancelPolicy::Kill)), ends for its
+    ///   caller at once, and a new thread takes the slot; the old one runs on
+    ///   until its task returns, then finds its pipes closed and ends (a task
+    ///   that never returns keeps its thread, and what it holds, for good).
+    /// - Memory is the process's: [`max_worker_memory`](Builder::max_worker_memory)
+    ///   is refused, and [`WorkerState`](crate::WorkerState)s and other statics are
+    ///   shared by every worker thread and the caller (an initializer that sets
+    ///   one fails on the second thread).
+    ///
+    /// Worker [`program`](Builder::program)s, [`group`](Builder::group)s,
+    /// [`worker_wrapper`](Builder::worker_wrapper) and
+    /// [`test_harness`](Builder::test_harness) start processes, so `build` refuses
+    /// them with [`Error::Config`](crate::Error::Config) here.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// procexec::tasks! {
+    ///     pub fn square(x: u64) -> u64 { x * x }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> procexec::Result<()> {
+    /// // No `init_worker`: nothing runs this binary again.
+    /// let exec = procexec::Executor::builder().in_process(&TASKS).processes(2).build().await?;
+    /// assert_eq!(exec.spawn(square, 7).await?, 49);
+    /// assert_eq!(exec.map(square, 0..4).await?, [0, 1, 4, 9]);
+    /// # Ok(()) }
+    /// ```
+    pub fn in_process(mut self, tasks: &'static Registry) -> Self {
+        self.in_process = Some(tasks);
         self
     }
 
@@ -414,7 +475,8 @@ impl Builder {
     /// call options its handles start from.
     pub(crate) async fn start(self) -> Result<(Arc<Shared>, CallOptions)> {
         let (mut config, limits, processes) = self.validate()?;
-        ensure_descriptors(processes, self.raise_fd_limit)?;
+        let per_worker = if self.in_process.is_some() { FDS_PER_THREAD } else { FDS_PER_WORKER };
+        ensure_descriptors(processes, per_worker, self.raise_fd_limit)?;
         config.groups = Arc::new(self.prepare_groups(&config.program, processes).await?);
         // At least one, even for a pool that may scale to zero: the task table and
         // the check that the program is a worker come from a handshake. In bounded
@@ -552,7 +614,12 @@ impl Builder {
             return Err(Error::Config("build() must be called within a Tokio runtime".into()));
         }
         crate::parent::drivers::check().map_err(Error::Config)?;
+        if self.in_process.is_some() {
+            self.check_in_process()?;
+        }
         let program = match &self.program {
+            // Named in start errors.
+            None if self.in_process.is_some() => PathBuf::from("<in-process worker>"),
             Some(program) => program.clone(),
             None => std::env::current_exe().map_err(|err| {
                 let mut start =
@@ -569,7 +636,7 @@ impl Builder {
                 _ => false,
             });
         if let Err(message) = crate::sys::check_executable(&program) {
-            if used_here {
+            if used_here && self.in_process.is_none() {
                 return Err(Error::WorkerStart(Arc::new(WorkerStartError::new(&program, message))));
             }
         }
@@ -590,11 +657,31 @@ impl Builder {
             pipe_capacity: self.pipe_capacity,
             measure_memory: self.limits.max_worker_memory.is_some(),
             initializer,
+            in_process: self.in_process,
             executor: next_executor_id(),
             // Replaced by the prepared groups in `start`.
             groups: Arc::new(Groups::local(std::path::Path::new(""))),
         };
         Ok((config, Limits { min_processes, ..self.limits }, processes))
+    }
+}
+
+impl Builder {
+    /// What in-process mode cannot do: start processes, or limit a worker's memory.
+    fn check_in_process(&self) -> Result<()> {
+        let refused = [
+            (self.program.is_some(), "a worker program"),
+            (!self.groups.is_empty(), "worker groups"),
+            (!self.wrapper.is_empty(), "a worker wrapper"),
+            (self.test_harness, "test_harness"),
+            (self.limits.max_worker_memory.is_some(), "max_worker_memory (memory is the whole process's)"),
+        ];
+        match refused.iter().find(|(set, _)| *set) {
+            Some((_, what)) => {
+                Err(Error::Config(format!("in_process workers are threads: {what} cannot apply")))
+            }
+            None => Ok(()),
+        }
     }
 }
 

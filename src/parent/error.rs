@@ -340,6 +340,10 @@ pub enum ExitReason {
     Signal(i32),
     /// Its exit status could not be collected.
     Unknown,
+    /// An in-process worker's thread (see
+    /// [`Builder::in_process`](crate::Builder::in_process)), given up when it was
+    /// stopped: a thread cannot be killed, so it runs on until its task returns.
+    Abandoned,
 }
 
 impl ExitReason {
@@ -361,6 +365,7 @@ impl fmt::Display for ExitReason {
                 None => write!(f, "signal {signal}"),
             },
             ExitReason::Unknown => f.write_str("an unknown exit status"),
+            ExitReason::Abandoned => f.write_str("its thread abandoned, running on"),
         }
     }
 }

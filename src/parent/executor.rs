@@ -255,9 +255,12 @@ impl Executor {
     /// every attempt. Threads a task leaves running print into whichever call
     /// runs when they print.
     ///
-    /// Only for workers on this machine: a worker elsewhere
+    /// Only for worker processes on this machine: a worker elsewhere
     /// ([`WorkerGroup::ssh`](crate::WorkerGroup::ssh) and the like) prints through
-    /// its launcher, unattributed, and its calls capture nothing.
+    /// its launcher, unattributed, and so does one under a file size limit
+    /// (`ulimit -f`); an in-process worker
+    /// ([`Builder::in_process`](crate::Builder::in_process)) prints to this
+    /// process's own stdout and stderr. Their calls capture nothing.
     ///
     /// # Examples
     ///

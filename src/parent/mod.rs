@@ -8,6 +8,7 @@ pub(crate) mod error;
 pub(crate) mod executor;
 #[cfg(test)]
 mod fuzz;
+pub(crate) mod in_process;
 pub(crate) mod launch;
 pub(crate) mod map;
 pub(crate) mod output;

@@ -225,6 +225,8 @@ static DROPPED_LINES: AtomicU64 = AtomicU64::new(0);
 pub(crate) enum WorkerOutput {
     File(OutputFile),
     Pipe(StderrLog),
+    /// A worker thread (in-process) prints to this process's stdout and stderr.
+    Parent,
 }
 
 impl WorkerOutput {
@@ -232,7 +234,7 @@ impl WorkerOutput {
     pub(crate) fn file(&mut self) -> Option<&mut OutputFile> {
         match self {
             WorkerOutput::File(file) => Some(file),
-            WorkerOutput::Pipe(_) => None,
+            WorkerOutput::Pipe(_) | WorkerOutput::Parent => None,
         }
     }
 
@@ -251,6 +253,7 @@ impl WorkerOutput {
                 tail
             }
             WorkerOutput::Pipe(log) => log.tail_after_close(patience).await,
+            WorkerOutput::Parent => String::new(),
         }
     }
 }

@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 use tokio_util::codec::{Decoder, FramedRead, LengthDelimitedCodec};
 
 use crate::parent::error::{Direction, Error, ExitReason, Result, WorkerStartError};
+use crate::parent::in_process::WorkerThread;
 use crate::parent::launch::Groups;
 use crate::parent::output::{CallLabel, Capture, OutputFile, Source, StderrLog, WorkerOutput, WorkerStderr};
 use crate::sys;
@@ -38,6 +39,9 @@ pub(crate) struct WorkerConfig {
     /// Ask workers for their peak memory with every reply.
     pub(crate) measure_memory: bool,
     pub(crate) initializer: Option<Arc<Initializer>>,
+    /// Serve these tasks on threads of this process instead (see
+    /// [`Builder::in_process`](crate::Builder::in_process)).
+    pub(crate) in_process: Option<&'static crate::task::Registry>,
     /// The executor's id, which its channel handles carry.
     pub(crate) executor: u64,
     /// Where each slot's worker runs, and how it is started.
@@ -104,17 +108,6 @@ impl WorkerProcess {
         let starting = STARTING.acquire().await;
         let (request_read, request_write) = sys::pipe().map_err(|e| fail("cannot create a pipe", e))?;
         let (reply_read, reply_write) = sys::pipe().map_err(|e| fail("cannot create a pipe", e))?;
-        // A worker here prints into a file (see `output`); one elsewhere, through its
-        // launcher, into a pipe. So does one under a file size limit, which writes
-        // at the file's far offsets would break (`SIGXFSZ`).
-        let (output, stderr_write) = if group.same_host && sys::file_size_unlimited() {
-            let (file, for_worker) =
-                OutputFile::create().map_err(|e| fail("cannot create its output file", e))?;
-            (Printing::File(file), for_worker)
-        } else {
-            let (read, write) = sys::pipe().map_err(|e| fail("cannot create a pipe", e))?;
-            (Printing::Pipe(read), write)
-        };
         sys::grow_pipe(request_write.as_fd(), config.pipe_capacity);
         sys::grow_pipe(reply_write.as_fd(), config.pipe_capacity);
         // Registered before the process exists: what can fail after it does must
@@ -122,30 +115,52 @@ impl WorkerProcess {
         let register = |e| fail("cannot register a pipe", e);
         let mut requests = pipe::Sender::from_owned_fd(request_write).map_err(register)?;
         let replies = pipe::Receiver::from_owned_fd(reply_read).map_err(register)?;
-        let output = match output {
-            Printing::File(file) => Printing::File(file),
-            Printing::Pipe(read) => Printing::Pipe(pipe::Receiver::from_owned_fd(read).map_err(register)?),
-        };
 
-        // The marker goes with the explicit environment: a launcher passes on only that.
-        let mut env = config.env.clone();
-        env.push((protocol::WORKER_ENV.into(), std::process::id().to_string().into()));
-        let mut command = group.command(&config.args, &env).map_err(|message| {
-            WorkerStartError::new(group.program(), format!("cannot form its command line: {message}"))
-        })?;
-        sys::prepare_worker_command(&mut command);
-        let stdio = [request_read, reply_write, stderr_write].map(Stdio::from);
-        let child = spawn(command, stdio).await.map_err(|e| fail("cannot spawn it", e))?;
-        drop(starting);
-        let pid = child.pid;
-        // A worker elsewhere is named by its host: the pid here is its launcher's.
-        let host = (!group.same_host).then(|| Arc::<str>::from(group.label.as_str()));
-        let source = Source { slot, pid, host, mode: config.stderr };
-        let output = match output {
-            Printing::File(file) => WorkerOutput::File(OutputFile::new(file, source)),
-            Printing::Pipe(pipe) => WorkerOutput::Pipe(StderrLog::start(pipe, source)),
+        let (pid, mut process) = match config.in_process {
+            // A thread of this process: it prints to this process's stdout and
+            // stderr itself.
+            Some(tasks) => {
+                let thread = WorkerThread::start(tasks, config.executor, slot, request_read, reply_write)
+                    .map_err(|e| fail("cannot start its thread", e))?;
+                drop(starting);
+                (
+                    std::process::id(),
+                    ChildProcess { child: Handle::Thread(thread), output: WorkerOutput::Parent },
+                )
+            }
+            None => {
+                // A worker here prints into a file (see `output`); one elsewhere, through
+                // its launcher, into a pipe. So does one under a file size limit, which
+                // writes at the file's far offsets would break (`SIGXFSZ`).
+                let (output, stderr_write) = if group.same_host && sys::file_size_unlimited() {
+                    let (file, for_worker) =
+                        OutputFile::create().map_err(|e| fail("cannot create its output file", e))?;
+                    (Printing::File(file), for_worker)
+                } else {
+                    let (read, write) = sys::pipe().map_err(|e| fail("cannot create a pipe", e))?;
+                    (Printing::Pipe(pipe::Receiver::from_owned_fd(read).map_err(register)?), write)
+                };
+                // The marker goes with the explicit environment: a launcher passes on only that.
+                let mut env = config.env.clone();
+                env.push((protocol::WORKER_ENV.into(), std::process::id().to_string().into()));
+                let mut command = group.command(&config.args, &env).map_err(|message| {
+                    WorkerStartError::new(group.program(), format!("cannot form its command line: {message}"))
+                })?;
+                sys::prepare_worker_command(&mut command);
+                let stdio = [request_read, reply_write, stderr_write].map(Stdio::from);
+                let child = spawn(command, stdio).await.map_err(|e| fail("cannot spawn it", e))?;
+                drop(starting);
+                let pid = child.pid;
+                // A worker elsewhere is named by its host: the pid here is its launcher's.
+                let host = (!group.same_host).then(|| Arc::<str>::from(group.label.as_str()));
+                let source = Source { slot, pid, host, mode: config.stderr };
+                let output = match output {
+                    Printing::File(file) => WorkerOutput::File(OutputFile::new(file, source)),
+                    Printing::Pipe(pipe) => WorkerOutput::Pipe(StderrLog::start(pipe, source)),
+                };
+                (pid, ChildProcess { child: Handle::Process(child), output })
+            }
         };
-        let mut process = ChildProcess { child, output };
         let identity = process.output.file().and_then(|file| file.identity());
 
         let handshake = async {
@@ -541,8 +556,14 @@ enum Printing<F, P> {
 
 /// The child process itself: killing, reaping, and what it printed.
 pub(crate) struct ChildProcess {
-    child: Spawned,
+    child: Handle,
     pub(crate) output: WorkerOutput,
+}
+
+/// What runs a worker: a process, or, in-process, a thread of this one.
+enum Handle {
+    Process(Spawned),
+    Thread(WorkerThread),
 }
 
 impl ChildProcess {
@@ -555,23 +576,33 @@ impl ChildProcess {
     }
 
     /// Kills the worker and anything it started in its process group.
+    /// A worker thread cannot be killed: it is abandoned (see [`WorkerThread`]).
     pub(crate) fn kill(&mut self) {
-        self.child.kill();
+        match &mut self.child {
+            Handle::Process(child) => child.kill(),
+            Handle::Thread(thread) => thread.kill(),
+        }
     }
 
     /// Waits for the worker to exit, killing it if it takes longer than `grace`.
     pub(crate) async fn wait_exit(&mut self, grace: Duration) -> ExitReason {
-        let status = match tokio::time::timeout(grace, self.child.wait()).await {
+        // Never `holder_died` for a thread: its pid is this process's, whose own
+        // shared-memory locks it would free.
+        let child = match &mut self.child {
+            Handle::Process(child) => child,
+            Handle::Thread(thread) => return thread.wait(grace).await,
+        };
+        let status = match tokio::time::timeout(grace, child.wait()).await {
             Ok(status) => status,
             Err(_) => {
-                self.kill();
-                self.child.wait().await
+                child.kill();
+                child.wait().await
             }
         };
         if status.is_ok() {
             // Dead and reaped just now, its pid not yet reused: the shared-memory
             // locks it held are freed for the next locker, marked poisoned.
-            crate::shared::segment::holder_died(self.child.pid);
+            crate::shared::segment::holder_died(child.pid);
         }
         match status {
             Ok(status) => ExitReason::from_status(&status),
@@ -591,6 +622,15 @@ impl ChildProcess {
     /// only guards against a process that left the group.
     pub(crate) async fn stderr_forwarded(&mut self, patience: Duration) {
         let _ = self.output.tail(None, patience).await;
+    }
+
+    /// How long to read the replies a killed worker left: until its pipe ends,
+    /// within `grace`; a worker thread given up may hold it open long after.
+    pub(crate) fn drain_patience(&self, grace: Duration) -> Duration {
+        match &self.child {
+            Handle::Process(_) => grace,
+            Handle::Thread(thread) => thread.drain_patience(grace),
+        }
     }
 }
 

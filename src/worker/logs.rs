@@ -8,7 +8,8 @@
 //! buffer, sent in batches: when the buffer fills (if the link is free; otherwise
 //! later, so a task never waits on the link to log), and at the end of every call,
 //! before its reply. What does not fit is dropped and counted, and the parent says
-//! so.
+//! so. Only in a worker process: an in-process worker's events go straight to the
+//! parent's own subscriber.
 
 use std::fmt::Write as _;
 use std::sync::Mutex;
@@ -20,7 +21,7 @@ use tracing::span::{Attributes, Id, Record};
 use tracing::subscriber::Interest;
 use tracing::{Event, Level, Metadata, Subscriber};
 
-use crate::channel::link::Link;
+use crate::channel::link::{Link, LinkRef};
 use crate::wire::protocol::{self, LogRecord, Reply};
 
 /// Records sent in one batch once this many wait.
@@ -72,38 +73,6 @@ pub(crate) fn set_level(level: u8) {
 /// Marks the call running now (`None` between calls), for the records emitted in it.
 pub(crate) fn set_call(call: Option<u64>) {
     CALL.store(call.map_or(0, |id| id.wrapping_add(1)), Ordering::Relaxed);
-    // A new call's first report goes out at once.
-    PROGRESS_SENT.store(0, Ordering::Relaxed);
-}
-
-/// When the running call last sent its progress, in milliseconds since `START`.
-static PROGRESS_SENT: AtomicU64 = AtomicU64::new(0);
-/// How often a call's progress is sent at most.
-const PROGRESS_EVERY_MS: u64 = 50;
-
-fn since_start_ms() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    u64::try_from(START.get_or_init(std::time::Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
-}
-
-/// The running call says how far it is: sent now if the last report is older than
-/// [`PROGRESS_EVERY_MS`] or the call says it is done, else dropped (the next one
-/// carries the news). Never waits for the link.
-pub(crate) fn report_progress(done: u64, total: u64) {
-    let Some(call) = CALL.load(Ordering::Relaxed).checked_sub(1) else {
-        return;
-    };
-    let now = since_start_ms().saturating_add(PROGRESS_EVERY_MS);
-    let last = PROGRESS_SENT.load(Ordering::Relaxed);
-    if done < total && now.saturating_sub(last) < PROGRESS_EVERY_MS {
-        return;
-    }
-    let mut frame = BytesMut::new();
-    if protocol::write_message(&mut frame, &Reply::Progress { call, done, total }, usize::MAX).is_ok()
-        && matches!(Link::write_frame(&frame, false), Ok(true))
-    {
-        PROGRESS_SENT.store(now, Ordering::Relaxed);
-    }
 }
 
 /// What is buffered, as a frame for the caller to write (at the end of a call,
@@ -141,7 +110,7 @@ pub(crate) fn flush(wait: bool) {
         return;
     };
     // A batch the link cannot take now (busy, or broken) is dropped and counted.
-    if !matches!(Link::write_frame(&frame, wait), Ok(true)) {
+    if !matches!(Link::write_frame(&LinkRef::Process, &frame, wait), Ok(true)) {
         count_lost(records);
     }
 }

@@ -4,7 +4,13 @@
 //! read/compute/write loop is the shortest path a request can take. A second thread
 //! only watches for the parent's hang-up, so a worker deep in a CPU loop still exits
 //! when its parent goes away.
+//!
+//! The same loop also runs on a thread of the parent, in-process (see
+//! `Builder::in_process`): then without what only a process of its own may do
+//! (take over stdio, watch for the hang-up, exit, install a global subscriber), and
+//! with a link and a context of its own instead of the process's.
 
+mod context;
 mod logs;
 mod output;
 pub(crate) mod state;
@@ -12,15 +18,14 @@ pub(crate) mod state;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsFd;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::BytesMut;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::channel::link::{FrameReader, Link};
+use self::context::Context;
+use crate::channel::link::{FrameReader, Link, LinkRef, WorkerLink};
 use crate::sys;
 use crate::task::sealed::Sealed;
 use crate::task::{Registry, Task};
@@ -109,7 +114,9 @@ pub fn serve_worker(tasks: &'static Registry) -> ! {
 /// shown in [`Stats::live`](crate::Stats::live) as the worker's
 /// [`RunningCall::reported`](crate::RunningCall::reported). Cheap to call often:
 /// reports are coalesced (one sent per 50 ms at most, and the last one when
-/// `done == total`), and a report never waits. Does nothing outside a worker.
+/// `done == total`), and a report never waits. Does nothing outside a worker, nor,
+/// in-process (see [`Builder::in_process`](crate::Builder::in_process)), on a
+/// thread other than the worker's own.
 ///
 /// ```
 /// procexec::tasks! {
@@ -133,7 +140,7 @@ pub fn serve_worker(tasks: &'static Registry) -> ! {
 /// # Ok(()) }
 /// ```
 pub fn report_progress(done: u64, total: u64) {
-    logs::report_progress(done, total)
+    Context::report_progress(done, total)
 }
 
 /// Whether the caller of the task running in this worker has gone: its
@@ -141,8 +148,10 @@ pub fn report_progress(done: u64, total: u64) {
 /// without waiting. A long task can check it now and then and return early. Under
 /// [`CancelPolicy::Kill`](crate::CancelPolicy::Kill) (the default) the worker is
 /// killed 10 ms later anyway; under `Finish` the call runs to its end unless it
-/// looks. Always `false` outside a worker, and where the worker keeps no progress
-/// record (no `memfd`).
+/// looks. Always `false` outside a worker, where the worker keeps no progress
+/// record (no `memfd`), and, in-process (see
+/// [`Builder::in_process`](crate::Builder::in_process)), on a thread other than the
+/// worker's own.
 ///
 /// # Examples
 ///
@@ -165,19 +174,10 @@ pub fn report_progress(done: u64, total: u64) {
 /// assert_eq!(patient_sum().call_in_process(4), Some(6));
 /// ```
 pub fn is_cancelled() -> bool {
-    let running = RUNNING.load(Ordering::Acquire);
-    let Some(page) = CANCELS.get().filter(|_| running != 0) else {
-        return false;
-    };
-    (0..protocol::Progress::CANCEL_SLOTS)
-        .any(|slot| page.load(protocol::Progress::CANCEL_AT + 8 * slot) == running)
+    Context::is_cancelled()
 }
 
-/// The call running, plus one (0: none), for [`is_cancelled`].
-static RUNNING: AtomicU64 = AtomicU64::new(0);
-/// The page of the progress record where the parent marks cancelled calls.
-static CANCELS: OnceLock<sys::ForeignPage> = OnceLock::new();
-
+/// Serves `tasks` on this process's stdin and stdout: a worker process.
 fn serve(tasks: &'static Registry) -> io::Result<()> {
     // Before the worker starts a thread of its own (see `remove_worker_marker`).
     sys::remove_worker_marker(protocol::WORKER_ENV);
@@ -189,21 +189,64 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
     let fds = sys::take_protocol_stdio()?;
     let hangup = fds.input.try_clone()?;
     std::thread::Builder::new().name("procexec-hangup".into()).spawn(move || {
+        let context = Context::process();
         loop {
-            let running = RUNNING.load(Ordering::Acquire);
-            let every = if running == 0 { IDLE_LOOK } else { output::LIVE_EVERY };
+            let every = if context.running_call().is_none() { IDLE_LOOK } else { output::LIVE_EVERY };
             if sys::wait_for_hangup(hangup.as_fd(), every) {
                 // Right away, without exit handlers: a task may hold any lock, and
                 // nobody waits for its result any more.
                 sys::exit_now(0);
             }
             // A running call's lines are shown while it runs.
-            output::forward_live(|| RUNNING.load(Ordering::Acquire).checked_sub(1));
+            output::forward_live(|| context.running_call());
         }
     })?;
+    serve_on(tasks, File::from(fds.input), File::from(fds.output), Context::process(), Mode::Process)
+}
 
-    let mut reader = FrameReader::new(File::from(fds.input));
-    let mut output = File::from(fds.output);
+/// Where a worker runs.
+enum Mode<'a> {
+    /// In a process of its own: it forwards its `tracing` events.
+    Process,
+    /// On a thread of the parent: its events go to the parent's subscriber as they
+    /// are, and each call runs inside this (given the call's id and task number,
+    /// and the call to run).
+    Thread(&'a Around<'a>),
+}
+
+/// What an in-process worker runs each call inside (see [`serve_thread`]).
+pub(crate) type Around<'a> = dyn Fn(u64, u32, &mut dyn FnMut()) + 'a;
+
+/// Serves an in-process worker on this thread (see `Builder::in_process`): the same
+/// loop a worker process runs, over the request pipe `input` and the reply pipe
+/// `output`, with a context and a link of its own. Returns when the parent closes
+/// the request pipe or asks it to exit (or a pipe breaks); the link is uninstalled
+/// then, so what the task left behind cannot reach a later worker.
+pub(crate) fn serve_thread(
+    tasks: &'static Registry,
+    input: File,
+    output: File,
+    around: &Around<'_>,
+) -> io::Result<()> {
+    let link =
+        LinkRef::new_thread().ok_or_else(|| io::Error::other("this thread serves a worker already"))?;
+    let context = Context::new_thread(link.clone())
+        .ok_or_else(|| io::Error::other("this thread serves a worker already"))?;
+    let served = serve_on(tasks, input, output, &context, Mode::Thread(around));
+    link.uninstall();
+    served
+}
+
+/// The serve loop: the handshake, then calls until the request pipe ends.
+fn serve_on(
+    tasks: &'static Registry,
+    input: File,
+    output: File,
+    context: &Context,
+    mode: Mode<'_>,
+) -> io::Result<()> {
+    let mut reader = FrameReader::new(input);
+    let mut output = output;
     let mut replies = ReplyBuf::new()?;
     if let Some(page) = replies
         .file()
@@ -211,7 +254,7 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         .map(File::from)
         .and_then(|file| sys::ForeignPage::map(&file).ok())
     {
-        let _ = CANCELS.set(page);
+        context.set_cancels(page);
     }
 
     let Some(frame) = reader.next_frame()? else {
@@ -254,17 +297,22 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
     }
 
     // From here on the link reads and writes: tasks talk on it too (channels).
-    Link::install(reader, output, executor, max_frame_len);
-    logs::install(log_level);
-    if output::install(output_file, max_frame_len) {
-        // What the program printed before it became a worker.
-        send_output(None)?;
+    let link = context.link();
+    Link::install(link, reader, output, executor, max_frame_len);
+    // Only a process of its own forwards its events and attributes its output.
+    let process = matches!(mode, Mode::Process);
+    if process {
+        logs::install(log_level);
+        if output::install(output_file, max_frame_len) {
+            // What the program printed before it became a worker.
+            send_output(link, None)?;
+        }
     }
 
     // The end of one call is the start of the next when its frame was already
     // buffered: one clock read per call.
     let mut clock = None;
-    while let Some((frame, waited)) = Link::next_request()? {
+    while let Some((frame, waited)) = Link::next_request(link)? {
         let (request, body) = protocol::split_header::<Request>(&frame).map_err(invalid)?;
         let (id, task, items) = match request {
             Request::Call { id, task, items } => (id, task, items),
@@ -272,12 +320,16 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
             // flushed now, while the reply pipe is open, because the parent takes
             // its closing as the worker's exit and then kills what is left.
             Request::Exit => {
-                send_output(None)?;
+                if process {
+                    send_output(link, None)?;
+                }
                 logs::flush(true);
                 return Ok(());
             }
             Request::LogLevel { level } => {
-                logs::set_level(level);
+                if matches!(mode, Mode::Process) {
+                    logs::set_level(level);
+                }
                 continue;
             }
             Request::Init { .. } => return Err(invalid("Init sent twice")),
@@ -291,14 +343,26 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         let call = Call { id, task, items, body, started };
         // Blob inputs share the request frame instead of copying out of it.
         let registered = blob::register(&frame);
-        RUNNING.store(id.wrapping_add(1), Ordering::Release);
+        context.set_running(Some(id));
         logs::set_call(Some(id));
-        clock = Some(self::call(tasks, &mut replies, max_frame_len, measure_memory, call));
+        clock = Some(match mode {
+            Mode::Process => self::call(tasks, &mut replies, max_frame_len, measure_memory, call),
+            Mode::Thread(around) => {
+                let (mut call, mut ended) = (Some(call), None);
+                around(id, task, &mut || {
+                    if let Some(call) = call.take() {
+                        ended = Some(self::call(tasks, &mut replies, max_frame_len, measure_memory, call));
+                    }
+                });
+                ended.unwrap_or_else(Instant::now)
+            }
+        });
         // What the call printed arrives before its result, in the same write, and
-        // so does what it logged.
-        let mut before = take_output(Some(id))?;
+        // so does what it logged. Taken while the call still counts as running,
+        // which the hang-up watcher relies on (see `output::forward_live`).
+        let mut before = if process { take_output(link, Some(id))? } else { BytesMut::new() };
         logs::set_call(None);
-        RUNNING.store(0, Ordering::Release);
+        context.set_running(None);
         drop(registered);
         // Shared memory the parent let go of, and this call no longer uses.
         crate::shared::segment::sweep();
@@ -308,7 +372,7 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
         if let Some(logged) = logs::take_frame() {
             before.extend_from_slice(&logged);
         }
-        Link::finish_call(&before, replies.frame())?;
+        Link::finish_call(link, &before, replies.frame())?;
         replies.clear();
     }
     Ok(())
@@ -322,22 +386,22 @@ const OUTPUT_WITH_REPLY: usize = 1 << 20;
 
 /// What was printed since the last look, as frames to write (as printed during
 /// `call`); beyond [`OUTPUT_WITH_REPLY`], the oldest is written now.
-fn take_output(call: Option<u64>) -> io::Result<BytesMut> {
+fn take_output(link: &WorkerLink, call: Option<u64>) -> io::Result<BytesMut> {
     // A `print!` without a newline is still in Rust's stdout buffer.
     let _ = io::stdout().flush();
     let mut frames = BytesMut::new();
     while output::take(call, &mut frames, OUTPUT_WITH_REPLY, false) {
-        Link::write_frame(&frames, true)?;
+        Link::write_frame(link, &frames, true)?;
         frames.clear();
     }
     Ok(frames)
 }
 
 /// Writes what was printed since the last look.
-fn send_output(call: Option<u64>) -> io::Result<()> {
-    let frames = take_output(call)?;
+fn send_output(link: &WorkerLink, call: Option<u64>) -> io::Result<()> {
+    let frames = take_output(link, call)?;
     if !frames.is_empty() {
-        Link::write_frame(&frames, true)?;
+        Link::write_frame(link, &frames, true)?;
     }
     Ok(())
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 
+use crate::channel::link::LinkRef;
 use crate::sys;
 use crate::wire::protocol::{self, Reply};
 
@@ -159,7 +160,7 @@ pub(crate) fn forward_live(running: impl Fn() -> Option<u64>) {
         }
         // Written while the streams are locked: the call's last output, taken
         // after this, is written after it.
-        if crate::channel::link::Link::write_frame(&frames, true).is_err() || !more {
+        if crate::channel::link::Link::write_frame(&LinkRef::Process, &frames, true).is_err() || !more {
             return;
         }
         frames.clear();

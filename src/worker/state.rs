@@ -10,7 +10,10 @@ use std::sync::OnceLock;
 /// `Pool(initializer=...)` plus the global it sets.
 ///
 /// Declare it as a `static` next to the tasks. Each worker process has its own copy;
-/// the parent's stays empty.
+/// the parent's stays empty. In-process workers
+/// ([`Builder::in_process`](crate::Builder::in_process)), being threads of the
+/// parent, all share the parent's: set it once, before building the executor,
+/// rather than in an initializer (which fails on the second worker thread).
 ///
 /// # Examples
 ///

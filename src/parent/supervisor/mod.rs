@@ -97,6 +97,11 @@ async fn supervise(shared: &Shared, slot: usize, first: Option<WorkerProcess>) {
             }
             End::Terminated => {
                 worker.process.kill();
+                if shared.config.in_process.is_some() {
+                    // Sent, never to be started: the spans left for them go.
+                    let ids = in_flight.iter().map(|job| job.id);
+                    crate::parent::in_process::forget(shared.config.executor, ids);
+                }
                 shared.fail(in_flight, &Error::Shutdown);
                 let _ = worker.process.wait_exit(EXIT_GRACE).await;
                 return;
@@ -207,6 +212,7 @@ async fn drain_replies(
     channels: &mut Attachments,
     in_flight: &mut VecDeque<Job>,
 ) {
+    let patience = worker.process.drain_patience(EXIT_GRACE);
     let drained = async {
         while let Some(Ok(frame)) = futures::StreamExt::next(&mut worker.replies).await {
             // The worker is dead: a request it replied to was written whole.
@@ -243,7 +249,7 @@ async fn drain_replies(
         }
     };
     // The pipe ends with the worker (it is not inherited); this only guards a hang.
-    let _ = tokio::time::timeout(EXIT_GRACE, drained).await;
+    let _ = tokio::time::timeout(patience, drained).await;
 }
 
 /// The call at the head of a worker that died (or was killed) may have been

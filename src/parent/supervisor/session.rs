@@ -416,8 +416,14 @@ impl<'a, L: Link> Session<'a, L> {
         let room = Room { jobs: room, items: budget, busy };
         let (in_flight, mut withdrawn) = (&mut self.in_flight, 0);
         let slot = self.worker.slot();
-        let taken =
-            self.shared.queue.poll_take(cx, slot, room, &mut withdrawn, |job| in_flight.push_back(job));
+        // An in-process worker runs each call under its caller's span itself.
+        let in_process = self.shared.config.in_process.map(|_| self.shared.config.executor);
+        let taken = self.shared.queue.poll_take(cx, slot, room, &mut withdrawn, |job| {
+            if let Some(executor) = in_process {
+                crate::parent::in_process::sending(executor, job.id, &job.span);
+            }
+            in_flight.push_back(job)
+        });
         Counters::add(&self.shared.counters.cancelled, withdrawn);
         match taken {
             Poll::Ready(Took::Jobs(taken)) => {
@@ -579,6 +585,7 @@ mod tests {
             pipe_capacity: 0,
             measure_memory: false,
             initializer: None,
+            in_process: None,
             executor: 1,
             groups: std::sync::Arc::new(crate::parent::launch::Groups::local("fake".as_ref())),
         };
