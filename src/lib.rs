@@ -141,7 +141,7 @@ pub use parent::error::{
     Direction, Error, ExitReason, ProtocolViolation, Result, TaskPanic, WorkerCrash, WorkerStartError,
 };
 #[cfg(feature = "executor")]
-pub use parent::executor::{Captured, CapturedHandle, Executor, QueueFull, TaskHandle};
+pub use parent::executor::{Captured, CapturedHandle, Executor, Printed, QueueFull, TaskHandle};
 #[cfg(feature = "executor")]
 pub use parent::launch::{HOST_ENV, HOSTS_ENV, Hosts, Launcher, Slurm, Ssh, WorkerGroup};
 #[cfg(feature = "executor")]

@@ -219,8 +219,8 @@ async fn captured_output_is_each_calls_own_even_when_calls_run_at_once() {
             let expected = |parity: u32| -> String {
                 (0..count).filter(|n| n % 2 == parity).map(|n| format!("call {i} {n}\n")).collect()
             };
-            assert_eq!(captured.stdout_text(), expected(0), "call {i}");
-            assert_eq!(captured.stderr_text(), expected(1), "call {i}");
+            assert_eq!(captured.stdout, expected(0), "call {i}");
+            assert_eq!(captured.stderr, expected(1), "call {i}");
         }
     })
     .await;
@@ -233,7 +233,7 @@ async fn a_crashed_call_captures_what_it_printed_before_it_died() {
         let captured = exec.spawn_captured(complain_and_abort, "last words".into()).await;
         let crash = captured.result.as_ref().unwrap_err();
         assert!(crash.is_worker_crash(), "{crash}");
-        assert_eq!(captured.stderr_text(), "last words\n");
+        assert_eq!(captured.stderr, "last words\n");
         // And the crash report quotes it.
         assert!(crash.to_string().contains("last words"), "{crash}");
         assert_eq!(exec.spawn(square, 3).await.unwrap(), 9);
@@ -248,7 +248,7 @@ async fn a_timed_out_call_captures_what_it_printed() {
         let never = marker("never-created").display().to_string();
         let captured = exec.spawn_captured(print_then_wait, ("waiting".into(), never)).await;
         assert!(matches!(captured.result, Err(procexec::Error::TimedOut { .. })), "{:?}", captured.result);
-        assert_eq!(captured.stdout_text(), "waiting\n");
+        assert_eq!(captured.stdout, "waiting\n");
     })
     .await;
 }
@@ -259,8 +259,8 @@ async fn programs_a_task_runs_print_into_its_call() {
         let exec = executor(1).await;
         let captured = exec.spawn_captured(shell, "echo out; echo err >&2; printf partial".into()).await;
         assert_eq!(*captured.result.as_ref().unwrap(), 0);
-        assert_eq!(captured.stdout_text(), "out\npartial");
-        assert_eq!(captured.stderr_text(), "err\n");
+        assert_eq!(captured.stdout, "out\npartial");
+        assert_eq!(captured.stderr, "err\n");
     })
     .await;
 }
@@ -272,10 +272,16 @@ async fn a_call_that_prints_megabytes_captures_every_byte() {
         let captured = exec.spawn_captured(flood_stderr, 5 << 20).await;
         let written = captured.result.unwrap();
         assert_eq!(captured.stderr.len() as u64, written);
-        assert!(captured.stderr.split(|&b| b == b'\n').all(|line| line.is_empty() || line == [b'e'; 99]));
+        assert!(
+            captured
+                .stderr
+                .as_bytes()
+                .split(|&b| b == b'\n')
+                .all(|line| line.is_empty() || line == [b'e'; 99])
+        );
         // The next call captures only its own.
         let next = exec.spawn_captured(print, "after".into()).await;
-        assert_eq!(next.stderr_text(), "stderr: after\n");
+        assert_eq!(next.stderr, "stderr: after\n");
     })
     .await;
 }

@@ -278,10 +278,9 @@ impl Executor {
     /// # procexec::init_worker(&TASKS);
     /// let exec = procexec::Executor::builder().processes(2).build().await?;
     /// let captured = exec.spawn_captured(greet, "Ada".to_string()).await;
-    /// assert_eq!(captured.stdout_text(), "hello, Ada\n");
-    /// assert_eq!(captured.stderr_text(), "greeted Ada\n");
-    /// // Last: `?` moves the result out (`captured.result.as_ref()` would not).
     /// assert_eq!(captured.result?, 3);
+    /// assert_eq!(captured.stdout, "hello, Ada\n");
+    /// assert_eq!(captured.stderr, "greeted Ada\n");
     /// # Ok(()) }
     /// ```
     pub fn spawn_captured<T>(&self, task: T, input: T::Input) -> CapturedHandle<T::Output>
@@ -782,49 +781,105 @@ impl<O: DeserializeOwned> Future for TaskHandle<O> {
 
 /// A call's result, with what it printed: the output of
 /// [`CapturedHandle`] (see [`Executor::spawn_captured`]).
+///
+/// The fields are independent: `captured.result?` may come before or after a look
+/// at `captured.stdout`.
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct Captured<O> {
     /// What the call returned, or how it failed.
     pub result: Result<O>,
     /// What it printed to stdout.
-    pub stdout: Vec<u8>,
+    pub stdout: Printed,
     /// What it printed to stderr.
-    pub stderr: Vec<u8>,
+    pub stderr: Printed,
 }
 
-impl<O> Captured<O> {
-    /// [`stdout`](Captured::stdout) as text (invalid UTF-8 replaced).
-    ///
-    /// ```
-    /// # procexec::tasks! { pub fn hi() { println!("hi") } }
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> procexec::Result<()> {
-    /// # procexec::init_worker(&TASKS);
-    /// # let exec = procexec::Executor::builder().processes(1).build().await?;
-    /// let captured = exec.spawn_captured(hi, ()).await;
-    /// assert_eq!(captured.stdout_text(), "hi\n");
-    /// # Ok(()) }
-    /// ```
-    pub fn stdout_text(&self) -> std::borrow::Cow<'_, str> {
-        String::from_utf8_lossy(&self.stdout)
+/// What a call printed to one stream: bytes, compared and shown as text.
+///
+/// ```
+/// # procexec::tasks! { pub fn hi() -> u8 { println!("hi"); 1 } }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> procexec::Result<()> {
+/// # procexec::init_worker(&TASKS);
+/// # let exec = procexec::Executor::builder().processes(1).build().await?;
+/// let captured = exec.spawn_captured(hi, ()).await;
+/// assert_eq!(captured.result?, 1);
+/// assert_eq!(captured.stdout, "hi\n");
+/// assert_eq!(captured.stdout.text(), "hi\n");
+/// assert_eq!(captured.stdout.as_bytes(), b"hi\n");
+/// assert!(captured.stderr.is_empty());
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct Printed(Vec<u8>);
+
+impl Printed {
+    /// The bytes as text, invalid UTF-8 replaced by `�`.
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.0)
     }
 
-    /// [`stderr`](Captured::stderr) as text (invalid UTF-8 replaced).
-    ///
-    /// ```
-    /// # procexec::tasks! { pub fn oops() { eprintln!("oops"); panic!("gave up") } }
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> procexec::Result<()> {
-    /// # procexec::init_worker(&TASKS);
-    /// # let exec = procexec::Executor::builder().processes(1).build().await?;
-    /// let captured = exec.spawn_captured(oops, ()).await;
-    /// assert!(captured.result.is_err());
-    /// assert_eq!(captured.stderr_text(), "oops\n");
-    /// # Ok(()) }
-    /// ```
-    pub fn stderr_text(&self) -> std::borrow::Cow<'_, str> {
-        String::from_utf8_lossy(&self.stderr)
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The bytes, owned.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
+
+    /// How many bytes were printed.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether nothing was printed.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Printed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.text(), f)
+    }
+}
+
+impl fmt::Display for Printed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text())
+    }
+}
+
+impl AsRef<[u8]> for Printed {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for Printed {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other.as_bytes()
+    }
+}
+
+impl PartialEq<&str> for Printed {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == other.as_bytes()
+    }
+}
+
+impl PartialEq<String> for Printed {
+    fn eq(&self, other: &String) -> bool {
+        self.0 == other.as_bytes()
+    }
+}
+
+impl PartialEq<[u8]> for Printed {
+    fn eq(&self, other: &[u8]) -> bool {
+        self.0 == other
     }
 }
 
@@ -862,7 +917,7 @@ impl<O: DeserializeOwned> Future for CapturedHandle<O> {
         let result = std::task::ready!(Pin::new(&mut self.handle).poll(cx));
         // Everything the call printed arrived before its completion.
         let printed = std::mem::take(&mut *self.printed.lock().unwrap_or_else(|p| p.into_inner()));
-        Poll::Ready(Captured { result, stdout: printed.stdout, stderr: printed.stderr })
+        Poll::Ready(Captured { result, stdout: Printed(printed.stdout), stderr: Printed(printed.stderr) })
     }
 }
 

@@ -74,13 +74,13 @@ pub(crate) struct CallLabel {
 
 /// What one call printed, kept for its caller.
 #[derive(Debug, Default)]
-pub(crate) struct Printed {
+pub(crate) struct CallOutput {
     pub(crate) stdout: Vec<u8>,
     pub(crate) stderr: Vec<u8>,
 }
 
 /// Where a call's output goes: to its caller, or forwarded.
-pub(crate) type Capture = Arc<Mutex<Printed>>;
+pub(crate) type Capture = Arc<Mutex<CallOutput>>;
 
 impl Source {
     /// Passes on `line` (no newline) as `mode` says.
