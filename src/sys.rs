@@ -167,21 +167,23 @@ pub(crate) fn file_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     Ok((stat.st_dev as u64, stat.st_ino))
 }
 
-/// Points fd 1 at the file fd 2 is, from `offset`, through a description (and so a
-/// file position) of its own.
-pub(crate) fn stdout_into_stderr_file(offset: u64) -> io::Result<()> {
+/// The file fd 2 is, opened anew (a file position of its own) at `offset`.
+pub(crate) fn reopen_stderr_at(offset: u64) -> io::Result<OwnedFd> {
     use rustix::fs::{Mode, OFlags};
     let file = rustix::fs::open("/proc/self/fd/2", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())?;
     rustix::fs::seek(&file, rustix::fs::SeekFrom::Start(offset))?;
-    dup2(file.as_fd(), 1)
+    Ok(file)
 }
 
-/// This process's stdout (1) or stderr (2).
-pub(crate) fn std_fd(fd: i32) -> BorrowedFd<'static> {
-    assert!(fd == 1 || fd == 2, "not stdout or stderr");
-    // SAFETY: fds 1 and 2 stay open for the life of a worker: it points them at
-    // other files (`take_protocol_stdio`, `stdout_into_stderr_file`), never closes them.
-    unsafe { BorrowedFd::borrow_raw(fd) }
+/// Points fd 1 at what `fd` is.
+pub(crate) fn point_stdout_at(fd: BorrowedFd<'_>) -> io::Result<()> {
+    dup2(fd, 1)
+}
+
+/// This process's stderr.
+pub(crate) fn stderr_fd() -> BorrowedFd<'static> {
+    // SAFETY: fd 2 stays open for the life of a worker: nothing closes it.
+    unsafe { BorrowedFd::borrow_raw(2) }
 }
 
 /// The file position of `fd`.

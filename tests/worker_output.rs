@@ -154,8 +154,7 @@ fn worker_stderr_can_go_to_tracing() {
         let lines = lines.0.lock().unwrap();
         let traced = lines.iter().find(|line| line.starts_with("message=stderr: traced "));
         let expected = format!("worker=0 pid={worker} task=\"print\" call=");
-        let stream = "stream=\"stderr\" ";
-        assert!(traced.is_some_and(|line| line.contains(&expected) && line.ends_with(stream)), "{lines:?}");
+        assert!(traced.is_some_and(|line| line.contains(&expected)), "{lines:?}");
     }));
 }
 
@@ -351,4 +350,33 @@ fn under_a_file_size_limit_output_goes_through_a_pipe_unattributed() {
         stderr.contains(&format!("[procexec worker 0 pid {worker}] stdout: under a limit\n")),
         "{stderr}"
     );
+}
+
+#[test]
+fn forwarded_lines_keep_their_order_across_stdout_and_stderr() {
+    let lines = Lines::default();
+    let _guard = tracing::subscriber::set_default(lines.clone());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(hang_guard(async {
+        let exec = Executor::builder()
+            .test_harness()
+            .processes(1)
+            .stderr(WorkerStderr::Tracing)
+            .build()
+            .await
+            .unwrap();
+        // Even lines go to stdout, odd ones to stderr.
+        assert_eq!(exec.spawn(print_lines, ("ordered".into(), 50)).await.unwrap(), 50);
+        exec.shutdown().await;
+        let printed: Vec<String> = lines
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|line| line.strip_prefix("message=ordered "))
+            .map(|rest| rest.split(' ').next().unwrap().to_string())
+            .collect();
+        let expected: Vec<String> = (0..50).map(|i| i.to_string()).collect();
+        assert_eq!(printed, expected);
+    }));
 }

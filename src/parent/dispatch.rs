@@ -48,6 +48,8 @@ pub(crate) struct CallOptions {
     pub(crate) timeout: Option<Duration>,
     pub(crate) retries: u32,
     pub(crate) cancel: CancelPolicy,
+    /// What the call prints goes to its caller (`spawn_captured`).
+    pub(crate) capture: bool,
 }
 
 /// A reply's body, as it came from the worker.

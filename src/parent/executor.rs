@@ -332,7 +332,8 @@ impl Executor {
         capture: Option<Capture>,
     ) -> Prepared {
         let shared = self.shared();
-        match shared.encode_one(task, input, self.options) {
+        let options = CallOptions { capture: capture.is_some(), ..self.options };
+        match shared.encode_one(task, input, options) {
             Ok((mut job, receiver)) => {
                 job.capture = capture;
                 if shared.try_admit(&mut job) {

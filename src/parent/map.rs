@@ -820,7 +820,7 @@ impl<'a, O: DeserializeOwned> MapCore<'a, O> {
     fn send_inputs(&mut self, seq: u64, inputs: &[u8], items: u32, failures: u32) -> Result<u64> {
         let task_index = self.task_index.clone()?;
         let mut buf = BytesMut::with_capacity(inputs.len() + 32);
-        let (id, start, _) = self.shared.call_frame(task_index, items, &mut buf);
+        let (id, start, _) = self.shared.call_frame(task_index, items, false, &mut buf);
         buf.extend_from_slice(inputs);
         // The inputs fitted a frame before, with no larger header.
         let _ = protocol::end_frame(&mut buf, start, usize::MAX);
@@ -891,7 +891,7 @@ impl ChunkBuilder {
         // Sized like the last chunk: growing a large frame by doubling copies it
         // over and over.
         let mut buf = BytesMut::with_capacity(capacity.clamp(256, 2 * MAX_CHUNK_BYTES + 4096));
-        let (id, start, count_at) = shared.call_frame(task_index, 0, &mut buf);
+        let (id, start, count_at) = shared.call_frame(task_index, 0, false, &mut buf);
         let body_start = buf.len();
         ChunkBuilder { id, buf, start, count_at, body_start, items: 0 }
     }
@@ -913,7 +913,11 @@ mod tests {
     fn inputs_are_cut_out_of_a_call_frame_by_their_records() {
         let mut buf = BytesMut::new();
         let start = protocol::begin_frame(&mut buf);
-        protocol::encode_into(&mut buf, &Request::Call { id: 1, task: 0, items: Count::new(3) }).unwrap();
+        protocol::encode_into(
+            &mut buf,
+            &Request::Call { id: 1, task: 0, capture: false, items: Count::new(3) },
+        )
+        .unwrap();
         for input in ["a", "bb", "ccc"] {
             let record = protocol::begin_record(&mut buf);
             protocol::encode_into(&mut buf, input).unwrap();

@@ -48,8 +48,8 @@ pub enum WorkerStderr {
     #[default]
     Forward,
     /// Emit each line as a `tracing` event (target `procexec::worker`, level INFO)
-    /// with fields `worker`, `pid`, `task`, `call` and `stream` (`stdout` or
-    /// `stderr`), or `worker` and `host` for a worker elsewhere.
+    /// with fields `worker`, `pid`, `task` and `call` (the last two for a line
+    /// printed in a call), or `worker` and `host` for a worker elsewhere.
     Tracing,
     /// Keep only the tail that crash reports quote.
     Discard,
@@ -84,7 +84,7 @@ pub(crate) type Capture = Arc<Mutex<CallOutput>>;
 
 impl Source {
     /// Passes on `line` (no newline) as `mode` says.
-    fn emit(&self, call: Option<CallLabel>, stream: &'static str, line: &str, batch: &mut String) {
+    fn emit(&self, call: Option<CallLabel>, line: &str, batch: &mut String) {
         let Source { slot, pid, host, mode } = self;
         match (mode, host, call) {
             (WorkerStderr::Forward, None, None) => {
@@ -99,10 +99,10 @@ impl Source {
                 batch.push_str(&format!("[procexec worker {slot} on {host}] {line}\n"));
             }
             (WorkerStderr::Tracing, None, None) => {
-                tracing::info!(target: "procexec::worker", worker = slot, pid, stream, "{line}")
+                tracing::info!(target: "procexec::worker", worker = slot, pid, "{line}")
             }
             (WorkerStderr::Tracing, None, Some(CallLabel { task, call })) => {
-                tracing::info!(target: "procexec::worker", worker = slot, pid, task, call, stream, "{line}")
+                tracing::info!(target: "procexec::worker", worker = slot, pid, task, call, "{line}")
             }
             (WorkerStderr::Tracing, Some(host), _) => {
                 tracing::info!(target: "procexec::worker", worker = slot, host = &**host, "{line}")
@@ -156,12 +156,13 @@ impl OutputFile {
 
     fn pass_on(&mut self, call: Option<CallLabel>, capture: Option<&Capture>, stderr: &[u8], stdout: &[u8]) {
         let mut batch = String::new();
-        for (stream, bytes) in [("stderr", stderr), ("stdout", stdout)] {
+        // Only a captured call has stdout apart; it is forwarded by no one.
+        for bytes in [stderr, stdout] {
             for line in lines(bytes) {
                 // Kept first, so a slow stderr does not delay what crash reports quote.
                 self.tail.push(&line);
                 if capture.is_none() {
-                    self.source.emit(call, stream, &line, &mut batch);
+                    self.source.emit(call, &line, &mut batch);
                 }
             }
         }
@@ -318,7 +319,7 @@ async fn forward_stderr(
         // Kept before forwarding, so a slow stderr does not delay what crash reports quote.
         tail.lock().unwrap_or_else(|p| p.into_inner()).push(text);
         let mut line = String::new();
-        source.emit(None, "stderr", text, &mut line);
+        source.emit(None, text, &mut line);
         if !line.is_empty() {
             if let Some(writer) = stderr_writer() {
                 // Waits while the writer is behind: the worker's stderr pipe then

@@ -212,10 +212,16 @@ impl Shared {
     /// Begins a call frame in `buf`; the caller appends the inputs, then ends the
     /// frame. Returns the call's id, where the frame starts, and where its item count
     /// sits (to patch when the count was not known up front).
-    pub(crate) fn call_frame(&self, task: u32, items: u32, buf: &mut BytesMut) -> (u64, usize, usize) {
+    pub(crate) fn call_frame(
+        &self,
+        task: u32,
+        items: u32,
+        capture: bool,
+        buf: &mut BytesMut,
+    ) -> (u64, usize, usize) {
         let id = self.next_id();
         let start = protocol::begin_frame(buf);
-        let _ = protocol::encode_into(buf, &Request::Call { id, task, items: Count::new(items) });
+        let _ = protocol::encode_into(buf, &Request::Call { id, task, capture, items: Count::new(items) });
         (id, start, buf.len() - Count::WIDTH)
     }
 
@@ -228,7 +234,7 @@ impl Shared {
     ) -> Result<(Job, oneshot::Receiver<Completion>)> {
         let index = self.tasks.resolve(task)?;
         let mut buf = BytesMut::with_capacity(64);
-        let (id, start, _) = self.call_frame(index, 1, &mut buf);
+        let (id, start, _) = self.call_frame(index, 1, options.capture, &mut buf);
         let record = protocol::begin_record(&mut buf);
         // Large blobs stay in their own buffers: the frame refers to them, and the
         // writer sends them from there (no copy, no second payload in memory).

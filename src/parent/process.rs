@@ -384,7 +384,7 @@ async fn initialize(
     check_types(name, &initializer.signature, &tasks[index]).map_err(|err| format!("initializer: {err}"))?;
     let mut frame = BytesMut::with_capacity(initializer.input.len() + 24);
     let start = protocol::begin_frame(&mut frame);
-    let call = Request::Call { id: INIT_CALL_ID, task: index as u32, items: Count::new(1) };
+    let call = Request::Call { id: INIT_CALL_ID, task: index as u32, capture: false, items: Count::new(1) };
     let _ = protocol::encode_into(&mut frame, &call);
     frame.extend_from_slice(&initializer.input);
     protocol::end_frame(&mut frame, start, config.max_frame_len).map_err(|size| {

@@ -85,8 +85,10 @@ pub(crate) enum Request {
         /// sends what was printed into it as [`Reply::Output`], attributed to calls.
         output: Option<(u64, u64)>,
     },
-    /// Run task number `task` on each of `items` inputs in the body.
-    Call { id: u64, task: u32, items: Count },
+    /// Run task number `task` on each of `items` inputs in the body. `capture`:
+    /// what it prints goes to its caller, stdout and stderr apart (see
+    /// [`Reply::Output`]).
+    Call { id: u64, task: u32, capture: bool, items: Count },
     /// Exit now, as a program does: run exit handlers and flush buffered output.
     Exit,
     /// A channel message (see [`ToWorker`]), at any time, also while a call runs.
@@ -116,9 +118,11 @@ pub(crate) enum Reply {
     Log { records: Vec<LogRecord>, dropped: u32 },
     /// The running call's own account of its progress (`report_progress`).
     Progress { call: u64, done: u64, total: u64 },
-    /// What was printed to stderr (the body's first `stderr` bytes) and stdout
-    /// (the rest) since the last `Output`: during call `call` if it is set. A
-    /// call's last `Output` comes before its [`Reply::Done`].
+    /// What was printed since the last `Output`, during call `call` if it is set:
+    /// the body's first `stderr` bytes to stderr, the rest to stdout. Except in a
+    /// call that does not capture its output: stdout and stderr then share one
+    /// file position, so that their lines keep their order, and all of it comes
+    /// as `stderr`. A call's last `Output` comes before its [`Reply::Done`].
     Output { call: Option<u64>, stderr: u32 },
 }
 
@@ -767,7 +771,7 @@ mod tests {
 
     #[test]
     fn frames_written_by_hand_are_what_the_codec_reads() {
-        let call = Request::Call { id: 7, task: 2, items: Count::new(3) };
+        let call = Request::Call { id: 7, task: 2, capture: false, items: Count::new(3) };
         assert_eq!(round_trip_frame(&call, b"body"), (call, b"body".to_vec()));
     }
 
@@ -912,7 +916,7 @@ mod tests {
     proptest! {
         #[test]
         fn requests_round_trip(id: u64, task: u32, items: u32, body: Vec<u8>) {
-            let call = Request::Call { id, task, items: Count::new(items) };
+            let call = Request::Call { id, task, capture: false, items: Count::new(items) };
             prop_assert_eq!(round_trip_frame(&call, &body), (call, body));
         }
 

@@ -314,8 +314,8 @@ fn serve_on(
     let mut clock = None;
     while let Some((frame, waited)) = Link::next_request(link)? {
         let (request, body) = protocol::split_header::<Request>(&frame).map_err(invalid)?;
-        let (id, task, items) = match request {
-            Request::Call { id, task, items } => (id, task, items),
+        let (id, task, capture, items) = match request {
+            Request::Call { id, task, capture, items } => (id, task, capture, items),
             // What tasks printed without a newline is still in Rust's stdout buffer:
             // flushed now, while the reply pipe is open, because the parent takes
             // its closing as the worker's exit and then kills what is left.
@@ -343,6 +343,11 @@ fn serve_on(
         let call = Call { id, task, items, body, started };
         // Blob inputs share the request frame instead of copying out of it.
         let registered = blob::register(&frame);
+        let capture = capture && process;
+        if capture {
+            let _ = io::stdout().flush();
+            output::stdout_apart(true);
+        }
         context.set_running(Some(id));
         logs::set_call(Some(id));
         clock = Some(match mode {
@@ -361,6 +366,9 @@ fn serve_on(
         // so does what it logged. Taken while the call still counts as running,
         // which the hang-up watcher relies on (see `output::forward_live`).
         let mut before = if process { take_output(link, Some(id))? } else { BytesMut::new() };
+        if capture {
+            output::stdout_apart(false);
+        }
         logs::set_call(None);
         context.set_running(None);
         drop(registered);

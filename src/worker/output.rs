@@ -1,15 +1,16 @@
 //! What tasks print, attributed to the call that printed it.
 //!
-//! A worker on the parent's machine gets a memory file as its stderr, not a pipe;
-//! its stdout is the same file from [`protocol::STDOUT_AT`]. Printing never
-//! blocks, and the worker knows exactly how much each call printed: when a call
-//! ends it sends what was printed since the last look in [`Reply::Output`] frames,
-//! ahead of the call's reply. While a call runs, the hang-up watcher sends its
+//! A worker on the parent's machine gets a memory file as its stderr, not a pipe,
+//! and its stdout shares stderr's file position, so that lines keep their order.
+//! A call that captures its output has stdout apart, in the same file from
+//! [`protocol::STDOUT_AT`]. Printing never blocks, and the worker knows exactly how
+//! much each call printed: when a call ends it sends what was printed since the
+//! last look in [`Reply::Output`] frames, ahead of the call's reply. While a call runs, the hang-up watcher sends its
 //! finished lines every [`LIVE_EVERY`]. What a crash cut short stays in the file,
 //! where the parent reads it. Anything else (a worker whose stderr is not the
 //! parent's file, as behind ssh) prints to its pipe as before.
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -29,7 +30,8 @@ const FRAME_DATA: usize = 256 * 1024;
 const FREE_STEP: u64 = 1 << 20;
 
 struct Stream {
-    fd: BorrowedFd<'static>,
+    /// A description of the file at the stream's position.
+    fd: OwnedFd,
     /// Where the bytes not yet sent start.
     sent: u64,
     /// Below this, the file's memory is freed.
@@ -40,7 +42,7 @@ impl Stream {
     /// What was printed and not yet sent, at most `max` bytes; only up to the last
     /// newline if `whole_lines`.
     fn unsent(&mut self, max: usize, whole_lines: bool) -> Vec<u8> {
-        let Ok(end) = sys::position(self.fd) else {
+        let Ok(end) = sys::position(self.fd.as_fd()) else {
             return Vec::new();
         };
         // Someone moved the position back (a task seeking its stdout): start over there.
@@ -52,7 +54,7 @@ impl Stream {
         if len == 0 {
             return Vec::new();
         }
-        let mut data = sys::read_at(self.fd, self.sent, len).unwrap_or_default();
+        let mut data = sys::read_at(self.fd.as_fd(), self.sent, len).unwrap_or_default();
         if whole_lines {
             data.truncate(data.iter().rposition(|&b| b == b'\n').map_or(0, |at| at + 1));
         }
@@ -62,7 +64,9 @@ impl Stream {
     fn advance(&mut self, by: usize) {
         self.sent += by as u64;
         let page = self.sent & !4095;
-        if page >= self.freed + FREE_STEP && sys::punch_hole(self.fd, self.freed, page - self.freed).is_ok() {
+        if page >= self.freed + FREE_STEP
+            && sys::punch_hole(self.fd.as_fd(), self.freed, page - self.freed).is_ok()
+        {
             self.freed = page;
         }
     }
@@ -78,15 +82,17 @@ struct Printed {
 static PRINTED: Mutex<Option<Printed>> = Mutex::new(None);
 
 /// Starts attributing output if the worker's stderr is the parent's file
-/// `identity`: points stdout into it too. Returns whether it did.
+/// `identity` (stdout shares its position: `take_protocol_stdio`). Returns whether
+/// it did.
 pub(crate) fn install(identity: Option<(u64, u64)>, max_frame_len: usize) -> bool {
-    let (stderr, stdout) = (sys::std_fd(2), sys::std_fd(1));
+    let stderr = sys::stderr_fd();
     if identity.is_none() || sys::file_identity(stderr).ok() != identity {
         return false;
     }
-    if sys::stdout_into_stderr_file(protocol::STDOUT_AT).is_err() {
+    let (Ok(stderr), Ok(stdout)) = (stderr.try_clone_to_owned(), sys::reopen_stderr_at(protocol::STDOUT_AT))
+    else {
         return false;
-    }
+    };
     // What was printed before (the program's own start-up) goes out as no call's.
     let streams = [
         Stream { fd: stderr, sent: 0, freed: 0 },
@@ -100,6 +106,16 @@ pub(crate) fn install(identity: Option<(u64, u64)>, max_frame_len: usize) -> boo
 
 fn lock() -> std::sync::MutexGuard<'static, Option<Printed>> {
     PRINTED.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Points stdout at a position of its own (`apart`: a call that captures its
+/// output), or back at stderr's. What Rust's stdout buffers must be flushed first.
+pub(crate) fn stdout_apart(apart: bool) {
+    if let Some(printed) = lock().as_ref() {
+        let fd = if apart { printed.streams[1].fd.as_fd() } else { sys::stderr_fd() };
+        // Failing, stdout stays where it is: output then goes to the other stream.
+        let _ = sys::point_stdout_at(fd);
+    }
 }
 
 /// Appends to `out` frames carrying what was printed since the last look, as

@@ -595,7 +595,7 @@ mod tests {
     /// Queues a call with id `id`; its completion comes on the receiver.
     fn queue_call(shared: &Shared, id: u64) -> oneshot::Receiver<Completion> {
         let mut frame = BytesMut::new();
-        let call = Request::Call { id, task: 0, items: Count::new(1) };
+        let call = Request::Call { id, task: 0, capture: false, items: Count::new(1) };
         protocol::write_message(&mut frame, &call, MAX_FRAME).expect("a call frame encodes");
         let (sender, receiver) = oneshot::channel();
         let job = Job::new(id, "fake", 1, frame.freeze(), ReplyTo::Once(sender), CallOptions::default());
