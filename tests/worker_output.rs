@@ -380,3 +380,18 @@ fn forwarded_lines_keep_their_order_across_stdout_and_stderr() {
         assert_eq!(printed, expected);
     }));
 }
+
+#[tokio::test]
+async fn what_a_call_captured_is_not_quoted_in_another_calls_crash_report() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let captured = exec.spawn_captured(print, "kept for its caller".into()).await;
+        assert_eq!(captured.stdout, "stdout: kept for its caller\n");
+        exec.spawn(print, "shown to everyone".into()).await.unwrap();
+        let crash = exec.spawn(complain_and_abort, "last words".into()).await.unwrap_err();
+        let report = crash.to_string();
+        assert!(report.contains("last words") && report.contains("shown to everyone"), "{report}");
+        assert!(!report.contains("kept for its caller"), "{report}");
+    })
+    .await;
+}

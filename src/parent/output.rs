@@ -157,11 +157,13 @@ impl OutputFile {
     fn pass_on(&mut self, call: Option<CallLabel>, capture: Option<&Capture>, stderr: &[u8], stdout: &[u8]) {
         let mut batch = String::new();
         // Only a captured call has stdout apart; it is forwarded by no one.
-        for bytes in [stderr, stdout] {
-            for line in lines(bytes) {
-                // Kept first, so a slow stderr does not delay what crash reports quote.
-                self.tail.push(&line);
-                if capture.is_none() {
+        // What a call captures is its caller's: crash reports of other calls do not
+        // quote it.
+        if capture.is_none() {
+            for bytes in [stderr, stdout] {
+                for line in lines(bytes) {
+                    // Kept first, so a slow stderr does not delay what crash reports quote.
+                    self.tail.push(&line);
                     self.source.emit(call, &line, &mut batch);
                 }
             }
@@ -189,7 +191,18 @@ impl OutputFile {
             data
         });
         self.pass_on(call, capture, &stderr, &stdout);
-        self.tail.text()
+        match capture {
+            // Its own output ends the report of a captured call.
+            Some(capture) => {
+                let mut tail = self.tail.clone();
+                let captured = capture.lock().unwrap_or_else(|p| p.into_inner());
+                for line in lines(&captured.stdout).chain(lines(&captured.stderr)) {
+                    tail.push(&line);
+                }
+                tail.text()
+            }
+            None => self.tail.text(),
+        }
     }
 }
 
@@ -397,7 +410,7 @@ const STDERR_BACKLOG: usize = 64;
 const MAX_LINE: u64 = 64 * 1024;
 
 /// The last lines of a stream, bounded in lines and bytes.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Tail {
     lines: VecDeque<String>,
     bytes: usize,
