@@ -58,6 +58,22 @@ pub(crate) fn die_with_parent() {
     }
 }
 
+/// Blocks `SIGPIPE` on this thread (and the threads it starts): a write to a pipe
+/// whose reader is gone then fails with `EPIPE` instead of raising the signal,
+/// whose default action ends the whole process. For an in-process worker thread,
+/// whose pipes the parent closes when it gives the thread up, in a program that
+/// may have restored that default (as programs piped into `head` do).
+pub(crate) fn block_sigpipe_on_this_thread() {
+    // SAFETY: `set` is a valid sigset_t, initialised by sigemptyset before use;
+    // pthread_sigmask only reads it and changes this thread's mask alone.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
 /// In a worker: removes the marker `key` from this process's environment, so a
 /// process a task starts (the same program again, in self-exec mode) is not taken
 /// for a worker and left waiting on a stdin that never speaks the protocol.
