@@ -346,3 +346,39 @@ fn under_a_file_size_limit_output_goes_through_a_pipe_unattributed() {
         "{stderr}"
     );
 }
+
+// Review reproductions (helper-review): programs a task runs that open
+// `/dev/stdout` or `/dev/stderr` by name (`> /dev/stdout` in dash, `tee
+// /dev/stderr`, `--log-file=/dev/stderr`) reopen the worker's output file: a new
+// description at offset 0, with `O_TRUNC`. The file is truncated (unsent output of
+// both streams is lost or reads as NULs) and what they print lands at the start of
+// the stderr region, which the worker never looks at again.
+#[tokio::test]
+#[ignore = "review repro: opening /dev/stdout truncates the output file"]
+async fn review_a_program_writing_to_dev_stdout_prints_into_its_call() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let captured =
+            exec.spawn_captured(shell, "echo before; echo middle > /dev/stdout; echo after".into()).await;
+        assert_eq!(*captured.result.as_ref().unwrap(), 0);
+        assert_eq!(captured.stdout_text(), "before\nmiddle\nafter\n", "{:?}", captured.stdout);
+        assert_eq!(captured.stderr_text(), "");
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "review repro: opening /dev/stderr truncates the output file"]
+async fn review_a_program_writing_to_dev_stderr_prints_into_its_call() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let first = exec.spawn_captured(shell, "echo first call >&2".into()).await;
+        assert_eq!(first.stderr_text(), "first call\n");
+        let captured =
+            exec.spawn_captured(shell, "echo a >&2; echo out; echo b > /dev/stderr; echo c >&2".into()).await;
+        assert_eq!(*captured.result.as_ref().unwrap(), 0);
+        assert_eq!(captured.stderr_text(), "a\nb\nc\n", "{:?}", captured.stderr);
+        assert_eq!(captured.stdout_text(), "out\n", "{:?}", captured.stdout);
+    })
+    .await;
+}
