@@ -382,3 +382,15 @@ async fn review_a_program_writing_to_dev_stderr_prints_into_its_call() {
     })
     .await;
 }
+
+// An initializer that prints sends an `Output` frame ahead of its `Done`: the
+// worker starts all the same.
+#[tokio::test]
+async fn an_initializer_that_prints_starts_its_worker() {
+    hang_guard(async {
+        let exec = builder(1).initializer(print_unfinished, "the initializer says hi".into()).build().await;
+        let exec = exec.unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(exec.spawn(square, 3).await.unwrap(), 9);
+    })
+    .await;
+}

@@ -163,10 +163,12 @@ impl WorkerProcess {
         };
         let identity = process.output.file().and_then(|file| file.identity());
 
+        let output = &mut process.output;
         let handshake = async {
             let (mut replies, ready) = handshake(config, slot, identity, &mut requests, replies).await?;
             if let Some(initializer) = &config.initializer {
-                initialize(config, initializer, &ready.tasks, &mut requests, &mut replies).await?;
+                initialize(config, initializer, &ready.tasks, &mut requests, &mut replies, output.file())
+                    .await?;
             }
             Ok((replies, ready))
         };
@@ -376,6 +378,7 @@ async fn initialize(
     tasks: &[TaskInfo],
     requests: &mut pipe::Sender,
     replies: &mut Replies,
+    mut output: Option<&mut OutputFile>,
 ) -> Result<(), String> {
     let name = initializer.task;
     let Some(index) = tasks.iter().position(|info| info.name == name) else {
@@ -391,17 +394,35 @@ async fn initialize(
         format!("the input of initializer `{name}` is {size} bytes, above the frame limit")
     })?;
     let _ = requests.write_all(&frame).await;
-    let reply = match replies.next().await {
-        Some(Ok(reply)) => reply,
-        Some(Err(err)) => return Err(format!("corrupt reply to initializer `{name}`: {err}")),
-        None => return Err(format!("it died running initializer `{name}`")),
-    };
-    match protocol::split_header::<Reply>(&reply) {
-        Ok((Reply::Done { id: INIT_CALL_ID, .. }, body)) => {
-            (initializer.check)(name, body).map_err(|err| format!("initializer `{name}` failed: {err}"))
+    loop {
+        let reply = match replies.next().await {
+            Some(Ok(reply)) => reply,
+            Some(Err(err)) => return Err(format!("corrupt reply to initializer `{name}`: {err}")),
+            None => return Err(format!("it died running initializer `{name}`")),
+        };
+        match protocol::split_header::<Reply>(&reply) {
+            Ok((Reply::Done { id: INIT_CALL_ID, .. }, body)) => {
+                return (initializer.check)(name, body)
+                    .map_err(|err| format!("initializer `{name}` failed: {err}"));
+            }
+            // What the initializer (or the program, before it became a worker)
+            // printed comes ahead of its reply: passed on as no call's.
+            Ok((Reply::Output { .. }, _)) => {
+                match crate::parent::supervisor::replies::match_reply(reply, None, false) {
+                    Ok(crate::parent::supervisor::replies::Matched::Output { stderr, stdout, .. }) => {
+                        if let Some(file) = output.as_deref_mut() {
+                            file.received(None, None, &stderr, &stdout);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(err) => return Err(format!("corrupt reply to initializer `{name}`: {err}")),
+                }
+            }
+            // So do its events and progress reports, which no caller waits for.
+            Ok((Reply::Log { .. } | Reply::Progress { .. }, _)) => {}
+            Ok((other, _)) => return Err(format!("unexpected reply to initializer `{name}`: {other:?}")),
+            Err(err) => return Err(format!("corrupt reply to initializer `{name}`: {err}")),
         }
-        Ok((other, _)) => Err(format!("unexpected reply to initializer `{name}`: {other:?}")),
-        Err(err) => Err(format!("corrupt reply to initializer `{name}`: {err}")),
     }
 }
 
