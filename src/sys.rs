@@ -58,6 +58,15 @@ pub(crate) fn die_with_parent() {
     }
 }
 
+/// Writes out what C's stdio buffered in every output stream (`fflush(NULL)`).
+pub(crate) fn flush_c_stdio() {
+    // SAFETY: fflush(NULL) flushes every open C output stream; it reads no memory
+    // of ours and takes each stream's own lock.
+    unsafe {
+        libc::fflush(std::ptr::null_mut());
+    }
+}
+
 /// Blocks `SIGPIPE` on this thread (and the threads it starts): a write to a pipe
 /// whose reader is gone then fails with `EPIPE` instead of raising the signal,
 /// whose default action ends the whole process. For an in-process worker thread,

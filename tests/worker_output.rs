@@ -394,3 +394,16 @@ async fn an_initializer_that_prints_starts_its_worker() {
     })
     .await;
 }
+
+// What a task prints through C's stdio is in its call's output (C buffers it: a
+// worker's stdout is a file).
+#[tokio::test]
+async fn what_a_task_prints_through_c_stdio_is_its_calls() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let captured = exec.spawn_captured(c_printf, "from C".into()).await;
+        assert!(captured.result.is_ok(), "{:?}", captured.result);
+        assert_eq!(captured.stdout_text(), "from C\n");
+    })
+    .await;
+}

@@ -387,8 +387,10 @@ const OUTPUT_WITH_REPLY: usize = 1 << 20;
 /// What was printed since the last look, as frames to write (as printed during
 /// `call`); beyond [`OUTPUT_WITH_REPLY`], the oldest is written now.
 fn take_output(link: &WorkerLink, call: Option<u64>) -> io::Result<BytesMut> {
-    // A `print!` without a newline is still in Rust's stdout buffer.
+    // A `print!` without a newline is still in Rust's stdout buffer, and C's stdio
+    // buffers whole blocks (stdout is a file, not a terminal).
     let _ = io::stdout().flush();
+    sys::flush_c_stdio();
     let mut frames = BytesMut::new();
     while output::take(call, &mut frames, OUTPUT_WITH_REPLY, false) {
         Link::write_frame(link, &frames, true)?;

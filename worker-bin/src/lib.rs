@@ -122,6 +122,17 @@ procexec::tasks! {
         status.code().unwrap_or(-1)
     }
 
+    /// Prints `text` and a newline to stdout through C's stdio (`printf`), which
+    /// buffers it when stdout is not a terminal.
+    pub fn c_printf(text: String) {
+        #[cfg(unix)]
+        {
+            let text = std::ffi::CString::new(text).expect("no NUL in the text");
+            // SAFETY: a NUL-terminated format string and one C string argument.
+            unsafe { libc::printf(c"%s\n".as_ptr(), text.as_ptr()) };
+        }
+    }
+
     /// Writes `text` to stderr, then aborts.
     pub fn complain_and_abort(text: String) -> u64 {
         eprintln!("{text}");
