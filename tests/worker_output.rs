@@ -407,3 +407,17 @@ async fn what_a_task_prints_through_c_stdio_is_its_calls() {
     })
     .await;
 }
+
+// A task that points its stderr elsewhere for a while (and back) keeps its call's
+// output whole: nothing is sent twice.
+#[tokio::test]
+async fn pointing_stderr_elsewhere_for_a_while_loses_and_repeats_nothing() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let call = ("before".to_string(), "after".to_string(), 1200);
+        let captured = exec.spawn_captured(silence_stderr_for, call).await;
+        assert!(captured.result.is_ok(), "{:?}", captured.result);
+        assert_eq!(captured.stderr_text(), "before\nafter\n", "{:?}", captured.stderr);
+    })
+    .await;
+}

@@ -9,7 +9,7 @@
 //! where the parent reads it. Anything else (a worker whose stderr is not the
 //! parent's file, as behind ssh) prints to its pipe as before.
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -29,7 +29,9 @@ const FRAME_DATA: usize = 256 * 1024;
 const FREE_STEP: u64 = 1 << 20;
 
 struct Stream {
-    fd: BorrowedFd<'static>,
+    /// The stream's open file description, through a descriptor of our own: a task
+    /// that points fd 1 or 2 elsewhere for a while (and back) moves nothing here.
+    fd: OwnedFd,
     /// Where the bytes not yet sent start.
     sent: u64,
     /// Below this, the file's memory is freed.
@@ -40,7 +42,7 @@ impl Stream {
     /// What was printed and not yet sent, at most `max` bytes; only up to the last
     /// newline if `whole_lines`.
     fn unsent(&mut self, max: usize, whole_lines: bool) -> Vec<u8> {
-        let Ok(end) = sys::position(self.fd) else {
+        let Ok(end) = sys::position(self.fd.as_fd()) else {
             return Vec::new();
         };
         // Someone moved the position back (a task seeking its stdout): start over there.
@@ -52,7 +54,7 @@ impl Stream {
         if len == 0 {
             return Vec::new();
         }
-        let mut data = sys::read_at(self.fd, self.sent, len).unwrap_or_default();
+        let mut data = sys::read_at(self.fd.as_fd(), self.sent, len).unwrap_or_default();
         if whole_lines {
             data.truncate(data.iter().rposition(|&b| b == b'\n').map_or(0, |at| at + 1));
         }
@@ -62,7 +64,9 @@ impl Stream {
     fn advance(&mut self, by: usize) {
         self.sent += by as u64;
         let page = self.sent & !4095;
-        if page >= self.freed + FREE_STEP && sys::punch_hole(self.fd, self.freed, page - self.freed).is_ok() {
+        if page >= self.freed + FREE_STEP
+            && sys::punch_hole(self.fd.as_fd(), self.freed, page - self.freed).is_ok()
+        {
             self.freed = page;
         }
     }
@@ -80,13 +84,16 @@ static PRINTED: Mutex<Option<Printed>> = Mutex::new(None);
 /// Starts attributing output if the worker's stderr is the parent's file
 /// `identity`: points stdout into it too. Returns whether it did.
 pub(crate) fn install(identity: Option<(u64, u64)>, max_frame_len: usize) -> bool {
-    let (stderr, stdout) = (sys::std_fd(2), sys::std_fd(1));
+    let stderr = sys::std_fd(2);
     if identity.is_none() || sys::file_identity(stderr).ok() != identity {
         return false;
     }
     if sys::stdout_into_stderr_file(protocol::STDOUT_AT).is_err() {
         return false;
     }
+    let (Ok(stderr), Ok(stdout)) = (stderr.try_clone_to_owned(), sys::std_fd(1).try_clone_to_owned()) else {
+        return false;
+    };
     // What was printed before (the program's own start-up) goes out as no call's.
     let streams = [
         Stream { fd: stderr, sent: 0, freed: 0 },
