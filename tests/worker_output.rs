@@ -421,3 +421,29 @@ async fn pointing_stderr_elsewhere_for_a_while_loses_and_repeats_nothing() {
     })
     .await;
 }
+
+// A call's output taken at its end goes out in frames of at most 256 KiB, each cut
+// after a newline: the parent takes a frame's last piece for a whole line.
+#[test]
+fn the_lines_of_a_large_output_are_forwarded_whole() {
+    let lines = Lines::default();
+    let _guard = tracing::subscriber::set_default(lines.clone());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(hang_guard(async {
+        let exec = Executor::builder()
+            .test_harness()
+            .processes(1)
+            .stderr(WorkerStderr::Tracing)
+            .build()
+            .await
+            .unwrap();
+        let written = exec.spawn(flood_stderr, 2 << 20).await.unwrap();
+        exec.shutdown().await;
+        let whole = format!("message={} ", "e".repeat(99));
+        let lines = lines.0.lock().unwrap();
+        let floods: Vec<&String> = lines.iter().filter(|line| line.starts_with("message=e")).collect();
+        let broken: Vec<usize> =
+            floods.iter().filter(|line| !line.starts_with(&whole)).map(|line| line.len()).collect();
+        assert!(broken.is_empty(), "{} of {} lines broken: {broken:?}", broken.len(), written / 100);
+    }));
+}

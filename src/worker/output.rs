@@ -40,8 +40,11 @@ struct Stream {
 
 impl Stream {
     /// What was printed and not yet sent, at most `max` bytes; only up to the last
-    /// newline if `whole_lines`.
-    fn unsent(&mut self, max: usize, whole_lines: bool) -> Vec<u8> {
+    /// newline if `whole_lines`. Cut at a newline too when more is left than `max`
+    /// (the parent takes a frame's last piece for a whole line): after the last one
+    /// in it, or, if it holds none, nowhere (a line longer than a frame, when `max`
+    /// is a whole frame's room, `full`) or before it all (the next frame has room).
+    fn unsent(&mut self, max: usize, whole_lines: bool, full: bool) -> Vec<u8> {
         let Ok(end) = sys::position(self.fd.as_fd()) else {
             return Vec::new();
         };
@@ -54,9 +57,14 @@ impl Stream {
         if len == 0 {
             return Vec::new();
         }
+        let more = end - self.sent > len as u64;
         let mut data = sys::read_at(self.fd.as_fd(), self.sent, len).unwrap_or_default();
-        if whole_lines {
-            data.truncate(data.iter().rposition(|&b| b == b'\n').map_or(0, |at| at + 1));
+        if whole_lines || more {
+            match data.iter().rposition(|&b| b == b'\n') {
+                Some(at) => data.truncate(at + 1),
+                None if whole_lines || !full => data.clear(),
+                None => {}
+            }
         }
         data
     }
@@ -124,8 +132,8 @@ impl Printed {
         let [stderr_stream, stdout_stream] = &mut self.streams;
         let mut taken = 0;
         while taken < budget {
-            let stderr = stderr_stream.unsent(self.frame_data, whole_lines);
-            let stdout = stdout_stream.unsent(self.frame_data - stderr.len(), whole_lines);
+            let stderr = stderr_stream.unsent(self.frame_data, whole_lines, true);
+            let stdout = stdout_stream.unsent(self.frame_data - stderr.len(), whole_lines, stderr.is_empty());
             if stderr.is_empty() && stdout.is_empty() {
                 return false;
             }
