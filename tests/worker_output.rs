@@ -447,3 +447,34 @@ fn the_lines_of_a_large_output_are_forwarded_whole() {
         assert!(broken.is_empty(), "{} of {} lines broken: {broken:?}", broken.len(), written / 100);
     }));
 }
+
+// Review reproduction (helper-review): a wrapper on this machine that passes the
+// worker's stderr through a pipe of its own (as `docker exec -i` does) gets the
+// output file, the worker finds its stderr is not it and sends nothing: what tasks
+// print piles up in the file, unseen until the worker stops.
+#[test]
+#[ignore = "review repro: behind a wrapper that pipes stderr, nothing printed is forwarded"]
+fn review_output_behind_a_piping_wrapper_is_forwarded_while_the_worker_lives() {
+    let lines = Lines::default();
+    let _guard = tracing::subscriber::set_default(lines.clone());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(hang_guard(async {
+        let exec = Executor::builder()
+            .test_harness()
+            .processes(1)
+            .worker_wrapper(["sh", "-c", r#"{ "$@" 2>&1 1>&3 3>&- | cat >&2; } 3>&1"#, "sh"])
+            .stderr(WorkerStderr::Tracing)
+            .build()
+            .await
+            .unwrap();
+        exec.spawn(print, "through a wrapper".into()).await.unwrap();
+        let seen = || lines.0.lock().unwrap().iter().any(|line| line.contains("through a wrapper"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while !seen() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let seen_live = seen();
+        exec.shutdown().await;
+        assert!(seen_live, "not forwarded while the worker lived; after it stopped: {}", seen());
+    }));
+}
