@@ -359,10 +359,16 @@ fn serve_on(
         });
         // What the call printed arrives before its result, in the same write, and
         // so does what it logged. Taken while the call still counts as running,
-        // which the hang-up watcher relies on (see `output::forward_live`).
-        let mut before = if process { take_output(link, Some(id))? } else { BytesMut::new() };
+        // and it stops counting under the same lock, which the hang-up watcher
+        // relies on (see `output::forward_live`).
+        let stopped = || context.set_running(None);
+        let mut before = if process {
+            take_output(link, Some(id), stopped)?
+        } else {
+            stopped();
+            BytesMut::new()
+        };
         logs::set_call(None);
-        context.set_running(None);
         drop(registered);
         // Shared memory the parent let go of, and this call no longer uses.
         crate::shared::segment::sweep();
@@ -386,22 +392,21 @@ const OUTPUT_WITH_REPLY: usize = 1 << 20;
 
 /// What was printed since the last look, as frames to write (as printed during
 /// `call`); beyond [`OUTPUT_WITH_REPLY`], the oldest is written now.
-fn take_output(link: &WorkerLink, call: Option<u64>) -> io::Result<BytesMut> {
+/// Runs `then` once it is all taken.
+fn take_output(link: &WorkerLink, call: Option<u64>, then: impl FnOnce()) -> io::Result<BytesMut> {
     // A `print!` without a newline is still in Rust's stdout buffer, and C's stdio
     // buffers whole blocks (stdout is a file, not a terminal).
     let _ = io::stdout().flush();
     sys::flush_c_stdio();
     let mut frames = BytesMut::new();
-    while output::take(call, &mut frames, OUTPUT_WITH_REPLY, false) {
-        Link::write_frame(link, &frames, true)?;
-        frames.clear();
-    }
+    let write = |frames: &[u8]| Link::write_frame(link, frames, true).map(drop);
+    output::take_all(call, &mut frames, OUTPUT_WITH_REPLY, write, then)?;
     Ok(frames)
 }
 
 /// Writes what was printed since the last look.
 fn send_output(link: &WorkerLink, call: Option<u64>) -> io::Result<()> {
-    let frames = take_output(link, call)?;
+    let frames = take_output(link, call, || {})?;
     if !frames.is_empty() {
         Link::write_frame(link, &frames, true)?;
     }

@@ -9,6 +9,7 @@
 //! where the parent reads it. Anything else (a worker whose stderr is not the
 //! parent's file, as behind ssh) prints to its pipe as before.
 
+use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -118,16 +119,32 @@ fn lock() -> std::sync::MutexGuard<'static, Option<Printed>> {
 }
 
 /// Appends to `out` frames carrying what was printed since the last look, as
-/// printed during `call`: at least all of it, or `budget` bytes. Returns whether
-/// more is left. Only whole lines if `whole_lines` (a call still running).
-pub(crate) fn take(call: Option<u64>, out: &mut BytesMut, budget: usize, whole_lines: bool) -> bool {
-    match lock().as_mut() {
-        Some(printed) => printed.take(call, out, budget, whole_lines),
-        None => false,
+/// printed during `call`; beyond `budget` bytes, the oldest are handed to `write`
+/// first. Then runs `then` (the call stops counting as running). All of it under
+/// the streams' lock, so frames the hang-up watcher sends for `call` (see
+/// [`forward_live`]) come before all of these, never between or after them.
+pub(crate) fn take_all(
+    call: Option<u64>,
+    out: &mut BytesMut,
+    budget: usize,
+    mut write: impl FnMut(&[u8]) -> io::Result<()>,
+    then: impl FnOnce(),
+) -> io::Result<()> {
+    let mut guard = lock();
+    if let Some(printed) = guard.as_mut() {
+        while printed.take(call, out, budget, false) {
+            write(out)?;
+            out.clear();
+        }
     }
+    then();
+    Ok(())
 }
 
 impl Printed {
+    /// Appends to `out` frames carrying what was printed since the last look, as
+    /// printed during `call`: at least all of it, or `budget` bytes. Returns whether
+    /// more is left. Only whole lines if `whole_lines` (a call still running).
     fn take(&mut self, call: Option<u64>, out: &mut BytesMut, budget: usize, whole_lines: bool) -> bool {
         let [stderr_stream, stdout_stream] = &mut self.streams;
         let mut taken = 0;
@@ -162,8 +179,9 @@ pub(crate) fn forward_live(running: impl Fn() -> Option<u64>) {
         return;
     };
     // Looked at under the lock: the running call cannot end before it is released
-    // (it takes its output under it first), so what is taken is its. Between calls
-    // one may start any time: output then waits for the next call's end.
+    // (it takes its output and stops counting as running under it, see
+    // `take_all`), so what is taken is its, and is written before its last output.
+    // Between calls one may start any time: output then waits for the next call's end.
     let Some(call) = running() else {
         return;
     };
