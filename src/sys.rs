@@ -230,6 +230,17 @@ pub(crate) fn read_at(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result
     Ok(buf)
 }
 
+/// Where the data of the file `fd` at or after `offset` starts: the next byte not in
+/// a hole, if there is one.
+pub(crate) fn data_start(fd: BorrowedFd<'_>, offset: u64) -> io::Result<Option<u64>> {
+    match rustix::fs::seek(fd, rustix::fs::SeekFrom::Data(offset)) {
+        Ok(start) => Ok(Some(start)),
+        // Only a hole at or after `offset`, up to the end of the file.
+        Err(rustix::io::Errno::NXIO) => Ok(None),
+        Err(err) => Err(err.into()),
+    }
+}
+
 /// Where the data of the file `fd` at or after `offset` ends: the next hole.
 pub(crate) fn data_end(fd: BorrowedFd<'_>, offset: u64) -> io::Result<u64> {
     match rustix::fs::seek(fd, rustix::fs::SeekFrom::Hole(offset)) {

@@ -178,6 +178,13 @@ impl OutputFile {
     pub(crate) fn finish(&mut self, call: Option<CallLabel>, capture: Option<&Capture>) -> String {
         let [stderr, stdout] = [0, 1].map(|stream| {
             let from = self.received[stream];
+            // What the worker sent and then freed but never arrived (left in the
+            // pipe) reads as a hole: what it printed after that is read all the same.
+            let limit = if stream == 0 { protocol::STDOUT_AT } else { u64::MAX };
+            let from = match sys::data_start(self.file.as_fd(), from) {
+                Ok(Some(start)) if start < limit => start,
+                _ => from,
+            };
             let end = sys::data_end(self.file.as_fd(), from).unwrap_or(from);
             // The last of it, if it is very much.
             let from = from.max(end.saturating_sub(REST_LIMIT));
@@ -450,6 +457,26 @@ mod tests {
         // A long line of multi-byte characters keeps its first 4 KiB, cut cleanly.
         tail.push(&"é".repeat(10_000));
         assert!(tail.text().starts_with('é') && tail.text().len() > Tail::MAX_BYTES / 2);
+    }
+
+    #[test]
+    fn a_dead_workers_rest_is_read_past_what_it_freed_and_the_parent_never_received() {
+        use std::os::unix::fs::FileExt;
+        let (file, for_worker) = OutputFile::create().unwrap();
+        let source = Source { slot: 0, pid: 1, host: None, mode: WorkerStderr::Discard };
+        let mut output = OutputFile::new(file, source);
+        let worker = std::fs::File::from(for_worker);
+        // Sent up to 2 MiB and freed below it; the parent received 1 MiB of it.
+        worker.write_all_at(&vec![b'x'; 2 << 20], 0).unwrap();
+        worker.write_all_at(b"last words\n", 2 << 20).unwrap();
+        sys::punch_hole(worker.as_fd(), 0, 2 << 20).unwrap();
+        output.received(None, None, &vec![b'x'; 1 << 20], &[]);
+        let printed = Capture::default();
+        output.finish(None, Some(&printed));
+        assert_eq!(printed.lock().unwrap().stderr, b"last words\n");
+        // Read once: a second look finds nothing more.
+        output.finish(None, Some(&printed));
+        assert_eq!(printed.lock().unwrap().stderr, b"last words\n");
     }
 
     #[test]
