@@ -478,3 +478,20 @@ fn review_output_behind_a_piping_wrapper_is_forwarded_while_the_worker_lives() {
         assert!(seen_live, "not forwarded while the worker lived; after it stopped: {}", seen());
     }));
 }
+
+// The parent checks only its own file size limit. A worker that gets one anyway
+// (from a wrapper, or its own `main`) must not write its stdout at 1 TiB into the
+// output file, which kills it (SIGXFSZ).
+#[tokio::test]
+async fn a_worker_under_a_file_size_limit_of_its_own_can_print() {
+    if std::process::Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("skipped: no prlimit");
+        return;
+    }
+    hang_guard(async {
+        let exec = builder(1).worker_wrapper(["prlimit", "--fsize=1073741824", "--"]).build().await.unwrap();
+        let printed = exec.spawn(print, "under a limit".into()).await;
+        assert!(printed.is_ok(), "{printed:?}");
+    })
+    .await;
+}

@@ -97,6 +97,11 @@ pub(crate) fn install(identity: Option<(u64, u64)>, max_frame_len: usize) -> boo
     if identity.is_none() || sys::file_identity(stderr).ok() != identity {
         return false;
     }
+    // Under a file size limit (the parent checked only its own), a write at
+    // `STDOUT_AT` would kill the worker (`SIGXFSZ`): stdout stays where it is.
+    if !sys::file_size_unlimited() {
+        return false;
+    }
     if sys::stdout_into_stderr_file(protocol::STDOUT_AT).is_err() {
         return false;
     }
