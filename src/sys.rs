@@ -58,6 +58,31 @@ pub(crate) fn die_with_parent() {
     }
 }
 
+/// Writes out what C's stdio buffered in every output stream (`fflush(NULL)`).
+pub(crate) fn flush_c_stdio() {
+    // SAFETY: fflush(NULL) flushes every open C output stream; it reads no memory
+    // of ours and takes each stream's own lock.
+    unsafe {
+        libc::fflush(std::ptr::null_mut());
+    }
+}
+
+/// Blocks `SIGPIPE` on this thread (and the threads it starts): a write to a pipe
+/// whose reader is gone then fails with `EPIPE` instead of raising the signal,
+/// whose default action ends the whole process. For an in-process worker thread,
+/// whose pipes the parent closes when it gives the thread up, in a program that
+/// may have restored that default (as programs piped into `head` do).
+pub(crate) fn block_sigpipe_on_this_thread() {
+    // SAFETY: `set` is a valid sigset_t, initialised by sigemptyset before use;
+    // pthread_sigmask only reads it and changes this thread's mask alone.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
 /// In a worker: removes the marker `key` from this process's environment, so a
 /// process a task starts (the same program again, in self-exec mode) is not taken
 /// for a worker and left waiting on a stdin that never speaks the protocol.
@@ -125,54 +150,67 @@ fn dup2(from: BorrowedFd<'_>, to: libc::c_int) -> io::Result<()> {
     }
 }
 
-/// Blocks until every writer of the pipe `fd` has closed it (the parent died or
-/// dropped the executor), or `timeout` passed. Returns whether it was closed.
+/// Blocks until the pipe `hangup` is closed by its last writer (returns
+/// [`Wake::Hangup`]), `input` has something to read ([`Wake::Input`]), or `timeout`
+/// passed.
 ///
-/// `poll` with no requested events still reports `POLLHUP`, so this never consumes or
-/// races for the data the worker's main thread is reading from the same pipe.
-pub(crate) fn wait_for_hangup(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> bool {
-    let mut pollfd = libc::pollfd { fd: fd.as_raw_fd(), events: 0, revents: 0 };
-    // `Duration::MAX`: no timeout.
-    let ms = if timeout == std::time::Duration::MAX {
-        -1
-    } else {
-        timeout.as_millis().min(i32::MAX as u128) as i32
-    };
+/// `poll` with no requested events still reports `POLLHUP` on `hangup`, so this
+/// never consumes or races for the data the worker's main thread reads from it.
+pub(crate) fn wait_for_hangup_or_input(
+    hangup: BorrowedFd<'_>,
+    input: &[BorrowedFd<'_>],
+    timeout: std::time::Duration,
+) -> Wake {
+    let input = |at: usize| input.get(at).map_or(-1, |fd| fd.as_raw_fd());
+    let mut fds = [
+        libc::pollfd { fd: hangup.as_raw_fd(), events: 0, revents: 0 },
+        libc::pollfd { fd: input(0), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: input(1), events: libc::POLLIN, revents: 0 },
+    ];
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
     loop {
-        // SAFETY: `pollfd` is a valid, exclusively borrowed array of length 1.
-        let ready = unsafe { libc::poll(&mut pollfd, 1, ms) };
-        if ready != 0 {
-            // An error other than EINTR cannot be waited out: taken as a hang-up.
-            return ready > 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted;
+        // SAFETY: `fds` is a valid, exclusively borrowed array of 3 (poll ignores a
+        // negative fd).
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 3, ms) };
+        if ready > 0 {
+            return if fds[0].revents != 0 { Wake::Hangup } else { Wake::Input };
         }
         if ready == 0 {
-            return false;
+            return Wake::Timeout;
+        }
+        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            // Cannot be waited out: taken as a hang-up.
+            return Wake::Hangup;
         }
     }
 }
 
-/// Whether this process (and so its children) may write files of any size.
-pub(crate) fn file_size_unlimited() -> bool {
-    rustix::process::getrlimit(rustix::process::Resource::Fsize).current.is_none()
+/// Why [`wait_for_hangup_or_input`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wake {
+    Hangup,
+    Input,
+    Timeout,
 }
 
-/// A fresh memory file for a worker's output (see `worker::output`).
-pub(crate) fn output_file() -> io::Result<OwnedFd> {
-    Ok(rustix::fs::memfd_create("procexec-output", rustix::fs::MemfdFlags::CLOEXEC)?)
+/// The device and inode numbers of `fd` if it is a pipe.
+pub(crate) fn pipe_identity(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
+    let stat = rustix::fs::fstat(fd).ok()?;
+    (rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::Fifo)
+        .then_some((stat.st_dev as u64, stat.st_ino))
 }
 
-/// The device and inode numbers of the file `fd`.
-pub(crate) fn file_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
-    let stat = rustix::fs::fstat(fd)?;
-    Ok((stat.st_dev as u64, stat.st_ino))
-}
-
-/// The file fd 2 is, opened anew (a file position of its own) at `offset`.
-pub(crate) fn reopen_stderr_at(offset: u64) -> io::Result<OwnedFd> {
+/// A non-blocking read end of the pipe `fd` (a write end, say) is one end of.
+pub(crate) fn reopen_for_reading(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     use rustix::fs::{Mode, OFlags};
-    let file = rustix::fs::open("/proc/self/fd/2", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())?;
-    rustix::fs::seek(&file, rustix::fs::SeekFrom::Start(offset))?;
-    Ok(file)
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    Ok(rustix::fs::open(path, OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC, Mode::empty())?)
+}
+
+/// Makes reads of `fd` return at once when nothing is there.
+pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let flags = rustix::fs::fcntl_getfl(fd)?;
+    Ok(rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::NONBLOCK)?)
 }
 
 /// Points fd 1 at what `fd` is.
@@ -186,42 +224,38 @@ pub(crate) fn stderr_fd() -> BorrowedFd<'static> {
     unsafe { BorrowedFd::borrow_raw(2) }
 }
 
-/// The file position of `fd`.
-pub(crate) fn position(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    Ok(rustix::fs::seek(fd, rustix::fs::SeekFrom::Current(0))?)
+/// Reads once from the non-blocking `fd`, at most `max` bytes, appending to `buf`.
+/// `Ok(0)`: nothing there now (or the end of the stream).
+pub(crate) fn read_some(fd: BorrowedFd<'_>, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    let start = buf.len();
+    buf.resize(start + max.min(64 * 1024), 0);
+    let read = loop {
+        match rustix::io::read(fd, &mut buf[start..]) {
+            Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::AGAIN) => break Ok(0),
+            other => break other.map_err(io::Error::from),
+        }
+    };
+    buf.truncate(start + *read.as_ref().unwrap_or(&0));
+    read
 }
 
-/// Reads `len` bytes of the file `fd` from `offset` (fewer at its end).
-pub(crate) fn read_at(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0; len];
-    let mut done = 0;
-    while done < len {
-        match rustix::io::pread(fd, &mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(rustix::io::Errno::INTR) => {}
-            Err(err) => return Err(err.into()),
+/// Everything the non-blocking `fd` holds now (up to `max` bytes).
+pub(crate) fn read_available(fd: BorrowedFd<'_>, max: usize) -> Vec<u8> {
+    let mut buf = Vec::new();
+    while buf.len() < max {
+        let room = max - buf.len();
+        match read_some(fd, &mut buf, room) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
         }
     }
-    buf.truncate(done);
-    Ok(buf)
+    buf
 }
 
-/// Where the data of the file `fd` at or after `offset` ends: the next hole.
-pub(crate) fn data_end(fd: BorrowedFd<'_>, offset: u64) -> io::Result<u64> {
-    match rustix::fs::seek(fd, rustix::fs::SeekFrom::Hole(offset)) {
-        Ok(end) => Ok(end),
-        // At or past the end of the file.
-        Err(rustix::io::Errno::NXIO) => Ok(offset),
-        Err(err) => Err(err.into()),
-    }
-}
-
-/// Frees the memory of `len` bytes of the file `fd` from `offset`, which then read
-/// as zeros.
-pub(crate) fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
-    use rustix::fs::FallocateFlags;
-    Ok(rustix::fs::fallocate(fd, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len)?)
+/// Bytes waiting to be read from the pipe `fd`.
+pub(crate) fn bytes_readable(fd: BorrowedFd<'_>) -> usize {
+    rustix::io::ioctl_fionread(fd).map_or(0, |n| n as usize)
 }
 
 /// Waits until `fd` has something to read (or its writer hung up), for at most
@@ -633,7 +667,8 @@ mod tests {
         let mut writer = std::fs::File::from(write);
         writer.write_all(b"pending data does not count as a hang-up").unwrap();
         let watcher = std::thread::spawn(move || {
-            wait_for_hangup(read.as_fd(), std::time::Duration::MAX);
+            let wake = wait_for_hangup_or_input(read.as_fd(), &[], std::time::Duration::from_secs(600));
+            assert_eq!(wake, Wake::Hangup);
             // The data is still there to read after the hang-up.
             let mut rest = String::new();
             std::fs::File::from(read).read_to_string(&mut rest).unwrap();

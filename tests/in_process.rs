@@ -378,3 +378,33 @@ async fn worker_threads_and_their_flushers_end_with_the_executor() {
     })
     .await;
 }
+
+// A program that restores the default SIGPIPE disposition (as CLI tools do, to
+// die quietly under `| head`) survives an abandoned worker thread whose task
+// returns and writes its reply into the pipe the parent closed.
+#[test]
+fn sigpipe_helper() {
+    if !common::is_helper("sigpipe_helper") {
+        return;
+    }
+    // SAFETY: no other thread runs yet; restores the default disposition.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let exec = threads(1).timeout(Duration::from_millis(50)).build().await.unwrap();
+        let err = exec.spawn(sleep_ms, 300).await.unwrap_err();
+        assert!(matches!(err, Error::TimedOut { .. }), "{err:?}");
+        // The abandoned thread's task returns meanwhile.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        println!("SURVIVED");
+        exec.shutdown().await;
+    });
+}
+
+#[test]
+fn an_abandoned_worker_thread_does_not_kill_the_process_with_sigpipe() {
+    let _shared = CHILDREN.blocking_read();
+    let output = common::helper_command("sigpipe_helper").output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("SURVIVED"), "status {:?}, stdout {stdout:?}", output.status);
+}

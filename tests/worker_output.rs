@@ -313,46 +313,6 @@ fn a_running_calls_lines_arrive_while_it_runs() {
 }
 
 #[test]
-fn file_size_limit_helper() {
-    if !is_helper("file_size_limit_helper") {
-        return;
-    }
-    // A worker's output file is written at far offsets: under a file size limit it
-    // would be killed by SIGXFSZ, so its output goes through a pipe instead.
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: `limit` is a valid, writable rlimit.
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) }, 0);
-    limit.rlim_cur = 1 << 30;
-    // SAFETY: as above; setrlimit only reads it.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &limit) }, 0);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let exec = Executor::builder().test_harness().processes(1).build().await.unwrap();
-        let worker = exec.spawn(pid, ()).await.unwrap();
-        let captured = exec.spawn_captured(print, "under a limit".into()).await;
-        assert_eq!(captured.result.unwrap(), 13);
-        exec.shutdown().await;
-        println!("WORKER {worker} CAPTURED {}", captured.stdout.len());
-    });
-}
-
-#[test]
-fn under_a_file_size_limit_output_goes_through_a_pipe_unattributed() {
-    let mut helper = start_helper("file_size_limit_helper");
-    let (mut stdout, mut stderr) = (String::new(), String::new());
-    helper.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
-    helper.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-    assert!(helper.wait().unwrap().success(), "{stdout}\n{stderr}");
-    let line = stdout.lines().find_map(|line| line.strip_prefix("WORKER ")).expect("the helper reports");
-    let (worker, captured) = line.split_once(" CAPTURED ").unwrap();
-    assert_eq!(captured, "0", "nothing to capture through a pipe");
-    assert!(
-        stderr.contains(&format!("[procexec worker 0 pid {worker}] stdout: under a limit\n")),
-        "{stderr}"
-    );
-}
-
-#[test]
 fn forwarded_lines_keep_their_order_across_stdout_and_stderr() {
     let lines = Lines::default();
     let _guard = tracing::subscriber::set_default(lines.clone());
@@ -392,6 +352,147 @@ async fn what_a_call_captured_is_not_quoted_in_another_calls_crash_report() {
         let report = crash.to_string();
         assert!(report.contains("last words") && report.contains("shown to everyone"), "{report}");
         assert!(!report.contains("kept for its caller"), "{report}");
+    })
+    .await;
+}
+
+// Programs a task runs may open `/dev/stdout` or `/dev/stderr` by name (`>
+// /dev/stdout` in dash, `tee /dev/stderr`, `--log-file=/dev/stderr`): that reopens
+// the worker's pipe, and what they print is the call's like the rest.
+#[tokio::test]
+async fn a_program_writing_to_dev_stdout_prints_into_its_call() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let captured =
+            exec.spawn_captured(shell, "echo before; echo middle > /dev/stdout; echo after".into()).await;
+        assert_eq!(*captured.result.as_ref().unwrap(), 0);
+        assert_eq!(captured.stdout, "before\nmiddle\nafter\n", "{:?}", captured.stdout);
+        assert_eq!(captured.stderr, "");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_program_writing_to_dev_stderr_prints_into_its_call() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let first = exec.spawn_captured(shell, "echo first call >&2".into()).await;
+        assert_eq!(first.stderr, "first call\n");
+        let captured =
+            exec.spawn_captured(shell, "echo a >&2; echo out; echo b > /dev/stderr; echo c >&2".into()).await;
+        assert_eq!(*captured.result.as_ref().unwrap(), 0);
+        assert_eq!(captured.stderr, "a\nb\nc\n", "{:?}", captured.stderr);
+        assert_eq!(captured.stdout, "out\n", "{:?}", captured.stdout);
+    })
+    .await;
+}
+
+// An initializer that prints sends an `Output` frame ahead of its `Done`: the
+// worker starts all the same.
+#[tokio::test]
+async fn an_initializer_that_prints_starts_its_worker() {
+    hang_guard(async {
+        let exec = builder(1).initializer(print_unfinished, "the initializer says hi".into()).build().await;
+        let exec = exec.unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(exec.spawn(square, 3).await.unwrap(), 9);
+    })
+    .await;
+}
+
+// What a task prints through C's stdio is in its call's output (C buffers it: a
+// worker's stdout is a file).
+#[tokio::test]
+async fn what_a_task_prints_through_c_stdio_is_its_calls() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let captured = exec.spawn_captured(c_printf, "from C".into()).await;
+        assert!(captured.result.is_ok(), "{:?}", captured.result);
+        assert_eq!(captured.stdout, "from C\n");
+    })
+    .await;
+}
+
+// A task that points its stderr elsewhere for a while (and back) keeps its call's
+// output whole: nothing is sent twice.
+#[tokio::test]
+async fn pointing_stderr_elsewhere_for_a_while_loses_and_repeats_nothing() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let call = ("before".to_string(), "after".to_string(), 1200);
+        let captured = exec.spawn_captured(silence_stderr_for, call).await;
+        assert!(captured.result.is_ok(), "{:?}", captured.result);
+        assert_eq!(captured.stderr, "before\nafter\n", "{:?}", captured.stderr);
+    })
+    .await;
+}
+
+// A call's output taken at its end goes out in frames of at most 256 KiB, each cut
+// after a newline: the parent takes a frame's last piece for a whole line.
+#[test]
+fn the_lines_of_a_large_output_are_forwarded_whole() {
+    let lines = Lines::default();
+    let _guard = tracing::subscriber::set_default(lines.clone());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(hang_guard(async {
+        let exec = Executor::builder()
+            .test_harness()
+            .processes(1)
+            .stderr(WorkerStderr::Tracing)
+            .build()
+            .await
+            .unwrap();
+        let written = exec.spawn(flood_stderr, 2 << 20).await.unwrap();
+        exec.shutdown().await;
+        let whole = format!("message={} ", "e".repeat(99));
+        let lines = lines.0.lock().unwrap();
+        let floods: Vec<&String> = lines.iter().filter(|line| line.starts_with("message=e")).collect();
+        let broken: Vec<usize> =
+            floods.iter().filter(|line| !line.starts_with(&whole)).map(|line| line.len()).collect();
+        assert!(broken.is_empty(), "{} of {} lines broken: {broken:?}", broken.len(), written / 100);
+    }));
+}
+
+// A wrapper that passes the worker's stderr through a pipe of its own (as `docker
+// exec -i` does): the worker reads that pipe, so what its calls print is still
+// forwarded while it lives, labelled with the call.
+#[test]
+fn output_behind_a_piping_wrapper_is_forwarded_while_the_worker_lives() {
+    let lines = Lines::default();
+    let _guard = tracing::subscriber::set_default(lines.clone());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(hang_guard(async {
+        let exec = Executor::builder()
+            .test_harness()
+            .processes(1)
+            .worker_wrapper(["sh", "-c", r#"{ "$@" 2>&1 1>&3 3>&- | cat >&2; } 3>&1"#, "sh"])
+            .stderr(WorkerStderr::Tracing)
+            .build()
+            .await
+            .unwrap();
+        exec.spawn(print, "through a wrapper".into()).await.unwrap();
+        // What a call printed arrives ahead of its result.
+        let seen = || {
+            let lines = lines.0.lock().unwrap();
+            lines.iter().any(|line| line.contains("through a wrapper") && line.contains("task=\"print\""))
+        };
+        let seen_live = seen();
+        exec.shutdown().await;
+        assert!(seen_live, "not forwarded while the worker lived; after it stopped: {}", seen());
+    }));
+}
+
+// A worker under a file size limit (from a wrapper, or its own `main`) prints as
+// any other: what it prints goes through pipes, not into a file.
+#[tokio::test]
+async fn a_worker_under_a_file_size_limit_of_its_own_can_print() {
+    if std::process::Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("skipped: no prlimit");
+        return;
+    }
+    hang_guard(async {
+        let exec = builder(1).worker_wrapper(["prlimit", "--fsize=1073741824", "--"]).build().await.unwrap();
+        let printed = exec.spawn(print, "under a limit".into()).await;
+        assert!(printed.is_ok(), "{printed:?}");
     })
     .await;
 }

@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use tokio_util::codec::Decoder;
 
 use crate::parent::dispatch::decode_record;
-use crate::parent::output::{CallLabel, OutputFile, Source};
+use crate::parent::output::{CallLabel, Source, WorkerOutput};
 use crate::parent::process::ReplyCodec;
 use crate::parent::stats::Counters;
 use crate::parent::supervisor::replies::{self, Matched};
@@ -25,9 +25,8 @@ crate::tasks! {
 /// every frame's header and outcomes as the supervisor and the callers would.
 fn decode_worker_output(stream: &[u8], reads: &[usize]) {
     let mut codec = ReplyCodec::new(0, 1 << 16);
-    let (file, _) = OutputFile::create().unwrap();
     let source = Source { slot: 0, pid: 1, host: None, mode: crate::WorkerStderr::Discard };
-    let mut output = OutputFile::new(file, source);
+    let mut output = WorkerOutput::thread(source);
     let mut buf = BytesMut::new();
     let mut at = 0;
     for &read in reads.iter().chain(std::iter::repeat(&64)) {

@@ -110,6 +110,9 @@ impl WorkerThread {
             // the whole process.
             .stack_size(WORKER_STACK)
             .spawn(move || {
+                // A reply written after the parent gave the thread up must fail,
+                // not end the process.
+                crate::sys::block_sigpipe_on_this_thread();
                 let around =
                     |id, task, run: &mut dyn FnMut()| in_call_span(tasks, executor, slot, id, task, run);
                 let served =

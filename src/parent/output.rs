@@ -1,11 +1,12 @@
 //! What workers print, and where it goes.
 //!
-//! A worker on this machine prints into a memory file the parent made (stderr from
-//! offset 0, stdout from `protocol::STDOUT_AT`). The worker sends what each call
+//! A worker reads its own stdout and stderr (one pipe) and sends what each call
 //! printed ahead of the call's reply (see `worker::output`), so each line is
-//! labelled with its task and call, or kept for the caller of `spawn_captured`;
-//! what a crash cut short is read from the file afterwards. A worker elsewhere
-//! prints into a pipe, read line by line here and labelled with its worker.
+//! labelled with its task and call, or kept for the caller of `spawn_captured`.
+//! When that pipe is the one the parent gave it (a worker on this machine), the
+//! parent reads it only after the worker died: what a crash cut short is still in
+//! it. Otherwise (a launcher's own output, a worker that cannot read its stderr)
+//! the parent reads its pipe line by line, labelled with the worker only.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -20,7 +21,6 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::sys;
-use crate::wire::protocol;
 
 /// What to do with the lines a worker prints (to stdout or stderr), unless they
 /// are captured ([`Executor::spawn_captured`](crate::Executor::spawn_captured)).
@@ -112,33 +112,52 @@ impl Source {
     }
 }
 
-/// A local worker's output file, as far as the worker has sent it.
-pub(crate) struct OutputFile {
-    file: OwnedFd,
-    /// Where the bytes not yet received start: stderr, stdout.
-    received: [u64; 2],
-    tail: Tail,
+/// What a worker printed, as the parent sees it: the lines it sent in `Output`
+/// frames, and its stderr pipe, read here while the worker does not read it.
+pub(crate) struct WorkerOutput {
     source: Source,
+    /// The last lines, for crash reports (shared with the pipe's forwarder).
+    tail: Arc<Mutex<Tail>>,
+    /// The stderr pipe, while nobody reads it: before the handshake, and while the
+    /// worker reads it itself. Read when the worker is dead.
+    held: Option<OwnedFd>,
+    /// Reads the stderr pipe line by line, when the worker does not.
+    forwarder: Option<StderrLog>,
 }
 
-/// The most of a dead worker's unsent output that is read.
-const REST_LIMIT: u64 = 1 << 20;
+/// The most of a dead worker's unread output that is read.
+const REST_LIMIT: usize = 1 << 20;
 
-impl OutputFile {
-    /// A new output file, and the descriptor the worker gets as its stderr.
-    pub(crate) fn create() -> io::Result<(OwnedFd, OwnedFd)> {
-        let file = sys::output_file()?;
-        let for_worker = file.try_clone()?;
-        Ok((file, for_worker))
+impl WorkerOutput {
+    /// A worker process's, whose stderr is the pipe whose read end is `pipe`.
+    pub(crate) fn new(pipe: OwnedFd, source: Source) -> Self {
+        // Read only when nothing more can come (or nothing waits for it): never wait.
+        let _ = sys::set_nonblocking(pipe.as_fd());
+        WorkerOutput { source, tail: Arc::default(), held: Some(pipe), forwarder: None }
     }
 
-    pub(crate) fn new(file: OwnedFd, source: Source) -> Self {
-        OutputFile { file, received: [0, protocol::STDOUT_AT], tail: Tail::default(), source }
+    /// A worker thread's (in-process), which prints to this process's stdout and
+    /// stderr itself.
+    pub(crate) fn thread(source: Source) -> Self {
+        WorkerOutput { source, tail: Arc::default(), held: None, forwarder: None }
     }
 
-    /// What the worker must find as its stderr (`Init::output`).
-    pub(crate) fn identity(&self) -> Option<(u64, u64)> {
-        sys::file_identity(self.file.as_fd()).ok()
+    /// The pipe's device and inode numbers, for `Init::output`.
+    pub(crate) fn pipe_identity(&self) -> Option<(u64, u64)> {
+        self.held.as_ref().and_then(|pipe| sys::pipe_identity(pipe.as_fd()))
+    }
+
+    /// After the handshake: unless the worker reads its stderr pipe itself
+    /// (`Ready::reads_stderr`), it is read here from now on.
+    pub(crate) fn handshake_done(&mut self, worker_reads_it: bool) -> io::Result<()> {
+        if worker_reads_it {
+            return Ok(());
+        }
+        if let Some(held) = self.held.take() {
+            let pipe = pipe::Receiver::from_owned_fd(held)?;
+            self.forwarder = Some(StderrLog::start(pipe, self.source.clone(), self.tail.clone()));
+        }
+        Ok(())
     }
 
     /// What the worker sent in an `Output` frame.
@@ -149,60 +168,59 @@ impl OutputFile {
         stderr: &[u8],
         stdout: &[u8],
     ) {
-        self.received[0] += stderr.len() as u64;
-        self.received[1] += stdout.len() as u64;
-        self.pass_on(call, capture, stderr, stdout);
-    }
-
-    fn pass_on(&mut self, call: Option<CallLabel>, capture: Option<&Capture>, stderr: &[u8], stdout: &[u8]) {
         let mut batch = String::new();
-        // Only a captured call has stdout apart; it is forwarded by no one.
         // What a call captures is its caller's: crash reports of other calls do not
         // quote it.
-        if capture.is_none() {
-            for bytes in [stderr, stdout] {
-                for line in lines(bytes) {
-                    // Kept first, so a slow stderr does not delay what crash reports quote.
-                    self.tail.push(&line);
-                    self.source.emit(call, &line, &mut batch);
-                }
-            }
-        }
         if let Some(capture) = capture {
             let mut captured = capture.lock().unwrap_or_else(|p| p.into_inner());
             captured.stderr.extend_from_slice(stderr);
             captured.stdout.extend_from_slice(stdout);
+        } else {
+            let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+            for bytes in [stderr, stdout] {
+                for line in lines(bytes) {
+                    // Kept first, so a slow stderr does not delay what crash reports quote.
+                    tail.push(&line);
+                    self.source.emit(call, &line, &mut batch);
+                }
+            }
         }
         write_batch(batch);
     }
 
-    /// Reads what the worker printed and never sent (it died, or printed on its way
-    /// out), as printed in `call`, and returns the tail crash reports quote.
+    /// Reads what the worker printed and never read itself (it died, or printed on
+    /// its way out), as printed in `call`, and returns the tail crash reports quote.
     pub(crate) fn finish(&mut self, call: Option<CallLabel>, capture: Option<&Capture>) -> String {
-        let [stderr, stdout] = [0, 1].map(|stream| {
-            let from = self.received[stream];
-            let end = sys::data_end(self.file.as_fd(), from).unwrap_or(from);
-            // The last of it, if it is very much.
-            let from = from.max(end.saturating_sub(REST_LIMIT));
-            let mut data = sys::read_at(self.file.as_fd(), from, (end - from) as usize).unwrap_or_default();
-            self.received[stream] = end;
-            // The file reads as zeros after the last byte written, to the page's end.
-            data.truncate(data.iter().rposition(|&b| b != 0).map_or(0, |at| at + 1));
-            data
-        });
-        self.pass_on(call, capture, &stderr, &stdout);
-        match capture {
-            // Its own output ends the report of a captured call.
-            Some(capture) => {
-                let mut tail = self.tail.clone();
-                let captured = capture.lock().unwrap_or_else(|p| p.into_inner());
-                for line in lines(&captured.stdout).chain(lines(&captured.stderr)) {
-                    tail.push(&line);
-                }
-                tail.text()
-            }
-            None => self.tail.text(),
+        if let Some(held) = &self.held {
+            let rest = sys::read_available(held.as_fd(), REST_LIMIT);
+            self.received(call, capture, &rest, &[]);
         }
+        let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        // Its own output ends the report of a captured call.
+        if let Some(capture) = capture {
+            let captured = capture.lock().unwrap_or_else(|p| p.into_inner());
+            for line in lines(&captured.stdout).chain(lines(&captured.stderr)) {
+                tail.push(&line);
+            }
+        }
+        tail.text()
+    }
+
+    /// The last lines the worker printed, once all of them are in: what it never
+    /// read itself is passed on as printed in `running`. A pipe read here is read
+    /// until it closes, within `patience` (a grandchild may hold it).
+    pub(crate) async fn tail(
+        &mut self,
+        running: Option<(CallLabel, Option<&Capture>)>,
+        patience: Duration,
+    ) -> String {
+        if let Some(forwarder) = &mut self.forwarder {
+            forwarder.wait_closed(patience).await;
+        }
+        let (call, capture) = running.map_or((None, None), |(call, capture)| (Some(call), capture));
+        let tail = self.finish(call, capture);
+        flush_writer().await;
+        tail
     }
 }
 
@@ -235,43 +253,6 @@ fn write_batch(batch: String) {
 /// Lines of worker output dropped because this process's stderr fell behind.
 static DROPPED_LINES: AtomicU64 = AtomicU64::new(0);
 
-/// What a worker prints goes through its output file, or (a worker elsewhere) a pipe.
-pub(crate) enum WorkerOutput {
-    File(OutputFile),
-    Pipe(StderrLog),
-    /// A worker thread (in-process) prints to this process's stdout and stderr.
-    Parent,
-}
-
-impl WorkerOutput {
-    /// The output file, where the worker sends what it printed.
-    pub(crate) fn file(&mut self) -> Option<&mut OutputFile> {
-        match self {
-            WorkerOutput::File(file) => Some(file),
-            WorkerOutput::Pipe(_) | WorkerOutput::Parent => None,
-        }
-    }
-
-    /// The last lines the worker printed, once all of them are in: what it never
-    /// sent is passed on as printed in `running`.
-    pub(crate) async fn tail(
-        &mut self,
-        running: Option<(CallLabel, Option<&Capture>)>,
-        patience: Duration,
-    ) -> String {
-        match self {
-            WorkerOutput::File(file) => {
-                let (call, capture) = running.map_or((None, None), |(call, capture)| (Some(call), capture));
-                let tail = file.finish(call, capture);
-                flush_writer().await;
-                tail
-            }
-            WorkerOutput::Pipe(log) => log.tail_after_close(patience).await,
-            WorkerOutput::Parent => String::new(),
-        }
-    }
-}
-
 /// Waits until the `procexec-stderr` thread wrote every line handed to it so far.
 async fn flush_writer() {
     if let Some(writer) = stderr_writer() {
@@ -281,26 +262,25 @@ async fn flush_writer() {
         }
     }
 }
-/// The worker's stderr: forwarded line by line, and its tail kept for crash reports.
-pub(crate) struct StderrLog {
-    tail: Arc<Mutex<Tail>>,
+/// A worker's stderr pipe read here: forwarded line by line, its tail kept for
+/// crash reports.
+struct StderrLog {
     forwarder: JoinHandle<()>,
     closed: Option<oneshot::Receiver<()>>,
 }
 
 impl StderrLog {
-    pub(crate) fn start(pipe: pipe::Receiver, source: Source) -> Self {
-        let tail = Arc::new(Mutex::new(Tail::default()));
+    fn start(pipe: pipe::Receiver, source: Source, tail: Arc<Mutex<Tail>>) -> Self {
         let (done, closed) = oneshot::channel();
-        let forwarder = tokio::spawn(forward_stderr(pipe, source, tail.clone(), done));
-        StderrLog { tail, forwarder, closed: Some(closed) }
+        let forwarder = tokio::spawn(forward_stderr(pipe, source, tail, done));
+        StderrLog { forwarder, closed: Some(closed) }
     }
 
-    async fn tail_after_close(&mut self, patience: Duration) -> String {
+    /// Waits until the pipe closed and its last lines were passed on, within `patience`.
+    async fn wait_closed(&mut self, patience: Duration) {
         if let Some(closed) = self.closed.take() {
             let _ = tokio::time::timeout(patience, closed).await;
         }
-        self.tail.lock().unwrap_or_else(|p| p.into_inner()).text()
     }
 }
 
@@ -464,6 +444,21 @@ mod tests {
         // A long line of multi-byte characters keeps its first 4 KiB, cut cleanly.
         tail.push(&"é".repeat(10_000));
         assert!(tail.text().starts_with('é') && tail.text().len() > Tail::MAX_BYTES / 2);
+    }
+
+    #[test]
+    fn a_dead_workers_unread_output_is_read_once_and_goes_to_its_call() {
+        let (read, write) = sys::pipe().unwrap();
+        let source = Source { slot: 0, pid: 1, host: None, mode: WorkerStderr::Discard };
+        let mut output = WorkerOutput::new(read, source);
+        std::fs::File::from(write).write_all(b"last words\n").unwrap();
+        let printed = Capture::default();
+        let tail = output.finish(None, Some(&printed));
+        assert_eq!(printed.lock().unwrap().stderr, b"last words\n");
+        assert_eq!(tail, "last words\n");
+        // Read once: a second look finds nothing more.
+        output.finish(None, Some(&printed));
+        assert_eq!(printed.lock().unwrap().stderr, b"last words\n");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tokio_util::codec::{Decoder, FramedRead, LengthDelimitedCodec};
 use crate::parent::error::{Direction, Error, ExitReason, Result, WorkerStartError};
 use crate::parent::in_process::WorkerThread;
 use crate::parent::launch::Groups;
-use crate::parent::output::{CallLabel, Capture, OutputFile, Source, StderrLog, WorkerOutput, WorkerStderr};
+use crate::parent::output::{CallLabel, Capture, Source, WorkerOutput, WorkerStderr};
 use crate::sys;
 use crate::task::Signature;
 use crate::wire::protocol::{self, Count, Reply, Request, Shape, TaskInfo};
@@ -123,23 +123,12 @@ impl WorkerProcess {
                 let thread = WorkerThread::start(tasks, config.executor, slot, request_read, reply_write)
                     .map_err(|e| fail("cannot start its thread", e))?;
                 drop(starting);
-                (
-                    std::process::id(),
-                    ChildProcess { child: Handle::Thread(thread), output: WorkerOutput::Parent },
-                )
+                let source = Source { slot, pid: std::process::id(), host: None, mode: config.stderr };
+                let output = WorkerOutput::thread(source);
+                (std::process::id(), ChildProcess { child: Handle::Thread(thread), output })
             }
             None => {
-                // A worker here prints into a file (see `output`); one elsewhere, through
-                // its launcher, into a pipe. So does one under a file size limit, which
-                // writes at the file's far offsets would break (`SIGXFSZ`).
-                let (output, stderr_write) = if group.same_host && sys::file_size_unlimited() {
-                    let (file, for_worker) =
-                        OutputFile::create().map_err(|e| fail("cannot create its output file", e))?;
-                    (Printing::File(file), for_worker)
-                } else {
-                    let (read, write) = sys::pipe().map_err(|e| fail("cannot create a pipe", e))?;
-                    (Printing::Pipe(pipe::Receiver::from_owned_fd(read).map_err(register)?), write)
-                };
+                let (stderr_read, stderr_write) = sys::pipe().map_err(|e| fail("cannot create a pipe", e))?;
                 // The marker goes with the explicit environment: a launcher passes on only that.
                 let mut env = config.env.clone();
                 env.push((protocol::WORKER_ENV.into(), std::process::id().to_string().into()));
@@ -154,24 +143,27 @@ impl WorkerProcess {
                 // A worker elsewhere is named by its host: the pid here is its launcher's.
                 let host = (!group.same_host).then(|| Arc::<str>::from(group.label.as_str()));
                 let source = Source { slot, pid, host, mode: config.stderr };
-                let output = match output {
-                    Printing::File(file) => WorkerOutput::File(OutputFile::new(file, source)),
-                    Printing::Pipe(pipe) => WorkerOutput::Pipe(StderrLog::start(pipe, source)),
-                };
+                let output = WorkerOutput::new(stderr_read, source);
                 (pid, ChildProcess { child: Handle::Process(child), output })
             }
         };
-        let identity = process.output.file().and_then(|file| file.identity());
+        let identity = process.output.pipe_identity();
 
+        let output = &mut process.output;
         let handshake = async {
             let (mut replies, ready) = handshake(config, slot, identity, &mut requests, replies).await?;
             if let Some(initializer) = &config.initializer {
-                initialize(config, initializer, &ready.tasks, &mut requests, &mut replies).await?;
+                initialize(config, initializer, &ready.tasks, &mut requests, &mut replies, output).await?;
             }
             Ok((replies, ready))
         };
         match tokio::time::timeout(config.handshake_timeout, handshake).await {
             Ok(Ok((replies, ready))) => {
+                if let Err(err) = process.output.handshake_done(ready.reads_stderr) {
+                    let mut failure = process.start_failed(config, "cannot register a pipe".into()).await;
+                    failure.source = Some(err);
+                    return Err(failure);
+                }
                 let mut progress = None;
                 // A worker elsewhere (another host, a container) has a pid that means
                 // nothing here, or worse, another process's.
@@ -306,6 +298,8 @@ struct Ready {
     pid: u32,
     tasks: Vec<TaskInfo>,
     progress: Option<u32>,
+    /// It reads its stderr pipe itself.
+    reads_stderr: bool,
 }
 
 async fn handshake(
@@ -340,8 +334,10 @@ async fn handshake(
     };
     replies.decoder_mut().frames.set_max_frame_length(config.max_frame_len);
     match protocol::split_header::<Reply>(&frame) {
-        Ok((Reply::Ready { version, pid, tasks, progress }, _)) if version == protocol::PROTOCOL_VERSION => {
-            Ok((replies, Ready { pid, tasks, progress }))
+        Ok((Reply::Ready { version, pid, tasks, progress, reads_stderr }, _))
+            if version == protocol::PROTOCOL_VERSION =>
+        {
+            Ok((replies, Ready { pid, tasks, progress, reads_stderr }))
         }
         Ok((Reply::Ready { version, .. }, _)) => Err(version_mismatch(version)),
         Ok((other, _)) => Err(format!("unexpected first message {other:?}")),
@@ -376,6 +372,7 @@ async fn initialize(
     tasks: &[TaskInfo],
     requests: &mut pipe::Sender,
     replies: &mut Replies,
+    output: &mut WorkerOutput,
 ) -> Result<(), String> {
     let name = initializer.task;
     let Some(index) = tasks.iter().position(|info| info.name == name) else {
@@ -391,17 +388,33 @@ async fn initialize(
         format!("the input of initializer `{name}` is {size} bytes, above the frame limit")
     })?;
     let _ = requests.write_all(&frame).await;
-    let reply = match replies.next().await {
-        Some(Ok(reply)) => reply,
-        Some(Err(err)) => return Err(format!("corrupt reply to initializer `{name}`: {err}")),
-        None => return Err(format!("it died running initializer `{name}`")),
-    };
-    match protocol::split_header::<Reply>(&reply) {
-        Ok((Reply::Done { id: INIT_CALL_ID, .. }, body)) => {
-            (initializer.check)(name, body).map_err(|err| format!("initializer `{name}` failed: {err}"))
+    loop {
+        let reply = match replies.next().await {
+            Some(Ok(reply)) => reply,
+            Some(Err(err)) => return Err(format!("corrupt reply to initializer `{name}`: {err}")),
+            None => return Err(format!("it died running initializer `{name}`")),
+        };
+        match protocol::split_header::<Reply>(&reply) {
+            Ok((Reply::Done { id: INIT_CALL_ID, .. }, body)) => {
+                return (initializer.check)(name, body)
+                    .map_err(|err| format!("initializer `{name}` failed: {err}"));
+            }
+            // What the initializer (or the program, before it became a worker)
+            // printed comes ahead of its reply: passed on as no call's.
+            Ok((Reply::Output { .. }, _)) => {
+                match crate::parent::supervisor::replies::match_reply(reply, None, false) {
+                    Ok(crate::parent::supervisor::replies::Matched::Output { stderr, stdout, .. }) => {
+                        output.received(None, None, &stderr, &stdout);
+                    }
+                    Ok(_) => {}
+                    Err(err) => return Err(format!("corrupt reply to initializer `{name}`: {err}")),
+                }
+            }
+            // So do its events and progress reports, which no caller waits for.
+            Ok((Reply::Log { .. } | Reply::Progress { .. }, _)) => {}
+            Ok((other, _)) => return Err(format!("unexpected reply to initializer `{name}`: {other:?}")),
+            Err(err) => return Err(format!("corrupt reply to initializer `{name}`: {err}")),
         }
-        Ok((other, _)) => Err(format!("unexpected reply to initializer `{name}`: {other:?}")),
-        Err(err) => Err(format!("corrupt reply to initializer `{name}`: {err}")),
     }
 }
 
@@ -546,12 +559,6 @@ impl ReplyCodec {
         // size fits this allocation when it is reclaimed.
         src.reserve(needed - src.len());
     }
-}
-
-/// Where a worker being started prints.
-enum Printing<F, P> {
-    File(F),
-    Pipe(P),
 }
 
 /// The child process itself: killing, reaping, and what it printed.
@@ -912,7 +919,8 @@ mod tests {
 
     #[test]
     fn every_ready_starts_with_its_variant_and_version() {
-        let ready = Reply::Ready { version: 7, pid: 300, tasks: Vec::new(), progress: None };
+        let ready =
+            Reply::Ready { version: 7, pid: 300, tasks: Vec::new(), progress: None, reads_stderr: false };
         let bytes = postcard::to_allocvec(&ready).unwrap();
         assert_eq!(postcard::take_from_bytes::<(u32, u32)>(&bytes).unwrap().0, (READY_VARIANT, 7));
     }

@@ -48,10 +48,6 @@ pub(crate) const PREAMBLE_SEARCH_LIMIT: usize = 1 << 20;
 /// `init_worker` serves when it sees it.
 pub(crate) const WORKER_ENV: &str = "PROCEXEC_WORKER";
 
-/// Where a local worker's stdout starts in its output file (its stderr starts at 0):
-/// far enough that stderr never reaches it, and holes cost nothing.
-pub(crate) const STDOUT_AT: u64 = 1 << 40;
-
 /// The size of the length prefix of every frame.
 pub(crate) const LENGTH_PREFIX: usize = 4;
 
@@ -80,9 +76,9 @@ pub(crate) enum Request {
         /// The most verbose level of `tracing` events the parent wants forwarded
         /// ([`LogRecord::level`] numbering; 0: none).
         log_level: u8,
-        /// The worker's stderr is the memory file with this device and inode
-        /// number, which the parent reads after the worker died: the worker then
-        /// sends what was printed into it as [`Reply::Output`], attributed to calls.
+        /// The device and inode numbers of the pipe the parent gave the worker as
+        /// its stderr, if it did: a worker that finds its stderr is that pipe reads
+        /// it itself (see [`Reply::Ready`]).
         output: Option<(u64, u64)>,
     },
     /// Run task number `task` on each of `items` inputs in the body. `capture`:
@@ -103,7 +99,10 @@ pub(crate) enum Request {
 pub(crate) enum Reply {
     /// Answer to [`Request::Init`]. `progress` is the descriptor number, in the
     /// worker, of the memory file where it records its [`Progress`], if it has one.
-    Ready { version: u32, pid: u32, tasks: Vec<TaskInfo>, progress: Option<u32> },
+    /// `reads_stderr`: the worker reads its stderr pipe, the parent's (`Init::output`),
+    /// and sends what was printed as [`Reply::Output`]; the parent reads that pipe
+    /// only after the worker died.
+    Ready { version: u32, pid: u32, tasks: Vec<TaskInfo>, progress: Option<u32>, reads_stderr: bool },
     /// Answer to the [`Request::Call`] with the same id. `errors` counts its items
     /// whose outcome is not an output (a panic, a codec error); `busy_ns` is how long
     /// the worker spent on it (decode, run, encode), which sizes prefetch and map
@@ -940,6 +939,7 @@ mod tests {
                         output_shape: Shape::Untraced("no reason".into()),
                     }],
                     progress: Some(pid / 2),
+                    reads_stderr: pid % 2 == 0,
                 },
             ] {
                 let mut buf = BytesMut::new();

@@ -18,7 +18,7 @@ pub(crate) mod state;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use serde::Serialize;
@@ -188,19 +188,7 @@ fn serve(tasks: &'static Registry) -> io::Result<()> {
     }
     let fds = sys::take_protocol_stdio()?;
     let hangup = fds.input.try_clone()?;
-    std::thread::Builder::new().name("procexec-hangup".into()).spawn(move || {
-        let context = Context::process();
-        loop {
-            let every = if context.running_call().is_none() { IDLE_LOOK } else { output::LIVE_EVERY };
-            if sys::wait_for_hangup(hangup.as_fd(), every) {
-                // Right away, without exit handlers: a task may hold any lock, and
-                // nobody waits for its result any more.
-                sys::exit_now(0);
-            }
-            // A running call's lines are shown while it runs.
-            output::forward_live(|| context.running_call());
-        }
-    })?;
+    std::thread::Builder::new().name("procexec-hangup".into()).spawn(move || watch(hangup))?;
     serve_on(tasks, File::from(fds.input), File::from(fds.output), Context::process(), Mode::Process)
 }
 
@@ -268,7 +256,7 @@ fn serve_on(
             measure_memory,
             executor,
             log_level,
-            output: output_file,
+            output: parent_pipe,
         },
         _,
     ) = protocol::split_header(&frame).map_err(invalid)?
@@ -277,11 +265,21 @@ fn serve_on(
     };
     let max_frame_len = max_frame_len as usize;
     reader.max_frame_len = max_frame_len;
+    // Only a process of its own forwards its events and reads its output.
+    let process = matches!(mode, Mode::Process);
+    let reads_output = (process && version == protocol::PROTOCOL_VERSION)
+        .then(|| output::install(parent_pipe, max_frame_len));
+    let reads_output = reads_output.flatten();
+    if process {
+        // The hang-up watcher waits for this.
+        output::decided();
+    }
     let ready = Reply::Ready {
         version: protocol::PROTOCOL_VERSION,
         pid: std::process::id(),
         tasks: tasks.infos(),
         progress: replies.file().map(|fd| std::os::fd::AsRawFd::as_raw_fd(&fd) as u32),
+        reads_stderr: reads_output == Some(true),
     };
     // The preamble goes out with `Ready`, in one write: through a launcher that
     // forwards stdout over TCP (srun), a frame written in two pieces can wait
@@ -299,14 +297,12 @@ fn serve_on(
     // From here on the link reads and writes: tasks talk on it too (channels).
     let link = context.link();
     Link::install(link, reader, output, executor, max_frame_len);
-    // Only a process of its own forwards its events and attributes its output.
-    let process = matches!(mode, Mode::Process);
     if process {
         logs::install(log_level);
-        if output::install(output_file, max_frame_len) {
-            // What the program printed before it became a worker.
-            send_output(link, None)?;
-        }
+    }
+    if reads_output.is_some() {
+        // What the program printed before it became a worker.
+        send_output(link, None)?;
     }
 
     // The end of one call is the start of the next when its frame was already
@@ -364,13 +360,19 @@ fn serve_on(
         });
         // What the call printed arrives before its result, in the same write, and
         // so does what it logged. Taken while the call still counts as running,
-        // which the hang-up watcher relies on (see `output::forward_live`).
-        let mut before = if process { take_output(link, Some(id))? } else { BytesMut::new() };
+        // and it stops counting under the same lock, which the hang-up watcher
+        // relies on (see `output::forward_live`).
+        let stopped = || context.set_running(None);
+        let mut before = if process {
+            take_output(link, Some(id), stopped)?
+        } else {
+            stopped();
+            BytesMut::new()
+        };
         if capture {
             output::stdout_apart(false);
         }
         logs::set_call(None);
-        context.set_running(None);
         drop(registered);
         // Shared memory the parent let go of, and this call no longer uses.
         crate::shared::segment::sweep();
@@ -386,28 +388,60 @@ fn serve_on(
     Ok(())
 }
 
-/// How often an idle worker looks for output printed between calls.
-const IDLE_LOOK: std::time::Duration = std::time::Duration::from_secs(1);
+/// The hang-up watcher: exits the process as soon as the parent hangs up, and
+/// meanwhile sends the lines a running call prints, `output::LIVE_EVERY` after
+/// they came (at once when much waits).
+fn watch(hangup: std::os::fd::OwnedFd) -> ! {
+    let context = Context::process();
+    let hung_up = || -> ! {
+        // Right away, without exit handlers: a task may hold any lock, and nobody
+        // waits for its result any more.
+        sys::exit_now(0)
+    };
+    loop {
+        // Until the worker knows whether it reads its output, it looks again now
+        // and then; after, it waits for output (or a hang-up) as long as it takes.
+        let (printed, wait) = match output::watched() {
+            Some(printed) => (printed, Duration::MAX),
+            None => (Vec::new(), Duration::from_millis(100)),
+        };
+        match sys::wait_for_hangup_or_input(hangup.as_fd(), &printed, wait) {
+            sys::Wake::Hangup => hung_up(),
+            sys::Wake::Timeout => continue,
+            sys::Wake::Input => {}
+        }
+        // Output waits: shown LIVE_EVERY after it came, so a chatty task costs a
+        // wake-up per look, not per line; at once when much waits, before the pipe
+        // fills and the task blocks. Between calls it waits for the next call.
+        if !output::much_waiting()
+            && sys::wait_for_hangup_or_input(hangup.as_fd(), &[], output::LIVE_EVERY) == sys::Wake::Hangup
+        {
+            hung_up();
+        }
+        output::forward_live(|| context.running_call());
+    }
+}
 
 /// Most printed bytes that go out with a reply; more is written ahead of it.
 const OUTPUT_WITH_REPLY: usize = 1 << 20;
 
 /// What was printed since the last look, as frames to write (as printed during
 /// `call`); beyond [`OUTPUT_WITH_REPLY`], the oldest is written now.
-fn take_output(link: &WorkerLink, call: Option<u64>) -> io::Result<BytesMut> {
-    // A `print!` without a newline is still in Rust's stdout buffer.
+/// Runs `then` once it is all taken.
+fn take_output(link: &WorkerLink, call: Option<u64>, then: impl FnOnce()) -> io::Result<BytesMut> {
+    // A `print!` without a newline is still in Rust's stdout buffer, and C's stdio
+    // buffers whole blocks (stdout is a file, not a terminal).
     let _ = io::stdout().flush();
+    sys::flush_c_stdio();
     let mut frames = BytesMut::new();
-    while output::take(call, &mut frames, OUTPUT_WITH_REPLY, false) {
-        Link::write_frame(link, &frames, true)?;
-        frames.clear();
-    }
+    let write = |frames: &[u8]| Link::write_frame(link, frames, true).map(drop);
+    output::take_all(call, &mut frames, OUTPUT_WITH_REPLY, write, then)?;
     Ok(frames)
 }
 
 /// Writes what was printed since the last look.
 fn send_output(link: &WorkerLink, call: Option<u64>) -> io::Result<()> {
-    let frames = take_output(link, call)?;
+    let frames = take_output(link, call, || {})?;
     if !frames.is_empty() {
         Link::write_frame(link, &frames, true)?;
     }

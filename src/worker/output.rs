@@ -1,22 +1,25 @@
 //! What tasks print, attributed to the call that printed it.
 //!
-//! A worker on the parent's machine gets a memory file as its stderr, not a pipe,
-//! and its stdout shares stderr's file position, so that lines keep their order.
-//! A call that captures its output has stdout apart, in the same file from
-//! [`protocol::STDOUT_AT`]. Printing never blocks, and the worker knows exactly how
-//! much each call printed: when a call ends it sends what was printed since the
-//! last look in [`Reply::Output`] frames, ahead of the call's reply. While a call runs, the hang-up watcher sends its
-//! finished lines every [`LIVE_EVERY`]. What a crash cut short stays in the file,
-//! where the parent reads it. Anything else (a worker whose stderr is not the
-//! parent's file, as behind ssh) prints to its pipe as before.
+//! A worker's stdout and stderr are one pipe, so their lines keep their order. The
+//! worker reads that pipe itself, through a read end it opens on its own stderr,
+//! and sends what each call printed in [`Reply::Output`] frames ahead of the call's
+//! reply; while a call runs, the hang-up watcher sends its whole lines every
+//! [`LIVE_EVERY`] (at once when much is waiting). Printing stays a plain pipe
+//! write: a program a task runs may reopen `/dev/stderr` by name.
+//!
+//! When the pipe is the parent's own (a worker on its machine), the parent reads it
+//! only while the worker cannot: before its handshake and after it died, when what
+//! the worker never read (a crash's last words) is still in the pipe. A call that
+//! captures its output has stdout apart, in a pipe of the worker's own.
 
-use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Mutex;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
 
-use crate::channel::link::LinkRef;
+use crate::channel::link::{Link, LinkRef};
 use crate::sys;
 use crate::wire::protocol::{self, Reply};
 
@@ -26,115 +29,126 @@ pub(crate) const LIVE_EVERY: Duration = Duration::from_millis(100);
 /// The most printed bytes one frame carries (less under a smaller frame limit).
 const FRAME_DATA: usize = 256 * 1024;
 
-/// Forwarded bytes are freed from the file in steps of this.
-const FREE_STEP: u64 = 1 << 20;
+/// Output waiting this much is read at once, before a printing task blocks on a
+/// full pipe.
+pub(crate) const READ_AT_ONCE: usize = 256 * 1024;
 
+/// One stream's pipe, as the worker reads it.
 struct Stream {
-    /// A description of the file at the stream's position.
-    fd: OwnedFd,
-    /// Where the bytes not yet sent start.
-    sent: u64,
-    /// Below this, the file's memory is freed.
-    freed: u64,
+    /// The read end (non-blocking).
+    read: OwnedFd,
+    /// Read, not sent yet: a last line without its newline, while its call runs.
+    unsent: Vec<u8>,
 }
 
 impl Stream {
-    /// What was printed and not yet sent, at most `max` bytes; only up to the last
-    /// newline if `whole_lines`.
-    fn unsent(&mut self, max: usize, whole_lines: bool) -> Vec<u8> {
-        let Ok(end) = sys::position(self.fd.as_fd()) else {
-            return Vec::new();
-        };
-        // Someone moved the position back (a task seeking its stdout): start over there.
-        if end < self.sent {
-            self.sent = end;
-            self.freed = self.freed.min(end);
+    /// Reads what the pipe holds now, up to `max` bytes in all waiting.
+    fn fill(&mut self, max: usize) {
+        while self.unsent.len() < max {
+            let room = max - self.unsent.len();
+            match sys::read_some(self.read.as_fd(), &mut self.unsent, room) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
         }
-        let len = (end - self.sent).min(max as u64) as usize;
-        if len == 0 {
-            return Vec::new();
-        }
-        let mut data = sys::read_at(self.fd.as_fd(), self.sent, len).unwrap_or_default();
-        if whole_lines {
-            data.truncate(data.iter().rposition(|&b| b == b'\n').map_or(0, |at| at + 1));
-        }
-        data
     }
 
-    fn advance(&mut self, by: usize) {
-        self.sent += by as u64;
-        let page = self.sent & !4095;
-        if page >= self.freed + FREE_STEP
-            && sys::punch_hole(self.fd.as_fd(), self.freed, page - self.freed).is_ok()
-        {
-            self.freed = page;
+    /// Takes at most `max` bytes of what was read: cut after a newline if the
+    /// frame cannot hold it all, or if `whole_lines` (its call still runs); a line
+    /// longer than `max` goes in pieces.
+    fn take(&mut self, max: usize, whole_lines: bool) -> Vec<u8> {
+        let len = self.unsent.len().min(max);
+        let mut end = len;
+        if whole_lines || len < self.unsent.len() {
+            match self.unsent[..len].iter().rposition(|&b| b == b'\n') {
+                Some(at) => end = at + 1,
+                None if whole_lines && len < max => end = 0,
+                None => {}
+            }
         }
+        self.unsent.drain(..end).collect()
     }
 }
 
-/// What this worker prints: stderr, then stdout.
+/// What this worker prints: stderr (and stdout, unless apart), then stdout apart.
 struct Printed {
     streams: [Stream; 2],
+    /// The write end of the stdout-apart pipe.
+    stdout_apart: OwnedFd,
     /// The most printed bytes per frame.
     frame_data: usize,
 }
 
 static PRINTED: Mutex<Option<Printed>> = Mutex::new(None);
 
-/// Starts attributing output if the worker's stderr is the parent's file
-/// `identity` (stdout shares its position: `take_protocol_stdio`). Returns whether
-/// it did.
-pub(crate) fn install(identity: Option<(u64, u64)>, max_frame_len: usize) -> bool {
+/// Starts attributing output if the worker's stderr is a pipe (stdout shares it:
+/// `take_protocol_stdio`). Returns whether that pipe is the one the parent named
+/// (`parent_pipe`, its device and inode numbers): the parent then leaves it to the
+/// worker while it lives.
+pub(crate) fn install(parent_pipe: Option<(u64, u64)>, max_frame_len: usize) -> Option<bool> {
     let stderr = sys::stderr_fd();
-    if identity.is_none() || sys::file_identity(stderr).ok() != identity {
-        return false;
-    }
-    let (Ok(stderr), Ok(stdout)) = (stderr.try_clone_to_owned(), sys::reopen_stderr_at(protocol::STDOUT_AT))
-    else {
-        return false;
-    };
-    // What was printed before (the program's own start-up) goes out as no call's.
-    let streams = [
-        Stream { fd: stderr, sent: 0, freed: 0 },
-        Stream { fd: stdout, sent: protocol::STDOUT_AT, freed: protocol::STDOUT_AT },
-    ];
+    let identity = sys::pipe_identity(stderr)?;
+    let read = sys::reopen_for_reading(stderr).ok()?;
+    let (apart_read, stdout_apart) = sys::pipe().ok()?;
+    sys::set_nonblocking(apart_read.as_fd()).ok()?;
+    // Room for what a task prints between two looks of the watcher.
+    sys::grow_pipe(read.as_fd(), 1 << 20);
+    sys::grow_pipe(apart_read.as_fd(), 1 << 20);
+    let streams = [Stream { read, unsent: Vec::new() }, Stream { read: apart_read, unsent: Vec::new() }];
     // Room for the header within the frame limit (at least 1 KiB).
     let frame_data = FRAME_DATA.min(max_frame_len - 64);
-    *lock() = Some(Printed { streams, frame_data });
-    true
+    *lock() = Some(Printed { streams, stdout_apart, frame_data });
+    Some(parent_pipe == Some(identity))
 }
 
 fn lock() -> std::sync::MutexGuard<'static, Option<Printed>> {
     PRINTED.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Points stdout at a position of its own (`apart`: a call that captures its
-/// output), or back at stderr's. What Rust's stdout buffers must be flushed first.
+/// Points stdout at a pipe of its own (`apart`: a call that captures its output),
+/// or back at stderr's. What Rust's and C's stdio buffer must be flushed first.
 pub(crate) fn stdout_apart(apart: bool) {
     if let Some(printed) = lock().as_ref() {
-        let fd = if apart { printed.streams[1].fd.as_fd() } else { sys::stderr_fd() };
-        // Failing, stdout stays where it is: output then goes to the other stream.
+        let fd = if apart { printed.stdout_apart.as_fd() } else { sys::stderr_fd() };
+        // Failing, stdout stays where it is: its output then comes as the other stream's.
         let _ = sys::point_stdout_at(fd);
     }
 }
 
-/// Appends to `out` frames carrying what was printed since the last look, as
-/// printed during `call`: at least all of it, or `budget` bytes. Returns whether
-/// more is left. Only whole lines if `whole_lines` (a call still running).
-pub(crate) fn take(call: Option<u64>, out: &mut BytesMut, budget: usize, whole_lines: bool) -> bool {
-    match lock().as_mut() {
-        Some(printed) => printed.take(call, out, budget, whole_lines),
-        None => false,
+/// Appends to `out` frames carrying everything printed since the last look, as
+/// printed during `call`; whenever they hold `budget` bytes, hands them to `write`
+/// first. Runs `then` before the streams are let go, so the hang-up watcher cannot
+/// send output of `call` after it (see [`forward_live`]).
+pub(crate) fn take_all(
+    call: Option<u64>,
+    out: &mut BytesMut,
+    budget: usize,
+    mut write: impl FnMut(&[u8]) -> io::Result<()>,
+    then: impl FnOnce(),
+) -> io::Result<()> {
+    let mut guard = lock();
+    if let Some(printed) = guard.as_mut() {
+        while printed.take(call, out, budget, false) {
+            write(out)?;
+            out.clear();
+        }
     }
+    then();
+    Ok(())
 }
 
 impl Printed {
+    /// Appends to `out` frames of what was printed, as printed during `call`: all
+    /// of it, or `budget` bytes. Returns whether more is left. Only whole lines if
+    /// `whole_lines` (a call still running).
     fn take(&mut self, call: Option<u64>, out: &mut BytesMut, budget: usize, whole_lines: bool) -> bool {
         let [stderr_stream, stdout_stream] = &mut self.streams;
         let mut taken = 0;
-        while taken < budget {
-            let stderr = stderr_stream.unsent(self.frame_data, whole_lines);
-            let stdout = stdout_stream.unsent(self.frame_data - stderr.len(), whole_lines);
+        loop {
+            stderr_stream.fill(self.frame_data);
+            stdout_stream.fill(self.frame_data);
+            let stderr = stderr_stream.take(self.frame_data, whole_lines);
+            let stdout = stdout_stream.take(self.frame_data - stderr.len(), whole_lines);
             if stderr.is_empty() && stdout.is_empty() {
                 return false;
             }
@@ -144,17 +158,22 @@ impl Printed {
             out.extend_from_slice(&stderr);
             out.extend_from_slice(&stdout);
             let _ = protocol::end_frame(out, start, usize::MAX);
-            stderr_stream.advance(stderr.len());
-            stdout_stream.advance(stdout.len());
             taken += stderr.len() + stdout.len();
+            if taken >= budget {
+                return true;
+            }
         }
-        true
+    }
+
+    /// Bytes waiting in the pipes, read or not.
+    fn waiting(&self) -> usize {
+        self.streams.iter().map(|stream| stream.unsent.len() + sys::bytes_readable(stream.read.as_fd())).sum()
     }
 }
 
-/// Sends the finished lines the call running now (`running`) printed so far, from
-/// the hang-up watcher. Skipped while the main thread is taking output itself, and
-/// between calls.
+/// Sends the whole lines the call running now (`running`) printed so far, from the
+/// hang-up watcher. Skipped while the main thread takes output itself, and
+/// between calls (output then goes with the next call's, or at exit).
 pub(crate) fn forward_live(running: impl Fn() -> Option<u64>) {
     let Ok(mut guard) = PRINTED.try_lock() else {
         return;
@@ -163,8 +182,8 @@ pub(crate) fn forward_live(running: impl Fn() -> Option<u64>) {
         return;
     };
     // Looked at under the lock: the running call cannot end before it is released
-    // (it takes its output under it first), so what is taken is its. Between calls
-    // one may start any time: output then waits for the next call's end.
+    // (it takes its output and stops counting as running under it, see
+    // `take_all`), so what is taken is its, and is written before its last output.
     let Some(call) = running() else {
         return;
     };
@@ -174,11 +193,31 @@ pub(crate) fn forward_live(running: impl Fn() -> Option<u64>) {
         if frames.is_empty() {
             return;
         }
-        // Written while the streams are locked: the call's last output, taken
-        // after this, is written after it.
-        if crate::channel::link::Link::write_frame(&LinkRef::Process, &frames, true).is_err() || !more {
+        if Link::write_frame(&LinkRef::Process, &frames, true).is_err() || !more {
             return;
         }
         frames.clear();
     }
+}
+
+/// The read ends the hang-up watcher waits on: unset until the worker decided
+/// whether it reads its output ([`decided`]), then its pipes' (none if it does not).
+static WATCHED: OnceLock<Vec<OwnedFd>> = OnceLock::new();
+
+/// See [`WATCHED`]; after [`install`], if at all.
+pub(crate) fn decided() {
+    let watched = lock().as_ref().map_or_else(Vec::new, |printed| {
+        printed.streams.iter().filter_map(|stream| stream.read.try_clone().ok()).collect()
+    });
+    let _ = WATCHED.set(watched);
+}
+
+/// What to wait on for output, once decided (see [`WATCHED`]).
+pub(crate) fn watched() -> Option<Vec<BorrowedFd<'static>>> {
+    WATCHED.get().map(|fds| fds.iter().map(AsFd::as_fd).collect())
+}
+
+/// Whether so much output waits that it should be read now.
+pub(crate) fn much_waiting() -> bool {
+    lock().as_ref().is_some_and(|printed| printed.waiting() >= READ_AT_ONCE)
 }

@@ -122,6 +122,40 @@ procexec::tasks! {
         status.code().unwrap_or(-1)
     }
 
+    /// Prints `text` and a newline to stdout through C's stdio (`printf`), which
+    /// buffers it when stdout is not a terminal.
+    pub fn c_printf(text: String) {
+        #[cfg(unix)]
+        {
+            let text = std::ffi::CString::new(text).expect("no NUL in the text");
+            // SAFETY: a NUL-terminated format string and one C string argument.
+            unsafe { libc::printf(c"%s\n".as_ptr(), text.as_ptr()) };
+        }
+    }
+
+    /// Prints `before` to stderr, waits `ms`, points stderr at `/dev/null` for `ms`
+    /// (as crates that silence a noisy library do), points it back, and prints
+    /// `after`.
+    pub fn silence_stderr_for(before: String, after: String, ms: u64) {
+        eprintln!("{before}");
+        std::thread::sleep(Duration::from_millis(ms));
+        #[cfg(unix)]
+        {
+            use std::os::fd::AsRawFd;
+            let null = std::fs::File::options().write(true).open("/dev/null").expect("/dev/null");
+            // SAFETY: plain descriptor calls on descriptors this function owns or
+            // that stay open (2); `saved` is closed at the end.
+            unsafe {
+                let saved = libc::dup(2);
+                libc::dup2(null.as_raw_fd(), 2);
+                std::thread::sleep(Duration::from_millis(ms));
+                libc::dup2(saved, 2);
+                libc::close(saved);
+            }
+        }
+        eprintln!("{after}");
+    }
+
     /// Writes `text` to stderr, then aborts.
     pub fn complain_and_abort(text: String) -> u64 {
         eprintln!("{text}");

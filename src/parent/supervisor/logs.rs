@@ -5,7 +5,7 @@
 //! its calls printed, to their callers or labelled with the call.
 
 use crate::parent::dispatch::Job;
-use crate::parent::output::OutputFile;
+use crate::parent::output::WorkerOutput;
 use crate::parent::stats::Counters;
 use crate::wire::protocol::LogRecord;
 
@@ -62,15 +62,12 @@ pub(crate) fn emit<'a>(
 /// Passes on what a worker printed during `call` (one of `jobs`, those in flight),
 /// or between calls.
 pub(crate) fn printed<'a>(
-    file: Option<&mut OutputFile>,
+    output: &mut WorkerOutput,
     mut jobs: impl Iterator<Item = &'a Job>,
     call: Option<u64>,
     stderr: &[u8],
     stdout: &[u8],
 ) {
-    let Some(file) = file else {
-        return;
-    };
     let job = call.and_then(|id| jobs.find(|job| job.id == id));
-    file.received(job.map(Job::label), job.and_then(|job| job.capture.as_ref()), stderr, stdout);
+    output.received(job.map(Job::label), job.and_then(|job| job.capture.as_ref()), stderr, stdout);
 }

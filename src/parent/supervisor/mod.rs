@@ -129,10 +129,11 @@ async fn supervise(shared: &Shared, slot: usize, first: Option<WorkerProcess>) {
                 let mut jobs = in_flight.into_iter();
                 let head = jobs.next();
                 // What it printed and never sent, as the killed call's.
-                if let Some(file) = worker.process.output.file() {
-                    let job = head.as_ref().filter(|job| job.id == id);
-                    file.finish(job.map(Job::label), job.and_then(|job| job.capture.as_ref()));
-                }
+                let killed = head.as_ref().filter(|job| job.id == id);
+                worker
+                    .process
+                    .output
+                    .finish(killed.map(Job::label), killed.and_then(|job| job.capture.as_ref()));
                 // The calls behind it never started: back to the queue first, so that
                 // the head, if it goes back too, goes in front of them.
                 shared.requeue(jobs);
@@ -190,7 +191,7 @@ async fn stop_idle_worker(worker: &mut WorkerProcess) {
         // its way out it sends what it printed since its last call.
         while let Some(Ok(frame)) = futures::StreamExt::next(&mut worker.replies).await {
             if let Ok(Matched::Output { stderr, stdout, .. }) = replies::match_reply(frame, None, false) {
-                logs::printed(worker.process.output.file(), std::iter::empty(), None, &stderr, &stdout);
+                logs::printed(&mut worker.process.output, std::iter::empty(), None, &stderr, &stdout);
             }
         }
     };
@@ -227,7 +228,7 @@ async fn drain_replies(
                 }
                 Ok(Matched::Progress { .. }) => continue,
                 Ok(Matched::Output { call, stderr, stdout }) => {
-                    logs::printed(worker.process.output.file(), in_flight.iter(), call, &stderr, &stdout);
+                    logs::printed(&mut worker.process.output, in_flight.iter(), call, &stderr, &stdout);
                     continue;
                 }
                 Ok(Matched::Log { records, dropped }) => {

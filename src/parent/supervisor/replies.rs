@@ -140,7 +140,13 @@ mod tests {
 
     #[test]
     fn a_handshake_reply_mid_session_is_a_protocol_violation() {
-        let ready = Reply::Ready { version: 3, pid: 1, tasks: Vec::<TaskInfo>::new(), progress: None };
+        let ready = Reply::Ready {
+            version: 3,
+            pid: 1,
+            tasks: Vec::<TaskInfo>::new(),
+            progress: None,
+            reads_stderr: false,
+        };
         let error = match_reply(frame(&ready, b""), Some(7), true);
         assert!(error.is_err_and(|message| message.starts_with("unexpected message Ready")));
     }

@@ -18,7 +18,7 @@ use super::timers::{CANCEL_GRACE, HeadTimer, IdleTimer, WITHDRAWN_GRACE};
 use super::writer::FrameWriter;
 use crate::channel::broker::Attachments;
 use crate::parent::dispatch::{CancelPolicy, Completion, Delivery, Job, Room, Took};
-use crate::parent::output::OutputFile;
+use crate::parent::output::WorkerOutput;
 use crate::parent::pool::{RunState, Shared};
 use crate::parent::process::WorkerProcess;
 use crate::parent::stats::{Counters, ExitCause};
@@ -56,8 +56,8 @@ pub(super) trait Link {
     fn poll_reply(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<BytesMut>>>;
     /// See [`WorkerProcess::withdraw`].
     fn withdraw(&mut self, id: u64) -> bool;
-    /// The file the worker prints into, if it sends what it printed.
-    fn output_file(&mut self) -> Option<&mut OutputFile>;
+    /// What the worker printed, as the parent sees it; `None` for a fake.
+    fn output(&mut self) -> Option<&mut WorkerOutput>;
 }
 
 impl Link for WorkerProcess {
@@ -88,8 +88,8 @@ impl Link for WorkerProcess {
         WorkerProcess::withdraw(self, id)
     }
 
-    fn output_file(&mut self) -> Option<&mut OutputFile> {
-        self.process.output.file()
+    fn output(&mut self) -> Option<&mut WorkerOutput> {
+        Some(&mut self.process.output)
     }
 }
 
@@ -258,8 +258,9 @@ impl<'a, L: Link> Session<'a, L> {
                     return Ok(());
                 }
                 Matched::Output { call, stderr, stdout } => {
-                    let file = self.worker.output_file();
-                    super::logs::printed(file, self.in_flight.iter(), call, &stderr, &stdout);
+                    if let Some(output) = self.worker.output() {
+                        super::logs::printed(output, self.in_flight.iter(), call, &stderr, &stdout);
+                    }
                     return Ok(());
                 }
             };
@@ -517,7 +518,7 @@ mod tests {
             false
         }
 
-        fn output_file(&mut self) -> Option<&mut OutputFile> {
+        fn output(&mut self) -> Option<&mut WorkerOutput> {
             None
         }
     }
