@@ -267,9 +267,8 @@ fn serve_on(
     reader.max_frame_len = max_frame_len;
     // Only a process of its own forwards its events and reads its output.
     let process = matches!(mode, Mode::Process);
-    let reads_output = (process && version == protocol::PROTOCOL_VERSION)
-        .then(|| output::install(parent_pipe, max_frame_len));
-    let reads_output = reads_output.flatten();
+    let reads_output =
+        process && version == protocol::PROTOCOL_VERSION && output::install(parent_pipe, max_frame_len);
     if process {
         // The hang-up watcher waits for this.
         output::decided();
@@ -279,7 +278,7 @@ fn serve_on(
         pid: std::process::id(),
         tasks: tasks.infos(),
         progress: replies.file().map(|fd| std::os::fd::AsRawFd::as_raw_fd(&fd) as u32),
-        reads_stderr: reads_output == Some(true),
+        reads_stderr: reads_output,
     };
     // The preamble goes out with `Ready`, in one write: through a launcher that
     // forwards stdout over TCP (srun), a frame written in two pieces can wait
@@ -300,7 +299,7 @@ fn serve_on(
     if process {
         logs::install(log_level);
     }
-    if reads_output.is_some() {
+    if reads_output {
         // What the program printed before it became a worker.
         send_output(link, None)?;
     }

@@ -81,13 +81,20 @@ struct Printed {
 
 static PRINTED: Mutex<Option<Printed>> = Mutex::new(None);
 
-/// Starts attributing output if the worker's stderr is a pipe (stdout shares it:
-/// `take_protocol_stdio`). Returns whether that pipe is the one the parent named
-/// (`parent_pipe`, its device and inode numbers): the parent then leaves it to the
-/// worker while it lives.
-pub(crate) fn install(parent_pipe: Option<(u64, u64)>, max_frame_len: usize) -> Option<bool> {
+/// Starts attributing output if the worker's stderr (which stdout shares:
+/// `take_protocol_stdio`) is the pipe the parent named (`parent_pipe`, its device
+/// and inode numbers): the parent then leaves it to the worker while it lives.
+/// Another pipe (a launcher's, a wrapper's) has a reader of its own, which would
+/// take lines from under the worker. Returns whether it did.
+pub(crate) fn install(parent_pipe: Option<(u64, u64)>, max_frame_len: usize) -> bool {
+    install_on(parent_pipe, max_frame_len).is_some()
+}
+
+fn install_on(parent_pipe: Option<(u64, u64)>, max_frame_len: usize) -> Option<()> {
     let stderr = sys::stderr_fd();
-    let identity = sys::pipe_identity(stderr)?;
+    if parent_pipe.is_none() || sys::pipe_identity(stderr) != parent_pipe {
+        return None;
+    }
     let read = sys::reopen_for_reading(stderr).ok()?;
     let (apart_read, stdout_apart) = sys::pipe().ok()?;
     sys::set_nonblocking(apart_read.as_fd()).ok()?;
@@ -98,7 +105,7 @@ pub(crate) fn install(parent_pipe: Option<(u64, u64)>, max_frame_len: usize) -> 
     // Room for the header within the frame limit (at least 1 KiB).
     let frame_data = FRAME_DATA.min(max_frame_len - 64);
     *lock() = Some(Printed { streams, stdout_apart, frame_data });
-    Some(parent_pipe == Some(identity))
+    Some(())
 }
 
 fn lock() -> std::sync::MutexGuard<'static, Option<Printed>> {
