@@ -250,15 +250,16 @@ impl Executor {
     ///
     /// It holds whatever the call printed: through Rust's `print!` and
     /// `eprint!`, C's stdio, or programs it ran that inherited its stdout and
-    /// stderr, up to the moment its reply was sent (or it crashed or timed out,
-    /// whose last lines are kept too). A call that was retried holds the output of
-    /// every attempt. Threads a task leaves running print into whichever call
-    /// runs when they print.
+    /// stderr, up to the moment its reply was sent. A call that crashed or timed
+    /// out keeps all of its stderr, and its stdout but for what it printed in its
+    /// last 100 ms. A call that was retried holds the output of every attempt.
+    /// Threads a task leaves running print into whichever call runs when they print.
+    /// All of it is kept in memory.
     ///
-    /// Only for worker processes on this machine: a worker elsewhere
-    /// ([`WorkerGroup::ssh`](crate::WorkerGroup::ssh) and the like) prints through
-    /// its launcher, unattributed, and so does one under a file size limit
-    /// (`ulimit -f`); an in-process worker
+    /// Only for worker processes that read their own output: a worker on another
+    /// host ([`WorkerGroup::ssh`](crate::WorkerGroup::ssh) and the like), or behind a
+    /// [`worker_wrapper`](crate::Builder::worker_wrapper) that pipes its stderr
+    /// elsewhere, prints through that pipe, unattributed; an in-process worker
     /// ([`Builder::in_process`](crate::Builder::in_process)) prints to this
     /// process's own stdout and stderr. Their calls capture nothing.
     ///

@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -206,22 +206,46 @@ impl WorkerOutput {
         tail.text()
     }
 
-    /// The last lines the worker printed, once all of them are in: what it never
-    /// read itself is passed on as printed in `running`. A pipe read here is read
+    /// The last lines the dead worker printed, once all of them are in: what it
+    /// never read itself is passed on as printed in `running`. The pipe is read
     /// until it closes, within `patience` (a grandchild may hold it).
     pub(crate) async fn tail(
         &mut self,
         running: Option<(CallLabel, Option<&Capture>)>,
         patience: Duration,
     ) -> String {
+        let (call, capture) = running.map_or((None, None), |(call, capture)| (Some(call), capture));
         if let Some(forwarder) = &mut self.forwarder {
             forwarder.wait_closed(patience).await;
         }
-        let (call, capture) = running.map_or((None, None), |(call, capture)| (Some(call), capture));
+        if let Some(pipe) = self.held.as_ref().and_then(|held| held.try_clone().ok()) {
+            let rest = read_until_closed(pipe, patience).await;
+            self.received(call, capture, &rest, &[]);
+        }
         let tail = self.finish(call, capture);
         flush_writer().await;
         tail
     }
+}
+
+/// What the pipe `pipe` holds until it closes (at most [`REST_LIMIT`] bytes), or
+/// what came within `patience`.
+async fn read_until_closed(pipe: OwnedFd, patience: Duration) -> Vec<u8> {
+    let mut rest = Vec::new();
+    let Ok(mut pipe) = pipe::Receiver::from_owned_fd(pipe) else {
+        return rest;
+    };
+    let read = async {
+        let mut buf = [0; 8192];
+        while rest.len() < REST_LIMIT {
+            match pipe.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => rest.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(patience, read).await;
+    rest
 }
 
 /// The lines of `bytes`, without their newlines; a last line need not end in one.
@@ -234,8 +258,9 @@ fn lines(bytes: &[u8]) -> impl Iterator<Item = String> + '_ {
         .map(|line| String::from_utf8_lossy(line).trim_end_matches('\r').to_string())
 }
 
-/// Hands lines to the `procexec-stderr` thread without waiting: when it is this far
-/// behind (this process's stderr is not read), they are dropped, and counted.
+/// Hands lines to the `procexec-stderr` thread without waiting: when it is
+/// [`BACKLOG_BYTES`] behind (this process's stderr is not read), they are dropped,
+/// and counted.
 fn write_batch(batch: String) {
     if batch.is_empty() {
         return;
@@ -243,15 +268,31 @@ fn write_batch(batch: String) {
     let Some(writer) = stderr_writer() else {
         return;
     };
-    if let Err(mpsc::error::TrySendError::Full(ToStderr::Lines(batch))) =
-        writer.try_send(ToStderr::Lines(batch))
-    {
+    let len = batch.len();
+    let queued = QUEUED_BYTES.fetch_add(len, Ordering::AcqRel);
+    let refused = if queued + len > BACKLOG_BYTES {
+        Some(batch)
+    } else {
+        match writer.try_send(ToStderr::Lines(batch)) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(ToStderr::Lines(batch))) => Some(batch),
+            Err(_) => Some(String::new()),
+        }
+    };
+    if let Some(batch) = refused {
+        QUEUED_BYTES.fetch_sub(len, Ordering::AcqRel);
         DROPPED_LINES.fetch_add(batch.lines().count() as u64, Ordering::Relaxed);
     }
 }
 
 /// Lines of worker output dropped because this process's stderr fell behind.
 static DROPPED_LINES: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes of lines handed to the `procexec-stderr` thread and not written yet.
+static QUEUED_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// The most bytes of lines that wait for the `procexec-stderr` thread.
+const BACKLOG_BYTES: usize = 16 << 20;
 
 /// Waits until the `procexec-stderr` thread wrote every line handed to it so far.
 async fn flush_writer() {
@@ -317,6 +358,7 @@ async fn forward_stderr(
             if let Some(writer) = stderr_writer() {
                 // Waits while the writer is behind: the worker's stderr pipe then
                 // fills and slows the worker, never the runtime.
+                QUEUED_BYTES.fetch_add(line.len(), Ordering::AcqRel);
                 forwarded |= writer.send(ToStderr::Lines(line)).await.is_ok();
             }
         }
@@ -353,6 +395,7 @@ fn stderr_writer() -> Option<&'static mpsc::Sender<ToStderr>> {
                     match message {
                         ToStderr::Lines(lines) => {
                             let mut stderr = io::stderr().lock();
+                            QUEUED_BYTES.fetch_sub(lines.len(), Ordering::AcqRel);
                             let dropped = DROPPED_LINES.swap(0, Ordering::Relaxed);
                             if dropped > 0 {
                                 let _ = writeln!(

@@ -401,15 +401,10 @@ async fn initialize(
             }
             // What the initializer (or the program, before it became a worker)
             // printed comes ahead of its reply: passed on as no call's.
-            Ok((Reply::Output { .. }, _)) => {
-                match crate::parent::supervisor::replies::match_reply(reply, None, false) {
-                    Ok(crate::parent::supervisor::replies::Matched::Output { stderr, stdout, .. }) => {
-                        output.received(None, None, &stderr, &stdout);
-                    }
-                    Ok(_) => {}
-                    Err(err) => return Err(format!("corrupt reply to initializer `{name}`: {err}")),
-                }
-            }
+            Ok((Reply::Output { stderr, .. }, body)) => match protocol::split_output(body, stderr) {
+                Some((stderr, stdout)) => output.received(None, None, stderr, stdout),
+                None => return Err(format!("corrupt reply to initializer `{name}`: {reply:?}")),
+            },
             // So do its events and progress reports, which no caller waits for.
             Ok((Reply::Log { .. } | Reply::Progress { .. }, _)) => {}
             Ok((other, _)) => return Err(format!("unexpected reply to initializer `{name}`: {other:?}")),

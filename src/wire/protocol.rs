@@ -125,6 +125,12 @@ pub(crate) enum Reply {
     Output { call: Option<u64>, stderr: u32 },
 }
 
+/// The stderr and stdout parts of a [`Reply::Output`]'s body, whose first
+/// `stderr` bytes are stderr's; `None` if it is shorter.
+pub(crate) fn split_output(body: &[u8], stderr: u32) -> Option<(&[u8], &[u8])> {
+    body.split_at_checked(usize::try_from(stderr).ok()?)
+}
+
 /// One `tracing` event of a worker, as the parent re-emits it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct LogRecord {

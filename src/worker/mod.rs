@@ -343,7 +343,11 @@ fn serve_on(
             let _ = io::stdout().flush();
             output::stdout_apart(true);
         }
-        context.set_running(Some(id));
+        if reads_output {
+            output::call_starts(|| context.set_running(Some(id)));
+        } else {
+            context.set_running(Some(id));
+        }
         logs::set_call(Some(id));
         clock = Some(match mode {
             Mode::Process => self::call(tasks, &mut replies, max_frame_len, measure_memory, call),

@@ -3,8 +3,8 @@
 //! A worker's stdout and stderr are one pipe, so their lines keep their order. The
 //! worker reads that pipe itself, through a read end it opens on its own stderr,
 //! and sends what each call printed in [`Reply::Output`] frames ahead of the call's
-//! reply; while a call runs, the hang-up watcher sends its whole lines every
-//! [`LIVE_EVERY`] (at once when much is waiting). Printing stays a plain pipe
+//! reply; meanwhile the hang-up watcher sends what was printed [`LIVE_EVERY`]
+//! after it came (at once when much is waiting). Printing stays a plain pipe
 //! write: a program a task runs may reopen `/dev/stderr` by name.
 //!
 //! When the pipe is the parent's own (a worker on its machine), the parent reads it
@@ -37,8 +37,11 @@ pub(crate) const READ_AT_ONCE: usize = 256 * 1024;
 struct Stream {
     /// The read end (non-blocking).
     read: OwnedFd,
-    /// Read, not sent yet: a last line without its newline, while its call runs.
+    /// Read, not sent yet.
     unsent: Vec<u8>,
+    /// What is unsent is the rest of a line whose start went out: it waits for its
+    /// newline (or its call's end).
+    rest_of_line: bool,
 }
 
 impl Stream {
@@ -53,19 +56,23 @@ impl Stream {
         }
     }
 
-    /// Takes at most `max` bytes of what was read: cut after a newline if the
-    /// frame cannot hold it all, or if `whole_lines` (its call still runs); a line
-    /// longer than `max` goes in pieces.
-    fn take(&mut self, max: usize, whole_lines: bool) -> Vec<u8> {
+    /// Takes at most `max` bytes of what was read, cut after a newline if the frame
+    /// cannot hold it all, or if its call still runs (`live`): the parent takes a
+    /// frame's last piece for a whole line. A line longer than `max` goes in
+    /// pieces, and so does a running call's line without a newline before it (a
+    /// prompt, a progress bar): read, it would be lost here in a crash.
+    fn take(&mut self, max: usize, live: bool) -> Vec<u8> {
         let len = self.unsent.len().min(max);
         let mut end = len;
-        if whole_lines || len < self.unsent.len() {
+        // A full frame may have more behind it, read or not.
+        if live || len == max {
             match self.unsent[..len].iter().rposition(|&b| b == b'\n') {
                 Some(at) => end = at + 1,
-                None if whole_lines && len < max => end = 0,
+                None if live && self.rest_of_line => end = 0,
                 None => {}
             }
         }
+        self.rest_of_line = live && end < self.unsent.len();
         self.unsent.drain(..end).collect()
     }
 }
@@ -101,7 +108,8 @@ fn install_on(parent_pipe: Option<(u64, u64)>, max_frame_len: usize) -> Option<(
     // Room for what a task prints between two looks of the watcher.
     sys::grow_pipe(read.as_fd(), 1 << 20);
     sys::grow_pipe(apart_read.as_fd(), 1 << 20);
-    let streams = [Stream { read, unsent: Vec::new() }, Stream { read: apart_read, unsent: Vec::new() }];
+    let stream = |read| Stream { read, unsent: Vec::new(), rest_of_line: false };
+    let streams = [stream(read), stream(apart_read)];
     // Room for the header within the frame limit (at least 1 KiB).
     let frame_data = FRAME_DATA.min(max_frame_len - 64);
     *lock() = Some(Printed { streams, stdout_apart, frame_data });
@@ -146,16 +154,16 @@ pub(crate) fn take_all(
 
 impl Printed {
     /// Appends to `out` frames of what was printed, as printed during `call`: all
-    /// of it, or `budget` bytes. Returns whether more is left. Only whole lines if
-    /// `whole_lines` (a call still running).
-    fn take(&mut self, call: Option<u64>, out: &mut BytesMut, budget: usize, whole_lines: bool) -> bool {
+    /// of it, or `budget` bytes (`live`: the call still runs). Returns whether more
+    /// is left.
+    fn take(&mut self, call: Option<u64>, out: &mut BytesMut, budget: usize, live: bool) -> bool {
         let [stderr_stream, stdout_stream] = &mut self.streams;
         let mut taken = 0;
         loop {
             stderr_stream.fill(self.frame_data);
             stdout_stream.fill(self.frame_data);
-            let stderr = stderr_stream.take(self.frame_data, whole_lines);
-            let stdout = stdout_stream.take(self.frame_data - stderr.len(), whole_lines);
+            let stderr = stderr_stream.take(self.frame_data, live);
+            let stdout = stdout_stream.take(self.frame_data - stderr.len(), live);
             if stderr.is_empty() && stdout.is_empty() {
                 return false;
             }
@@ -165,9 +173,14 @@ impl Printed {
             out.extend_from_slice(&stderr);
             out.extend_from_slice(&stdout);
             let _ = protocol::end_frame(out, start, usize::MAX);
-            taken += stderr.len() + stdout.len();
+            let frame = stderr.len() + stdout.len();
+            taken += frame;
             if taken >= budget {
                 return true;
+            }
+            // A running call's last line, cut off, waits for the next look.
+            if live && frame < self.frame_data {
+                return false;
             }
         }
     }
@@ -178,9 +191,16 @@ impl Printed {
     }
 }
 
-/// Sends the whole lines the call running now (`running`) printed so far, from the
-/// hang-up watcher. Skipped while the main thread takes output itself, and
-/// between calls (output then goes with the next call's, or at exit).
+/// Marks a call as running (`start`) under the streams' lock, so that the hang-up
+/// watcher takes what was printed before it as no call's (see [`forward_live`]).
+pub(crate) fn call_starts(start: impl FnOnce()) {
+    let _guard = lock();
+    start();
+}
+
+/// Sends what was printed so far, as printed by the call running now
+/// (`running`), from the hang-up watcher. Skipped while the main thread takes
+/// output itself.
 pub(crate) fn forward_live(running: impl Fn() -> Option<u64>) {
     let Ok(mut guard) = PRINTED.try_lock() else {
         return;
@@ -188,15 +208,14 @@ pub(crate) fn forward_live(running: impl Fn() -> Option<u64>) {
     let Some(printed) = guard.as_mut() else {
         return;
     };
-    // Looked at under the lock: the running call cannot end before it is released
-    // (it takes its output and stops counting as running under it, see
-    // `take_all`), so what is taken is its, and is written before its last output.
-    let Some(call) = running() else {
-        return;
-    };
+    // Looked at under the lock: a call starts (`call_starts`) and ends (it takes
+    // its output and stops counting as running, see `take_all`) only under it, so
+    // what is taken is the call's (or no call's), and is written before its last
+    // output.
+    let call = running();
     let mut frames = BytesMut::new();
     loop {
-        let more = printed.take(Some(call), &mut frames, FRAME_DATA, true);
+        let more = printed.take(call, &mut frames, FRAME_DATA, true);
         if frames.is_empty() {
             return;
         }

@@ -46,17 +46,12 @@ pub(crate) fn match_reply(frame: BytesMut, head: Option<u64>, head_written: bool
         Reply::Channel(message) => return Ok(Matched::Channel(message, frame.slice_ref(body))),
         Reply::Log { records, dropped } => return Ok(Matched::Log { records, dropped }),
         Reply::Progress { call, done, total } => return Ok(Matched::Progress { call, done, total }),
-        Reply::Output { call, stderr } => {
-            let printed = frame.slice_ref(body);
-            let stderr = stderr as usize;
-            if stderr > printed.len() {
-                return Err(format!("output of {stderr} bytes of stderr in {} bytes", printed.len()));
-            }
-            return Ok(Matched::Output {
-                call,
-                stderr: printed.slice(..stderr),
-                stdout: printed.slice(stderr..),
-            });
+        Reply::Output { call, stderr: len } => {
+            let Some((stderr, stdout)) = protocol::split_output(body, len) else {
+                return Err(format!("output of {len} bytes of stderr in {} bytes", body.len()));
+            };
+            let (stderr, stdout) = (frame.slice_ref(stderr), frame.slice_ref(stdout));
+            return Ok(Matched::Output { call, stderr, stdout });
         }
         reply => return Err(format!("unexpected message {reply:?}")),
     };
