@@ -253,6 +253,13 @@ pub(crate) fn read_available(fd: BorrowedFd<'_>, max: usize) -> Vec<u8> {
     buf
 }
 
+/// The capacity of the pipe `fd`.
+pub(crate) fn pipe_size(fd: BorrowedFd<'_>) -> usize {
+    // SAFETY: F_GETPIPE_SZ reads no memory; an invalid fd only yields an error.
+    let size = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    usize::try_from(size).unwrap_or(4096)
+}
+
 /// Bytes waiting to be read from the pipe `fd`.
 pub(crate) fn bytes_readable(fd: BorrowedFd<'_>) -> usize {
     rustix::io::ioctl_fionread(fd).map_or(0, |n| n as usize)

@@ -492,3 +492,21 @@ async fn a_worker_under_a_file_size_limit_of_its_own_can_print() {
     })
     .await;
 }
+
+// A running call's line without a newline, megabytes long (a progress bar that
+// redraws with `\r` looks alike): it goes out in pieces while the call runs,
+// nothing waits for a newline that does not come, and the capture has every byte.
+#[tokio::test]
+async fn a_running_calls_long_unfinished_line_neither_blocks_nor_loses_a_byte() {
+    hang_guard(async {
+        let exec = executor(1).await;
+        let script = "printf 'line\\n'; head -c 3000000 /dev/zero | tr '\\0' x; printf '\\r'; echo end";
+        let captured = exec.spawn_captured(shell, script.into()).await;
+        assert_eq!(*captured.result.as_ref().unwrap(), 0);
+        let stdout = captured.stdout.as_bytes();
+        assert_eq!(stdout.len(), 5 + 3_000_000 + 5, "{:?}", &stdout[..stdout.len().min(80)]);
+        assert!(stdout.starts_with(b"line\n") && stdout.ends_with(b"x\rend\n"));
+        assert!(stdout[5..5 + 3_000_000].iter().all(|&b| b == b'x'));
+    })
+    .await;
+}

@@ -223,7 +223,8 @@ impl WorkerOutput {
             self.received(call, capture, &rest, &[]);
         }
         let tail = self.finish(call, capture);
-        flush_writer().await;
+        // Not forever: this process's stderr may not be read at all.
+        let _ = tokio::time::timeout(patience, flush_writer()).await;
         tail
     }
 }

@@ -147,7 +147,8 @@ impl WorkerProcess {
                 (pid, ChildProcess { child: Handle::Process(child), output })
             }
         };
-        let identity = process.output.pipe_identity();
+        // Inode numbers of pipes mean something on this machine only.
+        let identity = process.output.pipe_identity().filter(|_| group.same_host);
 
         let output = &mut process.output;
         let handshake = async {

@@ -269,10 +269,6 @@ fn serve_on(
     let process = matches!(mode, Mode::Process);
     let reads_output =
         process && version == protocol::PROTOCOL_VERSION && output::install(parent_pipe, max_frame_len);
-    if process {
-        // The hang-up watcher waits for this.
-        output::decided();
-    }
     let ready = Reply::Ready {
         version: protocol::PROTOCOL_VERSION,
         pid: std::process::id(),
@@ -298,6 +294,8 @@ fn serve_on(
     Link::install(link, reader, output, executor, max_frame_len);
     if process {
         logs::install(log_level);
+        // The hang-up watcher waits for this, and then writes on the link.
+        output::decided();
     }
     if reads_output {
         // What the program printed before it became a worker.

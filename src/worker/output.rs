@@ -29,9 +29,13 @@ pub(crate) const LIVE_EVERY: Duration = Duration::from_millis(100);
 /// The most printed bytes one frame carries (less under a smaller frame limit).
 const FRAME_DATA: usize = 256 * 1024;
 
-/// Output waiting this much is read at once, before a printing task blocks on a
-/// full pipe.
-pub(crate) const READ_AT_ONCE: usize = 256 * 1024;
+/// Output waiting this much (or half the pipe) is read at once, before a printing
+/// task blocks on a full pipe.
+const READ_AT_ONCE: usize = 256 * 1024;
+
+/// The most a call's end takes: what is printed meanwhile by what outlives calls
+/// (a thread a task left running, a grandchild) must not hold its reply back.
+const MOST_AT_END: usize = 16 << 20;
 
 /// One stream's pipe, as the worker reads it.
 struct Stream {
@@ -39,9 +43,6 @@ struct Stream {
     read: OwnedFd,
     /// Read, not sent yet.
     unsent: Vec<u8>,
-    /// What is unsent is the rest of a line whose start went out: it waits for its
-    /// newline (or its call's end).
-    rest_of_line: bool,
 }
 
 impl Stream {
@@ -57,22 +58,20 @@ impl Stream {
     }
 
     /// Takes at most `max` bytes of what was read, cut after a newline if the frame
-    /// cannot hold it all, or if its call still runs (`live`): the parent takes a
-    /// frame's last piece for a whole line. A line longer than `max` goes in
-    /// pieces, and so does a running call's line without a newline before it (a
-    /// prompt, a progress bar): read, it would be lost here in a crash.
+    /// may have more behind it, or if its call still runs (`live`): the parent takes
+    /// a frame's last piece for a whole line. The rest of a running call's line
+    /// waits for the next look (which finds its newline, mostly), no longer: read,
+    /// it would be lost here in a crash. A line longer than `max`, or without a
+    /// newline for a look, goes in pieces.
     fn take(&mut self, max: usize, live: bool) -> Vec<u8> {
         let len = self.unsent.len().min(max);
         let mut end = len;
         // A full frame may have more behind it, read or not.
         if live || len == max {
-            match self.unsent[..len].iter().rposition(|&b| b == b'\n') {
-                Some(at) => end = at + 1,
-                None if live && self.rest_of_line => end = 0,
-                None => {}
+            if let Some(at) = self.unsent[..len].iter().rposition(|&b| b == b'\n') {
+                end = at + 1;
             }
         }
-        self.rest_of_line = live && end < self.unsent.len();
         self.unsent.drain(..end).collect()
     }
 }
@@ -82,8 +81,14 @@ struct Printed {
     streams: [Stream; 2],
     /// The write end of the stdout-apart pipe.
     stdout_apart: OwnedFd,
+    /// The running call has stdout apart: its end reads that pipe too (a call's
+    /// end otherwise costs one read, of the stderr pipe).
+    apart_in_use: bool,
     /// The most printed bytes per frame.
     frame_data: usize,
+    /// Output waiting this much is read at once, before a printing task blocks on
+    /// a full pipe.
+    at_once: usize,
 }
 
 static PRINTED: Mutex<Option<Printed>> = Mutex::new(None);
@@ -108,11 +113,13 @@ fn install_on(parent_pipe: Option<(u64, u64)>, max_frame_len: usize) -> Option<(
     // Room for what a task prints between two looks of the watcher.
     sys::grow_pipe(read.as_fd(), 1 << 20);
     sys::grow_pipe(apart_read.as_fd(), 1 << 20);
-    let stream = |read| Stream { read, unsent: Vec::new(), rest_of_line: false };
+    let stream = |read| Stream { read, unsent: Vec::new() };
     let streams = [stream(read), stream(apart_read)];
     // Room for the header within the frame limit (at least 1 KiB).
     let frame_data = FRAME_DATA.min(max_frame_len - 64);
-    *lock() = Some(Printed { streams, stdout_apart, frame_data });
+    // Half the pipe (which the kernel may have kept small).
+    let at_once = READ_AT_ONCE.min(sys::pipe_size(streams[0].read.as_fd()) / 2).max(1);
+    *lock() = Some(Printed { streams, stdout_apart, apart_in_use: false, frame_data, at_once });
     Some(())
 }
 
@@ -123,10 +130,13 @@ fn lock() -> std::sync::MutexGuard<'static, Option<Printed>> {
 /// Points stdout at a pipe of its own (`apart`: a call that captures its output),
 /// or back at stderr's. What Rust's and C's stdio buffer must be flushed first.
 pub(crate) fn stdout_apart(apart: bool) {
-    if let Some(printed) = lock().as_ref() {
+    if let Some(printed) = lock().as_mut() {
         let fd = if apart { printed.stdout_apart.as_fd() } else { sys::stderr_fd() };
         // Failing, stdout stays where it is: its output then comes as the other stream's.
         let _ = sys::point_stdout_at(fd);
+        if apart {
+            printed.apart_in_use = true;
+        }
     }
 }
 
@@ -143,10 +153,13 @@ pub(crate) fn take_all(
 ) -> io::Result<()> {
     let mut guard = lock();
     if let Some(printed) = guard.as_mut() {
-        while printed.take(call, out, budget, false) {
+        let mut taken = 0;
+        while taken < MOST_AT_END && printed.take(call, out, budget, false) {
+            taken += out.len();
             write(out)?;
             out.clear();
         }
+        printed.apart_in_use = false;
     }
     then();
     Ok(())
@@ -161,7 +174,9 @@ impl Printed {
         let mut taken = 0;
         loop {
             stderr_stream.fill(self.frame_data);
-            stdout_stream.fill(self.frame_data);
+            if live || self.apart_in_use {
+                stdout_stream.fill(self.frame_data);
+            }
             let stderr = stderr_stream.take(self.frame_data, live);
             let stdout = stdout_stream.take(self.frame_data - stderr.len(), live);
             if stderr.is_empty() && stdout.is_empty() {
@@ -202,8 +217,10 @@ pub(crate) fn call_starts(start: impl FnOnce()) {
 /// (`running`), from the hang-up watcher. Skipped while the main thread takes
 /// output itself.
 pub(crate) fn forward_live(running: impl Fn() -> Option<u64>) {
-    let Ok(mut guard) = PRINTED.try_lock() else {
-        return;
+    let mut guard = match PRINTED.try_lock() {
+        Ok(guard) => guard,
+        Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return,
     };
     let Some(printed) = guard.as_mut() else {
         return;
@@ -245,5 +262,5 @@ pub(crate) fn watched() -> Option<Vec<BorrowedFd<'static>>> {
 
 /// Whether so much output waits that it should be read now.
 pub(crate) fn much_waiting() -> bool {
-    lock().as_ref().is_some_and(|printed| printed.waiting() >= READ_AT_ONCE)
+    lock().as_ref().is_some_and(|printed| printed.waiting() >= printed.at_once)
 }
