@@ -510,3 +510,19 @@ async fn a_running_calls_long_unfinished_line_neither_blocks_nor_loses_a_byte() 
     })
     .await;
 }
+
+// Discarded output is not read at each call's end (that costs a read per call),
+// but a captured call still gets exactly its own.
+#[tokio::test]
+async fn with_output_discarded_a_captured_call_still_gets_exactly_its_own() {
+    hang_guard(async {
+        let exec = builder(1).stderr(WorkerStderr::Discard).build().await.unwrap();
+        for round in 0..20 {
+            exec.spawn(print, format!("discarded {round}")).await.unwrap();
+            let captured = exec.spawn_captured(print, format!("kept {round}")).await;
+            assert_eq!(captured.stdout, format!("stdout: kept {round}\n"));
+            assert_eq!(captured.stderr, format!("stderr: kept {round}\n"));
+        }
+    })
+    .await;
+}

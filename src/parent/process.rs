@@ -319,6 +319,8 @@ async fn handshake(
         executor: config.executor,
         log_level: wanted_log_level(),
         output,
+        // Discarded output needs labels for no call, except a captured call's.
+        output_each_call: config.stderr != WorkerStderr::Discard,
     };
     protocol::write_message(&mut init, &request, config.max_frame_len).map_err(|e| e.to_string())?;
     // A worker that dies first closes the pipe; its exit status then tells more.

@@ -80,6 +80,11 @@ pub(crate) enum Request {
         /// its stderr, if it did: a worker that finds its stderr is that pipe reads
         /// it itself (see [`Reply::Ready`]).
         output: Option<(u64, u64)>,
+        /// Send what each call printed before its reply. Without, output is sent
+        /// as it comes (every 100 ms), labelled with the call then running, and
+        /// exactly only for calls that capture it: a call's end then costs no read
+        /// of the pipe (the parent discards what is not captured).
+        output_each_call: bool,
     },
     /// Run task number `task` on each of `items` inputs in the body. `capture`:
     /// what it prints goes to its caller, stdout and stderr apart (see

@@ -257,6 +257,7 @@ fn serve_on(
             executor,
             log_level,
             output: parent_pipe,
+            output_each_call,
         },
         _,
     ) = protocol::split_header(&frame).map_err(invalid)?
@@ -336,13 +337,16 @@ fn serve_on(
         let call = Call { id, task, items, body, started };
         // Blob inputs share the request frame instead of copying out of it.
         let registered = blob::register(&frame);
-        let capture = capture && process;
+        let capture = capture && reads_output;
         if capture {
-            let _ = io::stdout().flush();
+            if !output_each_call {
+                // What came before is no call's, not this one's.
+                send_output(link, None)?;
+            }
             output::stdout_apart(true);
         }
         if reads_output {
-            output::call_starts(|| context.set_running(Some(id)));
+            output::calls_change(|| context.set_running(Some(id)));
         } else {
             context.set_running(Some(id));
         }
@@ -364,8 +368,11 @@ fn serve_on(
         // and it stops counting under the same lock, which the hang-up watcher
         // relies on (see `output::forward_live`).
         let stopped = || context.set_running(None);
-        let mut before = if process {
+        let mut before = if reads_output && (output_each_call || capture) {
             take_output(link, Some(id), stopped)?
+        } else if reads_output {
+            output::calls_change(stopped);
+            BytesMut::new()
         } else {
             stopped();
             BytesMut::new()

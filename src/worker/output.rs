@@ -206,11 +206,12 @@ impl Printed {
     }
 }
 
-/// Marks a call as running (`start`) under the streams' lock, so that the hang-up
-/// watcher takes what was printed before it as no call's (see [`forward_live`]).
-pub(crate) fn call_starts(start: impl FnOnce()) {
+/// Marks a call as running, or as ended (`change`), under the streams' lock, so
+/// that the hang-up watcher's look falls wholly before or after (see
+/// [`forward_live`]).
+pub(crate) fn calls_change(change: impl FnOnce()) {
     let _guard = lock();
-    start();
+    change();
 }
 
 /// Sends what was printed so far, as printed by the call running now
@@ -225,7 +226,7 @@ pub(crate) fn forward_live(running: impl Fn() -> Option<u64>) {
     let Some(printed) = guard.as_mut() else {
         return;
     };
-    // Looked at under the lock: a call starts (`call_starts`) and ends (it takes
+    // Looked at under the lock: a call starts (`calls_change`) and ends (it takes
     // its output and stops counting as running, see `take_all`) only under it, so
     // what is taken is the call's (or no call's), and is written before its last
     // output.
