@@ -4,7 +4,8 @@
 //! and re-emitted: events per second, against a thread emitting the same events
 //! into the same subscriber in-process). And what tasks print: calls made one at
 //! a time that print nothing, print a line forwarded to the parent (as a `tracing`
-//! event), or print a line captured with the result.
+//! event), or print a line captured with the result; and what looking at the
+//! output after each call costs W1(b).
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
@@ -154,9 +155,41 @@ pub fn w10(config: &Config, table: &mut Table) {
     }
     set_level(3);
     printing(config, table);
+    attributing(config, table);
 }
 
 const PRINTING_CALLS: u64 = 20_000;
+
+const W1B_CALLS: u64 = 100_000;
+
+/// W10d: W1(b)'s spawns (all at once, awaited in order), printing nothing, with
+/// output attributed to each call (a read of the pipe per call) and without.
+fn attributing(config: &Config, table: &mut Table) {
+    table.workload("W10d", "W10 printing: W1(b), 100,000 spawns of a silent task", "µs/task", Better::Lower);
+    for (label, stderr) in [
+        ("output discarded: not looked at per call, current-thread", procexec::WorkerStderr::Discard),
+        ("output forwarded: looked at after each call, current-thread", procexec::WorkerStderr::Forward),
+    ] {
+        if !config.wants(label) {
+            continue;
+        }
+        let samples = runtime(false).block_on(async {
+            let exec =
+                procexec::Executor::builder().processes(2).stderr(stderr).build().await.expect("starts");
+            exec.map(crate::double, 0..10_000u64).await.unwrap();
+            let samples = timed_async(config.reps, || async {
+                let handles: Vec<_> = (0..W1B_CALLS).map(|i| exec.spawn(crate::double, i)).collect();
+                for (i, handle) in handles.into_iter().enumerate() {
+                    assert_eq!(handle.await.unwrap(), 2 * i as u64);
+                }
+            })
+            .await;
+            exec.shutdown().await;
+            samples
+        });
+        table.row(Kind::Procexec, label, per_item(&samples, W1B_CALLS));
+    }
+}
 
 /// W10c: calls one at a time (each waits for the last), printing nothing or a line.
 fn printing(config: &Config, table: &mut Table) {
