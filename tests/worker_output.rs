@@ -105,6 +105,23 @@ fn a_stderr_nobody_reads_stalls_the_forwarding_but_not_the_runtime() {
     assert!(said_ok, "the helper's runtime stalled behind its stderr, or the helper failed");
 }
 
+/// Runs `body` with one worker whose output goes to `tracing`, on a current-thread
+/// runtime (so the session runs on this thread) under a subscriber that keeps the
+/// lines.
+fn traced<F, Fut>(builder: procexec::Builder, body: F)
+where
+    F: FnOnce(Executor, Lines) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let lines = Lines::default();
+    let _guard = tracing::subscriber::set_default(lines.clone());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(hang_guard(async {
+        let exec = builder.test_harness().processes(1).stderr(WorkerStderr::Tracing).build().await.unwrap();
+        body(exec, lines).await
+    }));
+}
+
 /// Collects the messages of `procexec::worker` events.
 #[derive(Clone, Default)]
 struct Lines(Arc<Mutex<Vec<String>>>);
@@ -136,18 +153,7 @@ impl tracing::Subscriber for Lines {
 
 #[test]
 fn worker_stderr_can_go_to_tracing() {
-    let lines = Lines::default();
-    let _guard = tracing::subscriber::set_default(lines.clone());
-    // A current-thread runtime: the forwarder runs on this thread, under the guard.
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(hang_guard(async {
-        let exec = Executor::builder()
-            .test_harness()
-            .processes(1)
-            .stderr(WorkerStderr::Tracing)
-            .build()
-            .await
-            .unwrap();
+    traced(Executor::builder(), |exec, lines| async move {
         let worker = exec.spawn(pid, ()).await.unwrap();
         exec.spawn(print, "traced".into()).await.unwrap();
         exec.shutdown().await;
@@ -155,7 +161,7 @@ fn worker_stderr_can_go_to_tracing() {
         let traced = lines.iter().find(|line| line.starts_with("message=stderr: traced "));
         let expected = format!("worker=0 pid={worker} task=\"print\" call=");
         assert!(traced.is_some_and(|line| line.contains(&expected)), "{lines:?}");
-    }));
+    });
 }
 
 #[tokio::test]
@@ -287,17 +293,7 @@ async fn a_call_that_prints_megabytes_captures_every_byte() {
 
 #[test]
 fn a_running_calls_lines_arrive_while_it_runs() {
-    let lines = Lines::default();
-    let _guard = tracing::subscriber::set_default(lines.clone());
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(hang_guard(async {
-        let exec = Executor::builder()
-            .test_harness()
-            .processes(1)
-            .stderr(WorkerStderr::Tracing)
-            .build()
-            .await
-            .unwrap();
+    traced(Executor::builder(), |exec, lines| async move {
         let go = marker("live-line-seen");
         let call = exec.spawn(print_then_wait, ("still running".into(), go.display().to_string()));
         let call = tokio::spawn(call);
@@ -309,22 +305,12 @@ fn a_running_calls_lines_arrive_while_it_runs() {
         std::fs::write(&go, b"").unwrap();
         assert!(call.await.unwrap().unwrap(), "the call saw the file");
         let _ = std::fs::remove_file(go);
-    }));
+    });
 }
 
 #[test]
 fn forwarded_lines_keep_their_order_across_stdout_and_stderr() {
-    let lines = Lines::default();
-    let _guard = tracing::subscriber::set_default(lines.clone());
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(hang_guard(async {
-        let exec = Executor::builder()
-            .test_harness()
-            .processes(1)
-            .stderr(WorkerStderr::Tracing)
-            .build()
-            .await
-            .unwrap();
+    traced(Executor::builder(), |exec, lines| async move {
         // Even lines go to stdout, odd ones to stderr.
         assert_eq!(exec.spawn(print_lines, ("ordered".into(), 50)).await.unwrap(), 50);
         exec.shutdown().await;
@@ -338,7 +324,7 @@ fn forwarded_lines_keep_their_order_across_stdout_and_stderr() {
             .collect();
         let expected: Vec<String> = (0..50).map(|i| i.to_string()).collect();
         assert_eq!(printed, expected);
-    }));
+    });
 }
 
 #[tokio::test]
@@ -430,17 +416,7 @@ async fn pointing_stderr_elsewhere_for_a_while_loses_and_repeats_nothing() {
 // after a newline: the parent takes a frame's last piece for a whole line.
 #[test]
 fn the_lines_of_a_large_output_are_forwarded_whole() {
-    let lines = Lines::default();
-    let _guard = tracing::subscriber::set_default(lines.clone());
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(hang_guard(async {
-        let exec = Executor::builder()
-            .test_harness()
-            .processes(1)
-            .stderr(WorkerStderr::Tracing)
-            .build()
-            .await
-            .unwrap();
+    traced(Executor::builder(), |exec, lines| async move {
         let written = exec.spawn(flood_stderr, 2 << 20).await.unwrap();
         exec.shutdown().await;
         let whole = format!("message={} ", "e".repeat(99));
@@ -449,32 +425,24 @@ fn the_lines_of_a_large_output_are_forwarded_whole() {
         let broken: Vec<usize> =
             floods.iter().filter(|line| !line.starts_with(&whole)).map(|line| line.len()).collect();
         assert!(broken.is_empty(), "{} of {} lines broken: {broken:?}", broken.len(), written / 100);
-    }));
+    });
 }
 
 // A wrapper that passes the worker's stderr through a pipe of its own (as `docker
 // exec -i` does): what its calls print is still forwarded while it lives.
 #[test]
 fn output_behind_a_piping_wrapper_is_forwarded_while_the_worker_lives() {
-    let lines = Lines::default();
-    let _guard = tracing::subscriber::set_default(lines.clone());
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(hang_guard(async {
-        let exec = Executor::builder()
-            .test_harness()
-            .processes(1)
-            .worker_wrapper(["sh", "-c", r#"{ "$@" 2>&1 1>&3 3>&- | cat >&2; } 3>&1"#, "sh"])
-            .stderr(WorkerStderr::Tracing)
-            .build()
-            .await
-            .unwrap();
-        exec.spawn(print, "through a wrapper".into()).await.unwrap();
-        // The wrapper's `cat` and the worker both read that pipe: the line comes
-        // labelled with its call, or through the wrapper, with the worker only.
-        let seen = || lines.0.lock().unwrap().iter().any(|line| line.contains("through a wrapper"));
-        eventually("the line, while the worker lives", seen).await;
-        exec.shutdown().await;
-    }));
+    traced(
+        Executor::builder().worker_wrapper(["sh", "-c", r#"{ "$@" 2>&1 1>&3 3>&- | cat >&2; } 3>&1"#, "sh"]),
+        |exec, lines| async move {
+            exec.spawn(print, "through a wrapper".into()).await.unwrap();
+            // The wrapper's `cat` and the worker both read that pipe: the line comes
+            // labelled with its call, or through the wrapper, with the worker only.
+            let seen = || lines.0.lock().unwrap().iter().any(|line| line.contains("through a wrapper"));
+            eventually("the line, while the worker lives", seen).await;
+            exec.shutdown().await;
+        },
+    );
 }
 
 // A worker under a file size limit (from a wrapper, or its own `main`) prints as
