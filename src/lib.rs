@@ -13,11 +13,11 @@
 //                supervisor/
 //                pool
 //                dispatch, process
-//                in_process
+//                in_process, output
 //                stats, drivers, progress
 //                error
 //   worker/      worker, state
-//                context
+//                context, output
 //   shared/      handles
 //                lock
 //                segment
