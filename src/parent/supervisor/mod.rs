@@ -77,6 +77,12 @@ async fn supervise(shared: &Shared, slot: usize, first: Option<WorkerProcess>) {
         let end = poll_fn(|cx| session.poll(cx)).await;
         let (mut in_flight, head_started) = session.finish();
         service_ns = session.service_ns;
+        if shared.config.in_process.is_some() {
+            // Whatever becomes of them, no thread of this worker starts them now: the
+            // spans left for them go (a call sent again leaves its span anew).
+            let ids = in_flight.iter().map(|job| job.id);
+            crate::parent::in_process::forget(shared.config.executor, ids);
+        }
         if !matches!(end, End::Kill { .. }) {
             // Before any call is failed: what the worker held goes back first, so
             // whoever hears of the failure finds it there.
@@ -97,11 +103,6 @@ async fn supervise(shared: &Shared, slot: usize, first: Option<WorkerProcess>) {
             }
             End::Terminated => {
                 worker.process.kill();
-                if shared.config.in_process.is_some() {
-                    // Sent, never to be started: the spans left for them go.
-                    let ids = in_flight.iter().map(|job| job.id);
-                    crate::parent::in_process::forget(shared.config.executor, ids);
-                }
                 shared.fail(in_flight, &Error::Shutdown);
                 let _ = worker.process.wait_exit(EXIT_GRACE).await;
                 return;
