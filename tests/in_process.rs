@@ -27,6 +27,32 @@ procexec::tasks! {
         ms
     }
 
+    /// Waits (up to 30 s) until a file exists at `path`; whether it came.
+    pub fn wait_for_file(path: String) -> bool {
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if std::path::Path::new(&path).exists() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+
+    /// Counts itself in, then waits (up to 30 s) until `all` calls are in: true only
+    /// if they all ran at once.
+    pub fn arrive_and_wait(arrived: SharedValue<u32>, all: u32) -> bool {
+        arrived.fetch_add(1);
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if arrived.load() >= all {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+
     /// Puts `from..to` into the queue.
     pub fn produce(q: Queue<u64>, from: u64, to: u64) {
         for i in from..to {
@@ -194,10 +220,12 @@ in_both_modes! {
 
     async fn a_timeout_fails_at_once_and_a_new_worker_serves_on(builder, threads) {
         let exec = builder(1).timeout(Duration::from_millis(100)).build().await.unwrap();
-        let started = std::time::Instant::now();
-        let err = exec.spawn(sleep_ms, 2_000).await.unwrap_err();
+        // The call runs until the file exists, made only once its caller heard:
+        // a caller that waited for the task would wait for good (the hang guard).
+        let release = common::marker(&format!("timeout-release-{threads}"));
+        let err = exec.spawn(wait_for_file, release.display().to_string()).await.unwrap_err();
         assert!(matches!(err, Error::TimedOut { .. }), "{err:?}");
-        assert!(started.elapsed() < Duration::from_millis(1_500), "{:?}", started.elapsed());
+        std::fs::write(&release, b"").unwrap();
         assert_eq!(exec.spawn(square, 4).await.unwrap(), 16);
         assert_eq!(exec.stats().exits.timed_out, 1);
         if threads {
@@ -270,10 +298,10 @@ in_both_modes! {
 
     async fn several_workers_run_calls_at_once(builder, _threads) {
         let exec = builder(4).build().await.unwrap();
-        let started = std::time::Instant::now();
-        let naps: Vec<u64> = exec.map(sleep_ms, [300; 4]).await.unwrap();
-        assert_eq!(naps, [300; 4]);
-        assert!(started.elapsed() < Duration::from_millis(1_100), "{:?}", started.elapsed());
+        // Each call waits until all four are in: one after another, none would be.
+        let arrived = exec.shared_value(0u32).unwrap();
+        let all_in: Vec<bool> = exec.map(arrive_and_wait, (0..4).map(|_| (arrived.clone(), 4))).await.unwrap();
+        assert_eq!(all_in, [true; 4]);
         exec.shutdown().await;
     }
 }
@@ -392,10 +420,16 @@ fn sigpipe_helper() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let exec = threads(1).timeout(Duration::from_millis(50)).build().await.unwrap();
-        let err = exec.spawn(sleep_ms, 300).await.unwrap_err();
+        let release = common::marker("sigpipe-release");
+        let err = exec.spawn(wait_for_file, release.display().to_string()).await.unwrap_err();
         assert!(matches!(err, Error::TimedOut { .. }), "{err:?}");
-        // The abandoned thread's task returns meanwhile.
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        // Its replacement serves; then the abandoned thread's task returns, its
+        // reply meets the closed pipe, and the thread ends.
+        assert_eq!(exec.spawn(square, 2).await.unwrap(), 4);
+        let running = threads_named("procexec-worker");
+        std::fs::write(&release, b"").unwrap();
+        common::eventually("the abandoned thread ends", || threads_named("procexec-worker") < running).await;
+        let _ = std::fs::remove_file(release);
         println!("SURVIVED");
         exec.shutdown().await;
     });

@@ -250,10 +250,11 @@ async fn a_crashed_call_captures_what_it_printed_before_it_died() {
 async fn a_timed_out_call_captures_what_it_printed() {
     hang_guard(async {
         let exec = executor(1).await.with_timeout(Duration::from_millis(300));
-        let never = marker("never-created").display().to_string();
-        let captured = exec.spawn_captured(print_then_wait, ("waiting".into(), never)).await;
+        // Its stderr is kept whatever the timing: sent while it ran, or read from the
+        // pipe once it was killed.
+        let captured = exec.spawn_captured(shell, "echo waiting >&2; exec sleep 60".into()).await;
         assert!(matches!(captured.result, Err(procexec::Error::TimedOut { .. })), "{:?}", captured.result);
-        assert_eq!(captured.stdout, "waiting\n");
+        assert_eq!(captured.stderr, "waiting\n");
     })
     .await;
 }
